@@ -1,0 +1,250 @@
+//! `firewall-allow monit`: allowing a job's cgroup to reach monit, idempotently, and pruning
+//! rules whose cgroup is gone. Planning is pure; the change is one transaction taken under the
+//! firewall lock, so concurrent callers never duplicate or lose a rule.
+
+use std::path::Path;
+
+use super::nft::{FirewallLock, Nft};
+use super::readback::{LiveJobRule, job_rules};
+use super::render::{render_delete_job_rule, render_job_rule};
+use super::state::RuntimeState;
+use super::{
+    Comment, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule, MAX_COMMENT_LEN,
+    MONIT_JOBS_CHAIN,
+};
+use crate::cgroup::{self, CgroupPlacement, NFT_CGROUP_ROOT};
+
+/// What `firewall-allow monit` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowOutcome {
+    /// A rule was added (and `replaced` stale rules of the same job deleted with it).
+    Added { rule: String, replaced: usize },
+    /// A rule for exactly this cgroup was already there; `duplicates` extra copies were removed.
+    AlreadyAllowed { rule: String, duplicates: usize },
+    /// There is no monit firewall (table or chain absent): nothing to open.
+    NotInstalled,
+}
+
+/// The change to make in `monit_access_jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Handles of rules to delete.
+    pub delete: Vec<u64>,
+    /// Whether to add the caller's rule.
+    pub add: bool,
+}
+
+/// The key identifying a job's rule across calls: upstream's job name for bpm cgroups
+/// (`runc-bpm-<job>.scope`, so rules added by the Go agent are replaced), else the cgroup path,
+/// shortened with a stable hash when it would not fit a comment.
+pub fn job_key(nft_path: &str) -> String {
+    if let Some(job) = nft_path
+        .rsplit('/')
+        .find_map(|c| {
+            c.strip_prefix("runc-bpm-")
+                .and_then(|j| j.strip_suffix(".scope"))
+        })
+        .filter(|j| !j.is_empty())
+    {
+        return job.to_string();
+    }
+    // Room for the prefix, " cgid=" and 20 digits.
+    let room = MAX_COMMENT_LEN - JOB_COMMENT_PREFIX.len() - 6 - 20;
+    if nft_path.len() <= room {
+        nft_path.to_string()
+    } else {
+        let tail = &nft_path[nft_path.len() - (room - 18)..];
+        format!(
+            "{:016x}:{}",
+            fnv1a(nft_path.as_bytes()),
+            tail.trim_start_matches('/')
+        )
+    }
+}
+
+/// FNV-1a 64: stable across Rust versions (std's hasher is not promised to be).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The comment of a job rule.
+pub fn job_comment(key: &str, cgid: Option<u64>) -> Result<Comment, super::UnsafeValue> {
+    match cgid {
+        Some(id) => Comment::new(&format!("{JOB_COMMENT_PREFIX}{key} cgid={id}")),
+        None => Comment::new(&format!("{JOB_COMMENT_PREFIX}{key}")),
+    }
+}
+
+/// Plans the change for a caller with `key` and `cgid` (None for uid rules). Pure.
+///
+/// Guarantees: afterwards exactly one rule carries `key`, and it is for `cgid`. Rules of
+/// other keys are never touched.
+pub fn plan_allow(live: &[LiveJobRule], key: &str, cgid: Option<u64>) -> Plan {
+    let same: Vec<&LiveJobRule> = live
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key))
+        .collect();
+    match same.iter().position(|r| r.cgid == cgid) {
+        Some(keep) => Plan {
+            delete: same
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != keep)
+                .map(|(_, r)| r.handle)
+                .collect(),
+            add: false,
+        },
+        None => Plan {
+            delete: same.iter().map(|r| r.handle).collect(),
+            add: true,
+        },
+    }
+}
+
+/// Rules whose cgroup no longer exists (pruned by the agent when it reconciles). Only rules
+/// the agent can prove stale are returned: an agent-format comment with a `cgid`, and either
+/// nft could not find the inode (it printed a number) or the path it printed now has another
+/// inode.
+pub fn stale_rules(live: &[LiveJobRule], inode_at: impl Fn(&str) -> Option<u64>) -> Vec<u64> {
+    live.iter()
+        .filter(|r| match (r.cgid, r.cgroup.as_deref()) {
+            (Some(id), Some(printed)) => {
+                printed.parse::<u64>().is_ok() || inode_at(printed) != Some(id)
+            }
+            _ => false,
+        })
+        .map(|r| r.handle)
+        .collect()
+}
+
+/// The job's identity: its cgroup (level = visible depth + the agent's offset), or the uid
+/// fallback when the agent found cgroup matching unusable here.
+pub fn caller_rule(
+    placement: Result<CgroupPlacement, cgroup::CgroupError>,
+    agent: Option<&RuntimeState>,
+    fallback_uid: Option<u32>,
+) -> Result<(JobRule, String, Option<u64>), FirewallError> {
+    let uid_rule = |why: String| -> Result<(JobRule, String, Option<u64>), FirewallError> {
+        let uid = fallback_uid.ok_or_else(|| {
+            FirewallError::NoIdentity(format!(
+                "{why}; and there is no vcap user for the uid fallback"
+            ))
+        })?;
+        let key = format!("uid={uid}");
+        let comment = job_comment(&key, None)?;
+        Ok((
+            JobRule {
+                identity: Identity::Uid { uid, reason: why },
+                comment,
+            },
+            key,
+            None,
+        ))
+    };
+    if let Some(st) = agent.filter(|s| s.mode == "uid") {
+        return uid_rule(format!(
+            "the agent uses the uid fallback ({})",
+            st.fallback_reason.as_deref().unwrap_or("reason unknown")
+        ));
+    }
+    let p = match placement {
+        Ok(p) => p,
+        // Only a host without cgroup2 earns the fallback; any other failure (a path nft
+        // cannot express, an unreadable proc file) is an error the caller must see.
+        Err(e @ cgroup::CgroupError::NoCgroup2(_)) => {
+            return uid_rule(format!("cgroup undetectable: {e}"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if p.visible_level == 0 {
+        return Err(FirewallError::NoIdentity(
+            "the caller runs in the root cgroup: allowing it would allow every process".into(),
+        ));
+    }
+    let offset = agent.map_or(0, |s| s.level_offset);
+    let level = u32::try_from(i64::from(p.visible_level) + offset).map_err(|_| {
+        FirewallError::NoIdentity(format!(
+            "level offset {offset} does not fit the caller's depth"
+        ))
+    })?;
+    let key = job_key(p.nft_path.as_str());
+    let comment = job_comment(&key, Some(p.inode))?;
+    Ok((
+        JobRule {
+            identity: Identity::Cgroup {
+                path: p.nft_path,
+                level,
+            },
+            comment,
+        },
+        key,
+        Some(p.inode),
+    ))
+}
+
+/// Allows the caller's identity to reach monit. Runs under the firewall lock in `run_dir`.
+pub fn allow_monit(
+    nft: &Nft,
+    run_dir: &Path,
+    rule: &JobRule,
+    key: &str,
+    cgid: Option<u64>,
+) -> Result<AllowOutcome, FirewallError> {
+    let _lock = FirewallLock::acquire(run_dir)?;
+    let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
+        return Ok(AllowOutcome::NotInstalled);
+    };
+    let live = job_rules(&listing)?;
+    let plan = plan_allow(&live, key, cgid);
+    let mut script: String = plan
+        .delete
+        .iter()
+        .map(|h| render_delete_job_rule(*h))
+        .collect();
+    let text = render_job_rule(rule);
+    if plan.add {
+        script.push_str(&text);
+    }
+    if !script.is_empty() {
+        nft.apply(&script)?;
+    }
+    let rule = text.trim_end().to_string();
+    Ok(if plan.add {
+        AllowOutcome::Added {
+            rule,
+            replaced: plan.delete.len(),
+        }
+    } else {
+        AllowOutcome::AlreadyAllowed {
+            rule,
+            duplicates: plan.delete.len(),
+        }
+    })
+}
+
+/// Deletes job rules whose cgroup is gone, in one transaction. Returns how many. Takes the
+/// lock so it never races a concurrent `firewall-allow`.
+pub fn prune_stale(nft: &Nft, run_dir: &Path) -> Result<usize, FirewallError> {
+    let _lock = FirewallLock::acquire(run_dir)?;
+    let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
+        return Ok(0);
+    };
+    let stale = stale_rules(&job_rules(&listing)?, |p| {
+        cgroup::inode_of(&Path::new(NFT_CGROUP_ROOT).join(p)).ok()
+    });
+    if !stale.is_empty() {
+        nft.apply(
+            &stale
+                .iter()
+                .map(|h| render_delete_job_rule(*h))
+                .collect::<String>(),
+        )?;
+    }
+    Ok(stale.len())
+}
+
+#[cfg(test)]
+#[path = "jobs_tests.rs"]
+mod tests;

@@ -1,0 +1,182 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::cgroup::{Layout, NftCgroupPath};
+
+fn live(handle: u64, key: &str, cgid: Option<u64>, cgroup: Option<&str>) -> LiveJobRule {
+    LiveJobRule {
+        handle,
+        comment: Some(format!("bosh-monit-access:{key}")),
+        key: Some(key.into()),
+        cgid,
+        cgroup: cgroup.map(str::to_string),
+        uid: None,
+    }
+}
+
+#[test]
+fn first_allow_adds() {
+    assert_eq!(
+        plan_allow(&[live(1, "other", Some(3), None)], "web", Some(9)),
+        Plan {
+            delete: vec![],
+            add: true
+        }
+    );
+}
+
+#[test]
+fn repeat_allow_changes_nothing() {
+    assert_eq!(
+        plan_allow(&[live(4, "web", Some(9), None)], "web", Some(9)),
+        Plan {
+            delete: vec![],
+            add: false
+        }
+    );
+}
+
+#[test]
+fn recreated_cgroup_replaces_the_stale_rule() {
+    let rules = [live(4, "web", Some(8), None), live(5, "db", Some(2), None)];
+    assert_eq!(
+        plan_allow(&rules, "web", Some(9)),
+        Plan {
+            delete: vec![4],
+            add: true
+        }
+    );
+}
+
+#[test]
+fn duplicates_are_collapsed_to_one() {
+    let rules = [
+        live(4, "web", Some(9), None),
+        live(6, "web", Some(9), None),
+        live(7, "web", None, None),
+    ];
+    assert_eq!(
+        plan_allow(&rules, "web", Some(9)),
+        Plan {
+            delete: vec![6, 7],
+            add: false
+        }
+    );
+}
+
+#[test]
+fn upstream_rule_without_cgid_is_replaced() {
+    assert_eq!(
+        plan_allow(&[live(3, "web", None, None)], "web", Some(9)),
+        Plan {
+            delete: vec![3],
+            add: true
+        }
+    );
+}
+
+#[test]
+fn job_key_prefers_bpm_job_names() {
+    assert_eq!(job_key("unified/system.slice/runc-bpm-web.scope"), "web");
+    assert_eq!(job_key("unified/jobs/web"), "unified/jobs/web");
+    let long = format!("unified/{}", "a/".repeat(60));
+    let k = job_key(long.trim_end_matches('/'));
+    assert!(job_comment(&k, Some(u64::MAX)).is_ok(), "{k}");
+    assert_ne!(
+        job_key(&format!("{}x", "b/".repeat(60))),
+        job_key(&format!("{}y", "b/".repeat(60)))
+    );
+}
+
+#[test]
+fn stale_rules_are_those_whose_inode_is_gone_or_changed() {
+    let rules = [
+        live(1, "a", Some(10), Some("unified/a")), // alive
+        live(2, "b", Some(11), Some("11")),        // nft printed a number: gone
+        live(3, "c", Some(12), Some("unified/c")), // recreated: other inode now
+        live(4, "d", None, Some("unified/d")),     // not ours: never pruned
+    ];
+    let inode = |p: &str| match p {
+        "unified/a" => Some(10),
+        "unified/c" => Some(99),
+        _ => None,
+    };
+    assert_eq!(stale_rules(&rules, inode), vec![2, 3]);
+}
+
+fn placement(visible_level: u32) -> CgroupPlacement {
+    CgroupPlacement {
+        layout: Layout::Hybrid,
+        namespaced: false,
+        visible: "/jobs/web".into(),
+        nft_path: NftCgroupPath::new("unified/jobs/web").unwrap(),
+        inode: 42,
+        visible_level,
+        mount_level: visible_level,
+    }
+}
+
+#[test]
+fn caller_rule_uses_level_plus_the_agents_offset() {
+    let st = RuntimeState {
+        mode: "cgroup".into(),
+        level_offset: 3,
+        ..Default::default()
+    };
+    let (rule, key, cgid) = caller_rule(Ok(placement(2)), Some(&st), None).unwrap();
+    assert_eq!(
+        rule.identity,
+        Identity::Cgroup {
+            path: NftCgroupPath::new("unified/jobs/web").unwrap(),
+            level: 5
+        }
+    );
+    assert_eq!(key, "unified/jobs/web");
+    assert_eq!(cgid, Some(42));
+    assert_eq!(
+        rule.comment.as_str(),
+        "bosh-monit-access:unified/jobs/web cgid=42"
+    );
+}
+
+#[test]
+fn root_cgroup_is_refused() {
+    let err = caller_rule(Ok(placement(0)), None, Some(1000)).unwrap_err();
+    assert!(err.to_string().contains("root cgroup"), "{err}");
+}
+
+#[test]
+fn uid_fallback_needs_a_vcap_user() {
+    let v1 = Err(crate::cgroup::CgroupError::NoCgroup2(Layout::V1Only));
+    let (rule, key, _) = caller_rule(v1, None, Some(1000)).unwrap();
+    assert!(matches!(rule.identity, Identity::Uid { uid: 1000, .. }));
+    assert_eq!(key, "uid=1000");
+    let v1 = Err(crate::cgroup::CgroupError::NoCgroup2(Layout::V1Only));
+    assert!(matches!(
+        caller_rule(v1, None, None),
+        Err(FirewallError::NoIdentity(_))
+    ));
+    let st = RuntimeState {
+        mode: "uid".into(),
+        fallback_reason: Some("x".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        caller_rule(Ok(placement(2)), Some(&st), Some(7))
+            .unwrap()
+            .0
+            .identity,
+        Identity::Uid { uid: 7, .. }
+    ));
+}
+
+#[test]
+fn an_unsafe_path_is_an_error_not_a_fallback() {
+    let bad = Err(crate::cgroup::CgroupError::InvalidPath {
+        path: "a\"b".into(),
+        reason: "x",
+    });
+    assert!(matches!(
+        caller_rule(bad, None, Some(1000)),
+        Err(FirewallError::Cgroup(_))
+    ));
+}

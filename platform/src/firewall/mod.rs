@@ -1,0 +1,184 @@
+//! The agent's nftables firewall: typed desired state → pure renderer → one atomic
+//! `nft -f -` transaction → read back and compare.
+//!
+//! The nft JSON API cannot express `socket cgroupv2`, so the renderer writes nft text; every
+//! string that enters a script is validated by a type ([`crate::cgroup::NftCgroupPath`],
+//! [`Comment`]) so that no input can add nft syntax.
+
+pub mod jobs;
+pub mod nft;
+pub mod readback;
+pub mod render;
+pub mod selftest;
+pub mod state;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::cgroup::{NftCgroupPath, is_safe_byte};
+
+/// The agent's table (upstream's name, family `inet`).
+pub const TABLE: &str = "bosh_agent";
+/// Base chain guarding monit's API (upstream's name).
+pub const MONIT_CHAIN: &str = "monit_access";
+/// Regular chain holding `firewall-allow monit` job rules; created when missing, never flushed.
+pub const MONIT_JOBS_CHAIN: &str = "monit_access_jobs";
+/// Regular chain reached only by packets addressed to monit: who may pass.
+pub const MONIT_GUARD_CHAIN: &str = "monit_guard";
+/// Base chain guarding the director's NATS endpoints (upstream's name).
+pub const NATS_CHAIN: &str = "nats_access";
+/// Regular chain reached only by packets addressed to a NATS endpoint.
+pub const NATS_GUARD_CHAIN: &str = "nats_guard";
+/// Sets of protected NATS endpoints, keyed by address . port.
+pub const NATS_SET_V4: &str = "nats_v4";
+/// IPv6 counterpart of [`NATS_SET_V4`].
+pub const NATS_SET_V6: &str = "nats_v6";
+/// Transient chain of the cgroup self-test.
+pub const SELFTEST_CHAIN: &str = "selftest";
+/// Mark set on every packet the agent's table accepts, so that the stemcell's table
+/// (`inet bosh_firewall`) lets it through.
+pub const ALLOW_MARK: u32 = 0xb054;
+/// Monit's HTTP API port.
+pub const MONIT_PORT: u16 = 2822;
+/// Monit's API endpoints: IPv4 loopback, and IPv6 loopback in case monit is bound there.
+pub const MONIT_ENDPOINTS: [SocketAddr; 2] = [
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), MONIT_PORT),
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), MONIT_PORT),
+];
+/// Comment prefix of job rules (upstream's, so rules of existing releases are recognised).
+pub const JOB_COMMENT_PREFIX: &str = "bosh-monit-access:";
+
+/// Who the agent is, as the kernel can match it on outgoing packets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Identity {
+    /// `socket cgroupv2 level <level> "<path>"`: the agent's cgroup and its descendants.
+    Cgroup { path: NftCgroupPath, level: u32 },
+    /// `meta skuid <uid>`: the fallback where cgroup matching was proved not to work.
+    Uid { uid: u32, reason: String },
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Cgroup { path, level } => write!(f, "cgroup v2 at level {level} ({path})"),
+            Identity::Uid { uid, reason } => write!(f, "uid {uid} fallback ({reason})"),
+        }
+    }
+}
+
+/// The monit policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum MonitPolicy {
+    /// `Platform.Linux.UseMonitIptablesFirewall: true`: the stemcell guards monit itself.
+    Disabled,
+    /// Only the agent, allowed job cgroups and (if `allow_root`) uid 0 reach monit.
+    Enabled { allow_root: bool },
+}
+
+/// The NATS policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NatsPolicy {
+    /// `Platform.Linux.EnableNATSFirewall` is false: no NATS rules exist.
+    Disabled,
+    /// Only the agent reaches these endpoints.
+    Enabled { endpoints: BTreeSet<SocketAddr> },
+}
+
+/// Everything the agent's table should contain, except job rules (which belong to jobs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DesiredState {
+    pub identity: Identity,
+    pub monit: MonitPolicy,
+    pub nats: NatsPolicy,
+}
+
+/// A comment that is safe inside a double-quoted nft string and fits nft's 128-byte limit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Comment(String);
+
+/// nft stores at most 128 bytes of comment (NFT_USERDATA_MAXLEN is larger, but the comment
+/// attribute is limited to 128 by nft's parser).
+pub const MAX_COMMENT_LEN: usize = 128;
+
+/// A value that cannot be written into an nft script.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} cannot be written into an nft script: {reason}")]
+pub struct UnsafeValue {
+    pub what: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl Comment {
+    /// Validates a comment: printable safe characters and single spaces only, at most 128
+    /// bytes. Guarantees the script's meaning cannot change through the comment.
+    pub fn new(text: &str) -> Result<Self, UnsafeValue> {
+        let bad = |reason| UnsafeValue {
+            what: "comment",
+            value: text.to_string(),
+            reason,
+        };
+        if text.len() > MAX_COMMENT_LEN {
+            return Err(bad("longer than 128 bytes"));
+        }
+        if !text
+            .bytes()
+            .all(|c| is_safe_byte(c) || c == b' ' || c == b'/')
+        {
+            return Err(bad(
+                "contains a character outside A-Za-z0-9_.-@:+=,/ and space",
+            ));
+        }
+        Ok(Comment(text.to_string()))
+    }
+
+    /// The comment text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A job's allow rule in `monit_access_jobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRule {
+    /// Who is allowed.
+    pub identity: Identity,
+    /// `bosh-monit-access:<key> cgid=<inode>`: what identifies the rule across calls.
+    pub comment: Comment,
+}
+
+/// Errors of the firewall pipeline. Each says what was being done; nft failures carry nft's
+/// own message.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("running {cmd}: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("nft {action} failed (exit {code:?}): {stderr}")]
+    Nft {
+        action: String,
+        code: Option<i32>,
+        stderr: String,
+    },
+    #[error("nft printed output that is not the JSON expected ({context}): {detail}")]
+    Parse { context: String, detail: String },
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeValue),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "table inet {TABLE} or chain {MONIT_JOBS_CHAIN} is absent: no monit firewall is installed"
+    )]
+    NotInstalled,
+    #[error("cgroup matching does not work here and no fallback is possible: {0}")]
+    NoIdentity(String),
+}

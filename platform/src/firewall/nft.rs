@@ -1,0 +1,151 @@
+//! Running `nft`: one `nft -f -` per change (one kernel transaction), and JSON listings of the
+//! agent's own table only (never the whole ruleset: older nft binaries can fail to parse
+//! other tools' objects).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use super::{FirewallError, TABLE};
+
+/// How to invoke nft. The binary can be overridden with `BOSH_AGENT_NFT` (tests point it at a
+/// wrapper that fails on purpose).
+#[derive(Debug, Clone)]
+pub struct Nft {
+    bin: PathBuf,
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        let bin = std::env::var_os("BOSH_AGENT_NFT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("nft"));
+        Nft { bin }
+    }
+}
+
+impl Nft {
+    /// An nft runner using a specific binary.
+    pub fn with_binary(bin: impl Into<PathBuf>) -> Self {
+        Nft { bin: bin.into() }
+    }
+
+    /// Applies `script` as one transaction with `nft -f -`: all of it takes effect or none.
+    /// The error carries nft's own message.
+    pub fn apply(&self, script: &str) -> Result<(), FirewallError> {
+        let mut child = Command::new(&self.bin)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| FirewallError::Spawn {
+                cmd: self.describe("-f -"),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error means nft exited early; its stderr explains why.
+            let _ = stdin.write_all(script.as_bytes());
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|source| FirewallError::Spawn {
+                cmd: self.describe("-f -"),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(FirewallError::Nft {
+                action: "apply".into(),
+                code: out.status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    /// `nft -j list <what>` of an object of the agent's table. `Ok(None)` when the table or
+    /// chain does not exist.
+    pub fn list_json(&self, what: &[&str]) -> Result<Option<Value>, FirewallError> {
+        let mut args = vec!["-j", "list"];
+        args.extend_from_slice(what);
+        let out = Command::new(&self.bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| FirewallError::Spawn {
+                cmd: self.describe(&args.join(" ")),
+                source,
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if stderr.contains("No such file or directory") {
+                return Ok(None);
+            }
+            return Err(FirewallError::Nft {
+                action: format!("list {}", what.join(" ")),
+                code: out.status.code(),
+                stderr,
+            });
+        }
+        serde_json::from_slice(&out.stdout)
+            .map(Some)
+            .map_err(|e| FirewallError::Parse {
+                context: format!("list {}", what.join(" ")),
+                detail: e.to_string(),
+            })
+    }
+
+    /// JSON listing of the whole agent table, or `None` when it does not exist.
+    pub fn list_table(&self) -> Result<Option<Value>, FirewallError> {
+        self.list_json(&["table", "inet", TABLE])
+    }
+
+    /// JSON listing of one chain of the agent table, or `None` when it does not exist.
+    pub fn list_chain(&self, chain: &str) -> Result<Option<Value>, FirewallError> {
+        self.list_json(&["chain", "inet", TABLE, chain])
+    }
+
+    fn describe(&self, args: &str) -> String {
+        format!("{} {args}", self.bin.display())
+    }
+}
+
+/// Directory of the agent's runtime state (`firewall.json`, the lock). `/run/bosh-agent`
+/// unless `BOSH_AGENT_RUN_DIR` says otherwise (tests give each agent its own).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("BOSH_AGENT_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/bosh-agent"))
+}
+
+/// An exclusive lock serialising read-modify-write changes of the table between the agent
+/// and concurrent `firewall-allow` calls. Released on drop.
+pub struct FirewallLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl FirewallLock {
+    /// Blocks until the lock in `dir` is held.
+    pub fn acquire(dir: &Path) -> Result<Self, FirewallError> {
+        let io = |path: PathBuf| move |source| FirewallError::Io { path, source };
+        fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+        let path = dir.join("firewall.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(path.clone()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, errno)| FirewallError::Io {
+                path,
+                source: errno.into(),
+            },
+        )?;
+        Ok(FirewallLock { _lock: lock })
+    }
+}

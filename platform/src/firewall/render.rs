@@ -1,0 +1,204 @@
+//! Pure rendering of nft scripts. Same input, byte-identical output; no I/O.
+//!
+//! Shape of the table (see README "The firewall it installs"):
+//! - base chains `monit_access` and `nats_access` (hook output, priority filter - 1) hold one
+//!   cheap pre-filter rule per family that jumps to a guard chain only for packets addressed to
+//!   a protected endpoint, so unrelated traffic pays a compare (monit) or one set lookup (NATS)
+//!   and no conntrack;
+//! - guard chains accept (and mark `0xb054`) the agent, then jobs / root for monit, then drop.
+//!
+//! Rebuilt chains are deleted and recreated inside the one transaction (add-then-delete makes
+//! this work whether or not they exist, on nft 1.0.2 through current: no `destroy`).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use super::{
+    ALLOW_MARK, DesiredState, Identity, JobRule, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN,
+    MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy,
+    SELFTEST_CHAIN, TABLE,
+};
+use crate::cgroup::NftCgroupPath;
+
+const HOOK: &str = "type filter hook output priority filter - 1; policy accept;";
+
+/// The match expression for an identity.
+pub fn identity_match(id: &Identity) -> String {
+    match id {
+        Identity::Cgroup { path, level } => {
+            format!("socket cgroupv2 level {level} \"{}\"", path.as_str())
+        }
+        Identity::Uid { uid, .. } => format!("meta skuid {uid}"),
+    }
+}
+
+fn accept_marked() -> String {
+    format!("meta mark set {ALLOW_MARK:#x} accept")
+}
+
+/// Renders the whole desired state as one script. Job rules in `monit_access_jobs` are never
+/// touched: the chain is added if missing and otherwise left as it is.
+pub fn render_ruleset(state: &DesiredState) -> String {
+    let mut s = String::with_capacity(2048);
+    let t = format!("inet {TABLE}");
+    let _ = writeln!(s, "add table {t}");
+    let _ = writeln!(s, "add chain {t} {MONIT_JOBS_CHAIN}");
+    render_monit(&mut s, &t, &state.identity, state.monit);
+    render_nats(&mut s, &t, &state.identity, &state.nats);
+    // A self-test interrupted by a crash must not leave its chain behind.
+    reset_chain(&mut s, &t, SELFTEST_CHAIN);
+    s
+}
+
+/// Adds (or empties) a chain and deletes it: the first half of a rebuild, or a removal.
+fn reset_chain(s: &mut String, t: &str, chain: &str) {
+    let _ = writeln!(s, "add chain {t} {chain}");
+    let _ = writeln!(s, "flush chain {t} {chain}");
+    let _ = writeln!(s, "delete chain {t} {chain}");
+}
+
+fn render_monit(s: &mut String, t: &str, id: &Identity, policy: MonitPolicy) {
+    // The base chain goes first: it is the only chain that jumps to the guard.
+    reset_chain(s, t, MONIT_CHAIN);
+    match policy {
+        MonitPolicy::Disabled => reset_chain(s, t, MONIT_GUARD_CHAIN),
+        MonitPolicy::Enabled { allow_root } => {
+            let _ = writeln!(s, "add chain {t} {MONIT_GUARD_CHAIN}");
+            let _ = writeln!(s, "flush chain {t} {MONIT_GUARD_CHAIN}");
+            let _ = writeln!(s, "add chain {t} {MONIT_CHAIN} {{ {HOOK} }}");
+            // Port first: on loopback most unrelated traffic fails the first compare.
+            let _ = writeln!(
+                s,
+                "add rule {t} {MONIT_CHAIN} tcp dport {MONIT_PORT} ip daddr 127.0.0.1 jump {MONIT_GUARD_CHAIN}"
+            );
+            let _ = writeln!(
+                s,
+                "add rule {t} {MONIT_CHAIN} tcp dport {MONIT_PORT} ip6 daddr ::1 jump {MONIT_GUARD_CHAIN}"
+            );
+            let _ = writeln!(
+                s,
+                "add rule {t} {MONIT_GUARD_CHAIN} {} {} comment \"bosh-agent\"",
+                identity_match(id),
+                accept_marked()
+            );
+            let _ = writeln!(
+                s,
+                "add rule {t} {MONIT_GUARD_CHAIN} jump {MONIT_JOBS_CHAIN}"
+            );
+            if allow_root {
+                let _ = writeln!(
+                    s,
+                    "add rule {t} {MONIT_GUARD_CHAIN} meta skuid 0 {} comment \"root\"",
+                    accept_marked()
+                );
+            }
+            let _ = writeln!(s, "add rule {t} {MONIT_GUARD_CHAIN} drop");
+        }
+    }
+}
+
+fn render_nats(s: &mut String, t: &str, id: &Identity, policy: &NatsPolicy) {
+    reset_chain(s, t, NATS_CHAIN);
+    match policy {
+        NatsPolicy::Disabled => {
+            reset_chain(s, t, NATS_GUARD_CHAIN);
+            for set in [NATS_SET_V4, NATS_SET_V6] {
+                let _ = writeln!(s, "add set {t} {set} {{ {} }}", set_type(set));
+                let _ = writeln!(s, "delete set {t} {set}");
+            }
+        }
+        NatsPolicy::Enabled { endpoints } => {
+            for set in [NATS_SET_V4, NATS_SET_V6] {
+                let _ = writeln!(s, "add set {t} {set} {{ {} }}", set_type(set));
+                let _ = writeln!(s, "flush set {t} {set}");
+            }
+            render_elements(s, t, NATS_SET_V4, endpoints.iter().filter(|e| e.is_ipv4()));
+            render_elements(s, t, NATS_SET_V6, endpoints.iter().filter(|e| e.is_ipv6()));
+            let _ = writeln!(s, "add chain {t} {NATS_GUARD_CHAIN}");
+            let _ = writeln!(s, "flush chain {t} {NATS_GUARD_CHAIN}");
+            let _ = writeln!(s, "add chain {t} {NATS_CHAIN} {{ {HOOK} }}");
+            let _ = writeln!(
+                s,
+                "add rule {t} {NATS_CHAIN} ip daddr . tcp dport @{NATS_SET_V4} jump {NATS_GUARD_CHAIN}"
+            );
+            let _ = writeln!(
+                s,
+                "add rule {t} {NATS_CHAIN} ip6 daddr . tcp dport @{NATS_SET_V6} jump {NATS_GUARD_CHAIN}"
+            );
+            let _ = writeln!(
+                s,
+                "add rule {t} {NATS_GUARD_CHAIN} {} {} comment \"bosh-agent\"",
+                identity_match(id),
+                accept_marked()
+            );
+            let _ = writeln!(s, "add rule {t} {NATS_GUARD_CHAIN} drop");
+        }
+    }
+}
+
+fn set_type(set: &str) -> &'static str {
+    if set == NATS_SET_V4 {
+        "type ipv4_addr . inet_service;"
+    } else {
+        "type ipv6_addr . inet_service;"
+    }
+}
+
+fn render_elements<'a>(
+    s: &mut String,
+    t: &str,
+    set: &str,
+    eps: impl Iterator<Item = &'a SocketAddr>,
+) {
+    let elems: Vec<String> = eps.map(|e| format!("{} . {}", e.ip(), e.port())).collect();
+    // Chunks keep lines short; they are still one transaction.
+    for chunk in elems.chunks(256) {
+        let _ = writeln!(s, "add element {t} {set} {{ {} }}", chunk.join(", "));
+    }
+}
+
+/// One job rule: accept and mark packets from the job's identity.
+pub fn render_job_rule(rule: &JobRule) -> String {
+    format!(
+        "add rule inet {TABLE} {MONIT_JOBS_CHAIN} {} {} comment \"{}\"\n",
+        identity_match(&rule.identity),
+        accept_marked(),
+        rule.comment.as_str()
+    )
+}
+
+/// Deletes a rule of the jobs chain by its kernel handle.
+pub fn render_delete_job_rule(handle: u64) -> String {
+    format!("delete rule inet {TABLE} {MONIT_JOBS_CHAIN} handle {handle}\n")
+}
+
+/// The self-test chain: one counting rule per candidate level, for TCP to `probe`.
+pub fn render_selftest(path: &NftCgroupPath, levels: &[u32], probe: SocketAddr) -> String {
+    let mut s = String::new();
+    let t = format!("inet {TABLE}");
+    let _ = writeln!(s, "add table {t}");
+    reset_chain(&mut s, &t, SELFTEST_CHAIN);
+    let _ = writeln!(s, "add chain {t} {SELFTEST_CHAIN} {{ {HOOK} }}");
+    let family = if probe.is_ipv4() { "ip" } else { "ip6" };
+    for level in levels {
+        let _ = writeln!(
+            s,
+            "add rule {t} {SELFTEST_CHAIN} tcp dport {} {family} daddr {} socket cgroupv2 level {level} \"{}\" counter comment \"level={level}\"",
+            probe.port(),
+            probe.ip(),
+            path.as_str()
+        );
+    }
+    s
+}
+
+/// Removes the self-test chain.
+pub fn render_selftest_cleanup() -> String {
+    let mut s = String::new();
+    reset_chain(&mut s, &format!("inet {TABLE}"), SELFTEST_CHAIN);
+    s
+}
+
+#[cfg(test)]
+#[path = "render_tests.rs"]
+mod tests;

@@ -1,0 +1,89 @@
+//! The agent's runtime firewall state, `<run dir>/firewall.json`: what it applied, how it
+//! identifies itself, and the canonical read-back taken right after its last apply. Read by
+//! `firewall status` and by `firewall-allow` (for the level offset and the mode).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::FirewallError;
+
+/// File name inside the run directory.
+pub const STATE_FILE: &str = "firewall.json";
+
+/// What the agent last applied. Plain data so that other processes can read it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuntimeState {
+    /// `cgroup` or `uid`.
+    pub mode: String,
+    /// Human description of the identity (e.g. "cgroup v2 at level 3 (unified/a/b)").
+    pub identity: String,
+    /// Why the uid fallback is in use, if it is.
+    pub fallback_reason: Option<String>,
+    /// The agent's cgroup path as nft sees it, in cgroup mode.
+    pub cgroup_path: Option<String>,
+    /// The level used in the agent's rules, in cgroup mode.
+    pub level: Option<u32>,
+    /// Added to a job's visible cgroup depth to get its rule level.
+    pub level_offset: i64,
+    /// cgroup layout of the host.
+    pub layout: String,
+    /// Whether the agent is in a nested cgroup namespace.
+    pub namespaced: bool,
+    /// `enabled (root allowed)`, `enabled (root refused)` or `disabled`.
+    pub monit: String,
+    /// Protected endpoints, as `addr:port` strings.
+    pub protected: Vec<String>,
+    /// `disabled` or `enabled`.
+    pub nats: String,
+    /// Canonical read-back of the agent-owned chains and sets after the last apply.
+    pub snapshot: Value,
+    /// Seconds since the epoch of the last apply.
+    pub applied_at: u64,
+    /// How many times drift was repaired since the agent started.
+    pub repairs: u64,
+    /// How many stale job rules were pruned since the agent started.
+    pub pruned: u64,
+    /// Last firewall error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Pid of the agent that wrote this file.
+    pub agent_pid: u32,
+}
+
+/// Path of the state file in `dir`.
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+/// Reads the state file; `Ok(None)` when no agent has written one.
+pub fn read(dir: &Path) -> Result<Option<RuntimeState>, FirewallError> {
+    let path = state_path(dir);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| FirewallError::Parse {
+                context: path.display().to_string(),
+                detail: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(FirewallError::Io { path, source }),
+    }
+}
+
+/// Writes the state file atomically (temporary file + rename), so readers never see half.
+pub fn write(dir: &Path, state: &RuntimeState) -> Result<(), FirewallError> {
+    let io = |path: PathBuf| move |source| FirewallError::Io { path, source };
+    fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+    let path = state_path(dir);
+    let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(state).map_err(|e| FirewallError::Parse {
+        context: "state".into(),
+        detail: e.to_string(),
+    })?;
+    let mut f = fs::File::create(&tmp).map_err(io(tmp.clone()))?;
+    f.write_all(&body).map_err(io(tmp.clone()))?;
+    fs::rename(&tmp, &path).map_err(io(path.clone()))
+}

@@ -1,0 +1,7 @@
+//! Talking to this Linux box: cgroup detection and the agent's nftables firewall.
+//!
+//! `platform` never depends on `agent`, `mbus` or `jobs`; the agent wires it in.
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod firewall;
