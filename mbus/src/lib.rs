@@ -1,0 +1,2 @@
+//! NATS message bus (placeholder until the NATS issue lands).
+#![forbid(unsafe_code)]
