@@ -1,0 +1,129 @@
+//! One-shot commands: `firewall-allow monit` (job scripts) and `firewall status` (operators).
+
+use std::path::Path;
+
+use platform::cgroup;
+use platform::firewall::jobs::{self, AllowOutcome};
+use platform::firewall::nft::Nft;
+use platform::firewall::state::{self, RuntimeState};
+use platform::firewall::{FirewallError, readback};
+use serde::Serialize;
+
+/// Why `firewall-allow` failed, with its documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum AllowError {
+    #[error("firewall-allow must run as root (euid {0})")]
+    NotRoot(u32),
+    #[error("unknown service {0:?}: only \"monit\" can be allowed")]
+    UnknownService(String),
+    #[error("{0}")]
+    NoIdentity(String),
+    #[error("{0}")]
+    Firewall(FirewallError),
+}
+
+impl AllowError {
+    /// Exit code (README "Exit codes").
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AllowError::Firewall(_) => 1,
+            AllowError::UnknownService(_) => 2,
+            AllowError::NotRoot(_) => 3,
+            AllowError::NoIdentity(_) => 4,
+        }
+    }
+}
+
+impl From<FirewallError> for AllowError {
+    fn from(e: FirewallError) -> Self {
+        match e {
+            FirewallError::NoIdentity(m) => AllowError::NoIdentity(m),
+            other => AllowError::Firewall(other),
+        }
+    }
+}
+
+/// Allows the calling process's cgroup (the job's) to reach `service`.
+pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, AllowError> {
+    if service != "monit" {
+        return Err(AllowError::UnknownService(service.to_string()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Err(AllowError::NotRoot(euid));
+    }
+    let agent = state::read(run_dir).ok().flatten();
+    let vcap = nix::unistd::User::from_name("vcap").ok().flatten().map(|u| u.uid.as_raw());
+    let placement = cgroup::placement_of(std::process::id());
+    let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
+    Ok(jobs::allow_monit(&Nft::default(), run_dir, &rule, &key, cgid)?)
+}
+
+/// What `firewall status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The agent's state file, if an agent has written one.
+    pub agent: Option<RuntimeState>,
+    /// Whether `inet bosh_agent` exists.
+    pub table_present: bool,
+    /// Whether the live agent-owned chains and sets equal those of the agent's last apply.
+    pub matches_desired: bool,
+    /// Rules of `monit_access_jobs`.
+    pub job_rules: Vec<readback::LiveJobRule>,
+}
+
+/// Reads the agent's state and the live table.
+pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
+    let agent = state::read(run_dir)?;
+    let listing = Nft::default().list_table()?;
+    let (table_present, live, job_rules) = match &listing {
+        Some(l) => (true, Some(readback::snapshot(l)?), readback::job_rules(l)?),
+        None => (false, None, Vec::new()),
+    };
+    let matches_desired = match (&agent, &live) {
+        (Some(a), Some(l)) => &a.snapshot == l,
+        _ => false,
+    };
+    // Drop the bulky snapshot from what is shown; the comparison above used it.
+    let agent = agent.map(|a| RuntimeState { snapshot: serde_json::Value::Null, ..a });
+    Ok(Status { agent, table_present, matches_desired, job_rules })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.agent {
+            Some(a) => {
+                writeln!(f, "mode:          {}", a.identity)?;
+                if let Some(r) = &a.fallback_reason {
+                    writeln!(f, "fallback why:  {r}")?;
+                }
+                writeln!(f, "cgroups:       {} layout{}", a.layout, if a.namespaced { ", nested cgroup namespace" } else { "" })?;
+                writeln!(f, "monit:         {}", a.monit)?;
+                writeln!(f, "nats:          {}", a.nats)?;
+                writeln!(f, "protected:     {}", if a.protected.is_empty() { "(none)".into() } else { a.protected.join(", ") })?;
+                writeln!(f, "repairs:       {} drift repairs, {} stale job rules pruned", a.repairs, a.pruned)?;
+                if let Some(e) = &a.last_error {
+                    writeln!(f, "last error:    {e}")?;
+                }
+            }
+            None => writeln!(f, "mode:          unknown (no agent state file: the agent has not run)")?,
+        }
+        writeln!(f, "job rules:     {}", self.job_rules.len())?;
+        for r in &self.job_rules {
+            let who = match (&r.cgroup, r.uid) {
+                (Some(c), _) => format!("cgroup {c}"),
+                (None, Some(u)) => format!("uid {u}"),
+                _ => "other".into(),
+            };
+            writeln!(f, "  - {who} ({})", r.comment.as_deref().unwrap_or("no comment"))?;
+        }
+        let live = if !self.table_present {
+            "ABSENT (table inet bosh_agent does not exist)"
+        } else if self.matches_desired {
+            "matches the desired state"
+        } else {
+            "DIFFERS from the desired state"
+        };
+        writeln!(f, "live table:    {live}")
+    }
+}

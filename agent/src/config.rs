@@ -1,0 +1,170 @@
+//! agent.json: upstream's keys (Go field names, PascalCase) plus ours under
+//! `Platform.Linux.Firewall`. Unknown keys are ignored, as upstream does; invalid JSON or a
+//! value of the wrong type stops the start with the file, the key path, line and column.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The parts of agent.json the agent uses.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct AgentConfig {
+    pub platform: PlatformOptions,
+    pub infrastructure: InfrastructureOptions,
+}
+
+/// `Platform`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct PlatformOptions {
+    pub linux: LinuxOptions,
+}
+
+/// `Platform.Linux`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct LinuxOptions {
+    /// Upstream key: the stemcell guards monit with its own iptables rules; skip our monit chain.
+    pub use_monit_iptables_firewall: bool,
+    /// Upstream key (PR #394): guard the director's NATS endpoints.
+    #[serde(rename = "EnableNATSFirewall")]
+    pub enable_nats_firewall: bool,
+    /// Upstream key: `systemd`, or anything else for runit.
+    pub service_manager: String,
+    /// Ours.
+    pub firewall: FirewallOptions,
+}
+
+/// `Platform.Linux.Firewall` (keys of this agent, not upstream's).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct FirewallOptions {
+    /// Whether any root process may reach monit (so operators' `monit summary` works).
+    pub monit_allow_root: bool,
+    /// Seconds between drift checks of the live table.
+    pub reconcile_interval_seconds: u64,
+}
+
+impl Default for FirewallOptions {
+    fn default() -> Self {
+        FirewallOptions { monit_allow_root: true, reconcile_interval_seconds: 30 }
+    }
+}
+
+/// `Infrastructure`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct InfrastructureOptions {
+    pub settings: SettingsOptions,
+}
+
+/// `Infrastructure.Settings`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct SettingsOptions {
+    pub sources: Vec<SettingsSource>,
+}
+
+/// One settings source. Only `File` is read by this agent; others are accepted and ignored so
+/// that stemcells' agent.json files load.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "PascalCase")]
+pub struct SettingsSource {
+    #[serde(rename = "Type")]
+    pub kind: String,
+    pub settings_path: String,
+}
+
+/// Why agent.json could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading agent config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("agent config {path}: {key}: {message} (line {line}, column {column})")]
+    Invalid { path: PathBuf, key: String, message: String, line: usize, column: usize },
+}
+
+impl AgentConfig {
+    /// Loads agent.json from `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses agent.json text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.to_string();
+            // serde_json appends " at line L column C"; the fields carry it already.
+            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: if key == "." { "(document)".into() } else { key },
+                message,
+                line: inner.line(),
+                column: inner.column(),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(Path::new("/x/agent.json"), t)
+    }
+
+    #[test]
+    fn upstream_example_loads_with_defaults_for_our_keys() {
+        let c = parse(
+            r#"{"Platform":{"Linux":{"UseDefaultTmpDir":true,"UsePreformattedPersistentDisk":true,
+               "DevicePathResolutionType":"virtio","ServiceManager":"systemd","UseMonitIptablesFirewall":false}},
+             "Infrastructure":{"Settings":{"Sources":[{"Type":"File","SettingsPath":"/var/vcap/settings.json"}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.platform.linux.service_manager, "systemd");
+        assert!(!c.platform.linux.enable_nats_firewall);
+        assert!(c.platform.linux.firewall.monit_allow_root);
+        assert_eq!(c.platform.linux.firewall.reconcile_interval_seconds, 30);
+        assert_eq!(c.infrastructure.settings.sources[0].settings_path, "/var/vcap/settings.json");
+    }
+
+    #[test]
+    fn our_keys_and_nats_flag_are_read() {
+        let c = parse(
+            r#"{"Platform":{"Linux":{"EnableNATSFirewall":true,"UseMonitIptablesFirewall":true,
+               "Firewall":{"MonitAllowRoot":false,"ReconcileIntervalSeconds":2}}}}"#,
+        )
+        .unwrap();
+        assert!(c.platform.linux.enable_nats_firewall);
+        assert!(c.platform.linux.use_monit_iptables_firewall);
+        assert!(!c.platform.linux.firewall.monit_allow_root);
+        assert_eq!(c.platform.linux.firewall.reconcile_interval_seconds, 2);
+    }
+
+    #[test]
+    fn empty_object_is_all_defaults() {
+        assert_eq!(parse("{}").unwrap(), AgentConfig::default());
+    }
+
+    #[test]
+    fn invalid_json_names_file_line_and_column() {
+        let e = parse("{\n  \"Platform\": {\n    \"Linux\": {,}\n}").unwrap_err().to_string();
+        assert!(e.contains("/x/agent.json") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = parse(r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":"yes"}}}}"#).unwrap_err().to_string();
+        assert!(e.contains("Platform.Linux.Firewall.MonitAllowRoot"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+    }
+}

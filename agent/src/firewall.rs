@@ -1,0 +1,211 @@
+//! The agent's side of the firewall: establish identity once, apply the desired state in one
+//! transaction, keep the live table as desired (repair drift, prune stale job rules), and
+//! publish what it did in the runtime state file.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use platform::cgroup::{self, CgroupPlacement, Layout};
+use platform::firewall::nft::{FirewallLock, Nft};
+use platform::firewall::render::render_ruleset;
+use platform::firewall::state::{self, RuntimeState};
+use platform::firewall::{
+    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs, readback, selftest,
+};
+use tracing::{info, warn};
+
+use crate::config::LinuxOptions;
+
+/// Owns the table `inet bosh_agent` for the agent's lifetime.
+pub struct Firewall {
+    nft: Nft,
+    run_dir: PathBuf,
+    desired: DesiredState,
+    /// The script of the last successful apply: equal state renders byte-identical scripts, so
+    /// an equal script means there is nothing to do.
+    last_script: Option<String>,
+    state: RuntimeState,
+}
+
+/// The outcome of a reconcile pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reconciled {
+    pub repaired: bool,
+    pub pruned: usize,
+}
+
+impl Firewall {
+    /// Establishes the agent's identity (cgroup, proved by a self-test, or the uid fallback
+    /// with its reason) and builds the desired state from agent.json. Applies nothing.
+    pub fn establish(opts: &LinuxOptions, nft: Nft, run_dir: PathBuf) -> Self {
+        let placement = cgroup::placement_of(std::process::id());
+        let est = selftest::establish(&nft, &placement);
+        match &est.identity {
+            Identity::Cgroup { path, level } => info!(%path, level, "cgroup matching proved by self-test"),
+            Identity::Uid { reason, .. } => warn!(%reason, "cgroup matching unavailable; falling back to uid 0 matching"),
+        }
+        let monit = if opts.use_monit_iptables_firewall {
+            info!("UseMonitIptablesFirewall is set: the monit chain is skipped");
+            MonitPolicy::Disabled
+        } else {
+            MonitPolicy::Enabled { allow_root: opts.firewall.monit_allow_root }
+        };
+        let nats = if opts.enable_nats_firewall {
+            NatsPolicy::Enabled { endpoints: BTreeSet::new() }
+        } else {
+            NatsPolicy::Disabled
+        };
+        let state = initial_state(&placement, &est, monit, &nats);
+        Firewall {
+            nft,
+            run_dir,
+            desired: DesiredState { identity: est.identity, monit, nats },
+            last_script: None,
+            state,
+        }
+    }
+
+    /// The desired state.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Replaces the NATS endpoints and applies, unless nothing changed.
+    pub fn set_nats_endpoints(&mut self, endpoints: BTreeSet<SocketAddr>) -> Result<bool, FirewallError> {
+        if let NatsPolicy::Enabled { endpoints: cur } = &mut self.desired.nats {
+            *cur = endpoints;
+        }
+        self.apply()
+    }
+
+    /// Applies the desired state as one transaction unless the same script was already
+    /// applied. Returns whether nft ran. On failure the live table is unchanged (the
+    /// transaction is all or nothing) and the error is recorded for `firewall status`.
+    pub fn apply(&mut self) -> Result<bool, FirewallError> {
+        let script = render_ruleset(&self.desired);
+        if self.last_script.as_deref() == Some(script.as_str()) {
+            return Ok(false);
+        }
+        self.apply_script(script).map(|()| true)
+    }
+
+    fn apply_script(&mut self, script: String) -> Result<(), FirewallError> {
+        let res = (|| {
+            let _lock = FirewallLock::acquire(&self.run_dir)?;
+            self.nft.apply(&script)?;
+            self.nft.list_table()
+        })();
+        match res {
+            Ok(listing) => {
+                self.state.snapshot = match listing {
+                    Some(l) => readback::snapshot(&l)?,
+                    None => serde_json::Value::Null,
+                };
+                self.state.protected = protected(&self.desired);
+                self.state.applied_at = now();
+                self.state.last_error = None;
+                self.last_script = Some(script);
+                self.write_state();
+                Ok(())
+            }
+            Err(e) => {
+                self.state.last_error = Some(e.to_string());
+                self.last_script = None;
+                self.write_state();
+                Err(e)
+            }
+        }
+    }
+
+    /// Compares the live table with the last apply; re-applies on drift (including a deleted
+    /// table) and prunes job rules whose cgroup is gone.
+    pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
+        let mut out = Reconciled::default();
+        let live = self.nft.list_table()?.map(|l| readback::snapshot(&l)).transpose()?;
+        if self.last_script.is_none() || live.as_ref() != Some(&self.state.snapshot) {
+            warn!(table_present = live.is_some(), "live firewall differs from the desired state; repairing");
+            self.last_script = None;
+            self.apply()?;
+            self.state.repairs += 1;
+            out.repaired = true;
+        }
+        out.pruned = jobs::prune_stale(&self.nft, &self.run_dir)?;
+        if out.pruned > 0 {
+            info!(count = out.pruned, "pruned job rules whose cgroup is gone");
+            self.state.pruned += out.pruned as u64;
+        }
+        if out != Reconciled::default() {
+            self.write_state();
+        }
+        Ok(out)
+    }
+
+    fn write_state(&self) {
+        if let Err(e) = state::write(&self.run_dir, &self.state) {
+            warn!(error = %e, "cannot write the firewall state file");
+        }
+    }
+}
+
+fn protected(d: &DesiredState) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    if matches!(d.monit, MonitPolicy::Enabled { .. }) {
+        v.extend(MONIT_ENDPOINTS.iter().map(ToString::to_string));
+    }
+    if let NatsPolicy::Enabled { endpoints } = &d.nats {
+        v.extend(endpoints.iter().map(ToString::to_string));
+    }
+    v
+}
+
+fn initial_state(
+    placement: &Result<CgroupPlacement, cgroup::CgroupError>,
+    est: &selftest::Established,
+    monit: MonitPolicy,
+    nats: &NatsPolicy,
+) -> RuntimeState {
+    let (mode, reason, path, level) = match &est.identity {
+        Identity::Cgroup { path, level } => ("cgroup", None, Some(path.to_string()), Some(*level)),
+        Identity::Uid { reason, .. } => ("uid", Some(reason.clone()), None, None),
+    };
+    let (layout, namespaced) = match placement {
+        Ok(p) => (p.layout, p.namespaced),
+        Err(_) => (cgroup::detect_layout(), false),
+    };
+    RuntimeState {
+        mode: mode.into(),
+        identity: est.identity.to_string(),
+        fallback_reason: reason,
+        cgroup_path: path,
+        level,
+        level_offset: est.level_offset,
+        layout: layout_name(layout).into(),
+        namespaced,
+        monit: match monit {
+            MonitPolicy::Disabled => "disabled".into(),
+            MonitPolicy::Enabled { allow_root: true } => "enabled (root allowed)".into(),
+            MonitPolicy::Enabled { allow_root: false } => "enabled (root refused)".into(),
+        },
+        nats: match nats {
+            NatsPolicy::Disabled => "disabled".into(),
+            NatsPolicy::Enabled { .. } => "enabled".into(),
+        },
+        agent_pid: std::process::id(),
+        ..RuntimeState::default()
+    }
+}
+
+fn layout_name(l: Layout) -> &'static str {
+    match l {
+        Layout::Unified => "unified",
+        Layout::Hybrid => "hybrid",
+        Layout::V1Only => "v1",
+        Layout::None => "none",
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
