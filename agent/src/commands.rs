@@ -53,10 +53,19 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         return Err(AllowError::NotRoot(euid));
     }
     let agent = state::read(run_dir).ok().flatten();
-    let vcap = nix::unistd::User::from_name("vcap").ok().flatten().map(|u| u.uid.as_raw());
+    let vcap = nix::unistd::User::from_name("vcap")
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw());
     let placement = cgroup::placement_of(std::process::id());
     let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
-    Ok(jobs::allow_monit(&Nft::default(), run_dir, &rule, &key, cgid)?)
+    Ok(jobs::allow_monit(
+        &Nft::default(),
+        run_dir,
+        &rule,
+        &key,
+        cgid,
+    )?)
 }
 
 /// What `firewall status` reports.
@@ -85,8 +94,16 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
         _ => false,
     };
     // Drop the bulky snapshot from what is shown; the comparison above used it.
-    let agent = agent.map(|a| RuntimeState { snapshot: serde_json::Value::Null, ..a });
-    Ok(Status { agent, table_present, matches_desired, job_rules })
+    let agent = agent.map(|a| RuntimeState {
+        snapshot: serde_json::Value::Null,
+        ..a
+    });
+    Ok(Status {
+        agent,
+        table_present,
+        matches_desired,
+        job_rules,
+    })
 }
 
 impl std::fmt::Display for Status {
@@ -97,25 +114,53 @@ impl std::fmt::Display for Status {
                 if let Some(r) = &a.fallback_reason {
                     writeln!(f, "fallback why:  {r}")?;
                 }
-                writeln!(f, "cgroups:       {} layout{}", a.layout, if a.namespaced { ", nested cgroup namespace" } else { "" })?;
+                writeln!(
+                    f,
+                    "cgroups:       {} layout{}",
+                    a.layout,
+                    if a.namespaced {
+                        ", nested cgroup namespace"
+                    } else {
+                        ""
+                    }
+                )?;
                 writeln!(f, "monit:         {}", a.monit)?;
                 writeln!(f, "nats:          {}", a.nats)?;
-                writeln!(f, "protected:     {}", if a.protected.is_empty() { "(none)".into() } else { a.protected.join(", ") })?;
-                writeln!(f, "repairs:       {} drift repairs, {} stale job rules pruned", a.repairs, a.pruned)?;
+                writeln!(
+                    f,
+                    "protected:     {}",
+                    if a.protected.is_empty() {
+                        "(none)".into()
+                    } else {
+                        a.protected.join(", ")
+                    }
+                )?;
+                writeln!(
+                    f,
+                    "repairs:       {} drift repairs, {} stale job rules pruned",
+                    a.repairs, a.pruned
+                )?;
                 if let Some(e) = &a.last_error {
                     writeln!(f, "last error:    {e}")?;
                 }
             }
-            None => writeln!(f, "mode:          unknown (no agent state file: the agent has not run)")?,
+            None => writeln!(
+                f,
+                "mode:          unknown (no agent state file: the agent has not run)"
+            )?,
         }
         writeln!(f, "job rules:     {}", self.job_rules.len())?;
         for r in &self.job_rules {
-            let who = match (&r.cgroup, r.uid) {
-                (Some(c), _) => format!("cgroup {c}"),
-                (None, Some(u)) => format!("uid {u}"),
-                _ => "other".into(),
+            let who = match (&r.key, &r.cgroup, r.uid) {
+                (Some(k), Some(c), _) => format!("{k} (cgroup id {c})"),
+                (None, Some(c), _) => format!("cgroup {c} (not added by this agent)"),
+                (_, None, Some(u)) => format!("uid {u}"),
+                _ => r
+                    .comment
+                    .clone()
+                    .unwrap_or_else(|| "rule without comment".into()),
             };
-            writeln!(f, "  - {who} ({})", r.comment.as_deref().unwrap_or("no comment"))?;
+            writeln!(f, "  - {who}")?;
         }
         let live = if !self.table_present {
             "ABSENT (table inet bosh_agent does not exist)"

@@ -48,7 +48,10 @@ pub struct FirewallOptions {
 
 impl Default for FirewallOptions {
     fn default() -> Self {
-        FirewallOptions { monit_allow_root: true, reconcile_interval_seconds: 30 }
+        FirewallOptions {
+            monit_allow_root: true,
+            reconcile_interval_seconds: 30,
+        }
     }
 }
 
@@ -80,16 +83,27 @@ pub struct SettingsSource {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading agent config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("agent config {path}: {key}: {message} (line {line}, column {column})")]
-    Invalid { path: PathBuf, key: String, message: String, line: usize, column: usize },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+        line: usize,
+        column: usize,
+    },
 }
 
 impl AgentConfig {
     /// Loads agent.json from `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -101,7 +115,11 @@ impl AgentConfig {
             let inner = e.into_inner();
             let message = inner.to_string();
             // serde_json appends " at line L column C"; the fields carry it already.
-            let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_string();
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 key: if key == "." { "(document)".into() } else { key },
@@ -134,7 +152,10 @@ mod tests {
         assert!(!c.platform.linux.enable_nats_firewall);
         assert!(c.platform.linux.firewall.monit_allow_root);
         assert_eq!(c.platform.linux.firewall.reconcile_interval_seconds, 30);
-        assert_eq!(c.infrastructure.settings.sources[0].settings_path, "/var/vcap/settings.json");
+        assert_eq!(
+            c.infrastructure.settings.sources[0].settings_path,
+            "/var/vcap/settings.json"
+        );
     }
 
     #[test]
@@ -157,13 +178,17 @@ mod tests {
 
     #[test]
     fn invalid_json_names_file_line_and_column() {
-        let e = parse("{\n  \"Platform\": {\n    \"Linux\": {,}\n}").unwrap_err().to_string();
+        let e = parse("{\n  \"Platform\": {\n    \"Linux\": {,}\n}")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/x/agent.json") && e.contains("line 3"), "{e}");
     }
 
     #[test]
     fn wrong_type_names_the_key() {
-        let e = parse(r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":"yes"}}}}"#).unwrap_err().to_string();
+        let e = parse(r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":"yes"}}}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("Platform.Linux.Firewall.MonitAllowRoot"), "{e}");
         assert!(e.contains("invalid type"), "{e}");
     }

@@ -12,7 +12,8 @@ use platform::firewall::nft::{FirewallLock, Nft};
 use platform::firewall::render::render_ruleset;
 use platform::firewall::state::{self, RuntimeState};
 use platform::firewall::{
-    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs, readback, selftest,
+    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs,
+    readback, selftest,
 };
 use tracing::{info, warn};
 
@@ -43,17 +44,25 @@ impl Firewall {
         let placement = cgroup::placement_of(std::process::id());
         let est = selftest::establish(&nft, &placement);
         match &est.identity {
-            Identity::Cgroup { path, level } => info!(%path, level, "cgroup matching proved by self-test"),
-            Identity::Uid { reason, .. } => warn!(%reason, "cgroup matching unavailable; falling back to uid 0 matching"),
+            Identity::Cgroup { path, level } => {
+                info!(%path, level, "cgroup matching proved by self-test")
+            }
+            Identity::Uid { reason, .. } => {
+                warn!(%reason, "cgroup matching unavailable; falling back to uid 0 matching")
+            }
         }
         let monit = if opts.use_monit_iptables_firewall {
             info!("UseMonitIptablesFirewall is set: the monit chain is skipped");
             MonitPolicy::Disabled
         } else {
-            MonitPolicy::Enabled { allow_root: opts.firewall.monit_allow_root }
+            MonitPolicy::Enabled {
+                allow_root: opts.firewall.monit_allow_root,
+            }
         };
         let nats = if opts.enable_nats_firewall {
-            NatsPolicy::Enabled { endpoints: BTreeSet::new() }
+            NatsPolicy::Enabled {
+                endpoints: BTreeSet::new(),
+            }
         } else {
             NatsPolicy::Disabled
         };
@@ -61,7 +70,11 @@ impl Firewall {
         Firewall {
             nft,
             run_dir,
-            desired: DesiredState { identity: est.identity, monit, nats },
+            desired: DesiredState {
+                identity: est.identity,
+                monit,
+                nats,
+            },
             last_script: None,
             state,
         }
@@ -73,7 +86,10 @@ impl Firewall {
     }
 
     /// Replaces the NATS endpoints and applies, unless nothing changed.
-    pub fn set_nats_endpoints(&mut self, endpoints: BTreeSet<SocketAddr>) -> Result<bool, FirewallError> {
+    pub fn set_nats_endpoints(
+        &mut self,
+        endpoints: BTreeSet<SocketAddr>,
+    ) -> Result<bool, FirewallError> {
         if let NatsPolicy::Enabled { endpoints: cur } = &mut self.desired.nats {
             *cur = endpoints;
         }
@@ -123,9 +139,16 @@ impl Firewall {
     /// table) and prunes job rules whose cgroup is gone.
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
-        let live = self.nft.list_table()?.map(|l| readback::snapshot(&l)).transpose()?;
+        let live = self
+            .nft
+            .list_table()?
+            .map(|l| readback::snapshot(&l))
+            .transpose()?;
         if self.last_script.is_none() || live.as_ref() != Some(&self.state.snapshot) {
-            warn!(table_present = live.is_some(), "live firewall differs from the desired state; repairing");
+            warn!(
+                table_present = live.is_some(),
+                "live firewall differs from the desired state; repairing"
+            );
             self.last_script = None;
             self.apply()?;
             self.state.repairs += 1;
@@ -207,5 +230,8 @@ fn layout_name(l: Layout) -> &'static str {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -62,7 +62,10 @@ enum FirewallCommand {
 
 fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().map(PathBuf::from);
-    let applet = argv0.as_deref().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+    let applet = argv0
+        .as_deref()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str());
     if applet == Some("bosh-enable-monit-access") {
         // The name existing job releases call; it takes no arguments.
         return firewall_allow("monit");
@@ -75,13 +78,20 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(cli.platform, cli.config, cli.base_dir, cli.job_supervisor),
         Command::FirewallAllow { service } => firewall_allow(&service),
-        Command::Firewall { command: FirewallCommand::Status { json } } => status(json),
+        Command::Firewall {
+            command: FirewallCommand::Status { json },
+        } => status(json),
     }
 }
 
 fn run(platform: String, config: PathBuf, base_dir: PathBuf, job_supervisor: String) -> ExitCode {
     init_logging();
-    match agent::run(agent::RunOptions { platform, config, base_dir, job_supervisor }) {
+    match agent::run(agent::RunOptions {
+        platform,
+        config,
+        base_dir,
+        job_supervisor,
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "bosh-agent stopped");
@@ -96,7 +106,9 @@ fn run(platform: String, config: PathBuf, base_dir: PathBuf, job_supervisor: Str
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("BOSH_AGENT_LOG_FORMAT").as_deref() == Ok("json") {
         b.json().init();
     } else {
@@ -115,7 +127,9 @@ fn firewall_allow(service: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(AllowOutcome::NotInstalled) => {
-            eprintln!("bosh-agent: no monit firewall is installed (table inet bosh_agent or chain monit_access_jobs absent): nothing to open");
+            eprintln!(
+                "bosh-agent: no monit firewall is installed (table inet bosh_agent or chain monit_access_jobs absent): nothing to open"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -139,7 +153,11 @@ fn status(json: bool) -> ExitCode {
             } else {
                 print!("{s}");
             }
-            if s.matches_desired { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if s.matches_desired {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("bosh-agent: firewall status: {e}");

@@ -445,6 +445,37 @@ pub fn inode_of(dir: &Path) -> Result<u64, CgroupError> {
     fs::metadata(dir).map(|m| m.ino()).map_err(io_err(dir))
 }
 
+/// Inodes of every directory of the cgroup2 hierarchy (one walk of directories only, bounded
+/// at 1,000,000), to tell which cgroup ids still exist.
+pub fn hierarchy_inodes() -> Result<std::collections::HashSet<u64>, CgroupError> {
+    use std::os::unix::fs::MetadataExt;
+    let layout = detect_layout();
+    let prefix = layout.nft_prefix().ok_or(CgroupError::NoCgroup2(layout))?;
+    let root = Path::new(NFT_CGROUP_ROOT).join(prefix);
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let meta = match fs::metadata(&dir) {
+            Ok(m) => m,
+            // A cgroup removed during the walk simply no longer exists.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir != root => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        out.insert(meta.ino());
+        if out.len() >= 1_000_000 {
+            break;
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Parent pid of `pid` from `/proc/<pid>/stat` (the field after the parenthesised command,
 /// which may itself contain spaces and parentheses).
 pub fn parent_pid(pid: u32) -> Option<u32> {

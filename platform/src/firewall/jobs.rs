@@ -2,6 +2,7 @@
 //! rules whose cgroup is gone. Planning is pure; the change is one transaction taken under the
 //! firewall lock, so concurrent callers never duplicate or lose a rule.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use super::nft::{FirewallLock, Nft};
@@ -12,7 +13,7 @@ use super::{
     Comment, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule, MAX_COMMENT_LEN,
     MONIT_JOBS_CHAIN,
 };
-use crate::cgroup::{self, CgroupPlacement, NFT_CGROUP_ROOT};
+use crate::cgroup::{self, CgroupPlacement};
 
 /// What `firewall-allow monit` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,18 +104,13 @@ pub fn plan_allow(live: &[LiveJobRule], key: &str, cgid: Option<u64>) -> Plan {
     }
 }
 
-/// Rules whose cgroup no longer exists (pruned by the agent when it reconciles). Only rules
-/// the agent can prove stale are returned: an agent-format comment with a `cgid`, and either
-/// nft could not find the inode (it printed a number) or the path it printed now has another
-/// inode.
-pub fn stale_rules(live: &[LiveJobRule], inode_at: impl Fn(&str) -> Option<u64>) -> Vec<u64> {
+/// Rules whose cgroup no longer exists (pruned by the agent when it reconciles): rules in
+/// the agent's comment format whose recorded cgroup inode is not among `existing` (the
+/// inodes of every directory of the cgroup2 hierarchy). Rules the agent cannot prove stale
+/// (no `cgid`, e.g. upstream's) are never returned. Pure.
+pub fn stale_rules(live: &[LiveJobRule], existing: &HashSet<u64>) -> Vec<u64> {
     live.iter()
-        .filter(|r| match (r.cgid, r.cgroup.as_deref()) {
-            (Some(id), Some(printed)) => {
-                printed.parse::<u64>().is_ok() || inode_at(printed) != Some(id)
-            }
-            _ => false,
-        })
+        .filter(|r| r.cgid.is_some_and(|id| !existing.contains(&id)))
         .map(|r| r.handle)
         .collect()
 }
@@ -231,9 +227,11 @@ pub fn prune_stale(nft: &Nft, run_dir: &Path) -> Result<usize, FirewallError> {
     let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
         return Ok(0);
     };
-    let stale = stale_rules(&job_rules(&listing)?, |p| {
-        cgroup::inode_of(&Path::new(NFT_CGROUP_ROOT).join(p)).ok()
-    });
+    let live = job_rules(&listing)?;
+    if !live.iter().any(|r| r.cgid.is_some()) {
+        return Ok(0);
+    }
+    let stale = stale_rules(&live, &cgroup::hierarchy_inodes()?);
     if !stale.is_empty() {
         nft.apply(
             &stale

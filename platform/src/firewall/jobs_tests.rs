@@ -88,19 +88,15 @@ fn job_key_prefers_bpm_job_names() {
 }
 
 #[test]
-fn stale_rules_are_those_whose_inode_is_gone_or_changed() {
+fn stale_rules_are_those_whose_inode_is_gone() {
     let rules = [
-        live(1, "a", Some(10), Some("unified/a")), // alive
-        live(2, "b", Some(11), Some("11")),        // nft printed a number: gone
-        live(3, "c", Some(12), Some("unified/c")), // recreated: other inode now
-        live(4, "d", None, Some("unified/d")),     // not ours: never pruned
+        live(1, "a", Some(10), Some("10")),        // alive
+        live(2, "b", Some(11), Some("11")),        // gone
+        live(3, "c", Some(12), Some("unified/c")), // gone (listing printed a path: no matter)
+        live(4, "d", None, Some("77")),            // not ours: never pruned
     ];
-    let inode = |p: &str| match p {
-        "unified/a" => Some(10),
-        "unified/c" => Some(99),
-        _ => None,
-    };
-    assert_eq!(stale_rules(&rules, inode), vec![2, 3]);
+    let existing: std::collections::HashSet<u64> = [10, 77, 1].into_iter().collect();
+    assert_eq!(stale_rules(&rules, &existing), vec![2, 3]);
 }
 
 fn placement(visible_level: u32) -> CgroupPlacement {

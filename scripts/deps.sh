@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the system packages the agent's tests, demo and benchmarks need, only when missing.
+# Runs as root on Debian 12 (or Ubuntu); safe to run again.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have nft || need+=(nftables)
+have nsenter || need+=(util-linux)
+have setpriv || need+=(util-linux)
+have ip || need+=(iproute2)
+have nats-server || need+=(nats-server)
+have monit || need+=(monit)
+have dnsmasq || need+=(dnsmasq-base)
+have make || need+=(make)
+
+if [ "$(id -u)" != 0 ]; then
+  echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2
+  exit 1
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "deps: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+# Debian starts the services these packages ship; the tests run their own instances on
+# loopback inside namespaces, so the packaged daemons are left as the system has them.
+if ! have cargo; then
+  echo "deps: cargo is missing: install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
