@@ -62,7 +62,7 @@ impl Nft {
             Err(FirewallError::Nft {
                 action: "apply".into(),
                 code: out.status.code(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                stderr: one_line(&out.stderr),
             })
         }
     }
@@ -100,7 +100,7 @@ impl Nft {
             source,
         })?;
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            let stderr = one_line(&out.stderr);
             if stderr.contains("No such file or directory") {
                 return Ok(None);
             }
@@ -131,6 +131,17 @@ impl Nft {
     fn describe(&self, args: &str) -> String {
         format!("{} {args}", self.bin.display())
     }
+}
+
+/// nft's message on one line: its lines (error, offending script line, `^^^` marker) joined
+/// with " | ", so a caller can print a one-line reason that is still nft's own words.
+pub fn one_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == '~'))
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Gives the calling thread a private mount namespace with an empty, read-only tmpfs over
@@ -189,5 +200,20 @@ impl FirewallLock {
             },
         )?;
         Ok(FirewallLock { _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn nft_errors_become_one_line_without_markers() {
+        let e = b"/dev/stdin:3:62-80: Error: cgroupv2 path fails: No such file or directory\nadd rule inet x y socket cgroupv2 level 2 \"a\" accept\n                        ^^^^^^^^^\n";
+        assert_eq!(
+            one_line(e),
+            "/dev/stdin:3:62-80: Error: cgroupv2 path fails: No such file or directory | add rule inet x y socket cgroupv2 level 2 \"a\" accept"
+        );
+        assert_eq!(one_line(b""), "");
     }
 }
