@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod config;
 pub mod firewall;
+pub mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
