@@ -1,2 +1,45 @@
-//! NATS message bus (placeholder until the NATS issue lands).
+//! NATS message bus for the agent: settings, mutual TLS with upstream's CN rule, fresh name
+//! resolution and the before-connect (firewall) hook before every attempt, reconnects and
+//! failover.
+//!
+//! Wiring, in the agent:
+//! ```no_run
+//! # async fn demo(settings: serde_json::Value) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! let config = mbus::mbus_config(&settings, None)?;
+//! let (bus, mut requests) = mbus::Bus::connect(&config, Arc::new(mbus::NoHook), mbus::BusOptions::default())?;
+//! while let Some(request) = requests.next().await {
+//!     // decode request.payload, act, then reply to its `reply_to`:
+//!     bus.publish("director.abc", bytes::Bytes::from_static(b"{\"value\":\"ok\"}")).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Guarantees: the agent only dials addresses it has just handed to the hook
+//! ([`ConnectPlan::endpoints`]); no second resolution happens anywhere. Credentials never
+//! appear in errors, logs or `Debug` output.
 #![forbid(unsafe_code)]
+
+mod backoff;
+mod client;
+mod hook;
+mod resolve;
+mod session;
+mod settings;
+mod status;
+pub mod tls;
+mod urls;
+
+pub use backoff::BackoffPolicy;
+pub use client::{
+    Bus, BusOptions, ConnectError, PublishError, Requests, Target, Topic, subject_for,
+};
+pub use hook::{BeforeConnect, ConnectPlan, HookError, HookFuture, NoHook};
+pub use resolve::{Candidate, FailedHost, FreshResolver, Resolution, ResolverSource, hosts_lookup};
+pub use session::IncomingMessage;
+pub use settings::{MbusConfig, SettingsError, mbus_config};
+pub use status::{BusStats, BusStatsSnapshot, ConnectionState};
+pub use tls::{CN_PATTERN, CertKeyPair, TlsError, cn_matches};
+pub use urls::{
+    Credentials, DEFAULT_PORT, Host, MbusUrl, Scheme, ServerUrl, UrlError, parse_mbus_url, redact,
+};

@@ -1,0 +1,195 @@
+//! One NATS connection to one resolved endpoint ("session"), made with async-nats.
+//!
+//! Why not one long-lived async-nats client with `reconnect_to_server_callback`: that callback
+//! may only pick an address already in the client's server pool, and the pool cannot be
+//! changed while the client is reconnecting (commands are not processed then). So a client
+//! could never dial an address resolved during an outage without resolving the name a second
+//! time itself (getaddrinfo) — the double resolution the firewall must avoid. Instead the bus
+//! (client.rs) drives reconnects: each session is a fresh client to `tls://<ip>:<port>`, and
+//! the session's client must never reconnect by itself:
+//! - `max_reconnects(1)` plus a callback that returns the real endpoint only on its first call
+//!   (the initial connect) and a sentinel (`127.0.0.1:0`, refused locally without a packet
+//!   leaving the host) afterwards. After a drop, async-nats spends its one reconnect on the
+//!   sentinel, then gives up with `MaxReconnects` and its task ends: no dial to a possibly
+//!   stale address, no leaked task. Subscribers then end, which the bus sees.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::rustls::ClientConfig;
+use async_nats::{ConnectOptions, Event, ReconnectToServer, ServerAddr};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::urls::{Credentials, ServerUrl};
+
+/// Never dialled successfully: port 0 is refused by the local stack.
+const SENTINEL: &str = "tls://127.0.0.1:0";
+
+/// Options a session needs (a subset of [`crate::BusOptions`]).
+pub(crate) struct SessionOptions<'a> {
+    pub tls: &'a ClientConfig,
+    pub connection_timeout: Duration,
+    pub ping_interval: Duration,
+    pub subject: &'a str,
+}
+
+/// A live connection whose `agent.<id>` subscription the server has confirmed.
+pub(crate) struct Session {
+    pub client: async_nats::Client,
+    pub subscriber: async_nats::Subscriber,
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// Dials `addr` (one attempt, no automatic reconnect), authenticates with the URL's
+/// credentials, subscribes to `opts.subject` and waits until the server has processed the
+/// subscription. The error text names the endpoint but never the credentials.
+pub(crate) async fn open(
+    addr: SocketAddr,
+    server: &ServerUrl,
+    opts: &SessionOptions<'_>,
+) -> Result<Session, String> {
+    let real: ServerAddr = format!("tls://{addr}")
+        .parse()
+        .map_err(|e| format!("cannot use address {addr}: {e}"))?;
+    let sentinel: ServerAddr = SENTINEL
+        .parse()
+        .map_err(|e| format!("internal sentinel address: {e}"))?;
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (first, after) = (real.clone(), sentinel.clone());
+    let mut options = ConnectOptions::new()
+        .name("bosh-agent")
+        .require_tls(true)
+        .tls_client_config(opts.tls.clone())
+        .connection_timeout(opts.connection_timeout)
+        .ping_interval(opts.ping_interval)
+        .ignore_discovered_servers()
+        .retain_servers_order()
+        .max_reconnects(1)
+        .event_callback(move |event| {
+            let tx = events_tx.clone();
+            async move {
+                // The receiver is gone once the bus has moved on; nothing to do then.
+                let _ = tx.send(event);
+            }
+        })
+        .reconnect_to_server_callback(move |_pool, _info| {
+            let addr = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                first.clone()
+            } else {
+                after.clone()
+            };
+            async move {
+                Some(ReconnectToServer {
+                    addr,
+                    delay: Some(Duration::ZERO),
+                })
+            }
+        });
+    options = match &server.credentials {
+        Some(Credentials::UserPassword { user, password }) => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        Some(Credentials::Token(token)) => options.token(token.clone()),
+        None => options,
+    };
+    // Without retry_on_initial_connect, connect() makes exactly one attempt and reports it.
+    let client = options
+        .connect(vec![real, sentinel])
+        .await
+        .map_err(|e| e.to_string())?;
+    let subscriber = tokio::time::timeout(
+        opts.connection_timeout,
+        subscribe_confirmed(&client, opts.subject),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "server did not confirm the subscription within {:?}",
+            opts.connection_timeout
+        )
+    })??;
+    Ok(Session {
+        client,
+        subscriber,
+        events,
+    })
+}
+
+/// Subscribes, then proves the server has registered it: the server handles one connection's
+/// operations in order, so once a message we publish to a private inbox comes back, the
+/// earlier SUB is in effect. Works with any server version (no PING API in async-nats).
+async fn subscribe_confirmed(
+    client: &async_nats::Client,
+    subject: &str,
+) -> Result<async_nats::Subscriber, String> {
+    let subscriber = client
+        .subscribe(subject.to_string())
+        .await
+        .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
+    let inbox = client.new_inbox();
+    let mut probe = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| format!("cannot subscribe to probe inbox: {e}"))?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| format!("cannot publish probe: {e}"))?;
+    if probe.next().await.is_none() {
+        return Err("connection closed before the subscription was confirmed".to_string());
+    }
+    // Best effort: an error here only leaves an idle inbox subscription on this connection.
+    let _ = probe.unsubscribe().await;
+    Ok(subscriber)
+}
+
+/// A request received on `agent.<id>`: the raw payload. The reply subject is the JSON body's
+/// `reply_to` (decoded by the agent), not the NATS reply subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingMessage {
+    /// The subject it arrived on (`agent.<id>`).
+    pub subject: String,
+    /// The message body as received.
+    pub payload: Bytes,
+}
+
+/// Forwards messages until the connection drops; returns why it ended.
+pub(crate) async fn serve(
+    mut session: Session,
+    requests: &mpsc::Sender<IncomingMessage>,
+) -> &'static str {
+    let mut receiver_gone = false;
+    loop {
+        tokio::select! {
+            // Messages first: any message that arrived before a disconnect is delivered.
+            biased;
+            msg = session.subscriber.next() => match msg {
+                None => return "subscription ended",
+                Some(msg) => {
+                    let incoming = IncomingMessage {
+                        subject: msg.subject.to_string(),
+                        payload: msg.payload,
+                    };
+                    if !receiver_gone && requests.send(incoming).await.is_err() {
+                        receiver_gone = true;
+                        tracing::warn!("mbus requests receiver dropped: discarding requests");
+                    }
+                }
+            },
+            event = session.events.recv() => match event {
+                None => return "client closed",
+                Some(Event::Disconnected) => return "disconnected",
+                Some(Event::Closed) => return "closed",
+                Some(Event::LameDuckMode) => {
+                    tracing::info!("mbus server entered lame duck mode");
+                }
+                Some(_) => {}
+            },
+        }
+    }
+}

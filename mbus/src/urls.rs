@@ -1,0 +1,365 @@
+//! mbus URLs: which servers to dial, with which credentials, and how to show them without
+//! leaking the password.
+//!
+//! Accepted: `nats://[user[:password]@]host[:port]` and `tls://…` (same shape). `host` is a DNS
+//! name, an IPv4 literal or a bracketed IPv6 literal; a missing port means 4222. `https://…`
+//! URLs are the create-env case, which has no NATS connection: they are reported as skipped,
+//! never dialled (as upstream's handler selection does).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use percent_encoding::percent_decode_str;
+use thiserror::Error;
+
+/// Port used when a URL names none (the NATS default, as upstream).
+pub const DEFAULT_PORT: u16 = 4222;
+
+/// What replaces userinfo wherever a URL is shown.
+const REDACTED: &str = "***";
+
+/// URL scheme of a NATS server. Both are dialled with mutual TLS (upstream always sets a TLS
+/// config); `tls` merely says so explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `nats://`
+    Nats,
+    /// `tls://`
+    Tls,
+}
+
+impl Scheme {
+    /// The scheme as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Nats => "nats",
+            Scheme::Tls => "tls",
+        }
+    }
+}
+
+/// The host part of a server URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Host {
+    /// An IP literal: used as is, never resolved.
+    Ip(IpAddr),
+    /// A DNS name (validated: letters, digits, `-`, `_`, `.`): resolved before every attempt.
+    Name(String),
+}
+
+impl fmt::Display for Host {
+    /// The host as it appears in a URL authority (IPv6 in brackets).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Credentials from a URL's userinfo. async-nats does not apply URL userinfo by itself, so the
+/// client passes these explicitly. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// `user:password@` (percent-decoded).
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// `token@` (a user without password is a token, as nats.go treats it).
+    Token(String),
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::UserPassword { user, .. } => {
+                write!(f, "UserPassword {{ user: {user:?}, password: {REDACTED} }}")
+            }
+            Credentials::Token(_) => write!(f, "Token({REDACTED})"),
+        }
+    }
+}
+
+/// One NATS server from the settings. `Display` and `Debug` show the redacted form.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    /// `nats` or `tls`.
+    pub scheme: Scheme,
+    /// Name or IP literal.
+    pub host: Host,
+    /// Port (4222 when the URL names none).
+    pub port: u16,
+    /// Userinfo, if any.
+    pub credentials: Option<Credentials>,
+}
+
+impl ServerUrl {
+    /// The URL with userinfo replaced by `***`: safe for logs, errors and status output.
+    pub fn redacted(&self) -> String {
+        let userinfo = if self.credentials.is_some() {
+            format!("{REDACTED}@")
+        } else {
+            String::new()
+        };
+        format!(
+            "{}://{userinfo}{}:{}",
+            self.scheme.as_str(),
+            self.host,
+            self.port
+        )
+    }
+}
+
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ServerUrl({})", self.redacted())
+    }
+}
+
+/// Result of parsing one mbus URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MbusUrl {
+    /// A NATS server to dial.
+    Server(ServerUrl),
+    /// An `https://` URL (create-env): not dialled. Holds the redacted URL for reporting.
+    SkippedHttps(String),
+}
+
+/// A URL that cannot be used. The URL inside is always redacted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UrlError {
+    /// Not a URL of the accepted shape.
+    #[error("mbus URL {url:?} is malformed: {reason}")]
+    Malformed {
+        /// The URL, userinfo redacted.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A scheme other than nats, tls or https.
+    #[error("mbus URL {url:?} has unsupported scheme {scheme:?} (expected nats, tls or https)")]
+    UnsupportedScheme {
+        /// The URL, userinfo redacted.
+        url: String,
+        /// The scheme found.
+        scheme: String,
+    },
+}
+
+/// Redacts the userinfo of a possibly malformed URL string: everything between `://` (or the
+/// start) and the last `@` becomes `***`. Over-redacts rather than leaks: the last `@` is used
+/// because a password may itself contain `@`, `/` or `:`.
+pub fn redact(raw: &str) -> String {
+    let Some(at) = raw.rfind('@') else {
+        return raw.to_string();
+    };
+    // An `@` before any `://` means the scheme itself is garbled: redact from the start.
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    let start = if start > at { 0 } else { start };
+    format!("{}{REDACTED}{}", &raw[..start], &raw[at..])
+}
+
+/// Parses one mbus URL. Leading/trailing whitespace and trailing `/` are ignored (nats.go
+/// trims them too). Errors name the (redacted) URL and the reason; this never panics.
+pub fn parse_mbus_url(raw: &str) -> Result<MbusUrl, UrlError> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let malformed = |reason: &str| UrlError::Malformed {
+        url: redact(raw.trim()),
+        reason: reason.to_string(),
+    };
+    if trimmed.is_empty() {
+        return Err(malformed("empty URL"));
+    }
+    if !trimmed.contains("://") {
+        return Err(malformed("no scheme (expected nats://host:port)"));
+    }
+    let url = url::Url::parse(trimmed).map_err(|e| malformed(&e.to_string()))?;
+    let scheme = match url.scheme() {
+        "nats" => Scheme::Nats,
+        "tls" => Scheme::Tls,
+        "https" => return Ok(MbusUrl::SkippedHttps(redact(trimmed))),
+        other => {
+            return Err(UrlError::UnsupportedScheme {
+                url: redact(trimmed),
+                scheme: other.to_string(),
+            });
+        }
+    };
+    if !url.path().is_empty() || url.query().is_some() || url.fragment().is_some() {
+        return Err(malformed(
+            "unexpected path, query or fragment after host:port",
+        ));
+    }
+    let host = match url.host() {
+        None => return Err(malformed("no host")),
+        Some(url::Host::Ipv4(ip)) => Host::Ip(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Host::Ip(IpAddr::V6(ip)),
+        // Non-special schemes keep the host opaque, so IPv4 literals arrive here as "domains".
+        Some(url::Host::Domain(d)) => match d.parse::<IpAddr>() {
+            Ok(ip) => Host::Ip(ip),
+            Err(_) => Host::Name(validate_name(d).map_err(|r| malformed(&r))?),
+        },
+    };
+    let port = match url.port() {
+        None => DEFAULT_PORT,
+        Some(0) => return Err(malformed("port 0")),
+        Some(p) => p,
+    };
+    let decode = |s: &str, what: &str| {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| malformed(&format!("{what} is not UTF-8 after percent-decoding")))
+    };
+    let credentials = match (url.username(), url.password()) {
+        ("", None) => None,
+        (user, Some(password)) => Some(Credentials::UserPassword {
+            user: decode(user, "user")?,
+            password: decode(password, "password")?,
+        }),
+        (token, None) => Some(Credentials::Token(decode(token, "token")?)),
+    };
+    Ok(MbusUrl::Server(ServerUrl {
+        scheme,
+        host,
+        port,
+        credentials,
+    }))
+}
+
+/// Accepts DNS names made of letters, digits, `-`, `_` and dots, without empty labels (one
+/// trailing dot allowed), at most 253 characters.
+fn validate_name(name: &str) -> Result<String, String> {
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if bare.is_empty() || bare.len() > 253 {
+        return Err(format!("host name length {} is out of range", bare.len()));
+    }
+    if let Some(c) = bare
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!("host name contains {c:?}"));
+    }
+    if bare
+        .split('.')
+        .any(|label| label.is_empty() || label.len() > 63)
+    {
+        return Err("host name has an empty or over-long label".to_string());
+    }
+    Ok(name.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn server(raw: &str) -> ServerUrl {
+        match parse_mbus_url(raw).unwrap() {
+            MbusUrl::Server(s) => s,
+            other => panic!("expected a server for {raw}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn name_with_credentials_and_port() {
+        let s = server("nats://nats:s3cret@default.nats.bosh-internal:4223");
+        assert_eq!(s.scheme, Scheme::Nats);
+        assert_eq!(s.host, Host::Name("default.nats.bosh-internal".into()));
+        assert_eq!(s.port, 4223);
+        assert_eq!(
+            s.credentials,
+            Some(Credentials::UserPassword {
+                user: "nats".into(),
+                password: "s3cret".into()
+            })
+        );
+        assert_eq!(s.to_string(), "nats://***@default.nats.bosh-internal:4223");
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn defaults_and_literals() {
+        let s = server("nats://10.0.0.6");
+        assert_eq!(s.host, Host::Ip("10.0.0.6".parse().unwrap()));
+        assert_eq!(s.port, DEFAULT_PORT);
+        assert_eq!(s.credentials, None);
+        let s = server(" tls://[fd00::6]:4222/ ");
+        assert_eq!(s.scheme, Scheme::Tls);
+        assert_eq!(s.host, Host::Ip("fd00::6".parse().unwrap()));
+        assert_eq!(s.to_string(), "tls://[fd00::6]:4222");
+        let s = server("nats://[::1]");
+        assert_eq!((s.host.to_string(), s.port), ("[::1]".into(), 4222));
+    }
+
+    #[test]
+    fn percent_encoded_password_and_token() {
+        let s = server("nats://u%40x:p%2Fw%3A@h:1");
+        assert_eq!(
+            s.credentials,
+            Some(Credentials::UserPassword {
+                user: "u@x".into(),
+                password: "p/w:".into()
+            })
+        );
+        let s = server("nats://tok@h");
+        assert_eq!(s.credentials, Some(Credentials::Token("tok".into())));
+        assert!(!format!("{:?}", s.credentials).contains("tok\""));
+    }
+
+    #[test]
+    fn https_is_skipped_and_redacted() {
+        assert_eq!(
+            parse_mbus_url("https://mbus:pw@10.0.0.6:6868").unwrap(),
+            MbusUrl::SkippedHttps("https://***@10.0.0.6:6868".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_the_url_without_password() {
+        for (raw, needle) in [
+            ("nats://user:hunter2@host:99999", "host:99999"),
+            ("nats://user:hunter2@ho st:4222", "ho st"),
+            ("nats://user:hunter2@host:0", "port 0"),
+            ("nats://user:hunter2@[::1:4222", "[::1"),
+            ("nats://user:hunter2@host/path", "path"),
+            ("nats://user:hunter2@", "nats://***@"),
+            ("user:hunter2@host:4222", "no scheme"),
+            ("nats://us/er:hun@ter2@host", "host"),
+            ("", "empty"),
+            ("nats://a..b", "empty or over-long label"),
+            ("nats://a%41b", "contains '%'"),
+        ] {
+            let err = parse_mbus_url(raw).unwrap_err().to_string();
+            assert!(!err.contains("hunter2") && !err.contains("ter2"), "{err}");
+            assert!(err.contains(needle), "{raw}: {err}");
+        }
+        let err = parse_mbus_url("ftp://user:hunter2@h").unwrap_err();
+        assert_eq!(
+            err,
+            UrlError::UnsupportedScheme {
+                url: "ftp://***@h".into(),
+                scheme: "ftp".into()
+            }
+        );
+    }
+
+    #[test]
+    fn redact_cases() {
+        assert_eq!(redact("nats://a:b@h:1"), "nats://***@h:1");
+        assert_eq!(redact("nats://a:b@c@h"), "nats://***@h");
+        assert_eq!(redact("nats://h:1"), "nats://h:1");
+        assert_eq!(redact("a:b@h"), "***@h");
+        assert_eq!(redact("x@y://h"), "***@y://h");
+    }
+}

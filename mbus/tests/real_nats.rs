@@ -1,0 +1,455 @@
+//! The mbus client against real parts on loopback: nats-server with TLS `verify: true` and
+//! user/password auth, dnsmasq serving the director's name, certificates made by the test.
+//! No root needed. Every wait is bounded; a missing nats-server or dnsmasq fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::StreamExt;
+use mbus::{Bus, BusOptions, ConnectionState, ResolverSource, Target, Topic};
+use serde_json::json;
+
+const AGENT_ID: &str = "agent-123-456";
+
+fn lo(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
+/// Fails the test (instead of hanging) if `f` takes longer than `limit`.
+async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+fn config(pki: &Pki, urls: &[String]) -> mbus::MbusConfig {
+    let cert = pki.agent_cert();
+    let settings = json!({
+        "agent_id": AGENT_ID,
+        "mbus": "nats://unused.invalid:4222",
+        "env": {"bosh": {"mbus": {"urls": urls, "cert": {
+            "ca": cert.ca, "certificate": cert.certificate, "private_key": cert.private_key}}}}
+    });
+    mbus::mbus_config(&settings, None).unwrap()
+}
+
+fn options(dns: Option<SocketAddr>) -> BusOptions {
+    BusOptions {
+        // Without a DNS server the tests use IP literals only; point at a dead port.
+        resolver: ResolverSource::NameServer(dns.unwrap_or_else(|| "127.0.0.1:9".parse().unwrap())),
+        connection_timeout: Duration::from_secs(2),
+        ..BusOptions::default()
+    }
+}
+
+/// The agent side of the protocol, minimal: reply `{"value":"pong"}` to the body's `reply_to`.
+fn spawn_responder(bus: Bus, mut requests: mbus::Requests) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(req) = requests.next().await {
+            n += 1;
+            let body: serde_json::Value = serde_json::from_slice(&req.payload).unwrap();
+            let reply_to = body["reply_to"].as_str().unwrap().to_string();
+            // Not connected at this instant is possible during failover: the director retries.
+            let _ = bus
+                .publish(reply_to, Bytes::from_static(br#"{"value":"pong"}"#))
+                .await;
+        }
+        n
+    })
+}
+
+/// A director: its own mTLS client (other client cert, same CA) straight to one server.
+async fn director(pki: &Pki, addr: SocketAddr) -> async_nats::Client {
+    let leaf = pki.client("director");
+    let tls = mbus::tls::client_config(&mbus::CertKeyPair {
+        ca: pki.ca_pem.clone(),
+        certificate: leaf.cert_pem,
+        private_key: leaf.key_pem,
+        origin: "director",
+    })
+    .unwrap();
+    async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .tls_client_config(tls)
+        .user_and_password(USER.into(), PASSWORD.into())
+        .connect(format!("tls://{addr}"))
+        .await
+        .unwrap()
+}
+
+/// Sends `ping` to the agent (reply subject in the body, as the director does) until a reply
+/// comes back; returns how long that took.
+async fn ping_agent(director: &async_nats::Client) -> Duration {
+    let start = Instant::now();
+    let reply_to = format!("director.{}", director.new_inbox().replace("_INBOX.", ""));
+    let mut replies = director.subscribe(reply_to.clone()).await.unwrap();
+    director.flush().await.unwrap();
+    let body = json!({"method": "ping", "arguments": [], "reply_to": reply_to, "protocol": 3});
+    within(Duration::from_secs(10), "a reply from the agent", async {
+        loop {
+            director
+                .publish(format!("agent.{AGENT_ID}"), body.to_string().into())
+                .await
+                .unwrap();
+            if let Ok(Some(msg)) =
+                tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+            {
+                assert_eq!(&msg.payload[..], br#"{"value":"pong"}"#);
+                return start.elapsed();
+            }
+        }
+    })
+    .await
+}
+
+async fn wait_connected_to(bus: &Bus, endpoint: SocketAddr, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut rx = bus.watch_state();
+    within(limit, &format!("connection to {endpoint}"), async {
+        rx.wait_for(
+            |s| matches!(s, ConnectionState::Connected { endpoint: e, .. } if *e == endpoint),
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    start.elapsed()
+}
+
+async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    within(limit, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+fn url_for(host: &str, port: u16) -> String {
+    format!("nats://{USER}:{PASSWORD}@{host}:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_heartbeat_and_hook_before_first_attempt() {
+    let pki = Pki::new();
+    let port = free_port(&[lo(1)]);
+    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
+    let dns = Dns::start(NATS_NAME, lo(1));
+    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for(NATS_NAME, port)]);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let responder = spawn_responder(bus.clone(), requests);
+
+    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    let plans = hook.plans();
+    assert_eq!(plans[0].attempt, 1);
+    assert_eq!(
+        plans[0].endpoints,
+        [server.addr],
+        "hook saw the resolved endpoint"
+    );
+    assert!(plans[0].failed.is_empty());
+
+    let director = director(&pki, server.addr).await;
+    ping_agent(&director).await;
+
+    let mut heartbeats = director
+        .subscribe(format!("hm.agent.heartbeat.{AGENT_ID}"))
+        .await
+        .unwrap();
+    director.flush().await.unwrap();
+    bus.publish_to(
+        Target::HealthMonitor,
+        Topic::Heartbeat,
+        Bytes::from_static(b"{}"),
+    )
+    .await
+    .unwrap();
+    let hb = within(Duration::from_secs(5), "heartbeat", heartbeats.next()).await;
+    assert_eq!(&hb.unwrap().payload[..], b"{}");
+
+    let stats = bus.stats().snapshot();
+    assert_eq!((stats.connects, stats.hook_failures), (1, 0), "{stats:?}");
+    assert!(!format!("{stats:?}{:?}", bus.state()).contains(PASSWORD));
+
+    bus.shutdown().await;
+    assert_eq!(bus.state(), ConnectionState::Stopped);
+    drop(bus);
+    let handled = within(Duration::from_secs(5), "responder end", responder)
+        .await
+        .unwrap();
+    assert!(handled >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_re_pointed_name() {
+    let pki = Pki::new();
+    let port = free_port(&[lo(1), lo(2)]);
+    let mut servers = [
+        NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port)),
+        NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(2), port)),
+    ];
+    let dns = Dns::start(NATS_NAME, lo(1));
+    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for(NATS_NAME, port)]);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, servers[0].addr, Duration::from_secs(10)).await;
+    ping_agent(&director(&pki, servers[0].addr).await).await;
+
+    // Several rounds, alternating: re-point the name, then stop the server in use.
+    let mut subscribed = Vec::new();
+    let mut answered = Vec::new();
+    let mut stable_at = Instant::now() + BusOptions::default().backoff.stable_after;
+    for round in 0..4 {
+        let (old, new) = if round % 2 == 0 { (0, 1) } else { (1, 0) };
+        if round >= 1 {
+            servers[new].restart(); // it was stopped in the previous round
+        }
+        let new_addr = servers[new].addr;
+        let director = director(&pki, new_addr).await; // the new server accepts connections
+        dns.write_record(NATS_NAME, new_addr.ip());
+        dns.wait_answer(NATS_NAME, new_addr.ip()).await;
+        let plans_before = hook.plans().len();
+        // A director connection normally lasts long; one that ended within the backoff's
+        // `stable_after` would (on purpose) not reset the backoff. Measure the normal case.
+        tokio::time::sleep(stable_at.saturating_duration_since(Instant::now())).await;
+
+        let t0 = Instant::now();
+        servers[old].stop();
+        let t_sub = wait_connected_to(&bus, new_addr, Duration::from_secs(10)).await;
+        let t_reply = t0.elapsed() + ping_agent(&director).await;
+        stable_at = Instant::now() + BusOptions::default().backoff.stable_after;
+        subscribed.push(t_sub);
+        answered.push(t_reply);
+
+        let plans = hook.plans();
+        let last = plans.last().unwrap();
+        assert_eq!(
+            last.endpoints,
+            [new_addr],
+            "hook saw the new address before the dial"
+        );
+        assert!(plans[plans_before..].iter().all(|p| p.failed.is_empty()));
+    }
+    subscribed.sort();
+    answered.sort();
+    eprintln!(
+        "failover (server stopped -> re-subscribed on the new address), 4 rounds: {subscribed:?}; \
+         -> first director reply: {answered:?}"
+    );
+    let median = subscribed[subscribed.len() / 2];
+    assert!(
+        median <= Duration::from_secs(2),
+        "median failover {median:?} > 2 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_unreachable_during_reconnect_keeps_old_endpoints_and_retries() {
+    let pki = Pki::new();
+    let port = free_port(&[lo(1)]);
+    let mut server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
+    let mut dns = Dns::start(NATS_NAME, lo(1));
+    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for(NATS_NAME, port)]);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    let stats = bus.stats();
+    let plans_before = hook.plans().len();
+
+    dns.stop();
+    server.stop();
+    let t0 = Instant::now();
+    wait_until(Duration::from_secs(15), "3 attempts without DNS", || {
+        hook.plans().len() >= plans_before + 3
+    })
+    .await;
+    eprintln!("3 hook calls without DNS took {:?}", t0.elapsed());
+    let plans = hook.plans();
+    let during = &plans[plans.len() - 3..];
+    for plan in during {
+        assert_eq!(plan.failed.len(), 1, "hook told of the failure: {plan:?}");
+        assert_eq!(plan.failed[0].host, NATS_NAME);
+        assert!(!plan.failed[0].reason.is_empty());
+        assert_eq!(plan.failed[0].carried_over, [server.addr]);
+        assert_eq!(
+            plan.endpoints,
+            [server.addr],
+            "previous endpoints kept, never empty"
+        );
+    }
+    assert!(matches!(bus.state(), ConnectionState::Connecting { .. }));
+
+    // The director comes back at the old address while DNS is still down.
+    server.restart();
+    let t = wait_connected_to(&bus, server.addr, Duration::from_secs(15)).await;
+    ping_agent(&director(&pki, server.addr).await).await;
+    eprintln!("re-subscribed {t:?} after the server came back (DNS still down)");
+    assert!(stats.snapshot().resolve_failures >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_first_url_live_second_and_failing_hook() {
+    let pki = Pki::new();
+    let dead = SocketAddr::new(lo(1), free_port(&[lo(1)]));
+    let live_port = free_port(&[lo(2)]);
+    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(2), live_port));
+    let hook = Arc::new(RecordingHook::default());
+    hook.fail.store(true, Ordering::SeqCst);
+    let urls = [
+        url_for("127.0.0.1", dead.port()),
+        url_for("127.0.0.2", live_port),
+    ];
+    let config = config(&pki, &urls);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(None)).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+
+    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    ping_agent(&director(&pki, server.addr).await).await;
+    let plans = hook.plans();
+    assert_eq!(plans[0].endpoints, [dead, server.addr]);
+    let stats = bus.stats().snapshot();
+    assert!(stats.connect_failures >= 1, "{stats:?}");
+    let err = stats.last_error.unwrap();
+    assert!(
+        err.contains(&dead.to_string()) && err.contains("nats://***@127.0.0.1"),
+        "{err}"
+    );
+    assert!(!err.contains(PASSWORD), "{err}");
+    assert!(stats.hook_failures >= 1, "a failing hook is counted...");
+    assert!(stats.last_hook_error.unwrap().contains("simulated failure"));
+    assert_eq!(stats.connects, 1, "...and the agent connects anyway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cn_mismatch_is_reported_and_retried() {
+    let pki = Pki::new();
+    let port = free_port(&[lo(1)]);
+    let server = NatsServer::start(&pki, "evil.example.com", SocketAddr::new(lo(1), port));
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for("127.0.0.1", port)]);
+    let (bus, _requests) = Bus::connect(&config, hook.clone(), options(None)).unwrap();
+    let stats = bus.stats();
+    wait_until(Duration::from_secs(15), "3 rejected attempts", || {
+        stats.attempts() >= 3 && stats.last_error().is_some()
+    })
+    .await;
+    let err = stats.last_error().unwrap();
+    assert!(
+        err.contains("CommonName \"evil.example.com\" does not match"),
+        "error names the CN seen: {err}"
+    );
+    assert!(err.contains(&server.addr.to_string()), "{err}");
+    assert_eq!(stats.connects(), 0);
+    assert!(hook.plans().len() >= 3, "hook runs before every retry");
+    assert!(matches!(bus.state(), ConnectionState::Connecting { .. }));
+}
+
+#[tokio::test]
+async fn unusable_settings_are_refused_with_the_field_named() {
+    let pki = Pki::new();
+    let mut config = config(&pki, &[url_for("127.0.0.1", 4222)]);
+    config.cert.private_key = String::new();
+    let err = Bus::connect(&config, Arc::new(mbus::NoHook), options(None)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("env.bosh.mbus.cert.private_key is empty"),
+        "{err}"
+    );
+
+    let settings = json!({"agent_id": AGENT_ID, "env": {"bosh": {"mbus": {"urls": [
+        "https://u:pw@10.0.0.6:6868", format!("nats://u:{PASSWORD}@bad host")]}}}});
+    let config = mbus::mbus_config(&settings, None).unwrap();
+    let err = Bus::connect(&config, Arc::new(mbus::NoHook), options(None)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("https://***@10.0.0.6:6868") && msg.contains("bad host"),
+        "{msg}"
+    );
+    assert!(!msg.contains(PASSWORD), "{msg}");
+}
+
+/// The old async-nats client must never reconnect by itself (that dial would skip the fresh
+/// resolution and the hook): every TCP connection the server side sees is one of our dials,
+/// each preceded by a hook call. Also checks that reconnect cycles leak no tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_hooked_dials_reach_the_server_and_no_task_leaks() {
+    let pki = Pki::new();
+    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), free_port(&[lo(1)])));
+    let proxy = CutProxy::start(SocketAddr::new(lo(3), free_port(&[lo(3)])), server.addr);
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for("127.0.0.3", proxy.addr.port())]);
+    let options = BusOptions {
+        // Reconnect at once after each cut, whatever the connection's age.
+        backoff: mbus::BackoffPolicy {
+            stable_after: Duration::ZERO,
+            ..Default::default()
+        },
+        ..options(None)
+    };
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    let director = director(&pki, server.addr).await;
+    wait_connected_to(&bus, proxy.addr, Duration::from_secs(10)).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let mut tasks_after = Vec::new();
+    for cut in 1..=5u64 {
+        let mut state = bus.watch_state();
+        proxy.cut();
+        within(Duration::from_secs(5), "the bus to notice the cut", async {
+            state
+                .wait_for(|s| matches!(s, ConnectionState::Connecting { .. }))
+                .await
+                .unwrap();
+        })
+        .await;
+        wait_connected_to(&bus, proxy.addr, Duration::from_secs(5)).await;
+        ping_agent(&director).await;
+        // Give a stray internal reconnect (if there were one) time to show up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stats = bus.stats().snapshot();
+        assert_eq!(stats.connects, cut + 1, "{stats:?}");
+        assert_eq!(
+            proxy.accepts() as u64,
+            stats.dials,
+            "a dial we did not make: {stats:?}"
+        );
+        assert_eq!(hook.plans().len() as u64, stats.attempts, "{stats:?}");
+        tasks_after.push(metrics.num_alive_tasks());
+    }
+    eprintln!("alive tasks after each of 5 reconnects: {tasks_after:?}");
+    assert!(
+        tasks_after[4] <= tasks_after[0],
+        "tasks grow with reconnects: {tasks_after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_answer_is_dialled_with_the_cn_rule() {
+    let pki = Pki::new();
+    let v6: IpAddr = "::1".parse().unwrap();
+    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(v6, free_port(&[v6])));
+    let dns = Dns::start(NATS_NAME, v6);
+    dns.wait_answer(NATS_NAME, v6).await;
+    let hook = Arc::new(RecordingHook::default());
+    let config = config(&pki, &[url_for(NATS_NAME, server.addr.port())]);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    assert_eq!(hook.plans()[0].endpoints, [server.addr]);
+    ping_agent(&director(&pki, server.addr).await).await;
+}
