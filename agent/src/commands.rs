@@ -126,6 +126,20 @@ impl std::fmt::Display for Status {
                 )?;
                 writeln!(f, "monit:         {}", a.monit)?;
                 writeln!(f, "nats:          {}", a.nats)?;
+                if let Some(b) = &a.nats_bus {
+                    let n = |k: &str| b.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                    writeln!(
+                        f,
+                        "nats link:     {} attempts, {} connects, {} hook failures, {} resolve failures",
+                        n("attempts"),
+                        n("connects"),
+                        n("hook_failures"),
+                        n("resolve_failures")
+                    )?;
+                    if let Some(e) = b.get("last_hook_error").and_then(serde_json::Value::as_str) {
+                        writeln!(f, "NATS FIREWALL DEGRADED: last hook error: {e}")?;
+                    }
+                }
                 writeln!(
                     f,
                     "protected:     {}",

@@ -165,6 +165,14 @@ impl Firewall {
         Ok(out)
     }
 
+    /// Records the bus's counters (attempts, hook failures, last errors) for `firewall status`.
+    pub fn set_bus_stats(&mut self, stats: Option<serde_json::Value>) {
+        if self.state.nats_bus != stats {
+            self.state.nats_bus = stats;
+            self.write_state();
+        }
+    }
+
     fn write_state(&self) {
         if let Err(e) = state::write(&self.run_dir, &self.state) {
             warn!(error = %e, "cannot write the firewall state file");

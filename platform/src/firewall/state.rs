@@ -49,6 +49,8 @@ pub struct RuntimeState {
     pub pruned: u64,
     /// Last firewall error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// The message bus's counters: attempts, hook failures, last errors.
+    pub nats_bus: Option<Value>,
     /// Pid of the agent that wrote this file.
     pub agent_pid: u32,
 }

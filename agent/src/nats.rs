@@ -1,0 +1,63 @@
+//! The director link: settings → mbus config → the bus, with the firewall as its
+//! before-connect hook, and the requests it delivers.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use mbus::{BeforeConnect, ConnectPlan, HookFuture};
+use tracing::{info, warn};
+
+use crate::firewall::Firewall;
+
+/// Commits NATS rules for exactly the endpoints the bus is about to dial.
+pub struct FirewallHook {
+    fw: Arc<Mutex<Firewall>>,
+}
+
+impl FirewallHook {
+    /// A hook that updates `fw`'s NATS endpoints.
+    pub fn new(fw: Arc<Mutex<Firewall>>) -> Self {
+        FirewallHook { fw }
+    }
+}
+
+/// Why the hook did not commit rules.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("no NATS endpoint has ever resolved; the previous rules are kept")]
+    NothingResolved,
+    #[error("committing NATS rules: {0}")]
+    Firewall(#[from] platform::firewall::FirewallError),
+    #[error("the firewall task failed: {0}")]
+    Task(String),
+}
+
+impl BeforeConnect for FirewallHook {
+    fn before_connect<'a>(&'a self, plan: &'a ConnectPlan) -> HookFuture<'a> {
+        let fw = self.fw.clone();
+        // `plan.endpoints` already carries the last good answer of a host whose lookup
+        // failed, so committing exactly this set never drops rules for a host that failed.
+        let endpoints: BTreeSet<SocketAddr> = plan.endpoints.iter().copied().collect();
+        for f in &plan.failed {
+            warn!(host = %f.host, reason = %f.reason, kept = f.carried_over.len(), "NATS host did not resolve; its previous endpoints are kept");
+        }
+        Box::pin(async move {
+            if endpoints.is_empty() {
+                return Err(HookError::NothingResolved.into());
+            }
+            let n = endpoints.len();
+            let changed = tokio::task::spawn_blocking(move || {
+                let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
+                fw.set_nats_endpoints(endpoints)
+            })
+            .await
+            .map_err(|e| HookError::Task(e.to_string()))?
+            .map_err(HookError::from)?;
+            if changed {
+                info!(endpoints = n, "NATS rules committed");
+            }
+            Ok(())
+        })
+    }
+}
