@@ -54,15 +54,24 @@ fn outer() -> Res<()> {
         .args(["--inner", &trials, &secs])
         .status()
         .map_err(|e| format!("unshare: {e}"))?;
-    st.success().then_some(()).ok_or_else(|| format!("inner run failed: {st}"))
+    st.success()
+        .then_some(())
+        .ok_or_else(|| format!("inner run failed: {st}"))
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Res<()> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -122,7 +131,9 @@ fn go_agent_rules(nats: &[SocketAddr]) -> String {
 
 fn clear_tables() -> Res<()> {
     // Only the two tables this benchmark creates, inside its own namespace.
-    nft("add table inet bosh_agent\ndelete table inet bosh_agent\nadd table inet bosh_agent_go\ndelete table inet bosh_agent_go\n")
+    nft(
+        "add table inet bosh_agent\ndelete table inet bosh_agent\nadd table inet bosh_agent_go\ndelete table inet bosh_agent_go\n",
+    )
 }
 
 struct Condition {
@@ -141,24 +152,52 @@ fn inner(args: &[String]) -> Res<()> {
     let cg = v2.join(format!("bosh-agent-bench-{}", std::process::id()));
     std::fs::create_dir_all(cg.join("agent")).map_err(|e| e.to_string())?;
     let guard = CgroupDirs(cg.clone());
-    let rel = cg.join("agent").strip_prefix("/sys/fs/cgroup").map_err(|e| e.to_string())?.to_string_lossy().into_owned();
-    let level = rel.split('/').filter(|c| !c.is_empty()).count() as u32 - u32::from(v2.ends_with("unified"));
-    let identity = Identity::Cgroup { path: NftCgroupPath::new(&rel).map_err(|e| e.to_string())?, level };
-    let nats64: BTreeSet<SocketAddr> =
-        (0..64u8).map(|i| SocketAddr::from(([10, 0, 1, i], 4222))).collect();
+    let rel = cg
+        .join("agent")
+        .strip_prefix("/sys/fs/cgroup")
+        .map_err(|e| e.to_string())?
+        .to_string_lossy()
+        .into_owned();
+    let level = rel.split('/').filter(|c| !c.is_empty()).count() as u32
+        - u32::from(v2.ends_with("unified"));
+    let identity = Identity::Cgroup {
+        path: NftCgroupPath::new(&rel).map_err(|e| e.to_string())?,
+        level,
+    };
+    let nats64: BTreeSet<SocketAddr> = (0..64u8)
+        .map(|i| SocketAddr::from(([10, 0, 1, i], 4222)))
+        .collect();
     let nats64v: Vec<SocketAddr> = nats64.iter().copied().collect();
     let ours = |nats: NatsPolicy| {
-        render_ruleset(&DesiredState { identity: identity.clone(), monit: MonitPolicy::Enabled { allow_root: true }, nats })
+        render_ruleset(&DesiredState {
+            identity: identity.clone(),
+            monit: MonitPolicy::Enabled { allow_root: true },
+            nats,
+        })
     };
     let conds = [
-        Condition { name: "no table", script: None },
-        Condition { name: "this agent: monit", script: Some(ours(NatsPolicy::Disabled)) },
+        Condition {
+            name: "no table",
+            script: None,
+        },
+        Condition {
+            name: "this agent: monit",
+            script: Some(ours(NatsPolicy::Disabled)),
+        },
         Condition {
             name: "this agent: monit + NATS (64 endpoints)",
-            script: Some(ours(NatsPolicy::Enabled { endpoints: nats64.clone() })),
+            script: Some(ours(NatsPolicy::Enabled {
+                endpoints: nats64.clone(),
+            })),
         },
-        Condition { name: "Go agent rules: monit", script: Some(go_agent_rules(&[])) },
-        Condition { name: "Go agent rules: monit + NATS (64 addresses)", script: Some(go_agent_rules(&nats64v)) },
+        Condition {
+            name: "Go agent rules: monit",
+            script: Some(go_agent_rules(&[])),
+        },
+        Condition {
+            name: "Go agent rules: monit + NATS (64 addresses)",
+            script: Some(go_agent_rules(&nats64v)),
+        },
     ];
     for c in &conds {
         if let Some(s) = &c.script {
@@ -177,7 +216,10 @@ fn inner(args: &[String]) -> Res<()> {
     let dur = Duration::from_secs_f64(secs);
     let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
     let mut udp: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
-    eprintln!("bench: {trials} rounds x {} conditions x 2 loads x {secs}s", conds.len());
+    eprintln!(
+        "bench: {trials} rounds x {} conditions x 2 loads x {secs}s",
+        conds.len()
+    );
     for round in 0..trials {
         for k in 0..conds.len() {
             // Rotate the order each round so no condition always runs first or last.
@@ -192,13 +234,22 @@ fn inner(args: &[String]) -> Res<()> {
     }
     clear_tables()?;
 
-    println!("\n## Packet path (loopback, {trials} interleaved rounds of {secs} s; median; ratio to no table)\n");
+    println!(
+        "\n## Packet path (loopback, {trials} interleaved rounds of {secs} s; median; ratio to no table)\n"
+    );
     println!("| condition | new TCP conn/s | ratio | unanswered UDP pkt/s | ratio |");
     println!("|---|---|---|---|---|");
     let (t0, u0) = (median(&tcp[0]), median(&udp[0]));
     for (i, c) in conds.iter().enumerate() {
         let (t, u) = (median(&tcp[i]), median(&udp[i]));
-        println!("| {} | {:.0} | {:.3} | {:.0} | {:.3} |", c.name, t, t / t0, u, u / u0);
+        println!(
+            "| {} | {:.0} | {:.3} | {:.0} | {:.3} |",
+            c.name,
+            t,
+            t / t0,
+            u,
+            u / u0
+        );
     }
 
     allow_bench(&cg, &identity)?;
@@ -214,7 +265,15 @@ fn tcp_rate(addr: SocketAddr, dur: Duration) -> Res<f64> {
     let mut n = 0u64;
     while start.elapsed() < dur {
         let s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-        setsockopt(&s, Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 }).map_err(|e| e.to_string())?;
+        setsockopt(
+            &s,
+            Linger,
+            &nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .map_err(|e| e.to_string())?;
         drop(s);
         n += 1;
     }
@@ -241,7 +300,11 @@ fn udp_rate(dur: Duration) -> Res<f64> {
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 struct CgroupDirs(PathBuf);
@@ -282,7 +345,10 @@ fn allow_bench(cg: &Path, identity: &Identity) -> Res<()> {
         .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&run_dir);
     if !out.status.success() {
-        return Err(format!("allow runs: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "allow runs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     print!("{}", String::from_utf8_lossy(&out.stdout));
     clear_tables()
@@ -292,17 +358,26 @@ fn allow_bench(cg: &Path, identity: &Identity) -> Res<()> {
 /// (from one cgroup), timing each command alone.
 fn allow_runs(args: &[String]) -> Res<()> {
     let (agent, cg, runs) = match args {
-        [a, c, r] => (PathBuf::from(a), PathBuf::from(c), r.parse::<usize>().map_err(|e| e.to_string())?),
+        [a, c, r] => (
+            PathBuf::from(a),
+            PathBuf::from(c),
+            r.parse::<usize>().map_err(|e| e.to_string())?,
+        ),
         _ => return Err("usage: --allow-runs <bosh-agent> <cgroup dir> <runs>".into()),
     };
     let home = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-    let home_rel = home.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").to_string();
+    let home_rel = home
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .to_string();
     let v2 = v2_mount()?;
     let home_dir = v2.join(home_rel.trim_start_matches('/'));
     let me = std::process::id().to_string();
     let time_one = |dir: &Path| -> Res<f64> {
         // The child inherits the cgroup the bench sits in at spawn time: the job's.
-        std::fs::write(dir.join("cgroup.procs"), &me).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::write(dir.join("cgroup.procs"), &me)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let t = Instant::now();
         let st = Command::new(&agent)
             .args(["firewall-allow", "monit"])
@@ -311,7 +386,9 @@ fn allow_runs(args: &[String]) -> Res<()> {
             .map_err(|e| e.to_string())?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         std::fs::write(home_dir.join("cgroup.procs"), &me).map_err(|e| e.to_string())?;
-        st.success().then_some(ms).ok_or_else(|| format!("firewall-allow failed: {st}"))
+        st.success()
+            .then_some(ms)
+            .ok_or_else(|| format!("firewall-allow failed: {st}"))
     };
     let mut first = Vec::new();
     for i in 0..runs {
@@ -339,6 +416,9 @@ fn allow_runs(args: &[String]) -> Res<()> {
     println!("|---|---|---|");
     println!("| wall, first add | {a:.2} / {b:.2} / {c:.2} | 5.56 / 6.74 / 25.28 |");
     println!("| wall, repeat | {d2:.2} / {e:.2} / {f:.2} | 11.81 / 17.85 / 24.46 |");
-    println!("| max RSS of the command incl. the nft it runs | {:.1} MB | ~12.7 MB |", rss_tree as f64 / 1024.0);
+    println!(
+        "| max RSS of the command incl. the nft it runs | {:.1} MB | ~12.7 MB |",
+        rss_tree as f64 / 1024.0
+    );
     Ok(())
 }

@@ -1,0 +1,166 @@
+//! `netprobe`: the tiny TCP client/server the integration tests run inside their network
+//! namespaces and cgroups. A separate binary (not a thread of the test) because what is under
+//! test is the cgroup and uid of the *socket's* process, which must be placed by the harness.
+//!
+//! ```text
+//! netprobe listen  <addr>                                   echo server; prints "listening" when ready
+//! netprobe connect <addr> [--timeout-ms N]                  exit 0 connected, 1 refused/reset, 2 timed out
+//! netprobe chat    <addr> [--messages N] [--interval-ms M] [--timeout-ms T]
+//!                                                            one connection, N echo round trips; exit 0 only if all echoed
+//! ```
+//! Any other failure (bad usage, unexpected socket error, a wrong echo) exits 3, so that the
+//! exit codes the tests assert on (0/1/2) cannot be produced by accident.
+#![forbid(unsafe_code)]
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const CONNECTED: u8 = 0;
+const REFUSED: u8 = 1;
+const TIMED_OUT: u8 = 2;
+const OTHER: u8 = 3;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("listen") => parse_addr(&args).and_then(listen),
+        Some("connect") => parse_addr(&args).and_then(|a| connect(a, &args)),
+        Some("chat") => parse_addr(&args).and_then(|a| chat(a, &args)),
+        _ => Err(Failure::usage(
+            "expected listen|connect|chat <addr> [options]",
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::from(CONNECTED),
+        Err(f) => {
+            eprintln!("netprobe: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// A failure and the exit code that classifies it.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: &str) -> Self {
+        Failure {
+            code: OTHER,
+            message: format!("usage: {message}"),
+        }
+    }
+
+    /// Classifies a socket error: refused and reset are what a REJECT or a closed port give,
+    /// a timeout is what a dropped SYN gives; anything else is unexpected.
+    fn from_io(what: &str, e: &io::Error) -> Self {
+        let code = match e.kind() {
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => REFUSED,
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => TIMED_OUT,
+            _ => OTHER,
+        };
+        Failure {
+            code,
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+fn parse_addr(args: &[String]) -> Result<SocketAddr, Failure> {
+    let text = args
+        .get(1)
+        .ok_or_else(|| Failure::usage("missing <addr>"))?;
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Failure::usage(&format!("{text:?} is not an address like 127.0.0.1:2822")))
+}
+
+/// The value of `--name N`, or `default` when the option is absent.
+fn option(args: &[String], name: &str, default: u64) -> Result<u64, Failure> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Failure::usage(&format!("{name} needs a number"))),
+    }
+}
+
+fn listen(addr: SocketAddr) -> Result<(), Failure> {
+    let listener = TcpListener::bind(addr).map_err(|e| Failure::from_io("bind", &e))?;
+    // The harness waits for this line: the socket is bound and listening once it appears.
+    let mut out = io::stdout();
+    let _ = writeln!(out, "listening");
+    let _ = out.flush();
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                std::thread::spawn(move || echo(s));
+            }
+            Err(e) => eprintln!("netprobe: accept: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn connect(addr: SocketAddr, args: &[String]) -> Result<(), Failure> {
+    let timeout = Duration::from_millis(option(args, "--timeout-ms", 1000)?.max(1));
+    let start = Instant::now();
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::from_io("connect", &e))?;
+    println!("connected in {} us", start.elapsed().as_micros());
+    Ok(())
+}
+
+fn chat(addr: SocketAddr, args: &[String]) -> Result<(), Failure> {
+    let messages = option(args, "--messages", 10)?;
+    let interval = Duration::from_millis(option(args, "--interval-ms", 0)?);
+    let timeout = Duration::from_millis(option(args, "--timeout-ms", 2000)?.max(1));
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::from_io("connect", &e))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| Failure::from_io("socket options", &e))?;
+    for i in 0..messages {
+        if i > 0 {
+            std::thread::sleep(interval);
+        }
+        let msg = format!("netprobe message {i} of {messages}\n");
+        s.write_all(msg.as_bytes())
+            .map_err(|e| Failure::from_io(&format!("write of message {i}"), &e))?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).map_err(|e| {
+            // A dropped data packet shows as a read timeout; say which round trip stalled.
+            Failure::from_io(&format!("echo of message {i} (after {i} round trips)"), &e)
+        })?;
+        if back != msg.as_bytes() {
+            return Err(Failure {
+                code: OTHER,
+                message: format!(
+                    "echo of message {i} differs: {:?}",
+                    String::from_utf8_lossy(&back)
+                ),
+            });
+        }
+    }
+    println!("echoed {messages}/{messages}");
+    Ok(())
+}
