@@ -53,6 +53,11 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         return Err(AllowError::NotRoot(euid));
     }
     let agent = state::read(run_dir).ok().flatten();
+    if agent.as_ref().is_some_and(|a| a.monit == "disabled") {
+        // UseMonitIptablesFirewall: nothing jumps to the jobs chain, so a rule there would
+        // open nothing; the stemcell's own rules decide.
+        return Ok(AllowOutcome::NotInstalled);
+    }
     let vcap = nix::unistd::User::from_name("vcap")
         .ok()
         .flatten()
@@ -84,11 +89,13 @@ pub struct Status {
 /// Reads the agent's state and the live table.
 pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
     let agent = state::read(run_dir)?;
-    let listing = Nft::default().list_table()?;
-    let (table_present, live, job_rules) = match &listing {
-        Some(l) => (true, Some(readback::snapshot(l)?), readback::job_rules(l)?),
-        None => (false, None, Vec::new()),
+    let nft = Nft::default();
+    let live = nft.list_table_text()?.map(|l| readback::snapshot(&l));
+    let job_rules = match nft.list_chain(platform::firewall::MONIT_JOBS_CHAIN)? {
+        Some(l) => readback::job_rules(&l)?,
+        None => Vec::new(),
     };
+    let table_present = live.is_some();
     let matches_desired = match (&agent, &live) {
         (Some(a), Some(l)) => &a.snapshot == l,
         _ => false,

@@ -111,14 +111,12 @@ impl Firewall {
         let res = (|| {
             let _lock = FirewallLock::acquire(&self.run_dir)?;
             self.nft.apply(&script)?;
-            self.nft.list_table()
+            self.nft.list_table_text()
         })();
         match res {
             Ok(listing) => {
-                self.state.snapshot = match listing {
-                    Some(l) => readback::snapshot(&l)?,
-                    None => serde_json::Value::Null,
-                };
+                self.state.snapshot =
+                    listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
                 self.state.protected = protected(&self.desired);
                 self.state.applied_at = now();
                 self.state.last_error = None;
@@ -139,11 +137,7 @@ impl Firewall {
     /// table) and prunes job rules whose cgroup is gone.
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
-        let live = self
-            .nft
-            .list_table()?
-            .map(|l| readback::snapshot(&l))
-            .transpose()?;
+        let live = self.nft.list_table_text()?.map(|l| readback::snapshot(&l));
         if self.last_script.is_none() || live.as_ref() != Some(&self.state.snapshot) {
             warn!(
                 table_present = live.is_some(),

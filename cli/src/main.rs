@@ -128,7 +128,7 @@ fn firewall_allow(service: &str) -> ExitCode {
         }
         Ok(AllowOutcome::NotInstalled) => {
             eprintln!(
-                "bosh-agent: no monit firewall is installed (table inet bosh_agent or chain monit_access_jobs absent): nothing to open"
+                "bosh-agent: no monit firewall is installed (table inet bosh_agent or chain monit_access_jobs absent, or the agent runs with UseMonitIptablesFirewall): nothing to open"
             );
             ExitCode::SUCCESS
         }

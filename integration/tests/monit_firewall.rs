@@ -787,3 +787,97 @@ fn malformed_agent_json_stops_the_start() {
         );
     }
 }
+
+// Drift the JSON listing cannot see: the agent's own rule with another `level` (nft 1.0.6's
+// JSON drops the level). The text-based read-back must notice and repair it.
+#[test]
+fn drift_changed_level_is_repaired() {
+    let sb = sandbox("drift-level");
+    let agent_cg = cg(&sb, "agent");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+    expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
+
+    let guard = sb
+        .nft_json(&["chain", "inet", "bosh_agent", "monit_guard"])
+        .expect("nft")
+        .expect("monit_guard exists");
+    let handle = guard["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .find(|r| r["comment"] == "bosh-agent")
+        .and_then(|r| r["handle"].as_u64())
+        .expect("the agent's rule");
+    // One level up compares the parent's id with the agent's cgroup id: never matches.
+    let rule = format!(
+        "socket cgroupv2 level 1 \"{}\" meta mark set 0xb054 accept comment \"bosh-agent\"",
+        agent_cg.nft_path()
+    );
+    let script = format!("replace rule inet bosh_agent monit_guard handle {handle} {rule}\n");
+    sb.nft_script(&script).expect("replace the agent's rule");
+    expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::TimedOut);
+
+    let st = status_when(
+        &sb,
+        "the agent to repair the level",
+        Duration::from_secs(4),
+        |code, v| code == 0 && v["agent"]["repairs"].as_u64().unwrap_or(0) >= 1,
+    );
+    assert_eq!(st["matches_desired"], true);
+    expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
+}
+
+// A root flow (allowed by `meta skuid 0`) must close cleanly: the client's last ACKs come from
+// TIME-WAIT or orphaned sockets that no socket match sees. Before the in-flow rule they were
+// dropped and monit's side hung in LAST-ACK, retransmitting.
+#[test]
+fn allowed_flows_close_cleanly_without_conntrack() {
+    let sb = sandbox("close");
+    let agent_cg = cg(&sb, "agent");
+    let other = cg(&sb, "other");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+    for (who, cgroup, uid) in [("root elsewhere", &other, ROOT), ("agent", &agent_cg, USER)] {
+        let out = sb
+            .chat(cgroup, uid, MONIT_V4, 3, Duration::from_millis(20))
+            .expect("chat");
+        assert!(out.status.success(), "{who}: {}", describe(&out));
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = sb
+            .exec([
+                "ss",
+                "-tan",
+                "state",
+                "last-ack",
+                "state",
+                "fin-wait-1",
+                "state",
+                "closing",
+            ])
+            .output(Duration::from_secs(5))
+            .expect("ss");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let stuck: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .filter(|l| l.contains(":2822"))
+            .collect();
+        if stuck.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections stuck closing: {stuck:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And conntrack was never turned on by the agent's table.
+    let listing = sb
+        .nft(["list", "table", "inet", "bosh_agent"])
+        .expect("nft");
+    assert!(!String::from_utf8_lossy(&listing.stdout).contains(" ct "));
+}

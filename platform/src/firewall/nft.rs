@@ -77,7 +77,37 @@ impl Nft {
     /// nft then prints the exact inode number at no cost. Where that cannot be set up (no
     /// CAP_SYS_ADMIN), it lists normally and prints paths; readers accept both.
     pub fn list_json(&self, what: &[&str]) -> Result<Option<Value>, FirewallError> {
-        let mut args = vec!["-j", "list"];
+        let Some(out) = self.list(true, what)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&out)
+            .map(Some)
+            .map_err(|e| FirewallError::Parse {
+                context: format!("list {}", what.join(" ")),
+                detail: e.to_string(),
+            })
+    }
+
+    /// `nft list <what>` as text (same hidden-cgroup listing as [`Nft::list_json`]). Unlike
+    /// nft 1.0.6's JSON, the text keeps the `level` of `socket cgroupv2` matches, so it is what
+    /// drift is detected on.
+    pub fn list_text(&self, what: &[&str]) -> Result<Option<String>, FirewallError> {
+        Ok(self
+            .list(false, what)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Text listing of the whole agent table, or `None` when it does not exist.
+    pub fn list_table_text(&self) -> Result<Option<String>, FirewallError> {
+        self.list_text(&["table", "inet", TABLE])
+    }
+
+    fn list(&self, json: bool, what: &[&str]) -> Result<Option<Vec<u8>>, FirewallError> {
+        let mut args = if json {
+            vec!["-j", "list"]
+        } else {
+            vec!["list"]
+        };
         args.extend_from_slice(what);
         let out = std::thread::scope(|scope| {
             scope
@@ -110,12 +140,7 @@ impl Nft {
                 stderr,
             });
         }
-        serde_json::from_slice(&out.stdout)
-            .map(Some)
-            .map_err(|e| FirewallError::Parse {
-                context: format!("list {}", what.join(" ")),
-                detail: e.to_string(),
-            })
+        Ok(Some(out.stdout))
     }
 
     /// JSON listing of the whole agent table, or `None` when it does not exist.

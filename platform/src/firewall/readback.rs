@@ -16,49 +16,60 @@ fn objects(listing: &Value) -> Result<&Vec<Value>, FirewallError> {
         })
 }
 
-/// A canonical, handle-free view of the agent-owned part of the table: base chain hooks, rule
-/// expressions in order, set types and sorted elements. Job rules and the transient self-test
-/// chain are excluded (jobs own them). Equal live state gives an equal value.
-pub fn snapshot(listing: &Value) -> Result<Value, FirewallError> {
+/// A canonical view of the agent-owned part of the table, from nft's text listing (which,
+/// unlike nft 1.0.6's JSON, keeps the `level` of `socket cgroupv2`): each chain's lines in
+/// order, each set's lines with its elements sorted. Job rules and the transient self-test
+/// chain are excluded (jobs own them). Equal live state gives an equal value. Pure.
+pub fn snapshot(listing: &str) -> Value {
     let mut chains = Map::new();
     let mut sets = Map::new();
-    for obj in objects(listing)? {
-        if let Some(c) = obj.get("chain") {
-            let name = str_field(c, "name");
-            if skip_chain(name) {
-                continue;
-            }
-            let base = c.get("hook").map(|_| {
-                json!({"type": c.get("type"), "hook": c.get("hook"), "prio": c.get("prio"), "policy": c.get("policy")})
-            });
-            chains.insert(name.to_string(), json!({"base": base, "rules": []}));
-        } else if let Some(r) = obj.get("rule") {
-            let chain = str_field(r, "chain");
-            if skip_chain(chain) {
-                continue;
-            }
-            let rule = json!({"expr": r.get("expr"), "comment": r.get("comment")});
-            if let Some(rules) = chains
-                .get_mut(chain)
-                .and_then(|c| c.get_mut("rules"))
-                .and_then(Value::as_array_mut)
+    let mut cur: Option<(bool, String, Vec<String>)> = None; // (is_set, name, body lines)
+    for line in listing.lines() {
+        let Some(rest) = line.strip_prefix('\t') else {
+            continue;
+        };
+        if !rest.starts_with('\t') {
+            if rest == "}" {
+                if let Some((is_set, name, body)) = cur.take() {
+                    if is_set {
+                        sets.insert(name, json!(canonical_set(&body)));
+                    } else if !skip_chain(&name) {
+                        chains.insert(name, json!(body));
+                    }
+                }
+            } else if let Some(n) = rest
+                .strip_prefix("chain ")
+                .and_then(|r| r.strip_suffix(" {"))
             {
-                rules.push(rule);
+                cur = Some((false, n.to_string(), Vec::new()));
+            } else if let Some(n) = rest.strip_prefix("set ").and_then(|r| r.strip_suffix(" {")) {
+                cur = Some((true, n.to_string(), Vec::new()));
             }
-        } else if let Some(s) = obj.get("set") {
-            let mut elems: Vec<String> = s
-                .get("elem")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().map(Value::to_string).collect())
-                .unwrap_or_default();
-            elems.sort();
-            sets.insert(
-                str_field(s, "name").to_string(),
-                json!({"type": s.get("type"), "elem": elems}),
-            );
+        } else if let Some((_, _, body)) = cur.as_mut() {
+            body.push(rest.trim().to_string());
         }
     }
-    Ok(json!({"chains": chains, "sets": sets}))
+    json!({"chains": chains, "sets": sets})
+}
+
+/// A set's lines with the element list (which nft prints in hash order, wrapped over lines)
+/// replaced by its sorted elements.
+fn canonical_set(body: &[String]) -> Value {
+    let joined = body.join(" ");
+    let (head, elements) = match joined.split_once("elements = {") {
+        Some((h, rest)) => {
+            let list = rest.rsplit_once('}').map_or(rest, |(l, _)| l);
+            let mut e: Vec<String> = list
+                .split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect();
+            e.sort();
+            (h.trim().to_string(), e)
+        }
+        None => (joined.trim().to_string(), Vec::new()),
+    };
+    json!({"head": head, "elements": elements})
 }
 
 fn skip_chain(name: &str) -> bool {
@@ -183,36 +194,74 @@ mod tests {
         assert_eq!(rules[2].key, None);
     }
 
+    const TEXT: &str = "table inet bosh_agent {
+\tset nats_v4 {
+\t\ttype ipv4_addr . inet_service
+\t\telements = { 10.0.0.5 . 4222,
+\t\t\t     10.0.0.6 . 4222 }
+\t}
+
+\tchain monit_access_jobs {
+\t\tsocket cgroupv2 level 1 18949 accept
+\t}
+
+\tchain nats_guard {
+\t\ttcp flags != syn / syn,ack meta mark set 0x0000b054 accept comment \"in-flow\"
+\t\tsocket cgroupv2 level 2 18949 meta mark set 0x0000b054 accept comment \"bosh-agent\"
+\t\tdrop
+\t}
+
+\tchain nats_access {
+\t\ttype filter hook output priority filter - 1; policy accept;
+\t\tip daddr . tcp dport @nats_v4 jump nats_guard
+\t}
+}
+";
+
     #[test]
-    fn snapshot_ignores_handles_job_rules_and_element_order() {
-        let a: Value = serde_json::from_str(LISTING).unwrap();
-        let swapped = LISTING
-            .replace(
-                r#"{"concat": ["127.0.0.1", 4222]}, {"concat": ["10.0.0.5", 4222]}"#,
-                r#"{"concat": ["10.0.0.5", 4222]}, {"concat": ["127.0.0.1", 4222]}"#,
-            )
-            .replace("\"handle\": 15", "\"handle\": 99")
-            .replace("cgid=77", "cgid=1");
-        let b: Value = serde_json::from_str(&swapped).unwrap();
-        assert_eq!(snapshot(&a).unwrap(), snapshot(&b).unwrap());
-        let s = snapshot(&a).unwrap();
+    fn snapshot_ignores_job_rules_and_element_order() {
+        let swapped = TEXT.replace(
+            "{ 10.0.0.5 . 4222,\n\t\t\t     10.0.0.6 . 4222 }",
+            "{ 10.0.0.6 . 4222, 10.0.0.5 . 4222 }",
+        );
+        let more_jobs = TEXT.replace(
+            "level 1 18949 accept",
+            "level 1 18949 accept\n\t\tsocket cgroupv2 level 1 5 accept",
+        );
+        assert_eq!(snapshot(TEXT), snapshot(&swapped));
+        assert_eq!(snapshot(TEXT), snapshot(&more_jobs));
+        let s = snapshot(TEXT);
         assert!(s["chains"].get("monit_access_jobs").is_none());
-        assert_eq!(s["chains"]["monit_access"]["base"]["prio"], json!(-1));
+        assert_eq!(s["chains"]["nats_guard"].as_array().unwrap().len(), 3);
         assert_eq!(
-            s["chains"]["monit_guard"]["rules"]
-                .as_array()
-                .unwrap()
-                .len(),
-            1
+            s["sets"]["nats_v4"]["elements"],
+            json!(["10.0.0.5 . 4222", "10.0.0.6 . 4222"])
+        );
+        assert_eq!(
+            s["sets"]["nats_v4"]["head"],
+            json!("type ipv4_addr . inet_service")
         );
     }
 
     #[test]
-    fn snapshot_sees_a_changed_rule() {
-        let a: Value = serde_json::from_str(LISTING).unwrap();
-        let b: Value =
-            serde_json::from_str(&LISTING.replace("unified/exp/agent", "unified/other")).unwrap();
-        assert_ne!(snapshot(&a).unwrap(), snapshot(&b).unwrap());
+    fn snapshot_sees_a_changed_level_a_rule_and_a_set_element() {
+        let s = snapshot(TEXT);
+        assert_ne!(s, snapshot(&TEXT.replace("level 2 18949", "level 1 18949")));
+        assert_ne!(s, snapshot(&TEXT.replace("\t\tdrop\n", "")));
+        assert_ne!(s, snapshot(&TEXT.replace("10.0.0.6", "10.0.0.7")));
+        assert_ne!(
+            s,
+            snapshot(&TEXT.replace("priority filter - 1", "priority filter"))
+        );
+    }
+
+    #[test]
+    fn empty_or_odd_listing_gives_an_empty_snapshot() {
+        assert_eq!(snapshot(""), json!({"chains": {}, "sets": {}}));
+        assert_eq!(
+            snapshot("garbage\n\t}\n"),
+            json!({"chains": {}, "sets": {}})
+        );
     }
 
     #[test]
@@ -230,7 +279,6 @@ mod tests {
 
     #[test]
     fn malformed_listing_is_an_error_not_a_panic() {
-        assert!(snapshot(&json!({"x": 1})).is_err());
         assert!(
             job_rules(&json!({"nftables": [{"rule": {"chain": "monit_access_jobs"}}]})).is_err()
         );

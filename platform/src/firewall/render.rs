@@ -5,7 +5,12 @@
 //!   cheap pre-filter rule per family that jumps to a guard chain only for packets addressed to
 //!   a protected endpoint, so unrelated traffic pays a compare (monit) or one set lookup (NATS)
 //!   and no conntrack;
-//! - guard chains accept (and mark `0xb054`) the agent, then jobs / root for monit, then drop.
+//! - guard chains decide only connection attempts: a segment that is not a SYN (without ACK)
+//!   belongs to a flow whose SYN was allowed — or is a stray the server resets — so it is
+//!   accepted and marked at once. This lets through the closing ACKs that the kernel sends from
+//!   TIME-WAIT or orphaned sockets, which no socket match can see (nftables pitfall 7), without
+//!   conntrack. SYNs are accepted (and marked `0xb054`) for the agent, then jobs / root for
+//!   monit, and dropped for everyone else, so a refused process never gets a connection.
 //!
 //! Rebuilt chains are deleted and recreated inside the one transaction (add-then-delete makes
 //! this work whether or not they exist, on nft 1.0.2 through current: no `destroy`).
@@ -34,6 +39,14 @@ pub fn identity_match(id: &Identity) -> String {
 
 fn accept_marked() -> String {
     format!("meta mark set {ALLOW_MARK:#x} accept")
+}
+
+/// First rule of every guard chain: segments that are not connection attempts pass, marked.
+fn not_a_syn_rule(t: &str, chain: &str) -> String {
+    format!(
+        "add rule {t} {chain} tcp flags & (syn | ack) != syn {} comment \"in-flow\"\n",
+        accept_marked()
+    )
 }
 
 /// Renders the whole desired state as one script. Job rules in `monit_access_jobs` are never
@@ -75,6 +88,7 @@ fn render_monit(s: &mut String, t: &str, id: &Identity, policy: MonitPolicy) {
                 s,
                 "add rule {t} {MONIT_CHAIN} tcp dport {MONIT_PORT} ip6 daddr ::1 jump {MONIT_GUARD_CHAIN}"
             );
+            s.push_str(&not_a_syn_rule(t, MONIT_GUARD_CHAIN));
             let _ = writeln!(
                 s,
                 "add rule {t} {MONIT_GUARD_CHAIN} {} {} comment \"bosh-agent\"",
@@ -125,6 +139,7 @@ fn render_nats(s: &mut String, t: &str, id: &Identity, policy: &NatsPolicy) {
                 s,
                 "add rule {t} {NATS_CHAIN} ip6 daddr . tcp dport @{NATS_SET_V6} jump {NATS_GUARD_CHAIN}"
             );
+            s.push_str(&not_a_syn_rule(t, NATS_GUARD_CHAIN));
             let _ = writeln!(
                 s,
                 "add rule {t} {NATS_GUARD_CHAIN} {} {} comment \"bosh-agent\"",
