@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use platform::cgroup::{self, CgroupPlacement, Layout};
 use platform::firewall::nft::{FirewallLock, Nft};
-use platform::firewall::render::render_ruleset;
+use platform::firewall::render::{render_nats_additions, render_ruleset};
 use platform::firewall::state::{self, RuntimeState};
 use platform::firewall::{
     DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs,
@@ -27,6 +27,8 @@ pub struct Firewall {
     /// The script of the last successful apply: equal state renders byte-identical scripts, so
     /// an equal script means there is nothing to do.
     last_script: Option<String>,
+    /// Endpoints were added on the fast path; the exact rebuild has not run yet.
+    pending_rebuild: bool,
     state: RuntimeState,
 }
 
@@ -76,6 +78,7 @@ impl Firewall {
                 nats,
             },
             last_script: None,
+            pending_rebuild: false,
             state,
         }
     }
@@ -94,6 +97,43 @@ impl Firewall {
             *cur = endpoints;
         }
         self.apply()
+    }
+
+    /// The fast path before a connection attempt: makes `endpoints` protected now by adding
+    /// the missing ones in one transaction (no deletion, so no kernel wait), and records them
+    /// as desired. Returns whether the exact rebuild ([`Firewall::apply`]) is still due — to
+    /// remove endpoints no longer resolved and to take the read-back; the caller runs it after
+    /// dialling. At no instant is a resolved endpoint unprotected.
+    pub fn protect_nats_endpoints(
+        &mut self,
+        endpoints: BTreeSet<SocketAddr>,
+    ) -> Result<bool, FirewallError> {
+        let NatsPolicy::Enabled { endpoints: cur } = &mut self.desired.nats else {
+            return Ok(false);
+        };
+        if *cur == endpoints && !self.pending_rebuild && self.last_script.is_some() {
+            return Ok(false);
+        }
+        let added: Vec<SocketAddr> = endpoints.difference(cur).copied().collect();
+        *cur = endpoints;
+        if self.last_script.is_none() {
+            // Nothing applied yet (or the last apply failed): the chains may not exist.
+            self.apply()?;
+            return Ok(false);
+        }
+        if !added.is_empty() {
+            let script = render_nats_additions(&added);
+            let res =
+                FirewallLock::acquire(&self.run_dir).and_then(|_lock| self.nft.apply(&script));
+            if let Err(e) = res {
+                warn!(error = %e, "adding NATS endpoints failed; rebuilding the whole table");
+                self.last_script = None;
+                self.apply()?;
+                return Ok(false);
+            }
+        }
+        self.pending_rebuild = true;
+        Ok(true)
     }
 
     /// Applies the desired state as one transaction unless the same script was already
@@ -115,6 +155,7 @@ impl Firewall {
         })();
         match res {
             Ok(listing) => {
+                self.pending_rebuild = false;
                 self.state.snapshot =
                     listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
                 self.state.protected = protected(&self.desired);
@@ -138,7 +179,10 @@ impl Firewall {
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
         let live = self.nft.list_table_text()?.map(|l| readback::snapshot(&l));
-        if self.last_script.is_none() || live.as_ref() != Some(&self.state.snapshot) {
+        if self.pending_rebuild {
+            // The fast path added endpoints; the exact rebuild is due, not a repair.
+            self.apply()?;
+        } else if self.last_script.is_none() || live.as_ref() != Some(&self.state.snapshot) {
             warn!(
                 table_present = live.is_some(),
                 "live firewall differs from the desired state; repairing"

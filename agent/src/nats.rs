@@ -47,15 +47,27 @@ impl BeforeConnect for FirewallHook {
                 return Err(HookError::NothingResolved.into());
             }
             let n = endpoints.len();
-            let changed = tokio::task::spawn_blocking(move || {
-                let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
-                fw.set_nats_endpoints(endpoints)
+            let fw2 = fw.clone();
+            let rebuild = tokio::task::spawn_blocking(move || {
+                let mut fw = fw2.lock().unwrap_or_else(|e| e.into_inner());
+                fw.protect_nats_endpoints(endpoints)
             })
             .await
             .map_err(|e| HookError::Task(e.to_string()))?
             .map_err(HookError::from)?;
-            if changed {
-                info!(endpoints = n, "NATS rules committed");
+            if rebuild {
+                info!(
+                    endpoints = n,
+                    "NATS endpoints protected; removing stale ones after the dial"
+                );
+                // Not awaited: the dial goes ahead while the exact set is committed (deletions
+                // make nft wait 10–15 ms on the kernel). The reconcile loop retries on failure.
+                tokio::task::spawn_blocking(move || {
+                    let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = fw.apply() {
+                        warn!(error = %e, "rebuilding the NATS rules failed; the reconcile loop will retry");
+                    }
+                });
             }
             Ok(())
         })

@@ -253,6 +253,7 @@ fn inner(args: &[String]) -> Res<()> {
     }
 
     allow_bench(&cg, &identity)?;
+    hook_bench(&cg)?;
     drop(guard);
     Ok(())
 }
@@ -421,4 +422,155 @@ fn allow_runs(args: &[String]) -> Res<()> {
         rss_tree as f64 / 1024.0
     );
     Ok(())
+}
+
+/// The NATS before-connect hook as the agent runs it: a fresh resolution of the director's
+/// name (hosts file with N addresses, re-read each time, as the agent's resolver does), then
+/// the commit of exactly those endpoints. "repeat" is a reconnect that resolves to the same
+/// endpoints (nothing to commit); "changed" is one where one address moved.
+fn hook_bench(cg: &Path) -> Res<()> {
+    let runs = 15;
+    let me = std::process::id().to_string();
+    // The hook runs in the agent; the agent sits in its own cgroup (a cgroup identity).
+    let home = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let home_dir = v2_mount()?.join(
+        home.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("/")
+            .trim_start_matches('/'),
+    );
+    let agent_dir = cg.join("agent");
+    std::fs::write(agent_dir.join("cgroup.procs"), &me).map_err(|e| e.to_string())?;
+    let res = hook_runs(&dir_for_hook()?, runs);
+    // Back home, so the benchmark's cgroups can be removed.
+    std::fs::write(home_dir.join("cgroup.procs"), &me).map_err(|e| e.to_string())?;
+    res
+}
+
+fn dir_for_hook() -> Res<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("bosh-agent-bench-hook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
+}
+
+fn hook_runs(dir: &Path, runs: usize) -> Res<()> {
+    use agent::config::LinuxOptions;
+    use agent::firewall::Firewall;
+    use mbus::{FreshResolver, MbusUrl, ResolverSource, parse_mbus_url};
+
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").map_err(|e| e.to_string())?;
+    let hosts = dir.join("hosts");
+    let url = match parse_mbus_url("nats://director.bench:4222").map_err(|e| e.to_string())? {
+        MbusUrl::Server(s) => s,
+        MbusUrl::SkippedHttps(u) => return Err(format!("unexpected https {u}")),
+    };
+    let mut linux = LinuxOptions {
+        enable_nats_firewall: true,
+        ..LinuxOptions::default()
+    };
+    linux.firewall.monit_allow_root = true;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resolver = FreshResolver::new(ResolverSource::Files {
+        resolv_conf: resolv,
+        hosts: Some(hosts.clone()),
+    });
+
+    println!(
+        "\n## NATS before-connect hook: fresh resolution + rules committed, as the dial waits for it ({runs} runs; min / median / max ms)\n"
+    );
+    println!(
+        "| endpoints | first | repeat (same answer) | changed (one address moved) | exact rebuild after the dial (off the path) | Go agent (doc) first / repeat |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for n in [1usize, 64, 1024] {
+        let write_hosts = |shift: usize| -> Res<()> {
+            let mut t = String::new();
+            for i in 0..n {
+                let j = if i == 0 { i + shift } else { i };
+                t.push_str(&format!(
+                    "10.{}.{}.{} director.bench\n",
+                    64 + j / 65536,
+                    (j / 256) % 256,
+                    j % 256
+                ));
+            }
+            std::fs::write(&hosts, t).map_err(|e| e.to_string())
+        };
+        // Critical path: resolve + protect (what the dial waits for); then the exact rebuild
+        // that the agent runs after the dial, timed apart.
+        let mut hook = |fw: &mut Firewall, rebuilds: &mut Vec<f64>| -> Res<f64> {
+            let t = Instant::now();
+            let res = rt.block_on(resolver.resolve(std::slice::from_ref(&url)));
+            let eps: BTreeSet<SocketAddr> = res.endpoints().into_iter().collect();
+            if eps.len() != n {
+                return Err(format!("resolved {} of {n} endpoints", eps.len()));
+            }
+            let rebuild = fw.protect_nats_endpoints(eps).map_err(|e| e.to_string())?;
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            if rebuild {
+                let t = Instant::now();
+                fw.apply().map_err(|e| e.to_string())?;
+                rebuilds.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok(ms)
+        };
+        let (mut first, mut repeat, mut changed, mut rebuilds) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            clear_tables()?;
+            let mut fw = Firewall::establish(
+                &linux,
+                platform::firewall::nft::Nft::default(),
+                dir.join("run"),
+            );
+            fw.apply().map_err(|e| e.to_string())?; // the monit policy, installed at bootstrap
+            write_hosts(0)?;
+            first.push(hook(&mut fw, &mut rebuilds)?);
+            repeat.push(hook(&mut fw, &mut rebuilds)?);
+            write_hosts(n + 1)?;
+            changed.push(hook(&mut fw, &mut rebuilds)?);
+            let live = Command::new("nft")
+                .args(["list", "set", "inet", "bosh_agent", "nats_v4"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&live.stdout);
+            if text.matches(" . 4222").count() != n {
+                return Err(format!(
+                    "after the rebuild the set holds {} of {n}",
+                    text.matches(" . 4222").count()
+                ));
+            }
+        }
+        let f = |v: &[f64]| {
+            if v.is_empty() {
+                return "-".to_string();
+            }
+            let mut s = v.to_vec();
+            s.sort_by(|a, b| a.total_cmp(b));
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                s[0],
+                s[s.len() / 2],
+                s[s.len() - 1]
+            )
+        };
+        let go = match n {
+            1 => "0.23 / ~10",
+            64 => "fails (ENOBUFS above 60)",
+            _ => "fails",
+        };
+        println!(
+            "| {n} | {} | {} | {} | {} | {go} |",
+            f(&first),
+            f(&repeat),
+            f(&changed),
+            f(&rebuilds)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    clear_tables()
 }

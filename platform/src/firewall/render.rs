@@ -172,6 +172,27 @@ fn render_elements<'a>(
     }
 }
 
+/// Adds endpoints to the NATS sets without touching anything else: the fast path before a
+/// connection attempt. Adding never waits on the kernel (deleting does, 10–15 ms at nft's
+/// exit), so stale endpoints are removed by the full rebuild that follows, off the dial path.
+pub fn render_nats_additions(endpoints: &[SocketAddr]) -> String {
+    let mut s = String::new();
+    let t = format!("inet {TABLE}");
+    render_elements(
+        &mut s,
+        &t,
+        NATS_SET_V4,
+        endpoints.iter().filter(|e| e.is_ipv4()),
+    );
+    render_elements(
+        &mut s,
+        &t,
+        NATS_SET_V6,
+        endpoints.iter().filter(|e| e.is_ipv6()),
+    );
+    s
+}
+
 /// One job rule: accept and mark packets from the job's identity.
 pub fn render_job_rule(rule: &JobRule) -> String {
     format!(

@@ -171,3 +171,16 @@ fn comments_reject_injection() {
     }
     assert!(Comment::new("bosh-monit-access:a/b cgid=1").is_ok());
 }
+
+#[test]
+fn nats_additions_only_add_elements() {
+    let eps: Vec<SocketAddr> = vec![
+        "10.0.0.5:4222".parse().unwrap(),
+        "[2001:db8::1]:4223".parse().unwrap(),
+    ];
+    assert_eq!(
+        render_nats_additions(&eps),
+        "add element inet bosh_agent nats_v4 { 10.0.0.5 . 4222 }\nadd element inet bosh_agent nats_v6 { 2001:db8::1 . 4223 }\n"
+    );
+    assert_eq!(render_nats_additions(&[]), "");
+}
