@@ -8,6 +8,7 @@
 //! the agent is down.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod commands;
 pub mod config;
 pub mod dispatch;
