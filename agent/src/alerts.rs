@@ -1,1 +1,1376 @@
-//! Placeholder: being written (monit alerts over SMTP).
+//! Monit alerts: monit mails them to an SMTP server the agent runs on `127.0.0.1:2825`; each
+//! mail becomes upstream's alert (`agent/alert/monit_adapter.go`) for `hm.agent.alert.<id>`.
+//!
+//! The SMTP side is a minimal receiver (HELO/EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, plus
+//! VRFY/HELP answered politely). It is reachable by every local process, so every resource a
+//! client can make it hold is bounded: command lines ([`MAX_COMMAND_LINE`]), message size
+//! ([`MAX_MESSAGE_BYTES`]; a mail is parsed line by line and never buffered whole), concurrent
+//! sessions ([`MAX_SESSIONS`]), idle time ([`IDLE_TIMEOUT`]), session lifetime
+//! ([`MAX_SESSION_TIME`]) and errors per session ([`MAX_ERRORS`]).
+//!
+//! The mail and alert logic is pure ([`parse_mail`], [`to_alert`], [`parse_rfc1123z`]).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::{Instrument, debug, error, info_span, warn};
+
+/// Where upstream's agent listens for monit's mails (`jobSupervisorListenPort`).
+pub const LISTEN_ADDR: &str = "127.0.0.1:2825";
+
+/// Largest mail accepted, counted as received (each line plus CRLF, after dot-unstuffing).
+/// Monit's alerts are well under 1 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Longest command line kept (RFC 5321 allows 512 octets; a longer one is answered with a
+/// 500 and its excess discarded unread into memory).
+pub const MAX_COMMAND_LINE: usize = 1024;
+
+/// Sessions served at once; a connection beyond this gets `421` and is closed.
+pub const MAX_SESSIONS: usize = 32;
+
+/// How long the server waits for a line from, or a reply to, a client before closing it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest a session may last, however busy, so no client keeps a session slot forever.
+pub const MAX_SESSION_TIME: Duration = Duration::from_secs(600);
+
+/// Erroneous commands tolerated in one session before it is closed with `421`.
+pub const MAX_ERRORS: u32 = 20;
+
+/// Recipients accepted per mail (the agent ignores them; the bound only stops a flood).
+const MAX_RECIPIENTS: usize = 100;
+
+/// Bytes of an oversized mail read and thrown away while waiting for its final `.`; beyond
+/// this the session gets `552` at once and is closed, so a sender that never stops is cut off.
+const MAX_DISCARD_BYTES: usize = 1024 * 1024;
+
+/// Name the server gives itself in its replies.
+const SERVER_NAME: &str = "127.0.0.1";
+
+/// Why [`serve`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertsError {
+    #[error("accepting SMTP connections on {addr}: {source}")]
+    Accept { addr: String, source: io::Error },
+}
+
+// ---------------------------------------------------------------------------------------------
+// severity
+
+/// Upstream's `SeverityLevel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Alert,
+    Critical,
+    Error,
+    Warning,
+    /// Not sent at all.
+    Ignored,
+}
+
+impl Severity {
+    /// The number upstream puts in the alert's `severity`.
+    pub fn code(self) -> i32 {
+        match self {
+            Severity::Alert => 1,
+            Severity::Critical => 2,
+            Severity::Error => 3,
+            Severity::Warning => 4,
+            Severity::Ignored => -1,
+        }
+    }
+}
+
+/// Upstream's `SeverityDefault`, for events missing from the table.
+pub const SEVERITY_DEFAULT: Severity = Severity::Critical;
+
+/// Severity of a monit event, and whether the event is in upstream's table.
+///
+/// The table is upstream's `monitAdapter.Severity()` verbatim; the event is lowercased first,
+/// as upstream does. An unknown event gets [`SEVERITY_DEFAULT`] and `false`.
+pub fn severity_for_event(event: &str) -> (Severity, bool) {
+    use Severity::{Alert, Critical, Error, Ignored, Warning};
+    let severity = match event.to_lowercase().as_str() {
+        "action done" => Ignored,
+        "checksum failed" => Critical,
+        "checksum changed" => Warning,
+        "checksum succeeded" => Ignored,
+        "checksum not changed" => Ignored,
+        "connection failed" => Alert,
+        "connection succeeded" => Ignored,
+        "connection changed" => Error,
+        "connection not changed" => Ignored,
+        "content failed" => Error,
+        "content succeeded" => Ignored,
+        "content match" => Ignored,
+        "content doesn't match" => Error,
+        "data access error" => Error,
+        "data access succeeded" => Ignored,
+        "data access changed" => Warning,
+        "data access not changed" => Ignored,
+        "execution failed" => Alert,
+        "execution succeeded" => Ignored,
+        "execution changed" => Warning,
+        "execution not changed" => Ignored,
+        "filesystem flags failed" => Error,
+        "filesystem flags succeeded" => Ignored,
+        "filesystem flags changed" => Warning,
+        "filesystem flags not changed" => Ignored,
+        "gid failed" => Error,
+        "gid succeeded" => Ignored,
+        "gid changed" => Warning,
+        "gid not changed" => Ignored,
+        "heartbeat failed" => Error,
+        "heartbeat succeeded" => Ignored,
+        "heartbeat changed" => Warning,
+        "heartbeat not changed" => Ignored,
+        "icmp failed" => Critical,
+        "icmp succeeded" => Ignored,
+        "icmp changed" => Warning,
+        "icmp not changed" => Ignored,
+        "monit instance failed" => Alert,
+        "monit instance succeeded" => Ignored,
+        "monit instance changed" => Ignored,
+        "monit instance not changed" => Ignored,
+        "invalid type" => Error,
+        "type succeeded" => Ignored,
+        "type changed" => Warning,
+        "type not changed" => Ignored,
+        "does not exist" => Alert,
+        "exists" => Ignored,
+        "existence changed" => Warning,
+        "existence not changed" => Ignored,
+        "permission failed" => Error,
+        "permission succeeded" => Ignored,
+        "permission changed" => Warning,
+        "permission not changed" => Ignored,
+        "pid failed" => Critical,
+        "pid succeeded" => Ignored,
+        "pid changed" => Warning,
+        "pid not changed" => Ignored,
+        "ppid failed" => Critical,
+        "ppid succeeded" => Ignored,
+        "ppid changed" => Warning,
+        "ppid not changed" => Ignored,
+        "resource limit matched" => Error,
+        "resource limit succeeded" => Ignored,
+        "resource limit changed" => Warning,
+        "resource limit not changed" => Ignored,
+        "size failed" => Error,
+        "size succeeded" => Ignored,
+        "size changed" => Error,
+        "size not changed" => Ignored,
+        "timeout" => Critical,
+        "timeout recovery" => Ignored,
+        "timeout changed" => Warning,
+        "timeout not changed" => Ignored,
+        "timestamp failed" => Error,
+        "timestamp succeeded" => Ignored,
+        "timestamp changed" => Warning,
+        "timestamp not changed" => Ignored,
+        "uid failed" => Critical,
+        "uid succeeded" => Ignored,
+        "uid changed" => Warning,
+        "uid not changed" => Ignored,
+        _ => return (SEVERITY_DEFAULT, false),
+    };
+    (severity, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// mail → alert
+
+/// The fields of one monit mail (upstream's `MonitAlert`); empty when the mail lacks them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonitMail {
+    pub id: String,
+    pub service: String,
+    pub event: String,
+    pub action: String,
+    pub date: String,
+    pub description: String,
+}
+
+/// Builds a [`MonitMail`] one line at a time, so a mail never has to be held whole.
+#[derive(Debug, Clone, Default)]
+pub struct MailParser {
+    mail: MonitMail,
+}
+
+impl MailParser {
+    /// A parser that has seen no line.
+    pub fn new() -> MailParser {
+        MailParser::default()
+    }
+
+    /// Takes one line of the mail (headers and body alike, without its line ending).
+    ///
+    /// As upstream's `alertEnvelope.Write`: the line is trimmed, then `Message-id: <x>` sets
+    /// the id (the whole trimmed line must be that, `x` non-empty without `>`; the header
+    /// name is matched case-insensitively, which upstream does not), and `Service: `,
+    /// `Event: `, `Action: `, `Date: `, `Description: ` set their field. A later line
+    /// overrides an earlier one (monit's `Date:` header and the body's `Date:` agree anyway).
+    pub fn feed_line(&mut self, line: &str) {
+        let line = line.trim();
+        if let Some(id) = message_id(line) {
+            self.mail.id = id.to_string();
+            return;
+        }
+        let fields: [(&str, &mut String); 5] = [
+            ("Service: ", &mut self.mail.service),
+            ("Event: ", &mut self.mail.event),
+            ("Action: ", &mut self.mail.action),
+            ("Date: ", &mut self.mail.date),
+            ("Description: ", &mut self.mail.description),
+        ];
+        for (prefix, field) in fields {
+            if let Some(value) = line.strip_prefix(prefix) {
+                *field = value.to_string();
+                return;
+            }
+        }
+    }
+
+    /// The mail, or `None` when no line set any field (upstream skips such mails).
+    pub fn finish(self) -> Option<MonitMail> {
+        (self.mail != MonitMail::default()).then_some(self.mail)
+    }
+}
+
+/// `x` of a trimmed `Message-id: <x>` line (upstream's `^Message-id: <([^>]+)>$`).
+fn message_id(line: &str) -> Option<&str> {
+    const NAME: &str = "Message-id: <";
+    let head = line.get(..NAME.len())?;
+    if !head.eq_ignore_ascii_case(NAME) {
+        return None;
+    }
+    let id = line.get(NAME.len()..)?.strip_suffix('>')?;
+    (!id.is_empty() && !id.contains('>')).then_some(id)
+}
+
+/// Parses a whole mail (lines separated by LF or CRLF, already dot-unstuffed).
+///
+/// Returns `None` when the mail has none of the fields; see [`MailParser::feed_line`].
+pub fn parse_mail(text: &str) -> Option<MonitMail> {
+    let mut parser = MailParser::new();
+    for line in text.lines() {
+        parser.feed_line(line);
+    }
+    parser.finish()
+}
+
+/// Upstream's alert, as published on `hm.agent.alert.<agent_id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// The mail's `Message-id`, without the angle brackets.
+    pub id: String,
+    /// [`Severity::code`]: 1 alert, 2 critical, 3 error, 4 warning.
+    pub severity: i32,
+    /// `<service> (<ips>) - <event> - <action>`.
+    pub title: String,
+    /// The mail's `Description`.
+    pub summary: String,
+    /// Unix seconds: the mail's `Date`, or the time it was received.
+    pub created_at: i64,
+}
+
+/// Builds upstream's alert from a mail, or `None` when the event's severity is "ignored".
+///
+/// Guarantees, as upstream's `monitAdapter`: `title` is `<service> (<ips>) - <event> -
+/// <action>` with `ips` sorted as strings and joined with `", "` (and no parentheses when
+/// there is no IP); `summary` is the description; `created_at` is `Date` parsed as RFC 1123
+/// with a numeric zone, or `now_unix` when it does not parse.
+pub fn to_alert(mail: &MonitMail, ips: &[String], now_unix: i64) -> Option<Alert> {
+    let (severity, _) = severity_for_event(&mail.event);
+    if severity == Severity::Ignored {
+        return None;
+    }
+    let mut sorted = ips.to_vec();
+    sorted.sort();
+    let service = if sorted.is_empty() {
+        mail.service.clone()
+    } else {
+        format!("{} ({})", mail.service, sorted.join(", "))
+    };
+    Some(Alert {
+        id: mail.id.clone(),
+        severity: severity.code(),
+        title: format!("{service} - {} - {}", mail.event, mail.action),
+        summary: mail.description.clone(),
+        created_at: parse_rfc1123z(&mail.date).unwrap_or(now_unix),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RFC 1123 dates
+
+const WEEKDAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+struct DateCursor<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> DateCursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (self.rest.get(..n)?, self.rest.get(n..)?);
+        self.rest = tail;
+        Some(head)
+    }
+
+    /// One of `names`, compared case-insensitively (Go's `lookup`); its index.
+    fn name(&mut self, names: &[&str]) -> Option<usize> {
+        let word = self.take(3)?;
+        names
+            .iter()
+            .position(|n| n.as_bytes().eq_ignore_ascii_case(word))
+    }
+
+    /// Exactly `n` ASCII digits.
+    fn digits(&mut self, n: usize) -> Option<i64> {
+        let d = self.take(n)?;
+        d.iter().try_fold(0i64, |acc, b| {
+            b.is_ascii_digit().then(|| acc * 10 + i64::from(b - b'0'))
+        })
+    }
+
+    /// One or two digits (Go's `getnum(value, false)`).
+    fn one_or_two_digits(&mut self) -> Option<i64> {
+        let first = self.digits(1)?;
+        match self.rest.first() {
+            Some(b) if b.is_ascii_digit() => Some(first * 10 + self.digits(1)?),
+            _ => Some(first),
+        }
+    }
+
+    /// A layout literal: bytes must match, and a space matches a run of spaces (Go's `skip`).
+    fn literal(&mut self, lit: &str) -> Option<()> {
+        for &b in lit.as_bytes() {
+            if b == b' ' {
+                if self.rest.first() != Some(&b' ') {
+                    return None;
+                }
+                while self.rest.first() == Some(&b' ') {
+                    self.rest = self.rest.get(1..)?;
+                }
+            } else if self.take(1)? != [b] {
+                return None;
+            }
+        }
+        Some(())
+    }
+}
+
+fn is_leap(year: i64) -> bool {
+    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to the given proleptic Gregorian date (month 1..=12).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    // Howard Hinnant's algorithm: years start in March so that leap days come last.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Unix seconds of a date in Go's `time.RFC1123Z` layout, `Mon, 02 Jan 2006 15:04:05 -0700`
+/// (what monit's `$DATE` produces), or `None` when it does not parse.
+///
+/// Follows Go's `time.Parse` for that layout: names case-insensitive and the weekday not
+/// checked against the date; two-digit day, minute and second; one- or two-digit hour; a
+/// four-digit year; optional fractional seconds (dropped); a space matching a run of spaces;
+/// day checked against the month; zone offset up to 24 h 60 min; no trailing text.
+pub fn parse_rfc1123z(date: &str) -> Option<i64> {
+    let mut c = DateCursor {
+        rest: date.as_bytes(),
+    };
+    c.name(&WEEKDAYS)?;
+    c.literal(", ")?;
+    let day = c.digits(2)?;
+    c.literal(" ")?;
+    let month = i64::try_from(c.name(&MONTHS)?).ok()? + 1;
+    c.literal(" ")?;
+    let year = c.digits(4)?;
+    c.literal(" ")?;
+    let hour = c.one_or_two_digits()?;
+    c.literal(":")?;
+    let minute = c.digits(2)?;
+    c.literal(":")?;
+    let second = c.digits(2)?;
+    if matches!(c.rest.first(), Some(b'.' | b',')) && c.rest.get(1).is_some_and(u8::is_ascii_digit)
+    {
+        c.take(1)?;
+        while c.rest.first().is_some_and(u8::is_ascii_digit) {
+            c.take(1)?;
+        }
+    }
+    c.literal(" ")?;
+    let sign = match c.take(1)? {
+        b"+" => 1,
+        b"-" => -1,
+        _ => return None,
+    };
+    let zone_hours = c.digits(2)?;
+    let zone_minutes = c.digits(2)?;
+    if !c.rest.is_empty()
+        || !(1..=days_in_month(year, month)).contains(&day)
+        || hour >= 24
+        || minute >= 60
+        || second >= 60
+        || zone_hours > 24
+        || zone_minutes > 60
+    {
+        return None;
+    }
+    let local = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(local - sign * (zone_hours * 3600 + zone_minutes * 60))
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SMTP
+
+/// Outcome of reading one line with a bound.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line: `len` bytes were received before its LF (a trailing CR is dropped and not
+    /// counted); `truncated` when more than the bound arrived, the excess being discarded.
+    Line { len: usize, truncated: bool },
+    /// The peer closed the connection (a partial last line is dropped).
+    Eof,
+}
+
+/// Reads one LF-terminated line into `buf`, keeping at most `cap` bytes of it.
+///
+/// Guarantees `buf.len() <= cap` whatever the peer sends: the excess is consumed from the
+/// reader and dropped, never stored.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<LineRead> {
+    buf.clear();
+    let mut len = 0usize;
+    let mut truncated = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(LineRead::Eof);
+        }
+        let newline = available.iter().position(|&b| b == b'\n');
+        let chunk = match newline {
+            Some(i) => available.get(..i).unwrap_or_default(),
+            None => available,
+        };
+        let room = cap.saturating_sub(buf.len());
+        let keep = chunk.get(..room).unwrap_or(chunk);
+        buf.extend_from_slice(keep);
+        truncated |= keep.len() < chunk.len();
+        len = len.saturating_add(chunk.len());
+        let consumed = chunk.len() + usize::from(newline.is_some());
+        reader.consume(consumed);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !truncated && buf.last() == Some(&b'\r') {
+        buf.pop();
+        len -= 1;
+    }
+    Ok(LineRead::Line { len, truncated })
+}
+
+/// Accepts monit's SMTP connections on `listener` and sends each mail's alert to `tx`.
+///
+/// Guarantees: one session's failure, garbage or stall never stops the server or another
+/// session; at most [`MAX_SESSIONS`] sessions run at once (others get `421`); a mail whose
+/// event is ignored, or which has no monit field, is accepted (`250`) and not sent; an alert
+/// is acknowledged with `250` only once `tx` has taken it. `ips` are this VM's addresses for
+/// alert titles, as the caller knows them when calling.
+///
+/// Returns `Ok(())` when the receiving end of `tx` is gone (nothing could be delivered any
+/// more), and an error only for an accept failure that retrying cannot cure (the listener
+/// itself is unusable). Transient accept errors (a connection aborted before it was accepted,
+/// running out of file descriptors or memory) are logged and retried after a short pause.
+pub async fn serve(
+    listener: TcpListener,
+    ips: Vec<String>,
+    tx: mpsc::Sender<Alert>,
+) -> Result<(), AlertsError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".to_string());
+    let mut ips = ips;
+    ips.sort();
+    let ips: Arc<[String]> = ips.into();
+    let slots = Arc::new(Semaphore::new(MAX_SESSIONS));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = tx.closed() => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, peer)) => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(slot) => {
+                    let ips = Arc::clone(&ips);
+                    let tx = tx.clone();
+                    let span = info_span!("smtp", %peer);
+                    tokio::spawn(
+                        async move {
+                            if let Err(e) = session(stream, &ips, &tx).await {
+                                debug!(error = %e, "SMTP session ended with an error");
+                            }
+                            drop(slot);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Err(_) => {
+                    warn!(%peer, max = MAX_SESSIONS, "too many SMTP sessions, refusing one");
+                    // Best effort and non-blocking: the reply is tiny and the socket new, and
+                    // waiting here would let a stalled peer hold up the accept loop.
+                    let _ = stream.try_write(b"421 too many connections, try again later\r\n");
+                }
+            },
+            Err(e) if accept_error_is_fatal(&e) => {
+                return Err(AlertsError::Accept { addr, source: e });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting an SMTP connection failed, retrying");
+                // Without a pause, EMFILE would spin: the pending connection stays queued.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Errors that mean the listening socket itself is broken, so retrying cannot help.
+fn accept_error_is_fatal(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EBADF | Errno::EINVAL | Errno::ENOTSOCK | Errno::EOPNOTSUPP | Errno::EFAULT)
+    )
+}
+
+/// How a command was answered, for the session's bookkeeping.
+enum Next {
+    Continue,
+    Error,
+    Close,
+}
+
+/// The SMTP transaction state of one session.
+#[derive(Default)]
+struct Transaction {
+    greeted: bool,
+    mail_from: bool,
+    recipients: usize,
+}
+
+async fn reply(writer: &mut OwnedWriteHalf, text: &str) -> io::Result<()> {
+    match timeout(IDLE_TIMEOUT, writer.write_all(text.as_bytes())).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client did not read its reply",
+        )),
+    }
+}
+
+/// Stops sending and, briefly and boundedly, reads and drops what the client still sends.
+///
+/// Closing a socket with unread input makes the kernel reset the connection, and a reset can
+/// reach the client before it has read the last reply; a sender that was flooding the server
+/// would then never learn why it was cut off.
+async fn linger_close<R: AsyncBufRead + Unpin>(reader: &mut R, writer: &mut OwnedWriteHalf) {
+    let _ = timeout(IDLE_TIMEOUT, writer.shutdown()).await;
+    let _ = timeout(Duration::from_secs(2), async {
+        let mut discarded = 0usize;
+        while discarded < MAX_DISCARD_BYTES {
+            match reader.fill_buf().await {
+                Ok(bytes) if !bytes.is_empty() => {
+                    let n = bytes.len();
+                    reader.consume(n);
+                    discarded += n;
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+/// Reads a line within both the idle timeout and the session deadline; `None` on timeout.
+async fn read_line_timed<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+    deadline: Instant,
+) -> Option<io::Result<LineRead>> {
+    let until = deadline.min(Instant::now() + IDLE_TIMEOUT);
+    timeout_at(until, read_line_bounded(reader, buf, cap))
+        .await
+        .ok()
+}
+
+async fn session(stream: TcpStream, ips: &[String], tx: &mpsc::Sender<Alert>) -> io::Result<()> {
+    let deadline = Instant::now() + MAX_SESSION_TIME;
+    let (read_half, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(read_half);
+    let mut line = Vec::new();
+    let mut state = Transaction::default();
+    let mut errors = 0u32;
+    reply(
+        &mut writer,
+        &format!("220 {SERVER_NAME} ESMTP bosh-agent\r\n"),
+    )
+    .await?;
+    loop {
+        let read = match read_line_timed(&mut reader, &mut line, MAX_COMMAND_LINE, deadline).await {
+            None => {
+                return reply(&mut writer, "421 timeout, closing connection\r\n").await;
+            }
+            Some(read) => read?,
+        };
+        // Checked when the next command arrives, so that every command gets exactly one reply.
+        if errors >= MAX_ERRORS && read != LineRead::Eof {
+            return reply(&mut writer, "421 too many errors, closing connection\r\n").await;
+        }
+        let next = match read {
+            LineRead::Eof => return Ok(()),
+            LineRead::Line {
+                truncated: true, ..
+            } => {
+                reply(&mut writer, "500 line too long\r\n").await?;
+                Next::Error
+            }
+            LineRead::Line { .. } => {
+                let command = String::from_utf8_lossy(&line).into_owned();
+                command_reply(
+                    &command,
+                    &mut state,
+                    &mut reader,
+                    &mut writer,
+                    &mut line,
+                    deadline,
+                    ips,
+                    tx,
+                )
+                .await?
+            }
+        };
+        match next {
+            Next::Continue => {}
+            Next::Close => return Ok(()),
+            Next::Error => errors += 1,
+        }
+    }
+}
+
+/// Answers one command line.
+#[allow(clippy::too_many_arguments)]
+async fn command_reply<R: AsyncBufRead + Unpin>(
+    command: &str,
+    state: &mut Transaction,
+    reader: &mut R,
+    writer: &mut OwnedWriteHalf,
+    line: &mut Vec<u8>,
+    deadline: Instant,
+    ips: &[String],
+    tx: &mpsc::Sender<Alert>,
+) -> io::Result<Next> {
+    let (verb, args) = match command.split_once(' ') {
+        Some((verb, args)) => (verb, args.trim()),
+        None => (command.trim(), ""),
+    };
+    let (text, next): (String, Next) = match verb.to_ascii_uppercase().as_str() {
+        "HELO" | "EHLO" if args.is_empty() => ("501 domain name required".into(), Next::Error),
+        "HELO" => {
+            *state = Transaction {
+                greeted: true,
+                ..Transaction::default()
+            };
+            (format!("250 {SERVER_NAME}"), Next::Continue)
+        }
+        "EHLO" => {
+            *state = Transaction {
+                greeted: true,
+                ..Transaction::default()
+            };
+            (
+                format!("250-{SERVER_NAME}\r\n250-8BITMIME\r\n250 SIZE {MAX_MESSAGE_BYTES}"),
+                Next::Continue,
+            )
+        }
+        "MAIL" if !state.greeted => ("503 send HELO or EHLO first".into(), Next::Error),
+        "MAIL" if state.mail_from => ("503 nested MAIL command".into(), Next::Error),
+        "MAIL" => match strip_prefix_ignore_case(args, "FROM:") {
+            None => ("501 syntax: MAIL FROM:<address>".into(), Next::Error),
+            Some(rest) if declared_size(rest).is_some_and(|n| n > MAX_MESSAGE_BYTES) => (
+                format!("552 message size exceeds {MAX_MESSAGE_BYTES} bytes"),
+                Next::Error,
+            ),
+            Some(_) => {
+                state.mail_from = true;
+                state.recipients = 0;
+                ("250 OK".into(), Next::Continue)
+            }
+        },
+        "RCPT" if !state.mail_from => ("503 need MAIL before RCPT".into(), Next::Error),
+        "RCPT" => match strip_prefix_ignore_case(args, "TO:") {
+            None => ("501 syntax: RCPT TO:<address>".into(), Next::Error),
+            Some(_) if state.recipients >= MAX_RECIPIENTS => {
+                ("452 too many recipients".into(), Next::Continue)
+            }
+            Some(_) => {
+                state.recipients += 1;
+                ("250 OK".into(), Next::Continue)
+            }
+        },
+        "DATA" if !args.is_empty() => ("501 DATA takes no argument".into(), Next::Error),
+        "DATA" if state.recipients == 0 => ("503 need RCPT before DATA".into(), Next::Error),
+        "DATA" => {
+            reply(writer, "354 end data with <CR><LF>.<CR><LF>\r\n").await?;
+            let outcome = receive_mail(reader, line, deadline, ips, tx).await?;
+            state.mail_from = false;
+            state.recipients = 0;
+            // The buffer may have grown to a long DATA line; give that memory back.
+            line.shrink_to(MAX_COMMAND_LINE);
+            match outcome {
+                DataOutcome::Accepted => ("250 OK".into(), Next::Continue),
+                DataOutcome::TooBig => (
+                    format!("552 message exceeds {MAX_MESSAGE_BYTES} bytes"),
+                    Next::Error,
+                ),
+                DataOutcome::Runaway => {
+                    reply(
+                        writer,
+                        &format!("552 message exceeds {MAX_MESSAGE_BYTES} bytes, closing\r\n"),
+                    )
+                    .await?;
+                    linger_close(reader, writer).await;
+                    return Ok(Next::Close);
+                }
+                DataOutcome::Undeliverable => {
+                    reply(writer, "451 alerts cannot be delivered now, closing\r\n").await?;
+                    return Ok(Next::Close);
+                }
+                DataOutcome::TimedOut => {
+                    reply(writer, "421 timeout, closing connection\r\n").await?;
+                    return Ok(Next::Close);
+                }
+                DataOutcome::Eof => return Ok(Next::Close),
+            }
+        }
+        "RSET" => {
+            state.mail_from = false;
+            state.recipients = 0;
+            ("250 OK".into(), Next::Continue)
+        }
+        "NOOP" => ("250 OK".into(), Next::Continue),
+        "VRFY" => ("252 cannot verify, send some mail".into(), Next::Continue),
+        "HELP" => (
+            "214 commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT".into(),
+            Next::Continue,
+        ),
+        "QUIT" => {
+            reply(writer, &format!("221 {SERVER_NAME} closing connection\r\n")).await?;
+            return Ok(Next::Close);
+        }
+        _ => ("500 command not recognized".into(), Next::Error),
+    };
+    reply(writer, &format!("{text}\r\n")).await?;
+    Ok(next)
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| s.get(prefix.len()..))
+        .flatten()
+}
+
+/// The `SIZE=n` parameter of a `MAIL FROM:<addr> SIZE=n` command (RFC 1870), if any.
+fn declared_size(mail_args: &str) -> Option<usize> {
+    mail_args
+        .split_ascii_whitespace()
+        .skip(1)
+        .find_map(|p| strip_prefix_ignore_case(p, "SIZE="))
+        // A size too large for usize is surely too large for us.
+        .map(|n| n.parse::<usize>().unwrap_or(usize::MAX))
+}
+
+enum DataOutcome {
+    Accepted,
+    TooBig,
+    Runaway,
+    Undeliverable,
+    TimedOut,
+    Eof,
+}
+
+/// Reads one mail up to its final `.` line, parsing it line by line.
+async fn receive_mail<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    deadline: Instant,
+    ips: &[String],
+    tx: &mpsc::Sender<Alert>,
+) -> io::Result<DataOutcome> {
+    let mut parser = MailParser::new();
+    let mut size = 0usize;
+    loop {
+        // No single line may hold more than the whole message may.
+        let read = match read_line_timed(reader, line, MAX_MESSAGE_BYTES, deadline).await {
+            None => return Ok(DataOutcome::TimedOut),
+            Some(read) => read?,
+        };
+        let (len, truncated) = match read {
+            LineRead::Eof => return Ok(DataOutcome::Eof),
+            LineRead::Line { len, truncated } => (len, truncated),
+        };
+        if !truncated && line.as_slice() == b"." {
+            break;
+        }
+        // Dot-unstuffing (RFC 5321 §4.5.2): a leading dot was added by the sender.
+        let content = match line.first() {
+            Some(b'.') => line.get(1..).unwrap_or_default(),
+            _ => line.as_slice(),
+        };
+        size = size.saturating_add(len.saturating_sub(line.len() - content.len()) + 2);
+        if size > MAX_MESSAGE_BYTES {
+            if size > MAX_MESSAGE_BYTES + MAX_DISCARD_BYTES {
+                return Ok(DataOutcome::Runaway);
+            }
+            continue;
+        }
+        parser.feed_line(&String::from_utf8_lossy(content));
+    }
+    if size > MAX_MESSAGE_BYTES {
+        debug!(size, "oversized mail rejected");
+        return Ok(DataOutcome::TooBig);
+    }
+    let Some(mail) = parser.finish() else {
+        debug!("mail without monit fields ignored");
+        return Ok(DataOutcome::Accepted);
+    };
+    let (severity, known) = severity_for_event(&mail.event);
+    if !known {
+        error!(
+            event = %mail.event,
+            severity = severity.code(),
+            "unknown monit event name, using the default severity"
+        );
+    }
+    let Some(alert) = to_alert(&mail, ips, now_unix()) else {
+        debug!(event = %mail.event, "ignored monit event");
+        return Ok(DataOutcome::Accepted);
+    };
+    match tx.send(alert).await {
+        Ok(()) => Ok(DataOutcome::Accepted),
+        Err(_) => Ok(DataOutcome::Undeliverable),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const MAIL: &str = "From: monit@localhost\r\n\
+        To: agent@local\r\n\
+        Subject: Monit Alert\r\n\
+        Date: Sun, 22 Nov 2026 03:00:00 +0000\r\n\
+        X-Mailer: Monit 5.2.5\r\n\
+        Message-id: <1304319946.0@localhost>\r\n\
+        \r\n\
+        Service: nats\r\n\
+        Event: does not exist\r\n\
+        Action: restart\r\n\
+        Date: Sun, 22 Nov 2026 03:00:00 +0000\r\n\
+        Description: process is not running\r\n";
+
+    #[test]
+    fn severity_table_is_upstreams() {
+        assert_eq!(
+            severity_for_event("does not exist"),
+            (Severity::Alert, true)
+        );
+        assert_eq!(
+            severity_for_event("Does Not Exist"),
+            (Severity::Alert, true)
+        );
+        assert_eq!(severity_for_event("pid failed"), (Severity::Critical, true));
+        assert_eq!(severity_for_event("size changed"), (Severity::Error, true));
+        assert_eq!(
+            severity_for_event("checksum changed"),
+            (Severity::Warning, true)
+        );
+        assert_eq!(severity_for_event("action done"), (Severity::Ignored, true));
+        assert_eq!(
+            severity_for_event("monit instance changed"),
+            (Severity::Ignored, true)
+        );
+        assert_eq!(
+            severity_for_event("content doesn't match"),
+            (Severity::Error, true)
+        );
+        assert_eq!(severity_for_event("timeout"), (Severity::Critical, true));
+        assert_eq!(
+            severity_for_event("no such event"),
+            (Severity::Critical, false)
+        );
+        assert_eq!(severity_for_event(""), (Severity::Critical, false));
+        let codes: Vec<i32> = [
+            Severity::Alert,
+            Severity::Critical,
+            Severity::Error,
+            Severity::Warning,
+            Severity::Ignored,
+        ]
+        .iter()
+        .map(|s| s.code())
+        .collect();
+        assert_eq!(codes, [1, 2, 3, 4, -1]);
+    }
+
+    #[test]
+    fn mail_fields_are_parsed_like_upstream() {
+        let mail = parse_mail(MAIL).unwrap();
+        assert_eq!(
+            mail,
+            MonitMail {
+                id: "1304319946.0@localhost".into(),
+                service: "nats".into(),
+                event: "does not exist".into(),
+                action: "restart".into(),
+                date: "Sun, 22 Nov 2026 03:00:00 +0000".into(),
+                description: "process is not running".into(),
+            }
+        );
+        // Trimmed, last one wins, case-insensitive Message-ID, malformed ids ignored.
+        let mail = parse_mail(
+            "  Service: a  \nService: b\nMESSAGE-ID: <x@y>\nMessage-id: <>\n\
+             Message-id: <a>b>\nMessage-id: c\nservice: lower\nEvent:nospace\n",
+        )
+        .unwrap();
+        assert_eq!(mail.service, "b");
+        assert_eq!(mail.id, "x@y");
+        assert_eq!(mail.event, "");
+        assert_eq!(parse_mail(""), None);
+        assert_eq!(parse_mail("Subject: hi\n\nhello\n"), None);
+        assert_eq!(
+            parse_mail("Description: only this").unwrap().description,
+            "only this"
+        );
+        // Non-ASCII and odd bytes do not panic.
+        assert!(parse_mail("Message-id: <é>\nService: ü\u{0}\n").is_some());
+        assert_eq!(message_id("Message-id: <"), None);
+        assert_eq!(message_id("Messäge-id: <x>"), None);
+    }
+
+    #[test]
+    fn alert_has_upstreams_shape() {
+        let mail = parse_mail(MAIL).unwrap();
+        let ips = vec![
+            "10.0.0.2".to_string(),
+            "10.0.0.10".to_string(),
+            "192.168.1.1".to_string(),
+        ];
+        let alert = to_alert(&mail, &ips, 42).unwrap();
+        assert_eq!(
+            serde_json::to_string(&alert).unwrap(),
+            r#"{"id":"1304319946.0@localhost","severity":1,"title":"nats (10.0.0.10, 10.0.0.2, 192.168.1.1) - does not exist - restart","summary":"process is not running","created_at":1795316400}"#
+        );
+        let no_ips = to_alert(&mail, &[], 42).unwrap();
+        assert_eq!(no_ips.title, "nats - does not exist - restart");
+
+        let unparsable = MonitMail {
+            date: "yesterday".into(),
+            event: "unknown thing".into(),
+            ..mail.clone()
+        };
+        let alert = to_alert(&unparsable, &[], 42).unwrap();
+        assert_eq!((alert.created_at, alert.severity), (42, 2));
+
+        let ignored = MonitMail {
+            event: "Exists".into(),
+            ..mail
+        };
+        assert_eq!(to_alert(&ignored, &ips, 42), None);
+    }
+
+    #[test]
+    fn rfc1123z_dates() {
+        assert_eq!(parse_rfc1123z("Thu, 01 Jan 1970 00:00:00 +0000"), Some(0));
+        assert_eq!(
+            parse_rfc1123z("Sun, 22 Nov 2026 03:00:00 +0000"),
+            Some(1_795_316_400)
+        );
+        assert_eq!(
+            parse_rfc1123z("Sun, 22 Nov 2026 04:30:00 +0130"),
+            Some(1_795_316_400)
+        );
+        assert_eq!(
+            parse_rfc1123z("Sat, 21 Nov 2026 22:00:00 -0500"),
+            Some(1_795_316_400)
+        );
+        // Go accepts: weekday not checked, any case, one-digit hour, space runs, fractions.
+        assert_eq!(
+            parse_rfc1123z("mon, 22 NOV 2026 3:00:00 +0000"),
+            Some(1_795_316_400)
+        );
+        assert_eq!(
+            parse_rfc1123z("Sun,  22 Nov  2026 03:00:00.123 +0000"),
+            Some(1_795_316_400)
+        );
+        assert_eq!(
+            parse_rfc1123z("Tue, 29 Feb 2028 00:00:00 +0000"),
+            Some(1_835_395_200)
+        );
+        assert_eq!(
+            parse_rfc1123z("Fri, 31 Dec 1965 23:59:59 +0000"),
+            Some(-126_230_401)
+        );
+        for bad in [
+            "",
+            "Sun, 22 Nov 2026 03:00:00",
+            "Sun, 22 Nov 2026 03:00:00 GMT",
+            "Sun, 22 Nov 2026 03:00:00 +0000 extra",
+            "Sun, 2 Nov 2026 03:00:00 +0000",
+            "Sun,22 Nov 2026 03:00:00 +0000",
+            "Xyz, 22 Nov 2026 03:00:00 +0000",
+            "Sun, 22 Foo 2026 03:00:00 +0000",
+            "Sun, 31 Nov 2026 03:00:00 +0000",
+            "Sun, 29 Feb 2026 03:00:00 +0000",
+            "Sun, 00 Nov 2026 03:00:00 +0000",
+            "Sun, 22 Nov 2026 24:00:00 +0000",
+            "Sun, 22 Nov 2026 03:60:00 +0000",
+            "Sun, 22 Nov 2026 03:00:60 +0000",
+            "Sun, 22 Nov 2026 03:00:00 +2500",
+            "Sun, 22 Nov 26 03:00:00 +0000",
+            "Sun, 22 Nov 2026 03:00:00 *0000",
+            "Sun, 22 Nov 2026 03:00:00 +00",
+            "2026-11-22T03:00:00Z",
+            "Sün, 22 Nov 2026 03:00:00 +0000",
+        ] {
+            assert_eq!(parse_rfc1123z(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bounded_reader_never_stores_more_than_its_cap() {
+        let mut input: Vec<u8> = vec![b'x'; 1 << 20];
+        input.extend_from_slice(b"\r\nshort\r\nbare\nlast");
+        let mut reader = BufReader::new(input.as_slice());
+        let mut buf = Vec::new();
+        let first = read_line_bounded(&mut reader, &mut buf, 100).await.unwrap();
+        assert_eq!(
+            first,
+            LineRead::Line {
+                len: (1 << 20) + 1,
+                truncated: true
+            }
+        );
+        assert_eq!(buf.len(), 100);
+        let second = read_line_bounded(&mut reader, &mut buf, 100).await.unwrap();
+        assert_eq!(
+            second,
+            LineRead::Line {
+                len: 5,
+                truncated: false
+            }
+        );
+        assert_eq!(buf, b"short");
+        read_line_bounded(&mut reader, &mut buf, 100).await.unwrap();
+        assert_eq!(buf, b"bare");
+        // A last line without LF is the peer closing mid-line.
+        assert_eq!(
+            read_line_bounded(&mut reader, &mut buf, 100).await.unwrap(),
+            LineRead::Eof
+        );
+    }
+
+    struct Client {
+        reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+    }
+
+    impl Client {
+        async fn connect(addr: std::net::SocketAddr) -> Client {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (r, w) = stream.into_split();
+            Client {
+                reader: BufReader::new(r),
+                writer: w,
+            }
+        }
+
+        /// Reads one reply (all its lines); returns the code of the last line and the text.
+        async fn reply(&mut self) -> (u16, String) {
+            let mut all = String::new();
+            loop {
+                let mut line = String::new();
+                let n = timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "server closed the connection; so far {all:?}");
+                all.push_str(&line);
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return (line.get(..3).unwrap().parse().unwrap(), all);
+                }
+            }
+        }
+
+        async fn send(&mut self, raw: &[u8]) {
+            self.writer.write_all(raw).await.unwrap();
+        }
+
+        async fn cmd(&mut self, line: &str) -> u16 {
+            self.send(format!("{line}\r\n").as_bytes()).await;
+            self.reply().await.0
+        }
+
+        async fn mail(&mut self, body: &str) -> u16 {
+            assert_eq!(self.cmd("MAIL FROM:<monit@localhost>").await, 250);
+            assert_eq!(self.cmd("RCPT TO:<agent@local>").await, 250);
+            assert_eq!(self.cmd("DATA").await, 354);
+            let mut data = String::new();
+            for line in body.lines() {
+                // Dot-stuffing, as a client must.
+                if line.starts_with('.') {
+                    data.push('.');
+                }
+                data.push_str(line);
+                data.push_str("\r\n");
+            }
+            data.push_str(".\r\n");
+            self.send(data.as_bytes()).await;
+            self.reply().await.0
+        }
+    }
+
+    async fn start(ips: Vec<String>) -> (std::net::SocketAddr, mpsc::Receiver<Alert>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(serve(listener, ips, tx));
+        (addr, rx)
+    }
+
+    async fn next_alert(rx: &mut mpsc::Receiver<Alert>) -> Alert {
+        timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_mails_in_one_session_become_two_alerts() {
+        let (addr, mut rx) = start(vec!["10.0.0.5".into(), "10.0.0.10".into()]).await;
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        c.send(b"EHLO monit\r\n").await;
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 250);
+        assert!(text.contains("SIZE 65536"), "{text}");
+
+        assert_eq!(c.mail(MAIL).await, 250);
+        let second = "Message-id: <2@localhost>\n\
+                      Service: web\n\
+                      Event: Execution failed\n\
+                      Action: alert\n\
+                      Date: not a date\n\
+                      ..dotted line that must not confuse the parser\n\
+                      Description: failed to start\n";
+        assert_eq!(c.mail(second).await, 250);
+        // An ignored event is accepted and not sent.
+        assert_eq!(c.mail("Service: web\nEvent: action done\n").await, 250);
+        assert_eq!(c.cmd("NOOP").await, 250);
+        assert_eq!(c.cmd("RSET").await, 250);
+        assert_eq!(c.cmd("QUIT").await, 221);
+
+        let a = next_alert(&mut rx).await;
+        assert_eq!(a.id, "1304319946.0@localhost");
+        assert_eq!(a.severity, 1);
+        assert_eq!(
+            a.title,
+            "nats (10.0.0.10, 10.0.0.5) - does not exist - restart"
+        );
+        assert_eq!(a.summary, "process is not running");
+        assert_eq!(a.created_at, 1_795_316_400);
+        let b = next_alert(&mut rx).await;
+        assert_eq!(b.id, "2@localhost");
+        assert_eq!(b.severity, 1);
+        assert_eq!(
+            b.title,
+            "web (10.0.0.10, 10.0.0.5) - Execution failed - alert"
+        );
+        assert!((b.created_at - now_unix()).abs() < 60, "{b:?}");
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_5xx_and_the_server_keeps_serving() {
+        let (addr, mut rx) = start(vec![]).await;
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        assert_eq!(c.cmd("MAIL FROM:<x>").await, 503); // before HELO
+        assert_eq!(c.cmd("FOO bar").await, 500);
+        assert_eq!(c.cmd("").await, 500);
+        c.send(b"\xff\xfe\x00binary\r\n").await;
+        assert_eq!(c.reply().await.0, 500);
+        assert_eq!(c.cmd("HELO").await, 501);
+        assert_eq!(c.cmd("helo monit").await, 250);
+        assert_eq!(c.cmd("RCPT TO:<x>").await, 503);
+        assert_eq!(c.cmd("DATA").await, 503);
+        assert_eq!(c.cmd("MAIL TO:<x>").await, 501);
+        assert_eq!(c.cmd("MAIL FROM:<x> SIZE=999999999").await, 552);
+        assert_eq!(c.cmd("MAIL FROM:<x>").await, 250);
+        assert_eq!(c.cmd("MAIL FROM:<x>").await, 503);
+        assert_eq!(c.cmd(&"A".repeat(100_000)).await, 500);
+        assert_eq!(c.cmd("NOOP").await, 250);
+        // Too many errors: the session is closed with 421.
+        let mut last = 0;
+        for _ in 0..MAX_ERRORS {
+            last = c.cmd("BOGUS").await;
+            if last == 421 {
+                break;
+            }
+        }
+        assert_eq!(last, 421);
+
+        // A client that connects and vanishes.
+        drop(TcpStream::connect(addr).await.unwrap());
+
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        assert_eq!(c.cmd("HELO monit").await, 250);
+        assert_eq!(
+            c.mail("Service: s\nEvent: pid failed\nAction: alert\n")
+                .await,
+            250
+        );
+        assert_eq!(next_alert(&mut rx).await.title, "s - pid failed - alert");
+    }
+
+    #[tokio::test]
+    async fn oversized_mail_is_rejected_and_the_session_goes_on() {
+        let (addr, mut rx) = start(vec![]).await;
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        assert_eq!(c.cmd("EHLO monit").await, 250);
+        assert_eq!(c.cmd("MAIL FROM:<m>").await, 250);
+        assert_eq!(c.cmd("RCPT TO:<a>").await, 250);
+        assert_eq!(c.cmd("DATA").await, 354);
+        let mut big = String::from("Service: big\r\nEvent: pid failed\r\n");
+        for _ in 0..200 {
+            big.push_str(&"y".repeat(999));
+            big.push_str("\r\n");
+        }
+        // One line longer than the whole limit too.
+        big.push_str(&"z".repeat(MAX_MESSAGE_BYTES * 2));
+        big.push_str("\r\n.\r\n");
+        c.send(big.as_bytes()).await;
+        assert_eq!(c.reply().await.0, 552);
+        assert_eq!(c.cmd("NOOP").await, 250);
+        assert_eq!(
+            c.mail("Service: small\nEvent: pid failed\nAction: a\n")
+                .await,
+            250
+        );
+        assert_eq!(next_alert(&mut rx).await.title, "small - pid failed - a");
+        assert!(rx.try_recv().is_err());
+
+        // A sender that never ends its mail is cut off after a bounded amount.
+        assert_eq!(c.cmd("MAIL FROM:<m>").await, 250);
+        assert_eq!(c.cmd("RCPT TO:<a>").await, 250);
+        assert_eq!(c.cmd("DATA").await, 354);
+        let chunk = format!("{}\r\n", "w".repeat(8190));
+        let mut writer = c.writer;
+        let flood = tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < 4 * (MAX_MESSAGE_BYTES + MAX_DISCARD_BYTES) {
+                if writer.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+        });
+        let mut line = String::new();
+        timeout(Duration::from_secs(10), c.reader.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with("552"), "{line:?}");
+        flood.abort();
+    }
+
+    #[tokio::test]
+    async fn sessions_beyond_the_limit_get_421() {
+        let (addr, _rx) = start(vec![]).await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_SESSIONS {
+            let mut c = Client::connect(addr).await;
+            assert_eq!(c.reply().await.0, 220);
+            held.push(c);
+        }
+        let mut extra = Client::connect(addr).await;
+        assert_eq!(extra.reply().await.0, 421);
+        drop(held);
+        // Slots come back once sessions end.
+        let mut ok = false;
+        for _ in 0..50 {
+            let mut c = Client::connect(addr).await;
+            if c.reply().await.0 == 220 {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(ok);
+    }
+
+    #[tokio::test]
+    async fn serve_returns_when_the_receiver_is_gone() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let result = timeout(Duration::from_secs(5), serve(listener, vec![], tx))
+            .await
+            .unwrap();
+        assert!(result.is_ok());
+    }
+}
