@@ -34,6 +34,8 @@ pub struct LinuxOptions {
     pub service_manager: String,
     /// Ours.
     pub firewall: FirewallOptions,
+    /// Ours: seconds between heartbeats (upstream's fixed 30).
+    pub heartbeat_interval_seconds: Option<u64>,
 }
 
 /// `Platform.Linux.Firewall` (keys of this agent, not upstream's).

@@ -1,83 +1,96 @@
-//! The director protocol's envelope (upstream's shapes): a request
-//! `{"method","arguments","reply_to","protocol"}` gets `{"value":…}` or
-//! `{"exception":{"message":…}}`, published to the body's `reply_to`.
-//!
-//! This issue answers `ping`; every other method gets upstream's `unknown message <m>`. The
-//! runtime issue adds the actions.
+//! The action dispatcher: method → synchronous action (answered at once) or asynchronous
+//! action (a task), with upstream's argument rules and error shapes:
+//! `unknown message <m>`, `Action Failed <m>: <err>`, `Not enough arguments, expected N, got M`.
+//! Each request is handled on its own tokio task, so a slow action never delays `ping`.
 
-use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
-/// A decoded request.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct Request {
-    /// Matched case-insensitively by upstream's decoder; the director sends lower case.
-    #[serde(alias = "Method", alias = "METHOD")]
-    pub method: String,
-    #[serde(default)]
-    pub arguments: Vec<Value>,
-    #[serde(default)]
-    pub reply_to: String,
-    #[serde(default)]
-    pub protocol: i64,
+use crate::actions;
+use crate::protocol::{Request, Response};
+use crate::tasks::{TaskBody, Tasks, to_response};
+
+/// What actions need: paths, identity, the task table, the job supervisor.
+pub struct Context {
+    /// `-b`, `/var/vcap` by default.
+    pub base_dir: PathBuf,
+    /// `agent_id` from settings.
+    pub agent_id: String,
+    /// The raw settings (for `vm.name` and `update_settings`).
+    pub settings: Value,
+    /// The asynchronous actions.
+    pub tasks: Tasks,
+    /// The monit-backed job supervisor.
+    pub jobs: actions::JobSupervisor,
+    /// Publishes `hm.agent.shutdown` etc.; `None` in tests without a bus.
+    pub notifier: Option<actions::Notifier>,
 }
 
-/// Why a message gets no reply: upstream logs and drops a body it cannot decode, because
-/// there is no `reply_to` to answer.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("request is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("request has no reply_to")]
-    NoReplyTo,
-}
+/// Methods answered synchronously.
+const SYNC: &[&str] = &[
+    "ping",
+    "info",
+    "get_task",
+    "cancel_task",
+    "get_state",
+    "start",
+];
+/// Methods run as tasks, and whether `cancel_task` may stop them.
+const ASYNC: &[(&str, bool)] = &[
+    ("apply", false),
+    ("stop", false),
+    ("drain", true),
+    ("run_script", false),
+    ("update_settings", false),
+];
 
-/// Decodes a request body.
-pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
-    let req: Request = serde_json::from_slice(body)?;
-    if req.reply_to.is_empty() {
-        return Err(DecodeError::NoReplyTo);
+/// Handles one request.
+pub async fn dispatch(ctx: &Arc<Context>, req: &Request) -> Response {
+    let m = req.method.as_str();
+    if SYNC.contains(&m) {
+        return to_response(m, sync_action(ctx, req).await);
     }
-    Ok(req)
+    if let Some((_, cancellable)) = ASYNC.iter().find(|(n, _)| *n == m) {
+        // Arguments are checked before queueing so that a malformed call fails at once.
+        return match actions::prepare_async(ctx, req) {
+            Ok(body) => Response::Value(ctx.tasks.submit(body, *cancellable)),
+            Err(e) => Response::Exception(format!("Action Failed {m}: {e}")),
+        };
+    }
+    Response::Exception(format!("unknown message {m}"))
 }
 
-/// The response to a request.
-pub fn respond(req: &Request) -> Value {
+async fn sync_action(ctx: &Arc<Context>, req: &Request) -> Result<Value, String> {
     match req.method.as_str() {
-        "ping" => json!({"value": "pong"}),
-        other => json!({"exception": {"message": format!("unknown message {other}")}}),
+        "ping" => Ok(json!("pong")),
+        "info" => Ok(json!({"api_version": 1})),
+        "get_task" => ctx.tasks.get(&string_arg(req, 0, 1)?),
+        "cancel_task" => ctx.tasks.cancel(&string_arg(req, 0, 1)?),
+        "get_state" => actions::get_state(ctx, &req.arguments).await,
+        "start" => actions::start(ctx).await,
+        other => Err(format!("unknown message {other}")),
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn ping_pongs_and_unknown_methods_get_upstreams_exception() {
-        let r = decode(br#"{"method":"ping","arguments":[],"reply_to":"director.1","protocol":3}"#)
-            .unwrap();
-        assert_eq!(respond(&r), json!({"value": "pong"}));
-        assert_eq!(r.reply_to, "director.1");
-        let r = decode(br#"{"method":"frobnicate","reply_to":"d.2"}"#).unwrap();
-        assert_eq!(
-            respond(&r),
-            json!({"exception": {"message": "unknown message frobnicate"}})
-        );
+/// Argument `i` of `req` as a string; `need` is how many the action takes (for upstream's
+/// "Not enough arguments" message).
+pub fn string_arg(req: &Request, i: usize, need: usize) -> Result<String, String> {
+    match req.arguments.get(i) {
+        None => Err(format!(
+            "Not enough arguments, expected {need}, got {}",
+            req.arguments.len()
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("argument {} must be a string, got {other}", i + 1)),
     }
+}
 
-    #[test]
-    fn undecodable_requests_are_errors_not_panics() {
-        assert!(matches!(decode(b"{not json"), Err(DecodeError::Json(_))));
-        assert!(matches!(
-            decode(br#"{"method":"ping"}"#),
-            Err(DecodeError::NoReplyTo)
-        ));
-        assert!(matches!(
-            decode(br#"{"method":5,"reply_to":"x"}"#),
-            Err(DecodeError::Json(_))
-        ));
-        assert!(decode(&[0xff, 0xfe]).is_err());
-    }
+/// A task body from a future.
+pub fn task<F>(f: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F + Send + 'static) -> TaskBody
+where
+    F: std::future::Future<Output = Result<Value, String>> + Send + 'static,
+{
+    Box::new(move |c| Box::pin(f(c)))
 }

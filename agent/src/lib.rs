@@ -8,19 +8,23 @@
 //! the agent is down.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod alerts;
 pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod firewall;
+pub mod heartbeat;
 pub mod nats;
+pub mod protocol;
 pub mod settings;
+pub mod tasks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mbus::{Bus, BusOptions, IncomingMessage, NoHook, Requests, ResolverSource};
+use mbus::{Bus, BusOptions, IncomingMessage, NoHook, Requests, ResolverSource, Target, Topic};
 
 use platform::cgroup::{self, Isolation};
 use platform::firewall::nft::{Nft, run_dir};
@@ -98,10 +102,50 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         fw
     });
     let fw = Arc::new(Mutex::new(fw));
-    let (bus, mut requests) = match start_bus(&config, &base_dir, &fw) {
+    let creds = match jobs::setup_monit_user(&base_dir).await {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "cannot set up the monit user file; job state will be unknown");
+            jobs::Credentials {
+                user: "vcap".into(),
+                password: String::new(),
+            }
+        }
+    };
+    start_monit(&base_dir, &linux.service_manager).await;
+    let settings = settings::load(&config, &base_dir).unwrap_or_else(|e| {
+        error!(error = %e, "no settings: the agent cannot reach the director");
+        serde_json::Value::Null
+    });
+    let (bus, mut requests) = match start_bus(&config, &settings, &fw) {
         Some((b, r)) => (Some(b), Some(r)),
         None => (None, None),
     };
+    let supervisor = jobs::JobSupervisor::new(
+        jobs::MonitClient::new(jobs::ClientOptions::default(), creds),
+        base_dir.clone(),
+        jobs::SupervisorOptions::default(),
+    );
+    let ctx = Arc::new(dispatch::Context {
+        base_dir: base_dir.clone(),
+        agent_id: settings
+            .get("agent_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string(),
+        settings: settings.clone(),
+        tasks: tasks::Tasks::start(),
+        jobs: Arc::new(supervisor),
+        notifier: bus.clone().map(|bus| actions::Notifier { bus }),
+    });
+    if let Some(b) = &bus {
+        spawn_heartbeats(
+            ctx.clone(),
+            b.clone(),
+            linux.heartbeat_interval_seconds.unwrap_or(30),
+        );
+        spawn_alerts(b.clone(), &settings).await;
+    }
 
     let every = Duration::from_secs(linux.firewall.reconcile_interval_seconds.max(1));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -114,7 +158,11 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
             _ = term.recv() => break,
             _ = int.recv() => break,
             msg = next_request(&mut requests) => match msg {
-                Some(m) => handle(bus.as_ref(), m).await,
+                Some(m) => {
+                    if let Some(b) = &bus {
+                        tokio::spawn(handle(ctx.clone(), b.clone(), m));
+                    }
+                }
                 None => requests = None,
             },
             _ = tick.tick() => {
@@ -145,18 +193,14 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
 /// Starts the bus, or logs why it cannot (the agent keeps its firewall running either way).
 fn start_bus(
     config: &AgentConfig,
-    base_dir: &Path,
+    settings: &serde_json::Value,
     fw: &Arc<Mutex<firewall::Firewall>>,
 ) -> Option<(Bus, Requests)> {
     let _span = info_span!("mbus").entered();
-    let settings = match settings::load(config, base_dir) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "no settings: the agent cannot reach the director");
-            return None;
-        }
-    };
-    let cfg = match mbus::mbus_config(&settings, None) {
+    if settings.is_null() {
+        return None;
+    }
+    let cfg = match mbus::mbus_config(settings, None) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "settings have no usable mbus");
@@ -209,18 +253,106 @@ async fn next_request(r: &mut Option<Requests>) -> Option<IncomingMessage> {
     }
 }
 
-async fn handle(bus: Option<&Bus>, msg: IncomingMessage) {
-    let Some(bus) = bus else { return };
-    let req = match dispatch::decode(&msg.payload) {
+/// Answers one request on its own task: a slow action never delays the next message.
+async fn handle(ctx: Arc<dispatch::Context>, bus: Bus, msg: IncomingMessage) {
+    let req = match protocol::decode(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "dropping a request that cannot be answered");
             return;
         }
     };
-    let body = dispatch::respond(&req);
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let resp = dispatch::dispatch(&ctx, &req).await;
+    let bytes = protocol::encode_limited(&resp, protocol::RESPONSE_MAX_LEN);
     if let Err(e) = bus.publish(req.reply_to.clone(), bytes.into()).await {
         warn!(error = %e, method = %req.method, "cannot reply");
     }
+}
+
+/// Heartbeats: one as soon as the bus is connected, then every `every` seconds.
+fn spawn_heartbeats(ctx: Arc<dispatch::Context>, bus: Bus, every: u64) {
+    tokio::spawn(
+        async move {
+            let mut state = bus.watch_state();
+            let _ = state
+                .wait_for(|s| matches!(s, mbus::ConnectionState::Connected { .. }))
+                .await;
+            let mut tick = tokio::time::interval(Duration::from_secs(every.max(1)));
+            loop {
+                tick.tick().await;
+                let hb = heartbeat::collect(&ctx).await;
+                let bytes = serde_json::to_vec(&hb).unwrap_or_default();
+                if let Err(e) = bus
+                    .publish_to(Target::HealthMonitor, Topic::Heartbeat, bytes.into())
+                    .await
+                {
+                    warn!(error = %e, "heartbeat not sent");
+                }
+            }
+        }
+        .instrument(info_span!("heartbeat")),
+    );
+}
+
+/// The SMTP receiver monit mails alerts to, forwarding them to the health monitor.
+async fn spawn_alerts(bus: Bus, settings: &serde_json::Value) {
+    let listener = match tokio::net::TcpListener::bind(alerts::LISTEN_ADDR).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, addr = alerts::LISTEN_ADDR, "cannot listen for monit alerts");
+            return;
+        }
+    };
+    let ips: Vec<String> = settings
+        .get("networks")
+        .and_then(|n| n.as_object())
+        .map(|n| {
+            n.values()
+                .filter_map(|v| v.get("ip")?.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        if let Err(e) = alerts::serve(listener, ips, tx).await {
+            error!(error = %e, "monit alert listener stopped");
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(alert) = rx.recv().await {
+            let bytes = serde_json::to_vec(&alert).unwrap_or_default();
+            if let Err(e) = bus
+                .publish_to(Target::HealthMonitor, Topic::Alert, bytes.into())
+                .await
+            {
+                warn!(error = %e, "alert not sent");
+            }
+        }
+    });
+}
+
+/// Starts monit through the service manager, as upstream (10 tries, 1 s apart) — only for the
+/// stemcell layout (`-b /var/vcap`): with another base directory (tests, sandboxes) the
+/// caller runs its own monit, and the host's must not be touched.
+async fn start_monit(base_dir: &Path, service_manager: &str) {
+    if base_dir != Path::new("/var/vcap") {
+        info!(base_dir = %base_dir.display(), "not the stemcell layout: monit is not started by the agent");
+        return;
+    }
+    let (cmd, args): (&str, &[&str]) = if service_manager == "systemd" {
+        ("systemctl", &["start", "monit"])
+    } else {
+        ("sv", &["start", "monit"])
+    };
+    for attempt in 1..=10 {
+        match tokio::process::Command::new(cmd).args(args).status().await {
+            Ok(s) if s.success() => {
+                info!(%cmd, "monit started");
+                return;
+            }
+            other => warn!(attempt, ?other, %cmd, "starting monit failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    error!("monit could not be started; job state will be unknown");
 }

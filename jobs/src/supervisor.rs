@@ -1,0 +1,618 @@
+//! Job supervision through monit: start, stop, stop-and-wait, unmonitor, the aggregate job state
+//! and the per-process list, with upstream's `<base>/monit/stopped` marker.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{MonitClient, MonitError};
+use crate::status::{MonitStatus, ProcessState, Service, VCAP_GROUP};
+
+/// How to run the monit command line (used by [`JobSupervisor::stop_and_wait`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitCli {
+    /// The monit binary; upstream runs `monit` from `PATH`.
+    pub binary: PathBuf,
+    /// Passed as `-c <control_file>` when set (e.g. `/var/vcap/bosh/etc/monitrc`).
+    pub control_file: Option<PathBuf>,
+}
+
+impl Default for MonitCli {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("monit"),
+            control_file: None,
+        }
+    }
+}
+
+/// Timing and tools of a [`JobSupervisor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorOptions {
+    /// The monit command line.
+    pub monit_cli: MonitCli,
+    /// Pause between status polls in `stop_and_wait` (upstream: 500 ms).
+    pub poll_interval: Duration,
+    /// Overall limit of `stop_and_wait` (upstream: 5 minutes).
+    pub stop_timeout: Duration,
+}
+
+impl Default for SupervisorOptions {
+    fn default() -> Self {
+        Self {
+            monit_cli: MonitCli::default(),
+            poll_interval: Duration::from_millis(500),
+            stop_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The VM's aggregate job state (`get_state.job_state`, heartbeats), as upstream computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Monit's status could not be read.
+    Unknown,
+    /// The stopped marker exists.
+    Stopped,
+    /// Some vcap service is starting.
+    Starting,
+    /// Some vcap service is not monitored or not running.
+    Failing,
+    /// Every vcap service runs (also when there are none).
+    Running,
+}
+
+impl JobState {
+    /// The lowercase word used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Failing => "failing",
+            Self::Running => "running",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Upstream's `Status()`, pure: checked in order — status unavailable → `unknown`; stopped
+/// marker → `stopped`; any vcap service starting → `starting`; any not monitored or not running
+/// → `failing`; otherwise `running`.
+pub fn job_state_of(status: Option<&MonitStatus>, stopped_marker_exists: bool) -> JobState {
+    let Some(status) = status else {
+        return JobState::Unknown;
+    };
+    if stopped_marker_exists {
+        return JobState::Stopped;
+    }
+    let services = status.services_in_group(VCAP_GROUP);
+    if services.iter().any(|s| s.status == ProcessState::Starting) {
+        return JobState::Starting;
+    }
+    if services
+        .iter()
+        .any(|s| !s.monitored || s.status != ProcessState::Running)
+    {
+        return JobState::Failing;
+    }
+    JobState::Running
+}
+
+/// One entry of `get_state.processes`: `{name,state,uptime{secs},mem{kb,percent},cpu{total}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    /// Service name.
+    pub name: String,
+    /// Per-service state.
+    pub state: ProcessState,
+    /// Uptime.
+    pub uptime: UptimeVitals,
+    /// Memory, total with children.
+    #[serde(rename = "mem")]
+    pub memory: MemoryVitals,
+    /// CPU, total with children.
+    pub cpu: CpuVitals,
+}
+
+/// `uptime`; `secs` is omitted when zero (Go's `omitempty`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UptimeVitals {
+    /// Seconds.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub secs: i64,
+}
+
+/// `mem`; `kb` is omitted when zero (Go's `omitempty`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryVitals {
+    /// `kilobytetotal`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kb: i64,
+    /// `percenttotal`.
+    pub percent: f64,
+}
+
+/// `cpu`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuVitals {
+    /// `percenttotal`.
+    pub total: f64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+impl From<&Service> for Process {
+    fn from(s: &Service) -> Self {
+        Self {
+            name: s.name.clone(),
+            state: s.status,
+            uptime: UptimeVitals { secs: s.uptime },
+            memory: MemoryVitals {
+                kb: s.memory_kilobytes_total,
+                percent: s.memory_percent_total,
+            },
+            cpu: CpuVitals {
+                total: s.cpu_percent_total,
+            },
+        }
+    }
+}
+
+/// Why a supervision operation failed. Messages follow upstream's wording.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// Listing the vcap group failed.
+    #[error("Getting vcap services: {0}")]
+    Services(#[source] MonitError),
+    /// Reading monit's status failed.
+    #[error("Getting monit status: {0}")]
+    Status(#[source] MonitError),
+    /// `processes()` could not read the status.
+    #[error("Getting service status: {0}")]
+    Processes(#[source] MonitError),
+    /// A start request failed.
+    #[error("Starting service {service}: {source}")]
+    Start {
+        /// The service.
+        service: String,
+        /// Why.
+        source: MonitError,
+    },
+    /// A stop request failed.
+    #[error("Stopping service {service}: {source}")]
+    Stop {
+        /// The service.
+        service: String,
+        /// Why.
+        source: MonitError,
+    },
+    /// An unmonitor request failed.
+    #[error("Unmonitoring service {service}: {source}")]
+    Unmonitor {
+        /// The service.
+        service: String,
+        /// Why.
+        source: MonitError,
+    },
+    /// The stopped marker could not be written.
+    #[error("Creating stopped File {path}: {source}")]
+    CreateStopped {
+        /// The marker.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The stopped marker could not be removed.
+    #[error("Removing stopped File {path}: {source}")]
+    RemoveStopped {
+        /// The marker.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `monit stop -g vcap` failed.
+    #[error("Stop all services: running {command}: {reason}")]
+    StopCommand {
+        /// The command line.
+        command: String,
+        /// Exit status and output, or why it could not run.
+        reason: String,
+    },
+    /// Services stayed pending.
+    #[error("Timed out waiting for services '{services}' to no longer be pending after {after}")]
+    PendingTimeout {
+        /// Comma-separated names.
+        services: String,
+        /// The limit, in words.
+        after: String,
+    },
+    /// Services did not stop in time.
+    #[error("Timed out waiting for services '{services}' to stop after {after}")]
+    StopTimeout {
+        /// Comma-separated names.
+        services: String,
+        /// The limit, in words.
+        after: String,
+    },
+    /// A service reported an error while stopping.
+    #[error("Stopping services '[{}]' errored", services.join(" "))]
+    Errored {
+        /// The errored services.
+        services: Vec<String>,
+    },
+}
+
+/// Supervises the VM's jobs (monit group `vcap`) through monit, upstream's `monitJobSupervisor`.
+#[derive(Debug, Clone)]
+pub struct JobSupervisor {
+    client: MonitClient,
+    base_dir: PathBuf,
+    options: SupervisorOptions,
+}
+
+impl JobSupervisor {
+    /// A supervisor for the VM rooted at `base_dir` (`/var/vcap`).
+    pub fn new(
+        client: MonitClient,
+        base_dir: impl Into<PathBuf>,
+        options: SupervisorOptions,
+    ) -> Self {
+        Self {
+            client,
+            base_dir: base_dir.into(),
+            options,
+        }
+    }
+
+    /// The monit client.
+    pub fn client(&self) -> &MonitClient {
+        &self.client
+    }
+
+    /// `<base>/monit/stopped`: present while the director wants the jobs stopped.
+    pub fn stopped_file(&self) -> PathBuf {
+        stopped_file(&self.base_dir)
+    }
+
+    /// Starts every vcap service, then removes the stopped marker. Stops at the first failure.
+    pub async fn start(&self) -> Result<(), SupervisorError> {
+        let services = self
+            .client
+            .services_in_group(VCAP_GROUP)
+            .await
+            .map_err(SupervisorError::Services)?;
+        for service in services {
+            tracing::debug!(target: "jobs::monit", %service, "starting service");
+            self.client
+                .start_service(&service)
+                .await
+                .map_err(|source| SupervisorError::Start { service, source })?;
+        }
+        let path = self.stopped_file();
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SupervisorError::RemoveStopped { path, source }),
+        }
+    }
+
+    /// Protocol ≤ 2: asks monit to stop every vcap service, then writes the stopped marker.
+    /// Does not wait for the services to be down.
+    pub async fn stop(&self) -> Result<(), SupervisorError> {
+        let services = self
+            .client
+            .services_in_group(VCAP_GROUP)
+            .await
+            .map_err(SupervisorError::Services)?;
+        for service in services {
+            tracing::debug!(target: "jobs::monit", %service, "stopping service");
+            self.client
+                .stop_service(&service)
+                .await
+                .map_err(|source| SupervisorError::Stop { service, source })?;
+        }
+        self.write_stopped_file().await
+    }
+
+    /// Protocol > 2: waits until no vcap service is pending, runs `monit stop -g vcap`, writes
+    /// the stopped marker, then waits until no vcap service is monitored or pending. An errored
+    /// service fails the call; the whole operation is bounded by `stop_timeout`.
+    pub async fn stop_and_wait(&self) -> Result<(), SupervisorError> {
+        let deadline = tokio::time::Instant::now() + self.options.stop_timeout;
+        let after = describe(self.options.stop_timeout);
+        loop {
+            let services = self.vcap_services().await?;
+            let pending = names(&services, |s| s.pending);
+            if pending.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SupervisorError::PendingTimeout {
+                    services: pending.join(", "),
+                    after,
+                });
+            }
+            tokio::time::sleep(self.options.poll_interval).await;
+        }
+
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Err(e) = self.run_cli(&["stop", "-g", VCAP_GROUP], remaining).await {
+            match self.run_cli(&["summary"], Duration::from_secs(10)).await {
+                Ok(summary) => {
+                    tracing::error!(target: "jobs::monit", error = %e, %summary, "Failed to stop jobs")
+                }
+                Err(summary_error) => {
+                    tracing::error!(target: "jobs::monit", error = %e, %summary_error, "Failed to stop jobs; also failed to get monit summary")
+                }
+            }
+            return Err(e);
+        }
+        self.write_stopped_file().await?;
+
+        loop {
+            let services = self.vcap_services().await?;
+            let errored = names(&services, |s| s.errored);
+            if !errored.is_empty() {
+                return Err(SupervisorError::Errored { services: errored });
+            }
+            let to_stop = names(&services, |s| s.monitored || s.pending);
+            if to_stop.is_empty() {
+                tracing::debug!(target: "jobs::monit", "Successfully stopped all services");
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SupervisorError::StopTimeout {
+                    services: to_stop.join(", "),
+                    after,
+                });
+            }
+            tokio::time::sleep(self.options.poll_interval).await;
+        }
+    }
+
+    /// Asks monit to stop monitoring every vcap service (before drain). Stops at the first
+    /// failure.
+    pub async fn unmonitor(&self) -> Result<(), SupervisorError> {
+        let services = self
+            .client
+            .services_in_group(VCAP_GROUP)
+            .await
+            .map_err(SupervisorError::Services)?;
+        for service in services {
+            tracing::debug!(target: "jobs::monit", %service, "unmonitoring service");
+            self.client
+                .unmonitor_service(&service)
+                .await
+                .map_err(|source| SupervisorError::Unmonitor { service, source })?;
+        }
+        Ok(())
+    }
+
+    /// The aggregate job state (see [`job_state_of`]). Never fails: an unreachable monit is
+    /// `unknown`.
+    pub async fn job_state(&self) -> JobState {
+        let status = match self.client.status().await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::debug!(target: "jobs::monit", %error, "job state unknown");
+                return JobState::Unknown;
+            }
+        };
+        let stopped = tokio::fs::try_exists(self.stopped_file())
+            .await
+            .unwrap_or(false);
+        job_state_of(Some(&status), stopped)
+    }
+
+    /// One [`Process`] per vcap service, in monit's order.
+    pub async fn processes(&self) -> Result<Vec<Process>, SupervisorError> {
+        let status = self
+            .client
+            .status()
+            .await
+            .map_err(SupervisorError::Processes)?;
+        Ok(status
+            .services_in_group(VCAP_GROUP)
+            .iter()
+            .map(Process::from)
+            .collect())
+    }
+
+    async fn vcap_services(&self) -> Result<Vec<Service>, SupervisorError> {
+        let status = self
+            .client
+            .status()
+            .await
+            .map_err(SupervisorError::Status)?;
+        Ok(status.services_in_group(VCAP_GROUP))
+    }
+
+    async fn write_stopped_file(&self) -> Result<(), SupervisorError> {
+        let path = self.stopped_file();
+        let result = async {
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir).await?;
+            }
+            tokio::fs::write(&path, b"").await
+        }
+        .await;
+        result.map_err(|source| SupervisorError::CreateStopped { path, source })
+    }
+
+    /// Runs the monit CLI with `args`, bounded by `limit`; returns its stdout.
+    async fn run_cli(&self, args: &[&str], limit: Duration) -> Result<String, SupervisorError> {
+        let cli = &self.options.monit_cli;
+        let mut command = tokio::process::Command::new(&cli.binary);
+        let mut words = vec![cli.binary.display().to_string()];
+        if let Some(rc) = &cli.control_file {
+            command.arg("-c").arg(rc);
+            words.push("-c".to_string());
+            words.push(rc.display().to_string());
+        }
+        command.args(args);
+        words.extend(args.iter().map(|a| a.to_string()));
+        command
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let line = words.join(" ");
+        let fail = |reason: String| SupervisorError::StopCommand {
+            command: line.clone(),
+            reason,
+        };
+        let output = match tokio::time::timeout(limit, command.output()).await {
+            Err(_) => return Err(fail(format!("no exit within {limit:?}"))),
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Ok(Ok(output)) => output,
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            return Ok(stdout);
+        }
+        Err(fail(format!(
+            "{}; stdout: {:?}; stderr: {:?}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+/// `<base>/monit/stopped`.
+pub fn stopped_file(base_dir: &Path) -> PathBuf {
+    base_dir.join("monit").join("stopped")
+}
+
+fn names(services: &[Service], keep: impl Fn(&Service) -> bool) -> Vec<String> {
+    services
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// "5 minutes" for whole minutes (upstream's wording), otherwise the Debug form ("1.5s").
+fn describe(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs >= 60 && secs.is_multiple_of(60) {
+        let minutes = secs / 60;
+        format!("{minutes} minute{}", if minutes == 1 { "" } else { "s" })
+    } else {
+        format!("{d:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::status::{ServiceGroup, ServiceStatus};
+
+    fn status(services: &[(&str, i64, i64)], group: &[&str]) -> MonitStatus {
+        MonitStatus {
+            services: services
+                .iter()
+                .map(|(name, monitor, status)| ServiceStatus {
+                    name: name.to_string(),
+                    monitor: *monitor,
+                    status: *status,
+                    ..ServiceStatus::default()
+                })
+                .collect(),
+            service_groups: vec![ServiceGroup {
+                name: VCAP_GROUP.to_string(),
+                services: group.iter().map(|s| s.to_string()).collect(),
+            }],
+            ..MonitStatus::default()
+        }
+    }
+
+    #[test]
+    fn job_state_covers_every_branch_in_upstreams_order() {
+        let running = status(&[("a", 1, 0), ("b", 1, 0)], &["a", "b"]);
+        assert_eq!(job_state_of(None, false), JobState::Unknown);
+        assert_eq!(job_state_of(None, true), JobState::Unknown);
+        assert_eq!(job_state_of(Some(&running), true), JobState::Stopped);
+        assert_eq!(job_state_of(Some(&running), false), JobState::Running);
+        // Starting wins over failing, whatever the order.
+        let mixed = status(&[("a", 1, 512), ("b", 2, 0)], &["a", "b"]);
+        assert_eq!(job_state_of(Some(&mixed), false), JobState::Starting);
+        let failing = status(&[("a", 1, 0), ("b", 1, 512)], &["a", "b"]);
+        assert_eq!(job_state_of(Some(&failing), false), JobState::Failing);
+        let unmonitored = status(&[("a", 0, 0), ("b", 1, 0)], &["a", "b"]);
+        assert_eq!(job_state_of(Some(&unmonitored), false), JobState::Failing);
+        // Services outside the vcap group do not count.
+        let outside = status(&[("a", 1, 0), ("sys", 0, 512)], &["a"]);
+        assert_eq!(job_state_of(Some(&outside), false), JobState::Running);
+        // An empty (or missing) group is running.
+        let empty = status(&[("sys", 2, 0)], &[]);
+        assert_eq!(job_state_of(Some(&empty), false), JobState::Running);
+        assert_eq!(
+            job_state_of(Some(&MonitStatus::default()), false),
+            JobState::Running
+        );
+        assert_eq!(
+            serde_json::to_string(&JobState::Stopped).unwrap(),
+            "\"stopped\""
+        );
+    }
+
+    #[test]
+    fn processes_serialize_like_upstream() {
+        let s = Service {
+            name: "nats".into(),
+            monitored: true,
+            errored: false,
+            pending: false,
+            status: ProcessState::Running,
+            status_message: String::new(),
+            uptime: 880_183,
+            memory_percent_total: 0.4,
+            memory_kilobytes_total: 4004,
+            cpu_percent_total: 2.5,
+        };
+        let json = serde_json::to_value(vec![Process::from(&s)]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([{"name":"nats","state":"running","uptime":{"secs":880183},
+                "mem":{"kb":4004,"percent":0.4},"cpu":{"total":2.5}}])
+        );
+        let zero = Service {
+            uptime: 0,
+            memory_kilobytes_total: 0,
+            status: ProcessState::Unknown,
+            ..s
+        };
+        assert_eq!(
+            serde_json::to_string(&Process::from(&zero)).unwrap(),
+            r#"{"name":"nats","state":"unknown","uptime":{},"mem":{"percent":0.4},"cpu":{"total":2.5}}"#
+        );
+    }
+
+    #[test]
+    fn errors_read_like_upstream() {
+        let e = SupervisorError::Errored {
+            services: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(e.to_string(), "Stopping services '[a b]' errored");
+        let e = SupervisorError::StopTimeout {
+            services: "a, b".into(),
+            after: describe(Duration::from_secs(300)),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Timed out waiting for services 'a, b' to stop after 5 minutes"
+        );
+        assert_eq!(describe(Duration::from_secs(60)), "1 minute");
+        assert_eq!(describe(Duration::from_millis(1500)), "1.5s");
+    }
+}
