@@ -124,7 +124,15 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
     let supervisor = jobs::JobSupervisor::new(
         jobs::MonitClient::new(jobs::ClientOptions::default(), creds),
         base_dir.clone(),
-        jobs::SupervisorOptions::default(),
+        jobs::SupervisorOptions {
+            // The stemcell's monitrc, for `monit stop -g vcap` (stop with protocol > 2).
+            monit_cli: jobs::MonitCli {
+                binary: "monit".into(),
+                control_file: Some(base_dir.join("bosh").join("etc").join("monitrc"))
+                    .filter(|p| p.exists()),
+            },
+            ..jobs::SupervisorOptions::default()
+        },
     );
     let ctx = Arc::new(dispatch::Context {
         base_dir: base_dir.clone(),
