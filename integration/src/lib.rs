@@ -25,6 +25,8 @@
 //! harness holds is the final program's.
 #![forbid(unsafe_code)]
 
+pub mod nats;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File};

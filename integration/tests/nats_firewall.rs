@@ -11,13 +11,11 @@
 //! runs in the test process (a thread that entered the namespace), outside the agent's cgroup.
 #![allow(clippy::unwrap_used)]
 
-mod nats_support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use integration::nats::*;
 use integration::{CgroupDir, NOBODY, Probe, Sandbox};
-use nats_support::*;
 use serde_json::{Value, json};
 
 /// What the agent dials in the single-server tests.
@@ -467,7 +465,7 @@ fn dns_down_at_start_is_retried_until_the_name_resolves() {
 
 /// Whether a lookup of the director's name fails now (dnsmasq gone).
 fn director_lookup_fails(sb: &Sandbox) -> bool {
-    let ns = nats_support::InNetns::new(sb.netns().file());
+    let ns = integration::nats::InNetns::new(sb.netns().file());
     ns.lookup(DIRECTOR_NAME).is_err()
 }
 

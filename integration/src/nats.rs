@@ -20,8 +20,8 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::{Agent, CgroupDir, Proc, READY_TIMEOUT, Sandbox, wait_for};
 use futures_util::StreamExt;
-use integration::{Agent, CgroupDir, Proc, READY_TIMEOUT, Sandbox, wait_for};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -204,7 +204,7 @@ impl NatsServer {
             "-c".to_string(),
             self.conf.display().to_string(),
         ];
-        let mut p = integration::Exec::new(argv)
+        let mut p = crate::Exec::new(argv)
             .netns(&self.netns)
             .cgroup(&self.cgroup)
             .log(&log)
@@ -216,7 +216,7 @@ impl NatsServer {
             Duration::from_secs(10),
             || {
                 if let Some(st) = p.try_status()? {
-                    return Err(integration::Error(format!(
+                    return Err(crate::Error(format!(
                         "nats-server {label} exited ({st}): {}",
                         p.log_text()
                     )));
