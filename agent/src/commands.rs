@@ -133,7 +133,14 @@ impl std::fmt::Display for Status {
                 )?;
                 writeln!(f, "monit:         {}", a.monit)?;
                 writeln!(f, "nats:          {}", a.nats)?;
-                if let Some(b) = &a.nats_bus {
+                if let Some(e) = a
+                    .nats_bus
+                    .as_ref()
+                    .and_then(|b| b.get("startup_error"))
+                    .and_then(serde_json::Value::as_str)
+                {
+                    writeln!(f, "nats link:     NOT STARTED: {e}")?;
+                } else if let Some(b) = &a.nats_bus {
                     let n = |k: &str| b.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
                     writeln!(
                         f,

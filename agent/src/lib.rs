@@ -178,7 +178,9 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
                 let stats = bus.as_ref().map(|b| b.stats().snapshot());
                 let res = tokio::task::spawn_blocking(move || {
                     let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
-                    fw.set_bus_stats(stats.and_then(|s| serde_json::to_value(s).ok()));
+                    if let Some(s) = stats {
+                        fw.set_bus_stats(serde_json::to_value(s).ok());
+                    }
                     fw.reconcile()
                 })
                 .instrument(span.clone())
@@ -205,13 +207,19 @@ fn start_bus(
     fw: &Arc<Mutex<firewall::Firewall>>,
 ) -> Option<(Bus, Requests)> {
     let _span = info_span!("mbus").entered();
+    let not_started = |why: String| {
+        error!(error = %why, "the message bus cannot start");
+        let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
+        fw.set_bus_stats(Some(serde_json::json!({ "startup_error": why })));
+    };
     if settings.is_null() {
+        not_started("no settings (see the log for the settings source error)".into());
         return None;
     }
     let cfg = match mbus::mbus_config(settings, None) {
         Ok(c) => c,
         Err(e) => {
-            error!(error = %e, "settings have no usable mbus");
+            not_started(format!("settings have no usable mbus: {e}"));
             return None;
         }
     };
@@ -236,7 +244,7 @@ fn start_bus(
             Some((bus, requests))
         }
         Err(e) => {
-            error!(error = %e, "cannot start the message bus");
+            not_started(e.to_string());
             None
         }
     }

@@ -589,6 +589,14 @@ fn malformed_only_url_is_named_and_the_agent_keeps_running() {
     );
     let (code, st) = sb.status().expect("status");
     assert_eq!(code, 0, "{st:#}");
+    let why = st["agent"]["nats_bus"]["startup_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("notaport") && !why.contains(NATS_PASSWORD),
+        "status must say why the bus did not start: {st:#}"
+    );
     eprintln!(
         "malformed URL: agent log line: {}\n  status agent.last_error={} agent.nats_bus={}",
         line_with(&agent.log(), "notaport"),
@@ -652,6 +660,14 @@ fn missing_client_certificate_is_named_and_the_agent_keeps_running() {
     expect_probe(&sb, &other, USER, integration::MONIT_V4, Probe::TimedOut);
     let (code, st) = sb.status().expect("status");
     assert_eq!(code, 0, "{st:#}");
+    let why = st["agent"]["nats_bus"]["startup_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("env.bosh.mbus.cert.certificate"),
+        "status must say why the bus did not start: {st:#}"
+    );
     eprintln!(
         "missing client cert: agent log line: {}\n  status agent.last_error={} agent.nats_bus={}",
         line_with(&agent.log(), "env.bosh.mbus.cert.certificate"),
