@@ -1,7 +1,7 @@
 # The verbs people type. All of them run as root on Debian 12 and install what they need.
 CARGO ?= cargo
 
-.PHONY: deps build test demo bench lint install clean
+.PHONY: deps build test demo demo-firewall bench lint install clean
 
 deps:
 	@bash scripts/deps.sh
@@ -14,9 +14,16 @@ build: deps
 test: deps
 	$(CARGO) test --workspace
 
-# The agent's main job in a sandbox: a network namespace with a listener on monit's port,
-# the agent's firewall installed, the agent's cgroup getting through and another refused.
+# The whole agent in a sandbox: network namespace, cgroups, nats-server with mutual TLS, a DNS
+# server, monit with a sample job; this acts as the director (ping, get_state, stop, start),
+# prints `firewall status`, and shows a process outside the agent's cgroup refused by the monit
+# and NATS rules.
 demo: deps
+	$(CARGO) build -p cli -p integration --release
+	./target/release/demo
+
+# The monit firewall alone: firewall-allow for a job, drift repair, rules kept after SIGTERM.
+demo-firewall: deps
 	$(CARGO) build -p cli -p integration --release
 	bash scripts/demo.sh
 

@@ -151,6 +151,20 @@ impl NatsServer {
         listen: &str,
         cluster: Option<Cluster>,
     ) -> Self {
+        Self::start_with(sb, pki, cn, label, listen, cluster, "")
+    }
+
+    /// [`NatsServer::start`] with `extra` appended to the configuration (e.g.
+    /// `max_payload: 4194304` for a request larger than the default 1 MiB).
+    pub fn start_with(
+        sb: &Sandbox,
+        pki: &Pki,
+        cn: &str,
+        label: &str,
+        listen: &str,
+        cluster: Option<Cluster>,
+        extra: &str,
+    ) -> Self {
         require_binary(NATS_SERVER);
         let dir = sb.dir().join(format!("nats-{label}"));
         std::fs::create_dir_all(&dir).expect("nats dir");
@@ -182,6 +196,10 @@ impl NatsServer {
                 c.listen,
                 routes.join(", ")
             ));
+        }
+        if !extra.is_empty() {
+            conf.push_str(extra);
+            conf.push('\n');
         }
         let conf = write("nats.conf", &conf);
         let mut s = NatsServer {
@@ -565,12 +583,140 @@ impl Director {
         }
     }
 
+    /// The director's NATS client, for work of a test's own on [`Director::ns`] (sockets made
+    /// there live in the sandbox's namespace).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
+    }
+
+    /// A fresh `director.<nuid>` subject for `reply_to`.
+    pub fn reply_subject(&self) -> String {
+        format!(
+            "director.{}",
+            self.client.new_inbox().trim_start_matches("_INBOX.")
+        )
+    }
+
+    /// Subscribes to `subject` (wildcards allowed, e.g. `hm.agent.>`); every message is
+    /// forwarded to the returned channel, stamped with the time it arrived. The subscription
+    /// is in place (flushed to the server) when this returns, and lives until the receiver is
+    /// dropped and one more message arrives, or until the director is dropped.
+    pub fn subscribe(&self, subject: &str) -> std_mpsc::Receiver<Received> {
+        let client = self.client.clone();
+        let subject = subject.to_string();
+        let (tx, rx) = std_mpsc::channel();
+        self.ns
+            .run(Duration::from_secs(10), move || async move {
+                let mut sub = client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| format!("subscribe {subject}: {e}"))?;
+                client
+                    .flush()
+                    .await
+                    .map_err(|e| format!("flush after subscribing to {subject}: {e}"))?;
+                tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let got = Received {
+                            subject: msg.subject.to_string(),
+                            payload: msg.payload.to_vec(),
+                            at: Instant::now(),
+                        };
+                        if tx.send(got).is_err() {
+                            break;
+                        }
+                    }
+                });
+                Ok::<(), String>(())
+            })
+            .and_then(|r| r)
+            .unwrap_or_else(|e| panic!("{e}"));
+        rx
+    }
+
+    /// Sends `{"method","arguments","reply_to","protocol"}` to `agent.<AGENT_ID>` once and
+    /// returns the parsed reply, or an error when none arrives within `limit`.
+    pub fn call(
+        &self,
+        method: &str,
+        arguments: Value,
+        protocol: i64,
+        limit: Duration,
+    ) -> Result<Value, String> {
+        let reply_to = self.reply_subject();
+        let body = json!({"method": method, "arguments": arguments, "reply_to": reply_to,
+                          "protocol": protocol});
+        let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+        match self.publish_raw(bytes, &reply_to, limit)? {
+            Some(reply) => serde_json::from_slice(&reply).map_err(|e| {
+                format!(
+                    "reply to {method} is not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(&reply)
+                )
+            }),
+            None => Err(format!("no reply to {method} within {limit:?}")),
+        }
+    }
+
+    /// Publishes `body` verbatim (any bytes) to `agent.<AGENT_ID>` while listening on
+    /// `reply_to`; returns the first message there within `wait`, or `None`.
+    pub fn publish_raw(
+        &self,
+        body: Vec<u8>,
+        reply_to: &str,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let client = self.client.clone();
+        let reply_to = reply_to.to_string();
+        self.ns
+            .run(wait + Duration::from_secs(5), move || async move {
+                let mut replies = client
+                    .subscribe(reply_to)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())?;
+                client
+                    .publish(format!("agent.{AGENT_ID}"), body.into())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())?;
+                Ok(tokio::time::timeout(wait, replies.next())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|m| m.payload.to_vec()))
+            })
+            .and_then(|r| r)
+    }
+
     /// One ping, sent once: whether `{"value":"pong"}` came back within `limit`.
     pub fn ping_once(&self, limit: Duration) -> bool {
         matches!(
             self.request_every("ping", limit, limit),
             Ok(v) if v == json!({"value": "pong"})
         )
+    }
+}
+
+/// A message received by a [`Director::subscribe`] subscription.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// When the director's thread took it from the connection.
+    pub at: Instant,
+}
+
+impl Received {
+    /// The payload as JSON.
+    pub fn json(&self) -> Result<Value, String> {
+        serde_json::from_slice(&self.payload).map_err(|e| {
+            format!(
+                "{} payload is not JSON ({e}): {:?}",
+                self.subject,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
     }
 }
 
@@ -591,6 +737,18 @@ pub fn settings(urls: &[String], ca: &str, client: &Leaf) -> Value {
 /// names through the sandbox's dnsmasq (`BOSH_AGENT_RESOLV_CONF`). Waits for the first
 /// firewall apply only: the bus connects in the background.
 pub fn start_agent(sb: &Sandbox, cg: &CgroupDir, settings: &Value, nats_firewall: bool) -> Agent {
+    start_agent_with(sb, cg, settings, nats_firewall, &json!({}))
+}
+
+/// [`start_agent`] with more `Platform.Linux` keys of agent.json (`linux`, an object), e.g.
+/// `{"HeartbeatIntervalSeconds": 1}`; they override the defaults of [`start_agent`].
+pub fn start_agent_with(
+    sb: &Sandbox,
+    cg: &CgroupDir,
+    settings: &Value,
+    nats_firewall: bool,
+    linux: &Value,
+) -> Agent {
     let dir = sb.dir();
     let settings_path = dir.join("settings.json");
     std::fs::write(
@@ -604,12 +762,20 @@ pub fn start_agent(sb: &Sandbox, cg: &CgroupDir, settings: &Value, nats_firewall
         "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
     )
     .expect("write resolv.conf");
-    let config = json!({
+    let mut config = json!({
         "Platform": {"Linux": {"EnableNATSFirewall": nats_firewall,
                                "Firewall": {"ReconcileIntervalSeconds": 1}}},
         "Infrastructure": {"Settings": {"Sources": [
             {"Type": "File", "SettingsPath": settings_path.display().to_string()}]}}
     });
+    if let (Some(extra), Some(dst)) = (
+        linux.as_object(),
+        config["Platform"]["Linux"].as_object_mut(),
+    ) {
+        for (k, v) in extra {
+            dst.insert(k.clone(), v.clone());
+        }
+    }
     let exec = sb
         .agent_exec(cg, &config.to_string())
         .expect("agent command")
