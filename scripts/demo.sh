@@ -31,7 +31,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # in_cg <cgroup> <uid> <cmd...>: run a command inside the sandbox namespace, in a cgroup, as a uid.
 in_cg() {
   local cg=$1 uid=$2; shift 2
-  nsenter --net="$NS" -- sh -c 'echo $$ > "$0/cgroup.procs" && exec setpriv --reuid="$1" --regid="$1" --clear-groups -- "$@"' "$cg" "$uid" "$@"
+  nsenter --net="$NS" -- sh -c 'cg=$0 uid=$1; shift; echo $$ > "$cg/cgroup.procs" && exec setpriv --reuid="$uid" --regid="$uid" --clear-groups -- "$@"' "$cg" "$uid" "$@"
 }
 try() { # try <label> <cgroup> <uid>
   if in_cg "$2" "$3" "$PROBE" connect 127.0.0.1:2822 --timeout-ms 1000 >/dev/null 2>&1; then
