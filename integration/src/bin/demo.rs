@@ -189,7 +189,7 @@ fn wait_task(d: &Director, id: &str) -> Result<(), String> {
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 160 {
-        format!("{}…", &s[..s.floor_char_boundary(160)])
+        format!("{}…", s.chars().take(160).collect::<String>())
     } else {
         s
     }
