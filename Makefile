@@ -31,6 +31,7 @@ demo-firewall: deps
 bench: deps
 	$(CARGO) build -p cli -p integration --release
 	./target/release/bench
+	./target/release/bench-runtime
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -29,6 +29,8 @@ enum State {
 }
 
 struct Entry {
+    /// Arrival order: finished tasks are forgotten oldest first.
+    seq: u64,
     state: State,
     cancel: watch::Sender<bool>,
     cancellable: bool,
@@ -63,7 +65,7 @@ impl Tasks {
                         Err(e) => State::Failed(e),
                     },
                 );
-                prune(&t);
+                prune(&t, &id);
             }
         });
         Tasks { table, queue: tx }
@@ -74,9 +76,12 @@ impl Tasks {
     pub fn submit(&self, body: TaskBody, cancellable: bool) -> Value {
         let id = new_id();
         let (ctx, crx) = watch::channel(false);
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lock(&self.table).insert(
             id.clone(),
             Entry {
+                seq,
                 state: State::Queued,
                 cancel: ctx,
                 cancellable,
@@ -130,18 +135,21 @@ fn set_state(t: &Mutex<HashMap<String, Entry>>, id: &str, state: State) {
     }
 }
 
-fn prune(t: &Mutex<HashMap<String, Entry>>) {
+/// Forgets the oldest finished tasks beyond [`KEEP_FINISHED`], never `just_finished` (the
+/// director has not polled it yet).
+fn prune(t: &Mutex<HashMap<String, Entry>>, just_finished: &str) {
     let mut table = lock(t);
-    let finished: Vec<String> = table
+    let mut finished: Vec<(u64, String)> = table
         .iter()
-        .filter(|(_, e)| matches!(e.state, State::Done(_) | State::Failed(_)))
-        .map(|(k, _)| k.clone())
+        .filter(|(k, e)| {
+            matches!(e.state, State::Done(_) | State::Failed(_)) && k.as_str() != just_finished
+        })
+        .map(|(k, e)| (e.seq, k.clone()))
         .collect();
-    if finished.len() > KEEP_FINISHED {
-        for k in finished
-            .into_iter()
-            .take(table.len().saturating_sub(KEEP_FINISHED))
-        {
+    if finished.len() >= KEEP_FINISHED {
+        finished.sort_unstable();
+        let excess = finished.len() + 1 - KEEP_FINISHED;
+        for (_, k) in finished.into_iter().take(excess) {
             table.remove(&k);
         }
     }
@@ -243,6 +251,36 @@ mod tests {
             .unwrap()
             .to_string();
         assert_eq!(t.cancel(&id2).unwrap_err(), "not supported");
+    }
+
+    #[tokio::test]
+    async fn the_oldest_finished_tasks_are_forgotten_first() {
+        let t = Tasks::start();
+        let ids: Vec<String> = (0..KEEP_FINISHED + 50)
+            .map(|i| {
+                t.submit(body(async move { Ok(json!(i)) }), false)["agent_task_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let last = ids.last().unwrap().clone();
+        for _ in 0..200 {
+            if t.get(&last)
+                .is_ok_and(|v| v != json!({"agent_task_id": last, "state": "running"}))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let got = t.get(id);
+            if i < 50 {
+                assert!(got.is_err(), "task {i} should be forgotten");
+            } else {
+                assert_eq!(got.unwrap(), json!(i), "task {i} must be kept");
+            }
+        }
     }
 
     #[test]

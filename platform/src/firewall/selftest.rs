@@ -64,7 +64,48 @@ pub fn establish(nft: &Nft, placement: &Result<CgroupPlacement, CgroupError>) ->
     }
 }
 
+/// Runs the probe in a private network namespace entered by a dedicated thread (network
+/// namespaces are per thread; the nft and the sockets it starts live there): the probe table
+/// then never touches the live one and vanishes with the namespace, so nothing is deleted —
+/// a deletion makes nft wait 10–15 ms on the kernel. `socket cgroupv2` matches the socket's
+/// cgroup, which no network namespace changes. Where a namespace cannot be made, the probe runs
+/// in the agent's own namespace and its chain is removed afterwards.
 fn probe(nft: &Nft, p: &CgroupPlacement, levels: &[u32]) -> Result<Option<u32>, FirewallError> {
+    let isolated = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                    return None;
+                }
+                let lo_up = std::process::Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                lo_up.then(|| probe_here(nft, p, levels))
+            })
+            .join()
+            .ok()
+            .flatten()
+    });
+    match isolated {
+        Some(res) => res,
+        None => {
+            let res = probe_here(nft, p, levels);
+            let cleanup = nft.apply(&super::render::render_selftest_cleanup());
+            let level = res?;
+            cleanup?;
+            Ok(level)
+        }
+    }
+}
+
+fn probe_here(
+    nft: &Nft,
+    p: &CgroupPlacement,
+    levels: &[u32],
+) -> Result<Option<u32>, FirewallError> {
     let io = |source| FirewallError::Io {
         path: "127.0.0.1 self-test listener".into(),
         source,
@@ -76,12 +117,10 @@ fn probe(nft: &Nft, p: &CgroupPlacement, levels: &[u32]) -> Result<Option<u32>, 
     let connected = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
     let listing = nft.list_chain(SELFTEST_CHAIN);
     drop(connected);
-    let cleanup = nft.apply(&super::render::render_selftest_cleanup());
     let listing = listing?.ok_or_else(|| FirewallError::Parse {
         context: "self-test".into(),
         detail: "the self-test chain vanished".into(),
     })?;
-    cleanup?;
     Ok(matched_level(&listing))
 }
 
