@@ -1,6 +1,8 @@
 //! Reconnect backoff: the first attempt after a stable connection is immediate, then
-//! exponential with jitter, capped (10 s by default: upstream's cap, below the director's
-//! agent-client timeout).
+//! exponential with jitter, capped. The default cap is 1 s, below upstream's 10 s: the agent
+//! must be subscribed again within 2 s of the director's NATS becoming reachable, whatever the
+//! outage's length, and an attempt during an outage costs a lookup and a refused dial. Jitter
+//! (each delay uniform in [d/2, d]) spreads a fleet's reconnects over half a second.
 
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
@@ -19,12 +21,12 @@ pub struct BackoffPolicy {
 }
 
 impl Default for BackoffPolicy {
-    /// 250 ms base, 10 s cap, 1 s to count as stable: retries at 0, ≤0.25, ≤0.5, ≤1, ≤2 s…,
-    /// so a director back within a few seconds is reached again within 2 s.
+    /// 250 ms base, 1 s cap, 1 s to count as stable: retries at 0, ≤0.25, ≤0.5, ≤1, ≤1 s…,
+    /// so a director back after any outage is reached again within about 1 s.
     fn default() -> Self {
         Self {
             base: Duration::from_millis(250),
-            cap: Duration::from_secs(10),
+            cap: Duration::from_secs(1),
             stable_after: Duration::from_secs(1),
         }
     }

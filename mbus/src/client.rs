@@ -31,7 +31,7 @@ use crate::urls::{ServerUrl, UrlError};
 pub struct BusOptions {
     /// Where names are resolved (default: the system's resolv.conf and hosts).
     pub resolver: ResolverSource,
-    /// Reconnect backoff (default: immediate, then 250 ms doubling, 10 s cap, with jitter).
+    /// Reconnect backoff (default: immediate, then 250 ms doubling, 1 s cap, with jitter).
     pub backoff: BackoffPolicy,
     /// Bound on one dial (TCP, TLS, NATS handshake), and again on confirming the
     /// subscription. Default 5 s.
