@@ -88,17 +88,6 @@ impl Firewall {
         &self.desired
     }
 
-    /// Replaces the NATS endpoints and applies, unless nothing changed.
-    pub fn set_nats_endpoints(
-        &mut self,
-        endpoints: BTreeSet<SocketAddr>,
-    ) -> Result<bool, FirewallError> {
-        if let NatsPolicy::Enabled { endpoints: cur } = &mut self.desired.nats {
-            *cur = endpoints;
-        }
-        self.apply()
-    }
-
     /// The fast path before a connection attempt: makes `endpoints` protected now by adding
     /// the missing ones in one transaction (no deletion, so no kernel wait), and records them
     /// as desired. Returns whether the exact rebuild ([`Firewall::apply`]) is still due — to
