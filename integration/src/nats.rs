@@ -599,7 +599,7 @@ impl Director {
 
     /// Subscribes to `subject` (wildcards allowed, e.g. `hm.agent.>`); every message is
     /// forwarded to the returned channel, stamped with the time it arrived. The subscription
-    /// is in place (flushed to the server) when this returns, and lives until the receiver is
+    /// is in place (the server has processed it) when this returns, and lives until the receiver is
     /// dropped and one more message arrives, or until the director is dropped.
     pub fn subscribe(&self, subject: &str) -> std_mpsc::Receiver<Received> {
         let client = self.client.clone();
@@ -611,10 +611,23 @@ impl Director {
                     .subscribe(subject.clone())
                     .await
                     .map_err(|e| format!("subscribe {subject}: {e}"))?;
-                client
-                    .flush()
+                // `flush` only proves the SUB left the socket; a message the agent publishes
+                // on its own connection could still reach the server first. A message to
+                // ourselves is ordered after the SUB on this connection: once it is back, the
+                // subscription is in place.
+                let inbox = client.new_inbox();
+                let mut echo = client
+                    .subscribe(inbox.clone())
                     .await
-                    .map_err(|e| format!("flush after subscribing to {subject}: {e}"))?;
+                    .map_err(|e| format!("subscribe {inbox}: {e}"))?;
+                client
+                    .publish(inbox, Vec::new().into())
+                    .await
+                    .map_err(|e| format!("round trip after subscribing to {subject}: {e}"))?;
+                echo.next()
+                    .await
+                    .ok_or_else(|| format!("no round trip after subscribing to {subject}"))?;
+                drop(echo);
                 tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {
                         let got = Received {
