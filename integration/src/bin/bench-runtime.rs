@@ -16,7 +16,9 @@
 //! Not a test: it asserts nothing and prints markdown tables (progress goes to stderr).
 //! Knobs (environment): `BENCH_IDLE_SECONDS` (60), `BENCH_STARTS` (15 per condition),
 //! `BENCH_PINGS` (2000), `BENCH_FAILOVER_RUNS` (7 per scenario), `BENCH_OUTAGE_SECONDS`
-//! (outages of the cold failover, comma-separated, "1,4").
+//! (outages of the cold failover, comma-separated, "1,4"), `BENCH_SECTIONS` (which to run,
+//! comma-separated among `starts,steady,failover`; all by default), `BENCH_SHOW_LOG=1` (print
+//! the agent's log of every start to stderr: its timestamps show where start-up time goes).
 //!
 //! Needs root, nft, nats-server, dnsmasq and the binaries of `cargo build --release -p cli -p
 //! integration`. On a panic (the release profile aborts, so no `Drop` runs) or SIGINT/SIGTERM,
@@ -88,6 +90,14 @@ struct Knobs {
     pings: usize,
     failover_runs: usize,
     outages: Vec<Duration>,
+    sections: Vec<String>,
+    show_log: bool,
+}
+
+impl Knobs {
+    fn runs(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
 }
 
 fn env_num<T: std::str::FromStr>(key: &str, default: T) -> Res<T> {
@@ -122,6 +132,20 @@ fn knobs() -> Res<Knobs> {
         pings: env_num("BENCH_PINGS", 2000usize)?.max(10),
         failover_runs: env_num("BENCH_FAILOVER_RUNS", 7usize)?.max(1),
         outages,
+        sections: {
+            let all = ["starts", "steady", "failover"];
+            let v: Vec<String> = std::env::var("BENCH_SECTIONS")
+                .unwrap_or_else(|_| all.join(","))
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if let Some(bad) = v.iter().find(|s| !all.contains(&s.as_str())) {
+                return Err(format!("BENCH_SECTIONS: unknown section {bad:?} (known: {all:?})"));
+            }
+            v
+        },
+        show_log: std::env::var("BENCH_SHOW_LOG").is_ok_and(|v| v == "1"),
     })
 }
 
@@ -148,8 +172,13 @@ fn run() -> Res<()> {
     let k = knobs()?;
     facts()?;
     let pki = Pki::new("bench ca");
-    single_server_sections(&pki, &k)?;
-    failover_section(&pki, &k)
+    if k.runs("starts") || k.runs("steady") {
+        single_server_sections(&pki, &k)?;
+    }
+    if k.runs("failover") {
+        failover_section(&pki, &k)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1056,6 +1085,9 @@ fn exec_section(
             match start_until_pong(sb, director, &exec) {
                 Ok((mut agent, took)) => {
                     c.took_ms.push(ms(took));
+                    if k.show_log {
+                        eprintln!("--- {} ({:.1} ms)\n{}", c.name, ms(took), agent.log());
+                    }
                     if let (Ok(own), Ok((_, children))) =
                         (sched_ms(agent.pid()), cpu_ms(agent.pid()))
                     {
@@ -1123,7 +1155,12 @@ fn single_server_sections(pki: &Pki, k: &Knobs) -> Res<()> {
         &settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent")),
     )?;
 
-    exec_section(&sb, &files, &director, &agent_cg, &launch_cg, k)?;
+    if k.runs("starts") {
+        exec_section(&sb, &files, &director, &agent_cg, &launch_cg, k)?;
+    }
+    if !k.runs("steady") {
+        return Ok(());
+    }
 
     // --- steady state: a fresh agent, firewall on, default intervals, nobody talking to it
     eprintln!(

@@ -208,21 +208,33 @@ pub fn render_delete_job_rule(handle: u64) -> String {
     format!("delete rule inet {TABLE} {MONIT_JOBS_CHAIN} handle {handle}\n")
 }
 
-/// The self-test chain: one counting rule per candidate level, for TCP to `probe`.
-pub fn render_selftest(path: &NftCgroupPath, levels: &[u32], probe: SocketAddr) -> String {
+/// The self-test chain on 127.0.0.1: per candidate level, TCP to that level's own port is
+/// accepted when `socket cgroupv2` matches at that level; every other SYN to those ports is
+/// answered with a reset. A connection to a level's port then succeeds exactly when the kernel
+/// matches the agent's socket at that level: the answer is read from `connect`, with no listing.
+/// `fresh` (a new, empty network namespace) leaves out the reset of a leftover chain, which
+/// would be a deletion (nft then waits 10–15 ms on the kernel at its exit).
+pub fn render_selftest(path: &NftCgroupPath, probes: &[(u32, u16)], fresh: bool) -> String {
     let mut s = String::new();
     let t = format!("inet {TABLE}");
     let _ = writeln!(s, "add table {t}");
-    reset_chain(&mut s, &t, SELFTEST_CHAIN);
+    if !fresh {
+        reset_chain(&mut s, &t, SELFTEST_CHAIN);
+    }
     let _ = writeln!(s, "add chain {t} {SELFTEST_CHAIN} {{ {HOOK} }}");
-    let family = if probe.is_ipv4() { "ip" } else { "ip6" };
-    for level in levels {
+    for (level, port) in probes {
         let _ = writeln!(
             s,
-            "add rule {t} {SELFTEST_CHAIN} tcp dport {} {family} daddr {} socket cgroupv2 level {level} \"{}\" counter comment \"level={level}\"",
-            probe.port(),
-            probe.ip(),
+            "add rule {t} {SELFTEST_CHAIN} tcp dport {port} ip daddr 127.0.0.1 socket cgroupv2 level {level} \"{}\" accept comment \"level={level}\"",
             path.as_str()
+        );
+    }
+    if !probes.is_empty() {
+        let ports: Vec<String> = probes.iter().map(|(_, p)| p.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "add rule {t} {SELFTEST_CHAIN} tcp dport {{ {} }} ip daddr 127.0.0.1 reject with tcp reset",
+            ports.join(", ")
         );
     }
     s

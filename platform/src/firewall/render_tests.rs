@@ -157,11 +157,23 @@ fn job_rules_render_with_identity_mark_and_comment() {
 }
 
 #[test]
-fn selftest_counts_one_rule_per_level() {
+fn selftest_gives_each_level_its_port_and_resets_the_rest() {
     let p = NftCgroupPath::new("unified/a/b").unwrap();
-    let s = render_selftest(&p, &[2, 5], "127.0.0.1:4444".parse().unwrap());
-    assert!(s.contains("tcp dport 4444 ip daddr 127.0.0.1 socket cgroupv2 level 2 \"unified/a/b\" counter comment \"level=2\""));
-    assert!(s.contains("level 5 \"unified/a/b\" counter comment \"level=5\""));
+    let s = render_selftest(&p, &[(2, 4444), (5, 4445)], true);
+    assert_eq!(
+        s,
+        "add table inet bosh_agent\n\
+         add chain inet bosh_agent selftest { type filter hook output priority filter - 1; policy accept; }\n\
+         add rule inet bosh_agent selftest tcp dport 4444 ip daddr 127.0.0.1 socket cgroupv2 level 2 \"unified/a/b\" accept comment \"level=2\"\n\
+         add rule inet bosh_agent selftest tcp dport 4445 ip daddr 127.0.0.1 socket cgroupv2 level 5 \"unified/a/b\" accept comment \"level=5\"\n\
+         add rule inet bosh_agent selftest tcp dport { 4444, 4445 } ip daddr 127.0.0.1 reject with tcp reset\n"
+    );
+    assert!(!s.contains("delete"), "a fresh namespace has nothing to delete");
+    let in_place = render_selftest(&p, &[(2, 4444)], false);
+    assert!(
+        in_place.contains("flush chain inet bosh_agent selftest\ndelete chain inet bosh_agent selftest\n"),
+        "in place, a leftover chain is reset first: {in_place}"
+    );
 }
 
 #[test]

@@ -1,20 +1,19 @@
 //! Proving that `socket cgroupv2` matches the agent's own sockets before trusting it.
 //!
-//! One transient chain counts, per candidate level, the agent's own loopback connection to a
-//! listener it opened. The level whose counter moved is the kernel's answer (outside a cgroup
+//! One transient chain gives each candidate level its own loopback listener: a connection to
+//! it is accepted when `socket cgroupv2` matches the agent's socket at that level, and reset
+//! otherwise. The level whose connection succeeds is the kernel's answer (outside a cgroup
 //! namespace there is one candidate; inside one, kernels differ: 6.11+ take levels relative to
-//! the namespace, older ones the global level). No counter moving, or nft refusing the rule
+//! the namespace, older ones the global level). No connection succeeding, or nft refusing the rule
 //! (v1-only host, no `socket` support, a kernel that refuses in a container), means the agent
 //! falls back to `meta skuid 0` and says why.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::nft::Nft;
 use super::render::render_selftest;
-use super::{FirewallError, Identity, SELFTEST_CHAIN};
+use super::{FirewallError, Identity};
 use crate::cgroup::{CgroupError, CgroupPlacement};
 
 /// The identity the agent's rules will use, and how it was established.
@@ -25,6 +24,9 @@ pub struct Established {
     /// job's visible depth (non-zero only in a namespace on older kernels).
     pub level_offset: i64,
 }
+
+/// Bounds one probe connection (a match or a reset answers at once on loopback).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The uid the fallback matches: the agent runs as root.
 pub const FALLBACK_UID: u32 = 0;
@@ -74,16 +76,9 @@ fn probe(nft: &Nft, p: &CgroupPlacement, levels: &[u32]) -> Result<Option<u32>, 
     let isolated = std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
-                    return None;
-                }
-                let lo_up = std::process::Command::new("ip")
-                    .args(["link", "set", "lo", "up"])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                lo_up.then(|| probe_here(nft, p, levels))
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+                loopback_up().ok()?;
+                Some(probe_here(nft, p, levels, true))
             })
             .join()
             .ok()
@@ -92,7 +87,7 @@ fn probe(nft: &Nft, p: &CgroupPlacement, levels: &[u32]) -> Result<Option<u32>, 
     match isolated {
         Some(res) => res,
         None => {
-            let res = probe_here(nft, p, levels);
+            let res = probe_here(nft, p, levels, false);
             let cleanup = nft.apply(&super::render::render_selftest_cleanup());
             let level = res?;
             cleanup?;
@@ -101,46 +96,86 @@ fn probe(nft: &Nft, p: &CgroupPlacement, levels: &[u32]) -> Result<Option<u32>, 
     }
 }
 
+/// One listener per candidate level; the level whose port accepts the agent's connection is
+/// the one the kernel matches (the others are reset by the probe chain).
 fn probe_here(
     nft: &Nft,
     p: &CgroupPlacement,
     levels: &[u32],
+    fresh: bool,
 ) -> Result<Option<u32>, FirewallError> {
     let io = |source| FirewallError::Io {
         path: "127.0.0.1 self-test listener".into(),
         source,
     };
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io)?;
-    let addr: SocketAddr = listener.local_addr().map_err(io)?;
-    nft.apply(&render_selftest(&p.nft_path, levels, addr))?;
-    // The SYN is what the rules count; the handshake completes in the listener's backlog.
-    let connected = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
-    let listing = nft.list_chain(SELFTEST_CHAIN);
-    drop(connected);
-    let listing = listing?.ok_or_else(|| FirewallError::Parse {
-        context: "self-test".into(),
-        detail: "the self-test chain vanished".into(),
-    })?;
-    Ok(matched_level(&listing))
+    // The listeners stay open until the probe ends: a handshake completes in their backlog.
+    let mut listeners = Vec::with_capacity(levels.len());
+    for &level in levels {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io)?;
+        let addr: SocketAddr = listener.local_addr().map_err(io)?;
+        listeners.push((level, addr, listener));
+    }
+    let probes: Vec<(u32, u16)> = listeners.iter().map(|(l, a, _)| (*l, a.port())).collect();
+    nft.apply(&render_selftest(&p.nft_path, &probes, fresh))?;
+    // A match completes the handshake at once; a refusal is an immediate reset. The timeout
+    // only bounds a kernel that neither accepts nor resets.
+    Ok(listeners.iter().find_map(|(level, addr, _)| {
+        TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
+            .ok()
+            .map(|_| *level)
+    }))
 }
 
-/// The level of the first self-test rule whose counter saw packets. Pure.
-pub fn matched_level(listing: &Value) -> Option<u32> {
-    let objs = listing.get("nftables")?.as_array()?;
-    objs.iter().filter_map(|o| o.get("rule")).find_map(|r| {
-        let level = r
-            .get("comment")?
-            .as_str()?
-            .strip_prefix("level=")?
-            .parse()
-            .ok()?;
-        let packets = r
-            .get("expr")?
-            .as_array()?
-            .iter()
-            .find_map(|e| e.get("counter")?.get("packets")?.as_u64())?;
-        (packets > 0).then_some(level)
-    })
+/// Brings `lo` up in the calling thread's (new, private) network namespace with one
+/// RTM_NEWLINK request over rtnetlink — in-process, where `ip link set lo up` would cost a
+/// process spawn on the agent's start-up path. `lo` is always interface 1 in a namespace.
+fn loopback_up() -> Result<(), nix::Error> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd;
+    const RTM_NEWLINK: u16 = 16;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_ACK: u16 = 0x4;
+    const IFF_UP: u32 = 0x1;
+    const LOOPBACK_IFINDEX: i32 = 1;
+
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    // nlmsghdr (16 bytes) + ifinfomsg (16 bytes), native endian as the kernel reads them.
+    let mut msg = Vec::with_capacity(32);
+    msg.extend_from_slice(&32u32.to_ne_bytes()); // nlmsg_len
+    msg.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel assigns
+    msg.extend_from_slice(&[0, 0]); // ifi_family AF_UNSPEC, padding
+    msg.extend_from_slice(&0u16.to_ne_bytes()); // ifi_type
+    msg.extend_from_slice(&LOOPBACK_IFINDEX.to_ne_bytes());
+    msg.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_flags
+    msg.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_change
+    sendto(fd.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    let mut buf = [0u8; 256];
+    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    netlink_ack(&buf[..n]).map_err(nix::Error::from_raw)
+}
+
+/// The errno of a netlink acknowledgement (`NLMSG_ERROR` with error 0 is success). Pure.
+fn netlink_ack(reply: &[u8]) -> Result<(), i32> {
+    const NLMSG_ERROR: u16 = 2;
+    let field = |at: usize, len: usize| reply.get(at..at + len);
+    let kind = field(4, 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let error = field(16, 4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    match (kind, error) {
+        (Some(NLMSG_ERROR), Some(0)) => Ok(()),
+        (Some(NLMSG_ERROR), Some(e)) => Err(e.saturating_neg()),
+        _ => Err(nix::libc::EPROTO),
+    }
 }
 
 #[cfg(test)]
@@ -148,24 +183,22 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn the_level_whose_counter_moved_wins() {
-        let listing: Value = serde_json::from_str(
-            r#"{"nftables": [{"metainfo": {}},
-            {"rule": {"chain": "selftest", "handle": 2, "comment": "level=0", "expr": [{"counter": {"packets": 0, "bytes": 0}}]}},
-            {"rule": {"chain": "selftest", "handle": 3, "comment": "level=2", "expr": [{"match": {}}, {"counter": {"packets": 1, "bytes": 60}}]}}]}"#,
-        )
-        .unwrap();
-        assert_eq!(matched_level(&listing), Some(2));
+    fn reply(kind: u16, error: i32) -> Vec<u8> {
+        let mut r = Vec::new();
+        r.extend_from_slice(&36u32.to_ne_bytes());
+        r.extend_from_slice(&kind.to_ne_bytes());
+        r.extend_from_slice(&[0; 10]);
+        r.extend_from_slice(&error.to_ne_bytes());
+        r.extend_from_slice(&[0; 16]);
+        r
     }
 
     #[test]
-    fn no_counter_moved_means_no_level() {
-        let listing: Value = serde_json::from_str(
-            r#"{"nftables": [{"rule": {"chain": "selftest", "comment": "level=1", "expr": [{"counter": {"packets": 0}}]}}]}"#,
-        )
-        .unwrap();
-        assert_eq!(matched_level(&listing), None);
-        assert_eq!(matched_level(&serde_json::json!({})), None);
+    fn netlink_acks_are_read_as_errno() {
+        assert_eq!(netlink_ack(&reply(2, 0)), Ok(()));
+        assert_eq!(netlink_ack(&reply(2, -1)), Err(1), "EPERM");
+        assert_eq!(netlink_ack(&reply(3, 0)), Err(nix::libc::EPROTO), "not an ack");
+        assert_eq!(netlink_ack(&[2, 0]), Err(nix::libc::EPROTO), "truncated");
+        assert_eq!(netlink_ack(&[]), Err(nix::libc::EPROTO));
     }
 }
