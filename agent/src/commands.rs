@@ -97,12 +97,13 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
     };
     let table_present = live.is_some();
     let matches_desired = match (&agent, &live) {
-        (Some(a), Some(l)) => &a.snapshot == l,
+        (Some(a), Some(l)) => !a.readback_pending && &a.snapshot == l,
         _ => false,
     };
-    // Drop the bulky snapshot from what is shown; the comparison above used it.
+    // Drop the bulky snapshot and script from what is shown; the comparison above used them.
     let agent = agent.map(|a| RuntimeState {
         snapshot: serde_json::Value::Null,
+        script: String::new(),
         ..a
     });
     Ok(Status {
@@ -194,6 +195,8 @@ impl std::fmt::Display for Status {
             "ABSENT (table inet bosh_agent does not exist)"
         } else if self.matches_desired {
             "matches the desired state"
+        } else if self.agent.as_ref().is_some_and(|a| a.readback_pending) {
+            "not compared yet (the agent reads its last apply back right after start)"
         } else {
             "DIFFERS from the desired state"
         };

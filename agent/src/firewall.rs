@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use platform::cgroup::{self, CgroupPlacement, Layout};
 use platform::firewall::nft::{FirewallLock, Nft};
-use platform::firewall::render::{render_nats_additions, render_ruleset};
+use platform::firewall::render::{render_nats_additions, render_ruleset, render_ruleset_fresh};
 use platform::firewall::state::{self, RuntimeState};
 use platform::firewall::{
     DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs,
@@ -24,12 +24,22 @@ pub struct Firewall {
     nft: Nft,
     run_dir: PathBuf,
     desired: DesiredState,
-    /// The script of the last successful apply: equal state renders byte-identical scripts, so
-    /// an equal script means there is nothing to do.
+    /// The idempotent script of the state the live table was last brought to: equal state
+    /// renders byte-identical scripts, so an equal script means there is nothing to do.
     last_script: Option<String>,
-    /// Endpoints were added on the fast path; the exact rebuild has not run yet.
+    /// Endpoints were added on the fast path and stale ones still need removing.
     pending_rebuild: bool,
+    /// The live table has changed since the last read-back (taken off the start-up path).
+    readback_due: bool,
+    /// What was known at start, consumed by the first apply.
+    at_start: Option<AtStart>,
     state: RuntimeState,
+}
+
+/// The live table as listed at start (beside the self-test) and the previous run's state.
+struct AtStart {
+    live: Result<Option<String>, FirewallError>,
+    previous: Option<RuntimeState>,
 }
 
 /// The outcome of a reconcile pass.
@@ -41,10 +51,25 @@ pub struct Reconciled {
 
 impl Firewall {
     /// Establishes the agent's identity (cgroup, proved by a self-test, or the uid fallback
-    /// with its reason) and builds the desired state from agent.json. Applies nothing.
+    /// with its reason) and builds the desired state from agent.json. Lists the live table
+    /// while the self-test runs, for the first [`Firewall::apply`]. Applies nothing.
+    ///
+    /// NATS endpoints that the previous run of this boot protected (its state file in the run
+    /// directory, a tmpfs) stay desired until the first resolution replaces them: a restart
+    /// never opens them, and an unchanged table needs no transaction at all.
     pub fn establish(opts: &LinuxOptions, nft: Nft, run_dir: PathBuf) -> Self {
         let placement = cgroup::placement_of(std::process::id());
-        let est = selftest::establish(&nft, &placement);
+        let (est, live) = std::thread::scope(|scope| {
+            let lister = scope.spawn(|| nft.list_table_text());
+            let est = selftest::establish(&nft, &placement);
+            let live = lister.join().unwrap_or_else(|_| {
+                Err(FirewallError::Parse {
+                    context: "list at start".into(),
+                    detail: "listing thread panicked".into(),
+                })
+            });
+            (est, live)
+        });
         match &est.identity {
             Identity::Cgroup { path, level } => {
                 info!(%path, level, "cgroup matching proved by self-test")
@@ -53,6 +78,13 @@ impl Firewall {
                 warn!(%reason, "cgroup matching unavailable; falling back to uid 0 matching")
             }
         }
+        let previous = match state::read(&run_dir) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "ignoring the previous run's firewall state");
+                None
+            }
+        };
         let monit = if opts.use_monit_iptables_firewall {
             info!("UseMonitIptablesFirewall is set: the monit chain is skipped");
             MonitPolicy::Disabled
@@ -63,7 +95,16 @@ impl Firewall {
         };
         let nats = if opts.enable_nats_firewall {
             NatsPolicy::Enabled {
-                endpoints: BTreeSet::new(),
+                endpoints: previous
+                    .as_ref()
+                    .filter(|p| live.as_ref().is_ok_and(Option::is_some) && p.nats == "enabled")
+                    .map(|p| {
+                        p.nats_endpoints
+                            .iter()
+                            .filter_map(|e| e.parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         } else {
             NatsPolicy::Disabled
@@ -79,6 +120,8 @@ impl Firewall {
             },
             last_script: None,
             pending_rebuild: false,
+            readback_due: false,
+            at_start: Some(AtStart { live, previous }),
             state,
         }
     }
@@ -90,9 +133,9 @@ impl Firewall {
 
     /// The fast path before a connection attempt: makes `endpoints` protected now by adding
     /// the missing ones in one transaction (no deletion, so no kernel wait), and records them
-    /// as desired. Returns whether the exact rebuild ([`Firewall::apply`]) is still due — to
-    /// remove endpoints no longer resolved and to take the read-back; the caller runs it after
-    /// dialling. At no instant is a resolved endpoint unprotected.
+    /// as desired. Returns whether follow-up work is due ([`Firewall::after_dial`]): removing
+    /// endpoints no longer resolved, or reading the table back. At no instant is a resolved
+    /// endpoint unprotected.
     pub fn protect_nats_endpoints(
         &mut self,
         endpoints: BTreeSet<SocketAddr>,
@@ -104,11 +147,12 @@ impl Firewall {
             return Ok(false);
         }
         let added: Vec<SocketAddr> = endpoints.difference(cur).copied().collect();
+        let removed = cur.difference(&endpoints).next().is_some();
         *cur = endpoints;
         if self.last_script.is_none() {
             // Nothing applied yet (or the last apply failed): the chains may not exist.
             self.apply()?;
-            return Ok(false);
+            return Ok(self.readback_due);
         }
         if !added.is_empty() {
             let script = render_nats_additions(&added);
@@ -118,22 +162,109 @@ impl Firewall {
                 warn!(error = %e, "adding NATS endpoints failed; rebuilding the whole table");
                 self.last_script = None;
                 self.apply()?;
-                return Ok(false);
+                return Ok(self.readback_due);
             }
         }
-        self.pending_rebuild = true;
+        if removed || self.pending_rebuild {
+            self.pending_rebuild = true;
+        } else {
+            // Only additions: the live table now is exactly the desired state.
+            self.applied(render_ruleset(&self.desired));
+            self.write_state();
+        }
         Ok(true)
+    }
+
+    /// The work [`Firewall::protect_nats_endpoints`] left for after the dial: the exact
+    /// rebuild (stale endpoints removed) or the read-back of the last change.
+    pub fn after_dial(&mut self) -> Result<(), FirewallError> {
+        if self.pending_rebuild {
+            self.apply().map(|_| ())
+        } else {
+            self.read_back_if_due()
+        }
     }
 
     /// Applies the desired state as one transaction unless the same script was already
     /// applied. Returns whether nft ran. On failure the live table is unchanged (the
     /// transaction is all or nothing) and the error is recorded for `firewall status`.
+    ///
+    /// The first apply uses what was listed at start: a missing table is created without any
+    /// deletion, and a table that already is the desired state (an agent restarted with the
+    /// same configuration) is left as it is. Both leave the read-back for
+    /// [`Firewall::read_back_if_due`], off the start-up path.
     pub fn apply(&mut self) -> Result<bool, FirewallError> {
         let script = render_ruleset(&self.desired);
+        if let Some(start) = self.at_start.take() {
+            match start.live {
+                Ok(None) => {
+                    let fresh = render_ruleset_fresh(&self.desired);
+                    let res = FirewallLock::acquire(&self.run_dir)
+                        .and_then(|_lock| self.nft.apply(&fresh));
+                    match res {
+                        Ok(()) => {
+                            self.applied(script);
+                            self.write_state();
+                            return Ok(true);
+                        }
+                        // E.g. the table appeared since the listing: the idempotent script
+                        // below works whatever exists.
+                        Err(e) => {
+                            info!(error = %e, "creating the table failed; applying the full script")
+                        }
+                    }
+                }
+                Ok(Some(live)) => {
+                    if let Some(prev) = start.previous.filter(|p| {
+                        p.script == script && !p.snapshot.is_null() && !p.readback_pending
+                    }) && readback::snapshot(&live) == prev.snapshot
+                    {
+                        info!("the live table already is the desired state; nothing to apply");
+                        self.state.snapshot = prev.snapshot;
+                        self.state.applied_at = prev.applied_at;
+                        self.applied(script);
+                        self.readback_due = false;
+                        self.state.readback_pending = false;
+                        self.write_state();
+                        return Ok(false);
+                    }
+                }
+                Err(e) => info!(error = %e, "listing the table at start failed"),
+            }
+        }
         if self.last_script.as_deref() == Some(script.as_str()) {
             return Ok(false);
         }
         self.apply_script(script).map(|()| true)
+    }
+
+    /// Records that the live table was brought to `script`'s state without a read-back yet.
+    fn applied(&mut self, script: String) {
+        self.pending_rebuild = false;
+        self.readback_due = true;
+        self.state.readback_pending = true;
+        self.state.protected = protected(&self.desired);
+        self.state.nats_endpoints = nats_endpoints(&self.desired);
+        self.state.applied_at = now();
+        self.state.last_error = None;
+        self.state.script.clone_from(&script);
+        self.last_script = Some(script);
+    }
+
+    /// Takes the read-back of the last change if it is still due.
+    pub fn read_back_if_due(&mut self) -> Result<(), FirewallError> {
+        if !self.readback_due {
+            return Ok(());
+        }
+        let listing = {
+            let _lock = FirewallLock::acquire(&self.run_dir)?;
+            self.nft.list_table_text()?
+        };
+        self.readback_due = false;
+        self.state.readback_pending = false;
+        self.state.snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
+        self.write_state();
+        Ok(())
     }
 
     fn apply_script(&mut self, script: String) -> Result<(), FirewallError> {
@@ -144,13 +275,11 @@ impl Firewall {
         })();
         match res {
             Ok(listing) => {
-                self.pending_rebuild = false;
                 self.state.snapshot =
                     listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
-                self.state.protected = protected(&self.desired);
-                self.state.applied_at = now();
-                self.state.last_error = None;
-                self.last_script = Some(script);
+                self.applied(script);
+                self.readback_due = false;
+                self.state.readback_pending = false;
                 self.write_state();
                 Ok(())
             }
@@ -167,6 +296,7 @@ impl Firewall {
     /// table) and prunes job rules whose cgroup is gone.
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
+        self.read_back_if_due()?;
         let live = self.nft.list_table_text()?.map(|l| readback::snapshot(&l));
         if self.pending_rebuild {
             // The fast path added endpoints; the exact rebuild is due, not a repair.
@@ -216,6 +346,13 @@ fn protected(d: &DesiredState) -> Vec<String> {
         v.extend(endpoints.iter().map(ToString::to_string));
     }
     v
+}
+
+fn nats_endpoints(d: &DesiredState) -> Vec<String> {
+    match &d.nats {
+        NatsPolicy::Enabled { endpoints } => endpoints.iter().map(ToString::to_string).collect(),
+        NatsPolicy::Disabled => Vec::new(),
+    }
 }
 
 fn initial_state(

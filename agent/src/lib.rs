@@ -121,6 +121,18 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         Some((b, r)) => (Some(b), Some(r)),
         None => (None, None),
     };
+    if bus.is_none() || !linux.enable_nats_firewall {
+        // With the NATS firewall on, the before-connect hook reads the table back after its
+        // dial; otherwise nobody else will soon, and the start-up path is behind us.
+        let fw = fw.clone();
+        let span = span.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = fw.read_back_if_due() {
+                span.in_scope(|| warn!(error = %e, "reading the firewall back failed; the reconcile loop will retry"));
+            }
+        });
+    }
     let supervisor = jobs::JobSupervisor::new(
         jobs::MonitClient::new(jobs::ClientOptions::default(), creds),
         base_dir.clone(),

@@ -48,24 +48,25 @@ impl BeforeConnect for FirewallHook {
             }
             let n = endpoints.len();
             let fw2 = fw.clone();
-            let rebuild = tokio::task::spawn_blocking(move || {
+            let follow_up = tokio::task::spawn_blocking(move || {
                 let mut fw = fw2.lock().unwrap_or_else(|e| e.into_inner());
                 fw.protect_nats_endpoints(endpoints)
             })
             .await
             .map_err(|e| HookError::Task(e.to_string()))?
             .map_err(HookError::from)?;
-            if rebuild {
+            if follow_up {
                 info!(
                     endpoints = n,
-                    "NATS endpoints protected; removing stale ones after the dial"
+                    "NATS endpoints protected; stale ones are removed and the table read back after the dial"
                 );
                 // Not awaited: the dial goes ahead while the exact set is committed (deletions
-                // make nft wait 10–15 ms on the kernel). The reconcile loop retries on failure.
+                // make nft wait 10–15 ms on the kernel) or the table read back. The reconcile
+                // loop retries on failure.
                 tokio::task::spawn_blocking(move || {
                     let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = fw.apply() {
-                        warn!(error = %e, "rebuilding the NATS rules failed; the reconcile loop will retry");
+                    if let Err(e) = fw.after_dial() {
+                        warn!(error = %e, "finishing the NATS rules failed; the reconcile loop will retry");
                     }
                 });
             }

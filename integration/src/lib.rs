@@ -31,7 +31,7 @@ pub mod nats;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -520,6 +520,7 @@ pub struct Exec {
     join_cgroupns: Option<PathBuf>,
     env: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
+    held: bool,
 }
 
 impl Exec {
@@ -541,7 +542,16 @@ impl Exec {
             join_cgroupns: None,
             env: Vec::new(),
             log: None,
+            held: false,
         }
+    }
+
+    /// Holds the program after the namespace and cgroup placement until [`Proc::release`]:
+    /// a benchmark can then time the program alone (moving a process between cgroups can take
+    /// 20 ms while the kernel waits for an RCU grace period).
+    pub fn held(mut self) -> Self {
+        self.held = true;
+        self
     }
 
     /// Runs inside the network namespace pinned at `file`.
@@ -599,13 +609,23 @@ impl Exec {
             a.push(ns);
             words.extend(["nsenter".into(), a, "--".into()]);
         }
+        // `read` waits for the release of a held program (one line on its stdin).
+        let hold = if self.held { "read _ || exit 1; " } else { "" };
         if let Some(cg) = &self.cgroup {
             words.extend([
                 "sh".into(),
                 "-c".into(),
-                format!("echo $$ > \"$1\" || exit {PLACEMENT_FAILED}; shift; exec \"$@\"").into(),
+                format!("echo $$ > \"$1\" || exit {PLACEMENT_FAILED}; shift; {hold}exec \"$@\"")
+                    .into(),
                 "sh".into(),
                 cg.join("cgroup.procs").into_os_string(),
+            ]);
+        } else if self.held {
+            words.extend([
+                "sh".into(),
+                "-c".into(),
+                format!("{hold}exec \"$@\"").into(),
+                "sh".into(),
             ]);
         }
         if self.cgroupns {
@@ -630,7 +650,11 @@ impl Exec {
         let fallback = OsString::from("false");
         let (program, args) = words.split_first().unwrap_or((&fallback, &[]));
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null());
+        cmd.args(args).stdin(if self.held {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -819,6 +843,13 @@ impl Proc {
         kill(Pid::from_raw(pid), sig).map_err(|e| Error(format!("kill -{sig} {pid}: {e}")))
     }
 
+    /// Waits for the exit, blocking (for a process known to end soon: no timeout).
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        self.child
+            .wait()
+            .map_err(io_ctx(format!("waiting for {}", self.label)))
+    }
+
     /// Waits up to `timeout` for the exit.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let label = self.label.clone();
@@ -842,6 +873,33 @@ impl Proc {
     /// The log file, if any.
     pub fn log_path(&self) -> Option<&Path> {
         self.log.as_deref()
+    }
+
+    /// Waits until the (held) process is in `cg`, i.e. its placement is done.
+    pub fn wait_in_cgroup(&mut self, cg: &CgroupDir, timeout: Duration) -> Result<()> {
+        let pid = self.pid().to_string();
+        let procs = cg.path().join("cgroup.procs");
+        wait_for(
+            &format!("{} to enter {}", self.label, cg.path().display()),
+            timeout,
+            || {
+                let text = fs::read_to_string(&procs)
+                    .map_err(io_ctx(format!("reading {}", procs.display())))?;
+                Ok(text.lines().any(|l| l.trim() == pid).then_some(()))
+            },
+        )
+    }
+
+    /// Lets a program started with [`Exec::held`] go: it is executed now.
+    pub fn release(&mut self) -> Result<()> {
+        let mut stdin = self
+            .child
+            .stdin
+            .take()
+            .ok_or_else(|| Error(format!("{} was not started held", self.label)))?;
+        stdin
+            .write_all(b"go\n")
+            .map_err(io_ctx(format!("releasing {}", self.label)))
     }
 }
 

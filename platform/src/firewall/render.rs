@@ -13,7 +13,8 @@
 //!   monit, and dropped for everyone else, so a refused process never gets a connection.
 //!
 //! Rebuilt chains are deleted and recreated inside the one transaction (add-then-delete makes
-//! this work whether or not they exist, on nft 1.0.2 through current: no `destroy`).
+//! this work whether or not they exist, on nft 1.0.2 through current: no `destroy`). Where the
+//! table is known to be absent, [`render_ruleset_fresh`] only creates (no deletion, no wait).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -52,15 +53,70 @@ fn not_a_syn_rule(t: &str, chain: &str) -> String {
 /// Renders the whole desired state as one script. Job rules in `monit_access_jobs` are never
 /// touched: the chain is added if missing and otherwise left as it is.
 pub fn render_ruleset(state: &DesiredState) -> String {
+    render(state, false)
+}
+
+/// The same state for a host where the table does not exist (a first boot): objects are only
+/// created, nothing is flushed or deleted, so nft does not wait on the kernel at its exit
+/// (10–15 ms for any deletion). It starts with `create table`, which fails if the table
+/// appeared after all — the transaction then changes nothing and the caller falls back to
+/// [`render_ruleset`].
+pub fn render_ruleset_fresh(state: &DesiredState) -> String {
+    render(state, true)
+}
+
+fn render(state: &DesiredState, fresh: bool) -> String {
     let mut s = String::with_capacity(2048);
     let t = format!("inet {TABLE}");
-    let _ = writeln!(s, "add table {t}");
+    let verb = if fresh { "create" } else { "add" };
+    let _ = writeln!(s, "{verb} table {t}");
     let _ = writeln!(s, "add chain {t} {MONIT_JOBS_CHAIN}");
-    render_monit(&mut s, &t, &state.identity, state.monit);
-    render_nats(&mut s, &t, &state.identity, &state.nats);
+    let r = Rebuild { t: &t, fresh };
+    render_monit(&mut s, &r, &state.identity, state.monit);
+    render_nats(&mut s, &r, &state.identity, &state.nats);
     // A self-test interrupted by a crash must not leave its chain behind.
-    reset_chain(&mut s, &t, SELFTEST_CHAIN);
+    r.remove_chain(&mut s, SELFTEST_CHAIN);
     s
+}
+
+/// How rebuilt objects are emptied: not at all in a fresh table.
+struct Rebuild<'a> {
+    t: &'a str,
+    fresh: bool,
+}
+
+impl Rebuild<'_> {
+    /// Adds a chain (or empties an existing one) and deletes it: the first half of a rebuild,
+    /// or a removal. Nothing in a fresh table.
+    fn remove_chain(&self, s: &mut String, chain: &str) {
+        if !self.fresh {
+            reset_chain(s, self.t, chain);
+        }
+    }
+
+    /// Removes a set if it may exist.
+    fn remove_set(&self, s: &mut String, set: &str) {
+        if !self.fresh {
+            let _ = writeln!(s, "add set {} {set} {{ {} }}", self.t, set_type(set));
+            let _ = writeln!(s, "delete set {} {set}", self.t);
+        }
+    }
+
+    /// Makes an empty regular chain.
+    fn empty_chain(&self, s: &mut String, chain: &str) {
+        let _ = writeln!(s, "add chain {} {chain}", self.t);
+        if !self.fresh {
+            let _ = writeln!(s, "flush chain {} {chain}", self.t);
+        }
+    }
+
+    /// Makes an empty set.
+    fn empty_set(&self, s: &mut String, set: &str) {
+        let _ = writeln!(s, "add set {} {set} {{ {} }}", self.t, set_type(set));
+        if !self.fresh {
+            let _ = writeln!(s, "flush set {} {set}", self.t);
+        }
+    }
 }
 
 /// Adds (or empties) a chain and deletes it: the first half of a rebuild, or a removal.
@@ -70,14 +126,14 @@ fn reset_chain(s: &mut String, t: &str, chain: &str) {
     let _ = writeln!(s, "delete chain {t} {chain}");
 }
 
-fn render_monit(s: &mut String, t: &str, id: &Identity, policy: MonitPolicy) {
+fn render_monit(s: &mut String, r: &Rebuild<'_>, id: &Identity, policy: MonitPolicy) {
+    let t = r.t;
     // The base chain goes first: it is the only chain that jumps to the guard.
-    reset_chain(s, t, MONIT_CHAIN);
+    r.remove_chain(s, MONIT_CHAIN);
     match policy {
-        MonitPolicy::Disabled => reset_chain(s, t, MONIT_GUARD_CHAIN),
+        MonitPolicy::Disabled => r.remove_chain(s, MONIT_GUARD_CHAIN),
         MonitPolicy::Enabled { allow_root } => {
-            let _ = writeln!(s, "add chain {t} {MONIT_GUARD_CHAIN}");
-            let _ = writeln!(s, "flush chain {t} {MONIT_GUARD_CHAIN}");
+            r.empty_chain(s, MONIT_GUARD_CHAIN);
             let _ = writeln!(s, "add chain {t} {MONIT_CHAIN} {{ {HOOK} }}");
             // Port first: on loopback most unrelated traffic fails the first compare.
             let _ = writeln!(
@@ -111,25 +167,23 @@ fn render_monit(s: &mut String, t: &str, id: &Identity, policy: MonitPolicy) {
     }
 }
 
-fn render_nats(s: &mut String, t: &str, id: &Identity, policy: &NatsPolicy) {
-    reset_chain(s, t, NATS_CHAIN);
+fn render_nats(s: &mut String, r: &Rebuild<'_>, id: &Identity, policy: &NatsPolicy) {
+    let t = r.t;
+    r.remove_chain(s, NATS_CHAIN);
     match policy {
         NatsPolicy::Disabled => {
-            reset_chain(s, t, NATS_GUARD_CHAIN);
+            r.remove_chain(s, NATS_GUARD_CHAIN);
             for set in [NATS_SET_V4, NATS_SET_V6] {
-                let _ = writeln!(s, "add set {t} {set} {{ {} }}", set_type(set));
-                let _ = writeln!(s, "delete set {t} {set}");
+                r.remove_set(s, set);
             }
         }
         NatsPolicy::Enabled { endpoints } => {
             for set in [NATS_SET_V4, NATS_SET_V6] {
-                let _ = writeln!(s, "add set {t} {set} {{ {} }}", set_type(set));
-                let _ = writeln!(s, "flush set {t} {set}");
+                r.empty_set(s, set);
             }
             render_elements(s, t, NATS_SET_V4, endpoints.iter().filter(|e| e.is_ipv4()));
             render_elements(s, t, NATS_SET_V6, endpoints.iter().filter(|e| e.is_ipv6()));
-            let _ = writeln!(s, "add chain {t} {NATS_GUARD_CHAIN}");
-            let _ = writeln!(s, "flush chain {t} {NATS_GUARD_CHAIN}");
+            r.empty_chain(s, NATS_GUARD_CHAIN);
             let _ = writeln!(s, "add chain {t} {NATS_CHAIN} {{ {HOOK} }}");
             let _ = writeln!(
                 s,

@@ -66,6 +66,48 @@ fn monit_disabled_and_nats_enabled_golden() {
 }
 
 #[test]
+fn fresh_table_golden_only_creates() {
+    let st = DesiredState {
+        identity: cg(),
+        monit: MonitPolicy::Enabled { allow_root: true },
+        nats: NatsPolicy::Enabled {
+            endpoints: eps(&["10.0.0.5:4222", "[2001:db8::1]:4222"]),
+        },
+    };
+    let fresh = render_ruleset_fresh(&st);
+    golden("fresh-monit-nats.nft", &fresh);
+    assert!(
+        fresh.starts_with("create table inet bosh_agent\n"),
+        "{fresh}"
+    );
+    for word in ["delete", "flush"] {
+        assert!(
+            !fresh.contains(word),
+            "a fresh table has nothing to {word}: {fresh}"
+        );
+    }
+    // The same rules as the idempotent script, in the same order: only the emptying differs.
+    let rules = |script: &str| -> Vec<String> {
+        script
+            .lines()
+            .filter(|l| l.starts_with("add rule") || l.starts_with("add element"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(rules(&fresh), rules(&render_ruleset(&st)));
+    // Disabled policies create nothing at all in a fresh table.
+    let none = DesiredState {
+        identity: cg(),
+        monit: MonitPolicy::Disabled,
+        nats: NatsPolicy::Disabled,
+    };
+    assert_eq!(
+        render_ruleset_fresh(&none),
+        "create table inet bosh_agent\nadd chain inet bosh_agent monit_access_jobs\n"
+    );
+}
+
+#[test]
 fn rendering_is_deterministic_and_order_independent() {
     let a = DesiredState {
         identity: cg(),
@@ -168,10 +210,15 @@ fn selftest_gives_each_level_its_port_and_resets_the_rest() {
          add rule inet bosh_agent selftest tcp dport 4445 ip daddr 127.0.0.1 socket cgroupv2 level 5 \"unified/a/b\" accept comment \"level=5\"\n\
          add rule inet bosh_agent selftest tcp dport { 4444, 4445 } ip daddr 127.0.0.1 reject with tcp reset\n"
     );
-    assert!(!s.contains("delete"), "a fresh namespace has nothing to delete");
+    assert!(
+        !s.contains("delete"),
+        "a fresh namespace has nothing to delete"
+    );
     let in_place = render_selftest(&p, &[(2, 4444)], false);
     assert!(
-        in_place.contains("flush chain inet bosh_agent selftest\ndelete chain inet bosh_agent selftest\n"),
+        in_place.contains(
+            "flush chain inet bosh_agent selftest\ndelete chain inet bosh_agent selftest\n"
+        ),
         "in place, a leftover chain is reset first: {in_place}"
     );
 }

@@ -159,7 +159,12 @@ fn loopback_up() -> Result<(), nix::Error> {
     msg.extend_from_slice(&LOOPBACK_IFINDEX.to_ne_bytes());
     msg.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_flags
     msg.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_change
-    sendto(fd.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    sendto(
+        fd.as_raw_fd(),
+        &msg,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
     let mut buf = [0u8; 256];
     let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
     netlink_ack(&buf[..n]).map_err(nix::Error::from_raw)
@@ -197,7 +202,11 @@ mod tests {
     fn netlink_acks_are_read_as_errno() {
         assert_eq!(netlink_ack(&reply(2, 0)), Ok(()));
         assert_eq!(netlink_ack(&reply(2, -1)), Err(1), "EPERM");
-        assert_eq!(netlink_ack(&reply(3, 0)), Err(nix::libc::EPROTO), "not an ack");
+        assert_eq!(
+            netlink_ack(&reply(3, 0)),
+            Err(nix::libc::EPROTO),
+            "not an ack"
+        );
         assert_eq!(netlink_ack(&[2, 0]), Err(nix::libc::EPROTO), "truncated");
         assert_eq!(netlink_ack(&[]), Err(nix::libc::EPROTO));
     }

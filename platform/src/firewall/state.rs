@@ -16,6 +16,7 @@ pub const STATE_FILE: &str = "firewall.json";
 
 /// What the agent last applied. Plain data so that other processes can read it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RuntimeState {
     /// `cgroup` or `uid`.
     pub mode: String,
@@ -39,8 +40,18 @@ pub struct RuntimeState {
     pub protected: Vec<String>,
     /// `disabled` or `enabled`.
     pub nats: String,
+    /// The NATS endpoints of the desired state (`addr:port`): a restarted agent keeps
+    /// protecting them until its first resolution says otherwise.
+    pub nats_endpoints: Vec<String>,
+    /// The (idempotent) script of the desired state that the live table was last brought to.
+    /// With `snapshot`, it lets a restarted agent that wants the same state see that the live
+    /// table already is that state, and skip the apply.
+    pub script: String,
     /// Canonical read-back of the agent-owned chains and sets after the last apply.
     pub snapshot: Value,
+    /// The last apply has not been read back yet (`snapshot` is from before it, or null): the
+    /// agent takes the read-back off its start-up path, right after it dials the director.
+    pub readback_pending: bool,
     /// Seconds since the epoch of the last apply.
     pub applied_at: u64,
     /// How many times drift was repaired since the agent started.
