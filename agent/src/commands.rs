@@ -86,9 +86,28 @@ pub struct Status {
     pub job_rules: Vec<readback::LiveJobRule>,
 }
 
+/// How long `firewall status` waits for a running agent's pending read-back.
+const READBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a process with this pid exists (the agent that wrote the state file).
+fn agent_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Reads the agent's state and the live table.
 pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
-    let agent = state::read(run_dir)?;
+    let mut agent = state::read(run_dir)?;
+    // A running agent reads its first apply back right after start; give it that moment
+    // rather than report "not compared yet".
+    let deadline = std::time::Instant::now() + READBACK_WAIT;
+    while agent
+        .as_ref()
+        .is_some_and(|a| a.readback_pending && agent_alive(a.agent_pid))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        agent = state::read(run_dir)?;
+    }
     let nft = Nft::default();
     let live = nft.list_table_text()?.map(|l| readback::snapshot(&l));
     let job_rules = match nft.list_chain(platform::firewall::MONIT_JOBS_CHAIN)? {

@@ -262,7 +262,18 @@ impl Firewall {
         };
         self.readback_due = false;
         self.state.readback_pending = false;
-        self.state.snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
+        let snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
+        // Taken a while after the apply: only trusted as the drift reference if it is what
+        // the apply made; a change in between is repaired, not adopted.
+        if let Err(why) = readback::conforms(&snapshot, &self.desired) {
+            warn!(%why, "the table changed before it was read back; repairing");
+            self.last_script = None;
+            self.apply()?;
+            self.state.repairs += 1;
+            self.write_state();
+            return Ok(());
+        }
+        self.state.snapshot = snapshot;
         self.write_state();
         Ok(())
     }

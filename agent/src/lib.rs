@@ -121,14 +121,26 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         Some((b, r)) => (Some(b), Some(r)),
         None => (None, None),
     };
-    if bus.is_none() || !linux.enable_nats_firewall {
-        // With the NATS firewall on, the before-connect hook reads the table back after its
-        // dial; otherwise nobody else will soon, and the start-up path is behind us.
+    {
+        // The read-back of the first apply, off the start-up path. With the NATS firewall on,
+        // the before-connect hook takes it right after its dial (a read-back now would hold
+        // the firewall while the hook waits for it); this is the fallback if no dial comes.
+        let delay = if bus.is_some() && linux.enable_nats_firewall {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
         let fw = fw.clone();
         let span = span.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = fw.read_back_if_due() {
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let res = tokio::task::spawn_blocking(move || {
+                fw.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_back_if_due()
+            })
+            .await;
+            if let Ok(Err(e)) = res {
                 span.in_scope(|| warn!(error = %e, "reading the firewall back failed; the reconcile loop will retry"));
             }
         });

@@ -963,7 +963,7 @@ impl Agent {
         let run_dir = self.run_dir.clone();
         let proc = &mut self.proc;
         wait_for(
-            "the agent's first firewall apply (firewall.json)",
+            "the agent's first firewall apply, read back (firewall.json)",
             timeout,
             || {
                 if let Some(status) = proc.try_status()? {
@@ -976,6 +976,7 @@ impl Agent {
                     s["agent_pid"].as_u64() == Some(pid)
                         && s["applied_at"].as_u64().unwrap_or(0) > 0
                         && s["last_error"].is_null()
+                        && s["readback_pending"] != true
                 }))
             },
         )

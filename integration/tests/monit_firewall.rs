@@ -420,6 +420,101 @@ fn restart_keeps_job_rules_and_the_table_stays_while_down() {
     expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
 }
 
+// 5b. A restart with the same configuration finds the table as it wants it: no transaction at
+// all (every rule keeps its kernel handle), and nothing is open while it starts.
+#[test]
+fn restart_with_the_same_configuration_leaves_the_table_untouched() {
+    let sb = sandbox("restart-same");
+    let agent_cg = cg(&sb, "agent");
+    let other = cg(&sb, "other");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let handles = || {
+        let out = sb
+            .nft(["-a", "list", "table", "inet", "bosh_agent"])
+            .expect("nft");
+        assert!(out.status.success(), "{}", describe(&out));
+        stdout(&out)
+    };
+    let mut agent = sb.start_agent(&agent_cg, SLOW).expect("agent ready");
+    let before = handles();
+    agent.stop().expect("agent stops");
+
+    let mut again = sb
+        .start_agent(&agent_cg, SLOW)
+        .expect("restarted agent ready");
+    assert_eq!(handles(), before, "no rule was flushed and re-added");
+    assert!(
+        again.log().contains("nothing to apply"),
+        "the agent says why: {}",
+        again.log()
+    );
+    let (code, st) = sb.status().expect("status");
+    assert_eq!(code, 0, "{st:#}");
+    assert_eq!(st["matches_desired"], true, "{st:#}");
+    expect_probe(&sb, &other, USER, MONIT_V4, Probe::TimedOut);
+    expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
+    again.stop().expect("agent stops");
+
+    // A changed configuration is applied (root refused now), still without opening anything.
+    let _third = sb.start_agent(&agent_cg, NO_ROOT).expect("agent ready");
+    assert_ne!(handles(), before, "the changed policy was applied");
+    assert_eq!(sb.status().expect("status").0, 0);
+    expect_probe(&sb, &other, ROOT, MONIT_V4, Probe::TimedOut);
+}
+
+// 5c. The first apply is read back off the start-up path; a change made to the table before
+// that read-back must be repaired, not taken as the reference.
+#[test]
+fn a_change_before_the_read_back_is_repaired_not_adopted() {
+    let sb = sandbox("early-drift");
+    let agent_cg = cg(&sb, "agent");
+    let other = cg(&sb, "other");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let mark = sb.dir().join("deleted-once");
+    // An nft that, the first time the installed table is listed, deletes the monit base chain
+    // just before listing: the drift lands between the apply and its read-back.
+    let nft = script(
+        &sb,
+        "nft-early-drift",
+        &format!(
+            "#!/bin/sh\n\
+             if [ \"$1 $2 $3 $4\" = 'list table inet bosh_agent' ] && [ ! -e '{m}' ] \\\n\
+                && nft list chain inet bosh_agent monit_access >/dev/null 2>&1; then\n\
+               touch '{m}'; nft delete chain inet bosh_agent monit_access || exit 1\n\
+             fi\n\
+             exec nft \"$@\"\n",
+            m = mark.display()
+        ),
+    );
+    let exec = sb
+        .agent_exec(&agent_cg, SLOW)
+        .expect("exec")
+        .env("BOSH_AGENT_NFT", &nft);
+    let mut agent = sb.spawn_agent(&exec).expect("spawn");
+    let st = agent.wait_ready(READY_TIMEOUT).expect("agent ready");
+    assert!(mark.exists(), "the drift was injected");
+    assert!(
+        st["repairs"].as_u64().unwrap_or(0) >= 1,
+        "the agent repaired the table: {st:#}\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("changed before it was read back"),
+        "{}",
+        agent.log()
+    );
+    let (code, status) = sb.status().expect("status");
+    assert_eq!(code, 0, "{status:#}");
+    assert!(
+        sb.nft_json(&["chain", "inet", "bosh_agent", "monit_access"])
+            .expect("nft")
+            .is_some(),
+        "monit_access is back"
+    );
+    expect_probe(&sb, &other, USER, MONIT_V4, Probe::TimedOut);
+    expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
+}
+
 // 6. Exit codes of firewall-allow (and of status).
 #[test]
 fn firewall_allow_exit_codes() {

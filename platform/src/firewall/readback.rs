@@ -3,7 +3,14 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{FirewallError, JOB_COMMENT_PREFIX, MONIT_JOBS_CHAIN, SELFTEST_CHAIN};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use super::{
+    DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN, MONIT_GUARD_CHAIN,
+    MONIT_JOBS_CHAIN, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6,
+    NatsPolicy, SELFTEST_CHAIN,
+};
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
 fn objects(listing: &Value) -> Result<&Vec<Value>, FirewallError> {
@@ -50,6 +57,105 @@ pub fn snapshot(listing: &str) -> Value {
         }
     }
     json!({"chains": chains, "sets": sets})
+}
+
+/// Checks that a snapshot has the shape `desired` renders to: exactly the agent's chains, each
+/// with its number of lines, the agent's own rules matching its identity (cgroup level or uid),
+/// and exactly the desired NATS endpoints in the sets. A read-back taken some time after the
+/// apply is only trusted as the drift reference if it conforms: a change made in between
+/// (a chain, rule or element removed, another level) is then repaired, not adopted. Pure.
+pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> {
+    let mut want: BTreeMap<&str, usize> = BTreeMap::new();
+    if let MonitPolicy::Enabled { allow_root } = desired.monit {
+        want.insert(MONIT_CHAIN, 3);
+        want.insert(MONIT_GUARD_CHAIN, if allow_root { 5 } else { 4 });
+    }
+    let endpoints = match &desired.nats {
+        NatsPolicy::Enabled { endpoints } => {
+            want.insert(NATS_CHAIN, 3);
+            want.insert(NATS_GUARD_CHAIN, 3);
+            Some(endpoints)
+        }
+        NatsPolicy::Disabled => None,
+    };
+    let chains = snapshot
+        .get("chains")
+        .and_then(Value::as_object)
+        .ok_or("no chains in the snapshot")?;
+    let have: BTreeMap<&str, usize> = chains
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_array().map_or(0, Vec::len)))
+        .collect();
+    if have != want {
+        return Err(format!(
+            "chains and their lines {have:?}, expected {want:?}"
+        ));
+    }
+    let own = match &desired.identity {
+        Identity::Cgroup { level, .. } => format!("socket cgroupv2 level {level} "),
+        Identity::Uid { uid, .. } => format!("meta skuid {uid} "),
+    };
+    for chain in [MONIT_GUARD_CHAIN, NATS_GUARD_CHAIN] {
+        let Some(lines) = chains.get(chain).and_then(Value::as_array) else {
+            continue;
+        };
+        let ok = lines
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|l| l.starts_with(&own) && l.ends_with("comment \"bosh-agent\""));
+        if !ok {
+            return Err(format!(
+                "{chain} has no rule `{own}… comment \"bosh-agent\"`"
+            ));
+        }
+    }
+    let sets = snapshot.get("sets").and_then(Value::as_object);
+    let live: Option<Vec<SocketAddr>> = sets
+        .map(|sets| {
+            sets.iter()
+                .filter(|(name, _)| *name == NATS_SET_V4 || *name == NATS_SET_V6)
+                .flat_map(|(_, set)| {
+                    set.get("elements")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(parse_element)
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .unwrap_or(Some(Vec::new()));
+    let live = live.ok_or("a NATS set element is not `address . port`")?;
+    let set_names: Vec<&String> = sets.map(|s| s.keys().collect()).unwrap_or_default();
+    match endpoints {
+        Some(eps) => {
+            if set_names.len() != 2 {
+                return Err(format!(
+                    "NATS sets {set_names:?}, expected {NATS_SET_V4} and {NATS_SET_V6}"
+                ));
+            }
+            let live: std::collections::BTreeSet<SocketAddr> = live.into_iter().collect();
+            if &live != eps {
+                return Err(format!("NATS endpoints {live:?}, expected {eps:?}"));
+            }
+        }
+        None if !set_names.is_empty() => {
+            return Err(format!(
+                "NATS sets {set_names:?} while the NATS firewall is disabled"
+            ));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// `10.0.0.5 . 4222` or `2001:db8::1 . 4222`.
+fn parse_element(e: &str) -> Option<SocketAddr> {
+    let (ip, port) = e.split_once(" . ")?;
+    Some(SocketAddr::new(
+        ip.trim().parse::<IpAddr>().ok()?,
+        port.trim().parse().ok()?,
+    ))
 }
 
 /// A set's lines with the element list (which nft prints in hash order, wrapped over lines)
@@ -168,6 +274,74 @@ pub fn job_rules(listing: &Value) -> Result<Vec<LiveJobRule>, FirewallError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// nft 1.0.6's text listing of `render_ruleset_fresh` (monit with root, NATS with two
+    /// endpoints, cgroup level 2), captured from a real table.
+    const REAL: &str = include_str!("../../tests/fixtures/listing-monit-nats.txt");
+
+    fn desired(level: u32, allow_root: bool, eps: &[&str]) -> DesiredState {
+        DesiredState {
+            identity: Identity::Cgroup {
+                path: crate::cgroup::NftCgroupPath::new("unified/exp1").unwrap(),
+                level,
+            },
+            monit: MonitPolicy::Enabled { allow_root },
+            nats: NatsPolicy::Enabled {
+                endpoints: eps.iter().map(|e| e.parse().unwrap()).collect(),
+            },
+        }
+    }
+
+    const EPS: [&str; 2] = ["10.0.0.5:4222", "[2001:db8::1]:4222"];
+
+    #[test]
+    fn a_faithful_read_back_conforms() {
+        assert_eq!(conforms(&snapshot(REAL), &desired(2, true, &EPS)), Ok(()));
+    }
+
+    #[test]
+    fn read_backs_that_drifted_do_not_conform() {
+        let want = desired(2, true, &EPS);
+        let cases = [
+            ("a chain deleted", {
+                let a = REAL.find("\tchain monit_access {").unwrap();
+                let b = a + REAL[a..].find("\t}\n").unwrap() + 3;
+                format!("{}{}", &REAL[..a], &REAL[b..])
+            }),
+            ("a rule deleted", REAL.replacen("\t\tdrop\n", "", 1)),
+            ("another level", REAL.replace("level 2", "level 1")),
+            ("an element removed", REAL.replace("10.0.0.5 . 4222", "")),
+            (
+                "another element",
+                REAL.replace("10.0.0.5 . 4222", "10.0.0.9 . 4222"),
+            ),
+            (
+                "a garbled element",
+                REAL.replace("10.0.0.5 . 4222", "10.0.0.5"),
+            ),
+        ];
+        for (what, text) in cases {
+            assert!(conforms(&snapshot(&text), &want).is_err(), "{what}");
+        }
+        // The same table against other desired states.
+        assert!(conforms(&snapshot(REAL), &desired(3, true, &EPS)).is_err());
+        assert!(conforms(&snapshot(REAL), &desired(2, false, &EPS)).is_err());
+        assert!(conforms(&snapshot(REAL), &desired(2, true, &EPS[..1])).is_err());
+        let uid = DesiredState {
+            identity: Identity::Uid {
+                uid: 0,
+                reason: "test".into(),
+            },
+            ..want.clone()
+        };
+        assert!(conforms(&snapshot(REAL), &uid).is_err());
+        let no_nats = DesiredState {
+            nats: NatsPolicy::Disabled,
+            ..want
+        };
+        assert!(conforms(&snapshot(REAL), &no_nats).is_err());
+        assert!(conforms(&serde_json::json!({}), &desired(2, true, &EPS)).is_err());
+    }
 
     const LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
       {"table": {"family": "inet", "name": "bosh_agent", "handle": 1}},
