@@ -279,15 +279,32 @@ impl Firewall {
     }
 
     fn apply_script(&mut self, script: String) -> Result<(), FirewallError> {
-        let res = (|| {
+        let desired = &self.desired;
+        let mut repaired = false;
+        let res = (|| -> Result<serde_json::Value, FirewallError> {
             let _lock = FirewallLock::acquire(&self.run_dir)?;
             self.nft.apply(&script)?;
-            self.nft.list_table_text()
+            let snapshot =
+                |l: Option<String>| l.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
+            let first = snapshot(self.nft.list_table_text()?);
+            // The reference for drift must be what this apply made: a change slipped in
+            // between the apply and the listing is undone once (bounded: no loop), not adopted.
+            match readback::conforms(&first, desired) {
+                Ok(()) => Ok(first),
+                Err(why) => {
+                    warn!(%why, "the table changed right after the apply; applying again");
+                    repaired = true;
+                    self.nft.apply(&script)?;
+                    Ok(snapshot(self.nft.list_table_text()?))
+                }
+            }
         })();
+        if repaired {
+            self.state.repairs += 1;
+        }
         match res {
-            Ok(listing) => {
-                self.state.snapshot =
-                    listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
+            Ok(snapshot) => {
+                self.state.snapshot = snapshot;
                 self.applied(script);
                 self.readback_due = false;
                 self.state.readback_pending = false;

@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use super::netlink;
 use super::nft::{FirewallLock, Nft};
-use super::readback::{LiveJobRule, job_rules};
+use super::readback::{LiveJobRule, job_rules, parse_job_comment};
 use super::render::{render_delete_job_rule, render_job_rule};
 use super::state::RuntimeState;
 use super::{
@@ -189,10 +190,9 @@ pub fn allow_monit(
     cgid: Option<u64>,
 ) -> Result<AllowOutcome, FirewallError> {
     let _lock = FirewallLock::acquire(run_dir)?;
-    let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
+    let Some(live) = live_job_rules(nft)? else {
         return Ok(AllowOutcome::NotInstalled);
     };
-    let live = job_rules(&listing)?;
     let plan = plan_allow(&live, key, cgid);
     let mut script: String = plan
         .delete
@@ -220,14 +220,47 @@ pub fn allow_monit(
     })
 }
 
+/// The rules of `monit_access_jobs` (`None` when the chain or table is absent), read over
+/// netlink in-process (handles and comments: all that planning needs), or from `nft`'s JSON
+/// listing where netlink cannot answer.
+fn live_job_rules(nft: &Nft) -> Result<Option<Vec<LiveJobRule>>, FirewallError> {
+    match netlink::chain_rules(super::TABLE, MONIT_JOBS_CHAIN) {
+        Ok(rules) => Ok(rules.map(|rules| {
+            rules
+                .into_iter()
+                .map(|r| {
+                    let (key, cgid) = r
+                        .comment
+                        .as_deref()
+                        .and_then(parse_job_comment)
+                        .map_or((None, None), |(k, c)| (Some(k), c));
+                    LiveJobRule {
+                        handle: r.handle,
+                        comment: r.comment,
+                        key,
+                        cgid,
+                        cgroup: None,
+                        uid: None,
+                    }
+                })
+                .collect()
+        })),
+        Err(e) => {
+            tracing::debug!(error = %e, "netlink listing failed; asking nft");
+            nft.list_chain(MONIT_JOBS_CHAIN)?
+                .map(|l| job_rules(&l))
+                .transpose()
+        }
+    }
+}
+
 /// Deletes job rules whose cgroup is gone, in one transaction. Returns how many. Takes the
 /// lock so it never races a concurrent `firewall-allow`.
 pub fn prune_stale(nft: &Nft, run_dir: &Path) -> Result<usize, FirewallError> {
     let _lock = FirewallLock::acquire(run_dir)?;
-    let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
+    let Some(live) = live_job_rules(nft)? else {
         return Ok(0);
     };
-    let live = job_rules(&listing)?;
     if !live.iter().any(|r| r.cgid.is_some()) {
         return Ok(0);
     }

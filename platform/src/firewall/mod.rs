@@ -6,6 +6,7 @@
 //! [`Comment`]) so that no input can add nft syntax.
 
 pub mod jobs;
+pub mod netlink;
 pub mod nft;
 pub mod readback;
 pub mod render;
