@@ -12,8 +12,8 @@ use platform::firewall::nft::{FirewallLock, Nft};
 use platform::firewall::render::{render_nats_additions, render_ruleset, render_ruleset_fresh};
 use platform::firewall::state::{self, RuntimeState};
 use platform::firewall::{
-    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, jobs,
-    readback, selftest,
+    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NATS_SET_V4, NATS_SET_V6,
+    NatsPolicy, TABLE, jobs, netlink, readback, selftest,
 };
 use tracing::{info, warn};
 
@@ -155,9 +155,14 @@ impl Firewall {
             return Ok(self.readback_due);
         }
         if !added.is_empty() {
-            let script = render_nats_additions(&added);
-            let res =
-                FirewallLock::acquire(&self.run_dir).and_then(|_lock| self.nft.apply(&script));
+            let res = FirewallLock::acquire(&self.run_dir).and_then(|_lock| {
+                // In-process netlink: one transaction, flat in the number of endpoints; `nft`
+                // (~10 µs of parsing per element plus its start-up) where netlink cannot.
+                netlink::add_endpoints(TABLE, NATS_SET_V4, NATS_SET_V6, &added).or_else(|e| {
+                    info!(error = %e, "adding NATS endpoints over netlink failed; using nft");
+                    self.nft.apply(&render_nats_additions(&added))
+                })
+            });
             if let Err(e) = res {
                 warn!(error = %e, "adding NATS endpoints failed; rebuilding the whole table");
                 self.last_script = None;

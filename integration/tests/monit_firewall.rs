@@ -570,6 +570,74 @@ fn netlink_listing_agrees_with_nft() {
         Some(Vec::new()),
         "an empty chain is not an absent one"
     );
+
+    // The NATS fast path: endpoints added over netlink in one batch land in the sets exactly
+    // as nft would put them; a batch with one bad part changes nothing.
+    sb.nft_script(
+        "add set inet bosh_agent nats_v4 { type ipv4_addr . inet_service; }\n\
+         add set inet bosh_agent nats_v6 { type ipv6_addr . inet_service; }\n\
+         add element inet bosh_agent nats_v4 { 10.9.0.0 . 4222 }\n",
+    )
+    .expect("nft");
+    let mut eps: Vec<std::net::SocketAddr> = (0..1500u32)
+        .map(|i| std::net::SocketAddr::from(([10, 9, (i / 256) as u8, (i % 256) as u8], 4222)))
+        .collect();
+    eps.push("[2001:db8::1]:4223".parse().expect("v6"));
+    eps.push("[::ffff:10.0.0.1]:4222".parse().expect("v6"));
+    let add = |v6_set: &'static str, eps: Vec<std::net::SocketAddr>| {
+        let netns = netns.try_clone().expect("dup");
+        std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            platform::firewall::netlink::add_endpoints("bosh_agent", "nats_v4", v6_set, &eps)
+        })
+        .join()
+        .expect("thread")
+    };
+    let elements = |set: &str| -> Vec<String> {
+        let out = sb
+            .nft(["-j", "list", "set", "inet", "bosh_agent", set])
+            .expect("nft");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let mut got: Vec<String> = v["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|o| o.get("set"))
+            .flat_map(|s| s["elem"].as_array().cloned().unwrap_or_default())
+            .map(|e| {
+                let c = &e["concat"];
+                format!("{} {}", c[0].as_str().unwrap_or("?"), c[1])
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let failed = add("no_such_set", eps.clone());
+    assert!(failed.is_err(), "a missing set is an error: {failed:?}");
+    assert_eq!(
+        elements("nats_v4").len(),
+        1,
+        "nothing of a failed batch was added"
+    );
+    add("nats_v6", eps.clone()).expect("netlink add");
+    let mut want: Vec<String> = eps
+        .iter()
+        .filter(|e| e.is_ipv4())
+        .map(|e| format!("{} {}", e.ip(), e.port()))
+        .collect();
+    want.sort();
+    assert_eq!(
+        elements("nats_v4"),
+        want,
+        "1,500 IPv4 endpoints, the existing one kept"
+    );
+    assert_eq!(
+        elements("nats_v6"),
+        vec![
+            "2001:db8::1 4223".to_string(),
+            "::ffff:10.0.0.1 4222".to_string()
+        ]
+    );
 }
 
 // 6. Exit codes of firewall-allow (and of status).

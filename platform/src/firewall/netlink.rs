@@ -1,7 +1,13 @@
-//! Reading the rules of one chain (kernel handle and comment) straight from nf_tables over
-//! netlink, in-process: what `firewall-allow` and the prune need, without spawning `nft` (a
-//! listing costs 3–4 ms in process start-up alone; this round trip costs microseconds).
-//! Writes still go through `nft -f -` only.
+//! Talking to nf_tables over netlink in-process, for the two hot paths where spawning `nft`
+//! (3–4 ms of process start-up, and ~10 µs of parsing per set element) dominated:
+//! - reading the rules of one chain (kernel handle and comment): what `firewall-allow` and the
+//!   prune plan with;
+//! - adding elements to the NATS sets, one batch (one transaction), before a connection
+//!   attempt: flat in the number of endpoints.
+//!
+//! Rules are still only ever written by `nft -f -` (the JSON API and netlink crates cannot
+//! express `socket cgroupv2`, and nft validates what it writes); callers fall back to `nft` for
+//! anything this module reports as an error.
 //!
 //! The messages are built and parsed by hand (no netlink crate in the tree): a GETCHAIN
 //! request tells whether the chain exists, a GETRULE dump filtered by table and chain lists its
@@ -19,6 +25,20 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLM_F_CREATE: u16 = 0x400;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+/// Elements per NEWSETELEM message: keeps the nested list under netlink's 64 KiB attribute
+/// length (an IPv6 element takes 32 bytes).
+const ELEMENTS_PER_MESSAGE: usize = 1024;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
@@ -34,6 +54,8 @@ const NFTA_RULE_USERDATA: u16 = 7;
 /// libnftnl's tag for a rule comment inside the rule's user data.
 const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 const ENOENT: i32 = 2;
+/// Bounds each read from the kernel.
+const RECV_TIMEOUT_SECS: i64 = 2;
 /// Bounds the messages read for one request (a chain of ~10,000 rules fits many times).
 const MAX_DATAGRAMS: usize = 100_000;
 
@@ -58,12 +80,7 @@ pub enum NetlinkError {
 /// The rules of `chain` in table `inet <table>`, in chain order; `Ok(None)` when the table or
 /// the chain does not exist.
 pub fn chain_rules(table: &str, chain: &str) -> Result<Option<Vec<KernelRule>>, NetlinkError> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )?;
+    let fd = open()?;
     let get_chain = request(
         NFT_MSG_GETCHAIN,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -103,8 +120,177 @@ pub fn chain_rules(table: &str, chain: &str) -> Result<Option<Vec<KernelRule>>, 
     }
 }
 
+/// Adds `endpoints` to the `ipv4_addr . inet_service` / `ipv6_addr . inet_service` sets
+/// `set_v4` / `set_v6` of table `inet <table>`, all in one batch: one kernel transaction, all
+/// or nothing. Adding an element that exists is not an error. Nothing is deleted, so nothing
+/// waits on the kernel.
+pub fn add_endpoints(
+    table: &str,
+    set_v4: &str,
+    set_v6: &str,
+    endpoints: &[std::net::SocketAddr],
+) -> Result<(), NetlinkError> {
+    let batch = endpoint_batch(table, set_v4, set_v6, endpoints, 1);
+    if batch.acks.is_empty() {
+        return Ok(());
+    }
+    let fd = open()?;
+    send(&fd, &batch.bytes)?;
+    read_acks(&fd, batch.acks)
+}
+
+/// Waits until every message in `pending` is acknowledged; an error for any of them (the
+/// kernel then aborts the whole batch) is returned. Acks can share a datagram: each datagram
+/// is read whole.
+fn read_acks(fd: &OwnedFd, mut pending: Vec<u32>) -> Result<(), NetlinkError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..MAX_DATAGRAMS {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let mut rest = buf.get(..n).ok_or(NetlinkError::Protocol("short read"))?;
+        while !rest.is_empty() {
+            let (kind, seq, payload, next) = split_message(rest)?;
+            rest = next;
+            if kind != NLMSG_ERROR {
+                continue;
+            }
+            let code = read_i32(payload, 0)?;
+            if code != 0 {
+                return Err(NetlinkError::Kernel(code.saturating_neg()));
+            }
+            pending.retain(|s| *s != seq);
+        }
+    }
+    Err(NetlinkError::Protocol("the acknowledgements did not end"))
+}
+
+/// A batch and the sequence numbers of the messages to be acknowledged.
+struct Batch {
+    bytes: Vec<u8>,
+    acks: Vec<u32>,
+}
+
+/// The batch for [`add_endpoints`], sequence numbers from `seq`. Pure.
+fn endpoint_batch(
+    table: &str,
+    set_v4: &str,
+    set_v6: &str,
+    endpoints: &[std::net::SocketAddr],
+    mut seq: u32,
+) -> Batch {
+    let mut bytes = Vec::new();
+    let mut acks = Vec::new();
+    let v4: Vec<Vec<u8>> = endpoints
+        .iter()
+        .filter(|e| e.is_ipv4())
+        .map(endpoint_key)
+        .collect();
+    let v6: Vec<Vec<u8>> = endpoints
+        .iter()
+        .filter(|e| e.is_ipv6())
+        .map(endpoint_key)
+        .collect();
+    if v4.is_empty() && v6.is_empty() {
+        return Batch { bytes, acks };
+    }
+    bytes.extend(batch_marker(NFNL_MSG_BATCH_BEGIN, seq));
+    seq += 1;
+    for (set, keys) in [(set_v4, &v4), (set_v6, &v6)] {
+        for chunk in keys.chunks(ELEMENTS_PER_MESSAGE) {
+            let mut elements = Vec::new();
+            for key in chunk {
+                let value = attr(NFTA_DATA_VALUE, key);
+                let key_nest = attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
+                elements.extend(attr(NFTA_LIST_ELEM | NLA_F_NESTED, &key_nest));
+            }
+            let mut body = vec![NFPROTO_INET, 0, 0, 0];
+            body.extend(attr(NFTA_SET_ELEM_LIST_TABLE, &c_string(table)));
+            body.extend(attr(NFTA_SET_ELEM_LIST_SET, &c_string(set)));
+            body.extend(attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, &elements));
+            bytes.extend(message(
+                msg_type(NFT_MSG_NEWSETELEM),
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK,
+                seq,
+                &body,
+            ));
+            acks.push(seq);
+            seq += 1;
+        }
+    }
+    bytes.extend(batch_marker(NFNL_MSG_BATCH_END, seq));
+    Batch { bytes, acks }
+}
+
+/// The key of a concatenation `addr . port`: each field padded to 4 bytes, network order.
+fn endpoint_key(e: &std::net::SocketAddr) -> Vec<u8> {
+    let mut k = match e.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    k.extend_from_slice(&e.port().to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+/// A batch begin or end: nfgenmsg with the subsystem in `res_id` (network order).
+fn batch_marker(kind: u16, seq: u32) -> Vec<u8> {
+    let mut body = vec![0, 0];
+    body.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+    message(kind, NLM_F_REQUEST, seq, &body)
+}
+
+/// nlmsghdr + body.
+fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(16 + body.len()).unwrap_or(u32::MAX);
+    let mut m = Vec::with_capacity(16 + body.len());
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(body);
+    m.resize(m.len().next_multiple_of(4), 0);
+    m
+}
+
+/// One attribute, padded to 4 bytes.
+fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+    let mut a = Vec::with_capacity(4 + value.len() + 3);
+    a.extend_from_slice(&len.to_ne_bytes());
+    a.extend_from_slice(&kind.to_ne_bytes());
+    a.extend_from_slice(value);
+    a.resize(a.len().next_multiple_of(4), 0);
+    a
+}
+
+fn c_string(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
 fn msg_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_NFTABLES << 8) | msg
+}
+
+/// An nfnetlink socket whose reads give up after [`RECV_TIMEOUT_SECS`] (the caller then falls back
+/// to `nft`) instead of blocking forever.
+fn open() -> Result<OwnedFd, NetlinkError> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )?;
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(RECV_TIMEOUT_SECS, 0),
+    )?;
+    Ok(fd)
 }
 
 fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), NetlinkError> {
@@ -119,26 +305,11 @@ fn send(fd: &OwnedFd, msg: &[u8]) -> Result<(), NetlinkError> {
 
 /// One request: nlmsghdr, nfgenmsg (family inet), and NUL-terminated string attributes.
 fn request(msg: u16, flags: u16, seq: u32, attrs: &[(u16, &str)]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(64);
-    m.extend_from_slice(&0u32.to_ne_bytes()); // length, set below
-    m.extend_from_slice(&msg_type(msg).to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    m.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
+    let mut body = vec![NFPROTO_INET, 0, 0, 0]; // nfgenmsg: family, version 0, res_id 0
     for (kind, value) in attrs {
-        let len = 4 + value.len() + 1;
-        // Names are short (nft limits them to 255 bytes); longer ones cannot exist anyway.
-        let len16 = u16::try_from(len).unwrap_or(u16::MAX);
-        m.extend_from_slice(&len16.to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(value.as_bytes());
-        m.push(0);
-        m.resize(m.len().next_multiple_of(4), 0);
+        body.extend(attr(*kind, &c_string(value)));
     }
-    let total = u32::try_from(m.len()).unwrap_or(u32::MAX);
-    m[..4].copy_from_slice(&total.to_ne_bytes());
-    m
+    message(msg_type(msg), flags, seq, &body)
 }
 
 /// Reads answers to request `seq` until its end (an ack, `NLMSG_DONE`, or an error), handing
@@ -264,15 +435,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut a = Vec::new();
-        a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(value);
-        a.resize(a.len().next_multiple_of(4), 0);
-        a
-    }
-
     fn rule_payload(handle: u64, comment: Option<&str>) -> Vec<u8> {
         let mut p = vec![NFPROTO_INET, 0, 0, 0];
         p.extend(attr(NFTA_RULE_TABLE, b"bosh_agent\0"));
@@ -315,6 +477,43 @@ mod tests {
             udata_comment(&[5, 1, b'a', 0, 2, b'h', 0]),
             Some("h".into())
         );
+    }
+
+    #[test]
+    fn endpoint_keys_pad_each_field_to_four_bytes() {
+        let v4: std::net::SocketAddr = "10.0.0.5:4222".parse().unwrap();
+        assert_eq!(endpoint_key(&v4), [10, 0, 0, 5, 0x10, 0x7e, 0, 0]);
+        let v6: std::net::SocketAddr = "[2001:db8::1]:4223".parse().unwrap();
+        let k = endpoint_key(&v6);
+        assert_eq!(k.len(), 20);
+        assert_eq!(&k[16..], [0x10, 0x7f, 0, 0]);
+    }
+
+    #[test]
+    fn endpoint_batches_are_framed_and_chunked() {
+        let none = endpoint_batch("t", "a", "b", &[], 1);
+        assert!(none.bytes.is_empty() && none.acks.is_empty());
+        let eps: Vec<std::net::SocketAddr> = (0..2500u32)
+            .map(|i| std::net::SocketAddr::from((i.to_be_bytes(), 4222)))
+            .chain(std::iter::once("[::1]:4222".parse().unwrap()))
+            .collect();
+        let b = endpoint_batch("bosh_agent", "nats_v4", "nats_v6", &eps, 7);
+        // 2,500 IPv4 elements in 3 messages, 1 IPv6 message, between begin (7) and end.
+        assert_eq!(b.acks, vec![8, 9, 10, 11]);
+        let mut rest = &b.bytes[..];
+        let mut kinds = Vec::new();
+        while !rest.is_empty() {
+            let (kind, seq, payload, next) = split_message(rest).unwrap();
+            kinds.push((kind, seq));
+            if kind == msg_type(NFT_MSG_NEWSETELEM) {
+                // The nested element list stays under the 64 KiB attribute limit.
+                assert!(payload.len() < 65_535, "{}", payload.len());
+            }
+            rest = next;
+        }
+        assert_eq!(kinds.first(), Some(&(NFNL_MSG_BATCH_BEGIN, 7)));
+        assert_eq!(kinds.last(), Some(&(NFNL_MSG_BATCH_END, 12)));
+        assert_eq!(kinds.len(), 6);
     }
 
     #[test]
