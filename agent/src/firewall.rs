@@ -60,7 +60,11 @@ impl Firewall {
     pub fn establish(opts: &LinuxOptions, nft: Nft, run_dir: PathBuf) -> Self {
         let placement = cgroup::placement_of(std::process::id());
         let (est, live) = std::thread::scope(|scope| {
-            let lister = scope.spawn(|| nft.list_table_text());
+            // A missing table (a first boot) needs no listing: netlink says so in microseconds.
+            let lister = scope.spawn(|| match netlink::table_exists(TABLE) {
+                Ok(false) => Ok(None),
+                _ => nft.list_table_text(),
+            });
             let est = selftest::establish(&nft, &placement);
             let live = lister.join().unwrap_or_else(|_| {
                 Err(FirewallError::Parse {

@@ -529,9 +529,21 @@ fn netlink_listing_agrees_with_nft() {
         .expect("thread")
         .expect("netlink read")
     };
+    let exists = || {
+        let netns = netns.try_clone().expect("dup");
+        std::thread::spawn(move || {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            platform::firewall::netlink::table_exists("bosh_agent")
+        })
+        .join()
+        .expect("thread")
+        .expect("netlink read")
+    };
+    assert!(!exists(), "no table");
     assert_eq!(read("monit_access_jobs"), None, "no table");
     sb.nft_script("add table inet bosh_agent\nadd chain inet bosh_agent other\n")
         .expect("nft");
+    assert!(exists(), "the table exists");
     assert_eq!(read("monit_access_jobs"), None, "no chain");
     let mut script = String::from("add chain inet bosh_agent monit_access_jobs\n");
     for i in 0..300u32 {

@@ -21,6 +21,8 @@ use nix::sys::socket::{
 };
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -45,6 +47,7 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NFPROTO_INET: u8 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
@@ -75,6 +78,30 @@ pub enum NetlinkError {
     Kernel(i32),
     #[error("unexpected netlink answer: {0}")]
     Protocol(&'static str),
+}
+
+/// Whether table `inet <table>` exists: one request, no process spawned.
+pub fn table_exists(table: &str) -> Result<bool, NetlinkError> {
+    let fd = open()?;
+    send(
+        &fd,
+        &request(
+            NFT_MSG_GETTABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            1,
+            &[(NFTA_TABLE_NAME, table)],
+        ),
+    )?;
+    let mut found = false;
+    match read_until_done(&fd, 1, |kind, _| {
+        found |= kind == msg_type(NFT_MSG_NEWTABLE);
+        Ok(())
+    }) {
+        Err(NetlinkError::Kernel(ENOENT)) => Ok(false),
+        Err(e) => Err(e),
+        Ok(()) if found => Ok(true),
+        Ok(()) => Err(NetlinkError::Protocol("no table in the answer")),
+    }
 }
 
 /// The rules of `chain` in table `inet <table>`, in chain order; `Ok(None)` when the table or
