@@ -159,6 +159,11 @@ pub async fn get_state(ctx: &Arc<Context>, args: &[Value]) -> Result<Value, Stri
         .cloned()
         .unwrap_or(json!(""));
     v.insert("vm".into(), json!({ "name": vm_name }));
+    // Not in upstream's answer; directors ignore it. Says whether the firewall is degraded.
+    v.insert(
+        "firewall".into(),
+        crate::firewall::report(&platform::firewall::nft::run_dir()),
+    );
     Ok(Value::Object(v))
 }
 

@@ -444,3 +444,123 @@ fn now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// The firewall's health as heartbeats and `get_state` report it, under the key `firewall`
+/// (upstream directors ignore keys they do not know), read from the state file the agent keeps
+/// in `run_dir`. `degraded` is true when the agent runs in the uid fallback, when its last
+/// apply failed, or when there is no state at all; `problems` says why, one line each.
+pub fn report(run_dir: &std::path::Path) -> serde_json::Value {
+    match state::read(run_dir) {
+        Ok(Some(st)) => report_of(&st),
+        Ok(None) => serde_json::json!({
+            "degraded": true,
+            "problems": ["no firewall state: the firewall was never installed"],
+        }),
+        Err(e) => serde_json::json!({
+            "degraded": true,
+            "problems": [format!("firewall state unreadable: {e}")],
+        }),
+    }
+}
+
+/// [`report`] of a state. Pure.
+pub fn report_of(st: &RuntimeState) -> serde_json::Value {
+    let mut problems = Vec::new();
+    if st.mode == "uid" {
+        problems.push(format!(
+            "cgroup matching unavailable, uid fallback: {}",
+            st.fallback_reason.as_deref().unwrap_or("reason unknown")
+        ));
+    }
+    if let Some(e) = &st.last_error {
+        problems.push(format!("the last firewall change failed: {e}"));
+    }
+    serde_json::json!({
+        "degraded": !problems.is_empty(),
+        "problems": problems,
+        "mode": st.mode,
+        "identity": st.identity,
+        "monit": st.monit,
+        "nats": st.nats,
+        "repairs": st.repairs,
+    })
+}
+
+/// The alert for a degraded firewall (upstream's alert shape, on `hm.agent.alert.<id>`), or
+/// `None` when it is healthy. A failed change is critical (2); the uid fallback alone, which
+/// still protects, is a warning (4). Pure.
+pub fn degraded_alert(report: &serde_json::Value, now_unix: i64) -> Option<serde_json::Value> {
+    if report.get("degraded").and_then(serde_json::Value::as_bool) != Some(true) {
+        return None;
+    }
+    let problems: Vec<&str> = report
+        .get("problems")
+        .and_then(serde_json::Value::as_array)
+        .map(|p| p.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    let failed = problems.iter().any(|p| !p.starts_with("cgroup matching"));
+    Some(serde_json::json!({
+        "id": format!("bosh-agent-firewall-{now_unix}-{}", std::process::id()),
+        "severity": if failed { 2 } else { 4 },
+        "title": "bosh-agent firewall - degraded - alert",
+        "summary": problems.join("; "),
+        "created_at": now_unix,
+    }))
+}
+
+#[cfg(test)]
+mod report_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_healthy_state_reports_no_problem_and_no_alert() {
+        let st = RuntimeState {
+            mode: "cgroup".into(),
+            identity: "cgroup v2 at level 2 (unified/a)".into(),
+            ..RuntimeState::default()
+        };
+        let r = report_of(&st);
+        assert_eq!(r["degraded"], false);
+        assert_eq!(r["problems"], serde_json::json!([]));
+        assert_eq!(degraded_alert(&r, 1), None);
+    }
+
+    #[test]
+    fn fallback_warns_and_a_failed_change_is_critical() {
+        let fallback = RuntimeState {
+            mode: "uid".into(),
+            fallback_reason: Some("v1 only".into()),
+            ..RuntimeState::default()
+        };
+        let r = report_of(&fallback);
+        assert_eq!(r["degraded"], true);
+        let a = degraded_alert(&r, 1_700_000_000).unwrap();
+        assert_eq!(a["severity"], 4);
+        assert_eq!(a["created_at"], 1_700_000_000);
+        assert!(a["summary"].as_str().unwrap().contains("v1 only"));
+        let failed = RuntimeState {
+            mode: "cgroup".into(),
+            last_error: Some("nft: Error: Could not process rule".into()),
+            ..RuntimeState::default()
+        };
+        let a = degraded_alert(&report_of(&failed), 5).unwrap();
+        assert_eq!(a["severity"], 2);
+        assert!(
+            a["summary"]
+                .as_str()
+                .unwrap()
+                .contains("Could not process rule")
+        );
+        for key in ["id", "severity", "title", "summary", "created_at"] {
+            assert!(a.get(key).is_some(), "upstream's alert has {key}");
+        }
+    }
+
+    #[test]
+    fn a_missing_state_is_degraded() {
+        let dir = std::env::temp_dir().join(format!("fw-report-{}", std::process::id()));
+        let r = report(&dir);
+        assert_eq!(r["degraded"], true);
+    }
+}

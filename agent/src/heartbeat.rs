@@ -36,7 +36,11 @@ pub async fn collect(ctx: &Arc<Context>) -> Value {
     if let Err(e) = write_json(&health, &json!({"state": state.as_str()})) {
         tracing::warn!(error = %e, "cannot write health.json");
     }
-    payload(&spec, state.as_str(), v, processes)
+    let mut hb = payload(&spec, state.as_str(), v, processes);
+    // A key upstream's health monitor ignores: the firewall's health, so a degraded firewall
+    // is visible in every heartbeat.
+    hb["firewall"] = crate::firewall::report(&platform::firewall::nft::run_dir());
+    hb
 }
 
 #[cfg(test)]

@@ -177,6 +177,7 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
             linux.heartbeat_interval_seconds.unwrap_or(30),
         );
         spawn_alerts(b.clone(), &settings).await;
+        spawn_firewall_alerts(b.clone(), every_reconcile(linux));
     }
 
     let every = Duration::from_secs(linux.firewall.reconcile_interval_seconds.max(1));
@@ -331,6 +332,50 @@ fn spawn_heartbeats(ctx: Arc<dispatch::Context>, bus: Bus, every: u64) {
             }
         }
         .instrument(info_span!("heartbeat")),
+    );
+}
+
+fn every_reconcile(linux: &config::LinuxOptions) -> Duration {
+    Duration::from_secs(linux.firewall.reconcile_interval_seconds.max(1))
+}
+
+/// Sends an alert when the firewall is degraded (uid fallback, a failed change): once
+/// connected, then whenever the problems change. A firewall failure never goes unnoticed.
+fn spawn_firewall_alerts(bus: Bus, every: Duration) {
+    tokio::spawn(
+        async move {
+            let mut state = bus.watch_state();
+            let _ = state
+                .wait_for(|s| matches!(s, mbus::ConnectionState::Connected { .. }))
+                .await;
+            let mut sent: Option<serde_json::Value> = None;
+            loop {
+                let report = firewall::report(&run_dir());
+                let problems = report.get("problems").cloned();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                match firewall::degraded_alert(&report, now) {
+                    Some(alert) if sent != problems => {
+                        let bytes = serde_json::to_vec(&alert).unwrap_or_default();
+                        match bus
+                            .publish_to(Target::HealthMonitor, Topic::Alert, bytes.into())
+                            .await
+                        {
+                            Ok(()) => {
+                                warn!(summary = %alert["summary"], "firewall degraded; alert sent");
+                                sent = problems;
+                            }
+                            Err(e) => warn!(error = %e, "firewall alert not sent; will retry"),
+                        }
+                    }
+                    Some(_) => {}
+                    None => sent = None,
+                }
+                tokio::time::sleep(every).await;
+            }
+        }
+        .instrument(info_span!("firewall")),
     );
 }
 
