@@ -548,7 +548,8 @@ impl Supervisor {
         resolver: &mut FreshResolver,
         receiver_gone: &mut bool,
     ) -> Served {
-        let switch = self.switch_when_reconfigured(current, config, resolver);
+        let old = session.client.clone();
+        let switch = self.switch_when_reconfigured(current, &old, config, resolver);
         tokio::pin!(switch);
         loop {
             tokio::select! {
@@ -565,10 +566,13 @@ impl Supervisor {
 
     /// Waits for a configuration that differs from `current`, then makes attempts to it
     /// (normal backoff between them, always with the newest configuration) until one gives a
-    /// subscribed session. Never returns while the configuration equals `current`.
+    /// subscribed session. Never returns while the configuration equals `current`. Before it
+    /// returns, it waits (bounded by the connection timeout) until a request published on the
+    /// `old` connection's server reaches the new subscription ([`session::reachable_from`]).
     async fn switch_when_reconfigured(
         &self,
         current: &Destination,
+        old: &async_nats::Client,
         config: &mut watch::Receiver<Arc<Destination>>,
         resolver: &mut FreshResolver,
     ) -> Switch {
@@ -595,6 +599,17 @@ impl Supervisor {
             if let Some((session, candidate)) =
                 self.attempt(&target, resolver, &mut cursor, true).await
             {
+                // The old session keeps serving meanwhile (this future runs beside it).
+                if let Err(e) = session::reachable_from(
+                    old,
+                    &session.client,
+                    self.options.connection_timeout,
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "requests published on the old mbus server may \
+                        not reach the new one (not one cluster?); switching anyway");
+                }
                 return Switch {
                     session,
                     candidate,

@@ -245,3 +245,38 @@ pub(crate) async fn forward(
         tracing::warn!("mbus requests receiver dropped: discarding requests");
     }
 }
+
+/// Proves that a request published on `old`'s server now reaches `new`'s subscriptions, when
+/// the two servers are one cluster: subscribes a fresh inbox on `new` after its `agent.<id>`
+/// subscription, and publishes to it through `old` until one arrives. A server forwards a
+/// connection's interest over the route in order, so once the inbox is reachable from the old
+/// server, so is the new `agent.<id>` subscription, and retiring the old one loses nothing.
+/// Err when nothing arrives within `limit` (e.g. servers that are not clustered).
+pub(crate) async fn reachable_from(
+    old: &async_nats::Client,
+    new: &async_nats::Client,
+    limit: Duration,
+) -> Result<(), String> {
+    let inbox = new.new_inbox();
+    let mut probe = new
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| format!("cannot subscribe to the overlap probe: {e}"))?;
+    let res = tokio::time::timeout(limit, async {
+        loop {
+            old.publish(inbox.clone(), Bytes::new())
+                .await
+                .map_err(|e| format!("cannot publish the overlap probe: {e}"))?;
+            match tokio::time::timeout(Duration::from_millis(50), probe.next()).await {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => return Err("the new connection closed".to_string()),
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no probe crossed within {limit:?}")));
+    // Best effort: an error only leaves an idle inbox subscription.
+    let _ = probe.unsubscribe().await;
+    res
+}
