@@ -289,9 +289,7 @@ fn start_bus(
 
 /// The checks `Bus::connect` makes (a dialable URL, usable certificate material), applied to
 /// a configuration that includes update_settings before it is preferred.
-fn usable(
-    cfg: Result<mbus::MbusConfig, mbus::SettingsError>,
-) -> Result<mbus::MbusConfig, String> {
+fn usable(cfg: Result<mbus::MbusConfig, mbus::SettingsError>) -> Result<mbus::MbusConfig, String> {
     let cfg = cfg.map_err(|e| e.to_string())?;
     if cfg.servers.is_empty() {
         return Err("no dialable mbus URL".into());

@@ -821,10 +821,7 @@ fn update_settings_with_new_mbus_urls_switches_the_agent_live() {
     w.director.wait_pong(CONNECT_LIMIT);
     // A malformed mbus fails the task and keeps the connection.
     let r = w.task("update_settings", json!([{"mbus": {"urls": "nats://x"}}]));
-    assert!(
-        exception(&r).contains("Updating mbus"),
-        "{r}"
-    );
+    assert!(exception(&r).contains("Updating mbus"), "{r}");
     w.ping_ok();
 }
 

@@ -418,7 +418,7 @@ enum Served {
     /// The connection is over; why.
     Ended(&'static str),
     /// A session to a newer configuration is connected and subscribed.
-    Switched(Switch),
+    Switched(Box<Switch>),
 }
 
 /// A session made for a newer [`Destination`], ready to take over.
@@ -559,7 +559,7 @@ impl Supervisor {
                     Step::Ended(reason) => return Served::Ended(reason),
                     Step::Idle => {}
                 },
-                switched = &mut switch => return Served::Switched(switched),
+                switched = &mut switch => return Served::Switched(Box::new(switched)),
             }
         }
     }
@@ -600,12 +600,9 @@ impl Supervisor {
                 self.attempt(&target, resolver, &mut cursor, true).await
             {
                 // The old session keeps serving meanwhile (this future runs beside it).
-                if let Err(e) = session::reachable_from(
-                    old,
-                    &session.client,
-                    self.options.connection_timeout,
-                )
-                .await
+                if let Err(e) =
+                    session::reachable_from(old, &session.client, self.options.connection_timeout)
+                        .await
                 {
                     tracing::warn!(error = %e, "requests published on the old mbus server may \
                         not reach the new one (not one cluster?); switching anyway");

@@ -227,7 +227,10 @@ impl Session {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(?limit, "the replaced mbus subscription did not finish draining in time");
+            tracing::warn!(
+                ?limit,
+                "the replaced mbus subscription did not finish draining in time"
+            );
         }
         forwarded
     }

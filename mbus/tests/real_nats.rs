@@ -511,8 +511,7 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     );
     let config_a = config(&pki, &[url_for(&ip_a.to_string(), port)]);
     let config_b = config(&pki, &[url_for(&ip_b.to_string(), port)]);
-    let (bus, requests) =
-        Bus::connect(&config_a, Arc::new(mbus::NoHook), options(None)).unwrap();
+    let (bus, requests) = Bus::connect(&config_a, Arc::new(mbus::NoHook), options(None)).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
     wait_connected_to(&bus, server_a.addr, Duration::from_secs(10)).await;
     let director_a = director(&pki, server_a.addr).await;
@@ -541,12 +540,16 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     let config_dead = config(&pki, &[url_for(&lo(3).to_string(), dead_port)]);
     assert!(bus.reconfigure(&config_dead).unwrap());
     let stats = bus.stats();
-    wait_until(Duration::from_secs(15), "two failed switch attempts", || {
-        stats.switch_failures() >= 2
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "two failed switch attempts",
+        || stats.switch_failures() >= 2,
+    )
     .await;
     ping_agent(&director_a).await;
-    assert!(matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_a.addr));
+    assert!(
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_a.addr)
+    );
     assert_eq!(stats.connects(), 1, "no reconnect so far");
 
     // A director on A pings continuously, each ping with its own reply subject, while the bus
@@ -618,12 +621,18 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     }
     assert_eq!(answers.len(), sent);
     let snapshot = stats.snapshot();
-    assert_eq!((snapshot.connects, snapshot.switches), (2, 1), "{snapshot:?}");
+    assert_eq!(
+        (snapshot.connects, snapshot.switches),
+        (2, 1),
+        "{snapshot:?}"
+    );
 
     // Now on B: A can go away, and a director on B is answered.
     server_a.stop();
     ping_agent(&director_b).await;
-    assert!(matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr));
+    assert!(
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr)
+    );
     assert!(!bus.reconfigure(&config_b).unwrap());
     bus.shutdown().await;
 }
