@@ -240,17 +240,46 @@ pub fn prepare_async(ctx: &Arc<Context>, req: &Request) -> Result<TaskBody, Stri
                 .cloned()
                 .ok_or_else(|| not_enough(1, req))?;
             Ok(task(move |_| async move {
-                // Persisted for the next start (as upstream's update_settings.json); a changed
-                // mbus is not applied to the live connection by this agent yet.
+                // Persisted for the next start (as upstream's update_settings.json).
                 write_json(
-                    &ctx.base_dir.join("bosh").join("update_settings.json"),
+                    &crate::settings::update_settings_path(&ctx.base_dir),
                     &settings,
                 )?;
+                apply_mbus(&ctx, &settings)?;
                 Ok(json!("ok"))
             }))
         }
         other => Err(format!("unknown message {other}")),
     }
+}
+
+/// Applies the mbus part of an `update_settings` argument to the live bus (upstream restarts
+/// the agent instead). An unchanged mbus does nothing; a changed one is switched to
+/// make-before-break by [`mbus::Bus::reconfigure`] in the background. A configuration that
+/// fails validation is an error and the current connection is kept.
+fn apply_mbus(ctx: &Context, update_settings: &Value) -> Result<(), String> {
+    let Some(notifier) = &ctx.notifier else {
+        // No bus (tests without one, or a bus that could not start): nothing live to change.
+        return Ok(());
+    };
+    let keep = "; the current mbus connection is kept";
+    let cfg = mbus::mbus_config(&ctx.settings, Some(update_settings))
+        .map_err(|e| format!("Updating mbus: {e}{keep}"))?;
+    for r in &cfg.rejected {
+        tracing::error!(error = %r, "mbus URL rejected");
+    }
+    let changed = notifier
+        .bus
+        .reconfigure(&cfg)
+        .map_err(|e| format!("Updating mbus: {e}{keep}"))?;
+    if changed {
+        tracing::info!(
+            origin = cfg.urls_origin,
+            servers = cfg.servers.len(),
+            "mbus changed by update_settings: switching live"
+        );
+    }
+    Ok(())
 }
 
 fn not_enough(need: usize, req: &Request) -> String {

@@ -117,7 +117,8 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         error!(error = %e, "no settings: the agent cannot reach the director");
         serde_json::Value::Null
     });
-    let (bus, mut requests) = match start_bus(&config, &settings, &fw) {
+    let update_settings = settings::load_update_settings(&base_dir);
+    let (bus, mut requests) = match start_bus(&config, &settings, update_settings.as_ref(), &fw) {
         Some((b, r)) => (Some(b), Some(r)),
         None => (None, None),
     };
@@ -226,9 +227,13 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
 }
 
 /// Starts the bus, or logs why it cannot (the agent keeps its firewall running either way).
+/// `update_settings` (the persisted document) takes precedence as upstream's; if it makes the
+/// configuration unusable, the settings alone are used (logged), so that a bad update cannot
+/// keep the agent off the bus.
 fn start_bus(
     config: &AgentConfig,
     settings: &serde_json::Value,
+    update_settings: Option<&serde_json::Value>,
     fw: &Arc<Mutex<firewall::Firewall>>,
 ) -> Option<(Bus, Requests)> {
     let _span = info_span!("mbus").entered();
@@ -241,7 +246,15 @@ fn start_bus(
         not_started("no settings (see the log for the settings source error)".into());
         return None;
     }
-    let cfg = match mbus::mbus_config(settings, None) {
+    let cfg = match update_settings.map(|u| usable(mbus::mbus_config(settings, Some(u)))) {
+        Some(Ok(c)) => Ok(c),
+        Some(Err(why)) => {
+            warn!(error = %why, "the persisted update_settings give no usable mbus; using the settings alone");
+            mbus::mbus_config(settings, None)
+        }
+        None => mbus::mbus_config(settings, None),
+    };
+    let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             not_started(format!("settings have no usable mbus: {e}"));
@@ -273,6 +286,17 @@ fn start_bus(
             None
         }
     }
+}
+
+/// The checks `Bus::connect` makes (a dialable URL, usable certificate material), applied to
+/// a configuration that includes update_settings before it is preferred.
+fn usable(cfg: Result<mbus::MbusConfig, mbus::SettingsError>) -> Result<mbus::MbusConfig, String> {
+    let cfg = cfg.map_err(|e| e.to_string())?;
+    if cfg.servers.is_empty() {
+        return Err("no dialable mbus URL".into());
+    }
+    mbus::tls::client_config(&cfg.cert).map_err(|e| e.to_string())?;
+    Ok(cfg)
 }
 
 /// `BOSH_AGENT_RESOLV_CONF` / `BOSH_AGENT_HOSTS` point resolution at other files (tests use

@@ -32,6 +32,32 @@ pub fn cache_path(base_dir: &Path) -> PathBuf {
     base_dir.join("bosh").join("settings.json")
 }
 
+/// Where the director's last `update_settings` argument is kept: `<base>/bosh/update_settings.json`.
+pub fn update_settings_path(base_dir: &Path) -> PathBuf {
+    base_dir.join("bosh").join("update_settings.json")
+}
+
+/// The persisted `update_settings` document, if any (upstream loads it at start). A missing
+/// file is `None`; an unreadable or malformed one is logged and ignored, so that it cannot
+/// keep the agent off the bus.
+pub fn load_update_settings(base_dir: &Path) -> Option<Value> {
+    let path = update_settings_path(base_dir);
+    match fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring malformed update_settings");
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "ignoring unreadable update_settings");
+            None
+        }
+    }
+}
+
 /// Reads and parses a settings file; the error names the file, line and column.
 pub fn read_settings(path: &Path) -> Result<Value, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;

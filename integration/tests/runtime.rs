@@ -50,7 +50,13 @@ struct Opts {
     heartbeat_seconds: Option<u64>,
     /// Lines appended to nats.conf.
     nats_extra: &'static str,
+    /// Makes the main server one of cluster "bosh" (routes on 127.0.0.1:6222) with a second
+    /// server, not in the settings, at [`SECOND_SIDE`] (routes on 127.0.0.2:6222).
+    second_server: bool,
 }
+
+/// The second server of [`Opts::second_server`].
+const SECOND_SIDE: &str = "127.0.0.2:4223";
 
 /// A sandbox with nats-server, the agent, monit with its sample job running, and a connected
 /// director. Fields drop in order: director, monit (and the sample's processes), agent,
@@ -58,6 +64,7 @@ struct Opts {
 struct World {
     director: Director,
     monit: Monit,
+    _second: Option<NatsServer>,
     agent: Agent,
     _nats: NatsServer,
     agent_cg: CgroupDir,
@@ -75,9 +82,25 @@ fn world(name: &str, opts: Opts) -> World {
         NATS_CN,
         "main",
         "0.0.0.0:4222",
-        None,
+        opts.second_server.then(|| Cluster {
+            listen: "127.0.0.1:6222".into(),
+            routes: vec!["127.0.0.2:6222".into()],
+        }),
         opts.nats_extra,
     );
+    let second = opts.second_server.then(|| {
+        NatsServer::start(
+            &sb,
+            &pki,
+            NATS_CN,
+            "second",
+            SECOND_SIDE,
+            Some(Cluster {
+                listen: "127.0.0.2:6222".into(),
+                routes: vec!["127.0.0.1:6222".into()],
+            }),
+        )
+    });
     // monit.user and the monitrc first: the agent keeps a valid monit.user, and uses the
     // monitrc at <base>/bosh/etc/monitrc for `monit stop -g vcap`.
     let mut monit = Monit::prepare(&sb).unwrap_or_else(|e| panic!("{e}"));
@@ -102,6 +125,7 @@ fn world(name: &str, opts: Opts) -> World {
     World {
         director,
         monit,
+        _second: second,
         agent,
         _nats: nats,
         agent_cg,
@@ -754,6 +778,50 @@ fn update_settings_answers_ok_and_writes_the_file() {
     )
     .unwrap();
     assert_eq!(written, update);
+    w.ping_ok();
+}
+
+#[test]
+fn update_settings_with_new_mbus_urls_switches_the_agent_live() {
+    let w = world(
+        "rt-update-mbus",
+        Opts {
+            second_server: true,
+            ..Opts::default()
+        },
+    );
+    let before = nats_endpoints(&w.sb);
+    assert!(before.contains(&AGENT_SIDE.parse().unwrap()), "{before:?}");
+    let update = json!({"mbus": {"urls": [nats_url(SECOND_SIDE)]}});
+    assert_eq!(
+        w.task("update_settings", json!([update])),
+        json!({"value": "ok"}),
+        "agent log:\n{}",
+        w.agent.log()
+    );
+    let path = w.base().join("bosh/update_settings.json");
+    let written: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(written, update);
+    // The NATS firewall covers the new endpoint, and once the switch is done only it.
+    let second: std::net::SocketAddr = SECOND_SIDE.parse().unwrap();
+    let deadline = Instant::now() + CONNECT_LIMIT;
+    loop {
+        let now = nats_endpoints(&w.sb);
+        if now == [second] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NATS set {now:?} never became [{second}]\n{}",
+            w.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The director (on the main server, routed to the second) is still answered.
+    w.director.wait_pong(CONNECT_LIMIT);
+    // A malformed mbus fails the task and keeps the connection.
+    let r = w.task("update_settings", json!([{"mbus": {"urls": "nats://x"}}]));
+    assert!(exception(&r).contains("Updating mbus"), "{r}");
     w.ping_ok();
 }
 

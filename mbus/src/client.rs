@@ -6,6 +6,11 @@
 //! While connected, requests on `agent.<id>` flow to [`Requests`]; when the connection drops
 //! the next attempt starts at once. [`Requests`] outlives every connection, so the agent's
 //! subscription survives reconnects.
+//!
+//! [`Bus::reconfigure`] switches servers or certificate make-before-break: the new session is
+//! made by a normal attempt (resolution, hook, dials, confirmed subscription) while the old one
+//! keeps serving; only then does the new one take over, and the old one is drained into
+//! [`Requests`] before it is dropped.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -20,10 +25,10 @@ use tokio::task::JoinHandle;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::hook::{BeforeConnect, ConnectPlan};
 use crate::resolve::{Candidate, FreshResolver, ResolverSource};
-use crate::session::{self, IncomingMessage, SessionOptions};
+use crate::session::{self, IncomingMessage, SessionOptions, Step};
 use crate::settings::MbusConfig;
 use crate::status::{self, BusStats, ConnectionState};
-use crate::tls::{TlsError, client_config};
+use crate::tls::{CertKeyPair, TlsError, client_config};
 use crate::urls::{ServerUrl, UrlError};
 
 /// Tunables; [`Default`] is what the agent uses.
@@ -172,8 +177,40 @@ impl Shared {
     }
 }
 
+/// What the supervisor dials: a validated [`MbusConfig`] (servers and TLS material).
+struct Destination {
+    servers: Vec<ServerUrl>,
+    cert: CertKeyPair,
+    tls: ClientConfig,
+}
+
+impl Destination {
+    /// The checks [`Bus::connect`] and [`Bus::reconfigure`] share: at least one dialable URL,
+    /// and certificate material a TLS client configuration can be built from.
+    fn validate(config: &MbusConfig) -> Result<Destination, ConnectError> {
+        if config.servers.is_empty() {
+            return Err(ConnectError::NoServers {
+                skipped: config.skipped.clone(),
+                rejected: config.rejected.clone(),
+            });
+        }
+        let tls = client_config(&config.cert)?;
+        Ok(Destination {
+            servers: config.servers.clone(),
+            cert: config.cert.clone(),
+            tls,
+        })
+    }
+
+    /// Same servers (in the same order) and same certificate material.
+    fn same_as(&self, other: &Destination) -> bool {
+        self.servers == other.servers && self.cert == other.cert
+    }
+}
+
 struct Inner {
     shared: Arc<Shared>,
+    config: watch::Sender<Arc<Destination>>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -213,13 +250,7 @@ impl Bus {
         hook: Arc<dyn BeforeConnect>,
         options: BusOptions,
     ) -> Result<(Bus, Requests), ConnectError> {
-        if config.servers.is_empty() {
-            return Err(ConnectError::NoServers {
-                skipped: config.skipped.clone(),
-                rejected: config.rejected.clone(),
-            });
-        }
-        let tls = client_config(&config.cert)?;
+        let target = Arc::new(Destination::validate(config)?);
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConnectError::NoRuntime)?;
         let (state, _) = watch::channel(ConnectionState::Connecting { attempt: 0 });
         let shared = Arc::new(Shared {
@@ -230,11 +261,10 @@ impl Bus {
         });
         let (stop, mut stopped) = watch::channel(false);
         let (tx, rx) = mpsc::channel(options.request_capacity.max(1));
+        let (config_tx, config_rx) = watch::channel(target);
         let supervisor = Supervisor {
             shared: shared.clone(),
-            servers: config.servers.clone(),
             subject: format!("agent.{}", config.agent_id),
-            tls,
             hook,
             options,
             requests: tx,
@@ -242,7 +272,7 @@ impl Bus {
         let task_shared = shared.clone();
         let task = runtime.spawn(async move {
             tokio::select! {
-                () = supervisor.run() => {}
+                () = supervisor.run(config_rx) => {}
                 _ = stopped.wait_for(|s| *s) => {}
             }
             task_shared.set_client(None);
@@ -250,6 +280,7 @@ impl Bus {
         });
         let inner = Inner {
             shared,
+            config: config_tx,
             stop,
             task: Mutex::new(Some(task)),
         };
@@ -259,6 +290,44 @@ impl Bus {
             },
             Requests { rx },
         ))
+    }
+
+    /// Changes the servers and/or certificate the bus uses, live. `config` is validated
+    /// exactly as by [`Bus::connect`]; on error nothing changes. Returns `Ok(false)` when the
+    /// servers (same URLs, same order) and the certificate material equal the last
+    /// configuration given, and then nothing happens at all. Otherwise returns `Ok(true)` at
+    /// once and the supervisor switches in the background, make-before-break:
+    /// - while connected, the current session keeps serving until a session to the new
+    ///   servers is connected and its subscription confirmed (a normal attempt: fresh
+    ///   resolution, the before-connect hook, dials); then the new session becomes the one
+    ///   publishes use, and the old one is drained: every request it had received, or that
+    ///   the server routed to it before processing its UNSUB, still reaches [`Requests`].
+    ///   Both sessions subscribe in one queue group, so on one NATS cluster a request is
+    ///   delivered to one of them only;
+    /// - if the new servers cannot be reached, the old session keeps serving and the switch
+    ///   is retried with the normal backoff (warned, counted in [`BusStats::switch_failures`]);
+    /// - if the old session ends meanwhile (or the bus was not connected), the ordinary
+    ///   reconnect logic takes over with the new configuration.
+    ///
+    /// `config.agent_id` is ignored: the subject stays `agent.<id>` of [`Bus::connect`].
+    pub fn reconfigure(&self, config: &MbusConfig) -> Result<bool, ConnectError> {
+        let target = Destination::validate(config)?;
+        let changed = self.inner.config.send_if_modified(move |current| {
+            if current.same_as(&target) {
+                false
+            } else {
+                *current = Arc::new(target);
+                true
+            }
+        });
+        if changed {
+            tracing::info!(
+                servers = config.servers.len(),
+                urls_origin = config.urls_origin,
+                "mbus reconfigured; switching make-before-break"
+            );
+        }
+        Ok(changed)
     }
 
     /// Publishes `payload` on `subject` over the current connection (queued, not awaited on
@@ -338,61 +407,218 @@ impl Bus {
 
 struct Supervisor {
     shared: Arc<Shared>,
-    servers: Vec<ServerUrl>,
     subject: String,
-    tls: ClientConfig,
     hook: Arc<dyn BeforeConnect>,
     options: BusOptions,
     requests: mpsc::Sender<IncomingMessage>,
 }
 
+/// How serving one session ended.
+enum Served {
+    /// The connection is over; why.
+    Ended(&'static str),
+    /// A session to a newer configuration is connected and subscribed.
+    Switched(Box<Switch>),
+}
+
+/// A session made for a newer [`Destination`], ready to take over.
+struct Switch {
+    session: session::Session,
+    candidate: Candidate,
+    target: Arc<Destination>,
+    cursor: usize,
+}
+
 impl Supervisor {
-    async fn run(self) {
-        let stats = self.shared.stats.clone();
+    async fn run(self, mut config: watch::Receiver<Arc<Destination>>) {
         let mut resolver = FreshResolver::new(self.options.resolver.clone());
         let mut backoff = Backoff::new(self.options.backoff);
         let mut cursor = 0usize;
+        let mut receiver_gone = false;
         loop {
             let delay = backoff.next_delay();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let attempt = stats.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-            self.shared
-                .state
-                .send_replace(ConnectionState::Connecting { attempt });
-
-            let resolution = resolver.resolve(&self.servers).await;
-            stats
-                .resolve_failures
-                .fetch_add(resolution.failed.len() as u64, Ordering::Relaxed);
-            let plan = ConnectPlan {
-                attempt,
-                endpoints: resolution.endpoints(),
-                failed: resolution.failed.clone(),
-            };
-            self.call_hook(&plan).await;
-
-            let Some((session, candidate)) =
-                self.dial_any(&resolution.candidates, &mut cursor).await
+            // The newest configuration; a switch that was pending is thereby superseded.
+            let mut target = config.borrow_and_update().clone();
+            let Some((mut session, mut candidate)) = self
+                .attempt(&target, &mut resolver, &mut cursor, false)
+                .await
             else {
                 continue;
             };
-            let started = Instant::now();
-            let server = self.servers[candidate.server].redacted();
-            tracing::info!(%server, endpoint = %candidate.addr, attempt, "mbus connected and subscribed");
-            self.shared.set_client(Some(session.client.clone()));
-            self.shared.state.send_replace(ConnectionState::Connected {
-                server: server.clone(),
-                endpoint: candidate.addr,
-            });
-            let reason = session::serve(session, &self.requests).await;
+            let mut started = Instant::now();
+            let (reason, server) = loop {
+                let server = target.servers[candidate.server].redacted();
+                tracing::info!(%server, endpoint = %candidate.addr, "mbus connected and subscribed");
+                self.shared.set_client(Some(session.client.clone()));
+                self.shared.state.send_replace(ConnectionState::Connected {
+                    server: server.clone(),
+                    endpoint: candidate.addr,
+                });
+                let served = self
+                    .serve(
+                        &mut session,
+                        &target,
+                        &mut config,
+                        &mut resolver,
+                        &mut receiver_gone,
+                    )
+                    .await;
+                match served {
+                    Served::Ended(reason) => break (reason, server),
+                    Served::Switched(switch) => {
+                        let old = std::mem::replace(&mut session, switch.session);
+                        // The new session serves publishes from now on; the old one only
+                        // hands over what it still holds.
+                        self.shared.set_client(Some(session.client.clone()));
+                        let new_server = switch.target.servers[switch.candidate.server].redacted();
+                        self.shared.state.send_replace(ConnectionState::Connected {
+                            server: new_server.clone(),
+                            endpoint: switch.candidate.addr,
+                        });
+                        self.shared.stats.switches.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(old = %server, old_endpoint = %candidate.addr,
+                            new = %new_server, new_endpoint = %switch.candidate.addr,
+                            "mbus switched to the new configuration; draining the old session");
+                        let forwarded = old
+                            .retire(
+                                self.options.connection_timeout,
+                                &self.requests,
+                                &mut receiver_gone,
+                            )
+                            .await;
+                        tracing::info!(forwarded, "old mbus session drained and closed");
+                        target = switch.target;
+                        candidate = switch.candidate;
+                        cursor = switch.cursor;
+                        started = Instant::now();
+                        backoff = Backoff::new(self.options.backoff);
+                    }
+                }
+            };
             self.shared.set_client(None);
             let lasted = started.elapsed();
             tracing::warn!(%server, endpoint = %candidate.addr, reason, ?lasted, "mbus connection ended");
             backoff.connection_ended(lasted);
             // Start the next pass at the next endpoint: the one that just failed is tried last.
             cursor = cursor.wrapping_add(1);
+        }
+    }
+
+    /// One connection attempt to `target`: resolve every URL afresh, call the hook with the
+    /// endpoints about to be dialled, dial. `switching` attempts (made while a session is
+    /// still serving) leave the reported state `Connected`.
+    async fn attempt(
+        &self,
+        target: &Destination,
+        resolver: &mut FreshResolver,
+        cursor: &mut usize,
+        switching: bool,
+    ) -> Option<(session::Session, Candidate)> {
+        let stats = &self.shared.stats;
+        let attempt = stats.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        if !switching {
+            self.shared
+                .state
+                .send_replace(ConnectionState::Connecting { attempt });
+        }
+        let resolution = resolver.resolve(&target.servers).await;
+        stats
+            .resolve_failures
+            .fetch_add(resolution.failed.len() as u64, Ordering::Relaxed);
+        let plan = ConnectPlan {
+            attempt,
+            endpoints: resolution.endpoints(),
+            failed: resolution.failed.clone(),
+        };
+        self.call_hook(&plan).await;
+        self.dial_any(target, &resolution.candidates, cursor).await
+    }
+
+    /// Serves `session` until its connection ends, or until a configuration different from
+    /// `current` has produced a subscribed session (returned, not yet serving). While a
+    /// message is being forwarded the switch attempt is not polled, so it only waits.
+    async fn serve(
+        &self,
+        session: &mut session::Session,
+        current: &Destination,
+        config: &mut watch::Receiver<Arc<Destination>>,
+        resolver: &mut FreshResolver,
+        receiver_gone: &mut bool,
+    ) -> Served {
+        let old = session.client.clone();
+        let switch = self.switch_when_reconfigured(current, &old, config, resolver);
+        tokio::pin!(switch);
+        loop {
+            tokio::select! {
+                biased;
+                step = session.step() => match step {
+                    Step::Message(m) => session::forward(&self.requests, m, receiver_gone).await,
+                    Step::Ended(reason) => return Served::Ended(reason),
+                    Step::Idle => {}
+                },
+                switched = &mut switch => return Served::Switched(Box::new(switched)),
+            }
+        }
+    }
+
+    /// Waits for a configuration that differs from `current`, then makes attempts to it
+    /// (normal backoff between them, always with the newest configuration) until one gives a
+    /// subscribed session. Never returns while the configuration equals `current`. Before it
+    /// returns, it waits (bounded by the connection timeout) until a request published on the
+    /// `old` connection's server reaches the new subscription ([`session::reachable_from`]).
+    async fn switch_when_reconfigured(
+        &self,
+        current: &Destination,
+        old: &async_nats::Client,
+        config: &mut watch::Receiver<Arc<Destination>>,
+        resolver: &mut FreshResolver,
+    ) -> Switch {
+        let mut backoff = Backoff::new(self.options.backoff);
+        let mut cursor = 0usize;
+        loop {
+            loop {
+                if !config.borrow_and_update().same_as(current) {
+                    break;
+                }
+                if config.changed().await.is_err() {
+                    // The bus is gone; the supervisor is about to be stopped.
+                    std::future::pending::<()>().await;
+                }
+            }
+            let delay = backoff.next_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let target = config.borrow_and_update().clone();
+            if target.same_as(current) {
+                continue;
+            }
+            if let Some((session, candidate)) =
+                self.attempt(&target, resolver, &mut cursor, true).await
+            {
+                // The old session keeps serving meanwhile (this future runs beside it).
+                if let Err(e) =
+                    session::reachable_from(old, &session.client, self.options.connection_timeout)
+                        .await
+                {
+                    tracing::warn!(error = %e, "requests published on the old mbus server may \
+                        not reach the new one (not one cluster?); switching anyway");
+                }
+                return Switch {
+                    session,
+                    candidate,
+                    target,
+                    cursor,
+                };
+            }
+            let stats = &self.shared.stats;
+            stats.switch_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "cannot reach the reconfigured mbus servers; the current connection keeps serving, retrying"
+            );
         }
     }
 
@@ -416,6 +642,7 @@ impl Supervisor {
     /// the endpoint that accepted, or past the ones tried.
     async fn dial_any(
         &self,
+        target: &Destination,
         candidates: &[Candidate],
         cursor: &mut usize,
     ) -> Option<(session::Session, Candidate)> {
@@ -428,7 +655,7 @@ impl Supervisor {
             return None;
         }
         let opts = SessionOptions {
-            tls: &self.tls,
+            tls: &target.tls,
             connection_timeout: self.options.connection_timeout,
             ping_interval: self.options.ping_interval,
             subject: &self.subject,
@@ -439,7 +666,7 @@ impl Supervisor {
         for i in 0..tries {
             let index = cursor.wrapping_add(i) % candidates.len();
             let candidate = candidates[index];
-            let server = &self.servers[candidate.server];
+            let server = &target.servers[candidate.server];
             stats.dials.fetch_add(1, Ordering::Relaxed);
             match session::open(candidate.addr, server, &opts).await {
                 Ok(session) => {

@@ -26,6 +26,11 @@ use tokio::sync::mpsc;
 
 use crate::urls::{Credentials, ServerUrl};
 
+/// Queue group of the `agent.<id>` subscription. Normally there is one subscriber, so this
+/// changes nothing; while a reconfiguration overlaps two sessions on the same NATS cluster,
+/// the server delivers each request to exactly one of them, never to both.
+pub(crate) const QUEUE_GROUP: &str = "bosh-agent";
+
 /// Never dialled successfully: port 0 is refused by the local stack.
 const SENTINEL: &str = "tls://127.0.0.1:0";
 
@@ -128,7 +133,7 @@ async fn subscribe_confirmed(
     subject: &str,
 ) -> Result<async_nats::Subscriber, String> {
     let subscriber = client
-        .subscribe(subject.to_string())
+        .queue_subscribe(subject.to_string(), QUEUE_GROUP.to_string())
         .await
         .map_err(|e| format!("cannot subscribe to {subject}: {e}"))?;
     let inbox = client.new_inbox();
@@ -158,38 +163,123 @@ pub struct IncomingMessage {
     pub payload: Bytes,
 }
 
-/// Forwards messages until the connection drops; returns why it ended.
-pub(crate) async fn serve(
-    mut session: Session,
-    requests: &mpsc::Sender<IncomingMessage>,
-) -> &'static str {
-    let mut receiver_gone = false;
-    loop {
+/// What one [`Session::step`] produced.
+pub(crate) enum Step {
+    /// A request to forward.
+    Message(IncomingMessage),
+    /// The connection is over; why.
+    Ended(&'static str),
+    /// An event that needs no action (e.g. lame duck mode, logged).
+    Idle,
+}
+
+impl Session {
+    /// Waits for the next message or connection event. Cancel-safe: a message is either
+    /// returned or still queued in the subscriber. Messages come first, so any message that
+    /// arrived before a disconnect is delivered.
+    pub(crate) async fn step(&mut self) -> Step {
         tokio::select! {
-            // Messages first: any message that arrived before a disconnect is delivered.
             biased;
-            msg = session.subscriber.next() => match msg {
-                None => return "subscription ended",
-                Some(msg) => {
-                    let incoming = IncomingMessage {
-                        subject: msg.subject.to_string(),
-                        payload: msg.payload,
-                    };
-                    if !receiver_gone && requests.send(incoming).await.is_err() {
-                        receiver_gone = true;
-                        tracing::warn!("mbus requests receiver dropped: discarding requests");
-                    }
-                }
+            msg = self.subscriber.next() => match msg {
+                None => Step::Ended("subscription ended"),
+                Some(msg) => Step::Message(IncomingMessage {
+                    subject: msg.subject.to_string(),
+                    payload: msg.payload,
+                }),
             },
-            event = session.events.recv() => match event {
-                None => return "client closed",
-                Some(Event::Disconnected) => return "disconnected",
-                Some(Event::Closed) => return "closed",
+            event = self.events.recv() => match event {
+                None => Step::Ended("client closed"),
+                Some(Event::Disconnected) => Step::Ended("disconnected"),
+                Some(Event::Closed) => Step::Ended("closed"),
                 Some(Event::LameDuckMode) => {
                     tracing::info!("mbus server entered lame duck mode");
+                    Step::Idle
                 }
-                Some(_) => {}
+                Some(_) => Step::Idle,
             },
         }
     }
+
+    /// Retires a session that another one has replaced: unsubscribes with a drain (UNSUB, then
+    /// a PING round trip, after which async-nats ends the stream), so every message the server
+    /// routed to this subscription before it processed the UNSUB is yielded, and hands each of
+    /// them to `requests` ([`forward`]). Bounded by `limit` (a dead connection ends the stream
+    /// too). Returns how many messages were forwarded.
+    pub(crate) async fn retire(
+        mut self,
+        limit: Duration,
+        requests: &mpsc::Sender<IncomingMessage>,
+        receiver_gone: &mut bool,
+    ) -> usize {
+        if let Err(e) = self.subscriber.drain().await {
+            tracing::warn!(error = %e, "draining the replaced mbus subscription failed");
+        }
+        let mut forwarded = 0usize;
+        let drained = tokio::time::timeout(limit, async {
+            while let Some(msg) = self.subscriber.next().await {
+                let incoming = IncomingMessage {
+                    subject: msg.subject.to_string(),
+                    payload: msg.payload,
+                };
+                forward(requests, incoming, receiver_gone).await;
+                forwarded += 1;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?limit,
+                "the replaced mbus subscription did not finish draining in time"
+            );
+        }
+        forwarded
+    }
+}
+
+/// Hands one request to the bus's requests channel; once its receiver is gone, requests are
+/// discarded (warned once, through `receiver_gone`).
+pub(crate) async fn forward(
+    requests: &mpsc::Sender<IncomingMessage>,
+    incoming: IncomingMessage,
+    receiver_gone: &mut bool,
+) {
+    if !*receiver_gone && requests.send(incoming).await.is_err() {
+        *receiver_gone = true;
+        tracing::warn!("mbus requests receiver dropped: discarding requests");
+    }
+}
+
+/// Proves that a request published on `old`'s server now reaches `new`'s subscriptions, when
+/// the two servers are one cluster: subscribes a fresh inbox on `new` after its `agent.<id>`
+/// subscription, and publishes to it through `old` until one arrives. A server forwards a
+/// connection's interest over the route in order, so once the inbox is reachable from the old
+/// server, so is the new `agent.<id>` subscription, and retiring the old one loses nothing.
+/// Err when nothing arrives within `limit` (e.g. servers that are not clustered).
+pub(crate) async fn reachable_from(
+    old: &async_nats::Client,
+    new: &async_nats::Client,
+    limit: Duration,
+) -> Result<(), String> {
+    let inbox = new.new_inbox();
+    let mut probe = new
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| format!("cannot subscribe to the overlap probe: {e}"))?;
+    let res = tokio::time::timeout(limit, async {
+        loop {
+            old.publish(inbox.clone(), Bytes::new())
+                .await
+                .map_err(|e| format!("cannot publish the overlap probe: {e}"))?;
+            match tokio::time::timeout(Duration::from_millis(50), probe.next()).await {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) => return Err("the new connection closed".to_string()),
+                Err(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no probe crossed within {limit:?}")));
+    // Best effort: an error only leaves an idle inbox subscription.
+    let _ = probe.unsubscribe().await;
+    res
 }

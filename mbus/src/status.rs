@@ -37,6 +37,8 @@ pub struct BusStats {
     pub(crate) connect_failures: AtomicU64,
     pub(crate) hook_failures: AtomicU64,
     pub(crate) resolve_failures: AtomicU64,
+    pub(crate) switches: AtomicU64,
+    pub(crate) switch_failures: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) last_hook_error: Mutex<Option<String>>,
 }
@@ -56,6 +58,10 @@ pub struct BusStatsSnapshot {
     pub hook_failures: u64,
     /// URL hosts that failed to resolve (counted per URL per attempt).
     pub resolve_failures: u64,
+    /// Reconfigurations that took effect (a new session replaced a live one).
+    pub switches: u64,
+    /// Attempts to reach reconfigured servers that failed while the old session kept serving.
+    pub switch_failures: u64,
     /// The most recent connection error (names the URL, redacted, and the endpoint).
     pub last_error: Option<String>,
     /// The most recent hook error.
@@ -84,6 +90,14 @@ impl BusStats {
     pub fn hook_failures(&self) -> u64 {
         self.hook_failures.load(Ordering::Relaxed)
     }
+    /// Reconfigurations that took effect while connected ([`crate::Bus::reconfigure`]).
+    pub fn switches(&self) -> u64 {
+        self.switches.load(Ordering::Relaxed)
+    }
+    /// Failed attempts to reach reconfigured servers while the old session kept serving.
+    pub fn switch_failures(&self) -> u64 {
+        self.switch_failures.load(Ordering::Relaxed)
+    }
     /// The most recent connection error, if any.
     pub fn last_error(&self) -> Option<String> {
         read(&self.last_error)
@@ -101,6 +115,8 @@ impl BusStats {
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
             hook_failures: self.hook_failures(),
             resolve_failures: self.resolve_failures.load(Ordering::Relaxed),
+            switches: self.switches(),
+            switch_failures: self.switch_failures(),
             last_error: self.last_error(),
             last_hook_error: self.last_hook_error(),
         }

@@ -462,3 +462,177 @@ async fn ipv6_answer_is_dialled_with_the_cn_rule() {
     assert_eq!(hook.plans()[0].endpoints, [server.addr]);
     ping_agent(&director(&pki, server.addr).await).await;
 }
+
+/// Waits until a message published through `from` reaches a subscription on `to` (the route
+/// between their servers is up and carries `to`'s interest).
+async fn wait_routed(from: &async_nats::Client, to: &async_nats::Client) {
+    let inbox = to.new_inbox();
+    let mut sub = to.subscribe(inbox.clone()).await.unwrap();
+    within(Duration::from_secs(15), "the cluster route", async {
+        loop {
+            from.publish(inbox.clone(), Bytes::new()).await.unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
+    let pki = Pki::new();
+    let (ip_a, ip_b) = (lo(1), lo(2));
+    let port = free_port(&[ip_a, ip_b]);
+    let route_port = loop {
+        let p = free_port(&[ip_a, ip_b]);
+        if p != port {
+            break p;
+        }
+    };
+    let (route_a, route_b) = (
+        SocketAddr::new(ip_a, route_port),
+        SocketAddr::new(ip_b, route_port),
+    );
+    let mut server_a = NatsServer::start_clustered(
+        &pki,
+        NATS_NAME,
+        SocketAddr::new(ip_a, port),
+        route_a,
+        &[route_b],
+    );
+    let server_b = NatsServer::start_clustered(
+        &pki,
+        NATS_NAME,
+        SocketAddr::new(ip_b, port),
+        route_b,
+        &[route_a],
+    );
+    let config_a = config(&pki, &[url_for(&ip_a.to_string(), port)]);
+    let config_b = config(&pki, &[url_for(&ip_b.to_string(), port)]);
+    let (bus, requests) = Bus::connect(&config_a, Arc::new(mbus::NoHook), options(None)).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, server_a.addr, Duration::from_secs(10)).await;
+    let director_a = director(&pki, server_a.addr).await;
+    let director_b = director(&pki, server_b.addr).await;
+    wait_routed(&director_a, &director_b).await;
+    wait_routed(&director_b, &director_a).await;
+    ping_agent(&director_a).await;
+
+    // Unchanged configuration: nothing happens.
+    assert!(!bus.reconfigure(&config_a).unwrap());
+    // Invalid configurations are refused and change nothing.
+    let mut no_servers = config_b.clone();
+    no_servers.servers.clear();
+    assert!(matches!(
+        bus.reconfigure(&no_servers),
+        Err(mbus::ConnectError::NoServers { .. })
+    ));
+    let mut bad_cert = config_b.clone();
+    bad_cert.cert.private_key = "not a key".into();
+    assert!(matches!(
+        bus.reconfigure(&bad_cert),
+        Err(mbus::ConnectError::Tls(_))
+    ));
+    // An unreachable server: A keeps serving while the switch is retried.
+    let dead_port = free_port(&[lo(3)]);
+    let config_dead = config(&pki, &[url_for(&lo(3).to_string(), dead_port)]);
+    assert!(bus.reconfigure(&config_dead).unwrap());
+    let stats = bus.stats();
+    wait_until(
+        Duration::from_secs(15),
+        "two failed switch attempts",
+        || stats.switch_failures() >= 2,
+    )
+    .await;
+    ping_agent(&director_a).await;
+    assert!(
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_a.addr)
+    );
+    assert_eq!(stats.connects(), 1, "no reconnect so far");
+
+    // A director on A pings continuously, each ping with its own reply subject, while the bus
+    // switches to B.
+    let mut replies = director_a.subscribe("director.pings.>").await.unwrap();
+    server_round_trip(&director_a).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let (d, stop) = (director_a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let body = json!({"method": "ping", "arguments": [],
+                    "reply_to": format!("director.pings.{sent}"), "protocol": 3});
+                d.publish(format!("agent.{AGENT_ID}"), body.to_string().into())
+                    .await
+                    .unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            d.flush().await.unwrap();
+            sent
+        })
+    };
+    let mut answers: std::collections::HashMap<String, usize> = Default::default();
+    let mut next_answer = async |answers: &mut std::collections::HashMap<String, usize>| {
+        let msg = within(Duration::from_secs(10), "a ping answer", replies.next())
+            .await
+            .unwrap();
+        assert_eq!(&msg.payload[..], br#"{"value":"pong"}"#);
+        *answers.entry(msg.subject.to_string()).or_default() += 1;
+    };
+    while answers.len() < 30 {
+        next_answer(&mut answers).await;
+    }
+    assert!(bus.reconfigure(&config_b).unwrap());
+    let switching = async {
+        wait_connected_to(&bus, server_b.addr, Duration::from_secs(15)).await;
+    };
+    tokio::pin!(switching);
+    let mut switched = false;
+    let mut after_switch = 0;
+    while after_switch < 100 {
+        tokio::select! {
+            () = &mut switching, if !switched => switched = true,
+            () = next_answer(&mut answers) => if switched { after_switch += 1 },
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = within(Duration::from_secs(10), "the pinger", pinger)
+        .await
+        .unwrap();
+    while answers.values().sum::<usize>() < sent {
+        next_answer(&mut answers).await;
+    }
+    // Late duplicates would show up within a round trip through both servers.
+    server_round_trip(&director_a).await;
+    server_round_trip(&director_b).await;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), replies.next()).await
+    {
+        *answers.entry(msg.subject.to_string()).or_default() += 1;
+    }
+    for i in 0..sent {
+        assert_eq!(
+            answers.get(&format!("director.pings.{i}")).copied(),
+            Some(1),
+            "ping {i} of {sent} must be answered exactly once"
+        );
+    }
+    assert_eq!(answers.len(), sent);
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (snapshot.connects, snapshot.switches),
+        (2, 1),
+        "{snapshot:?}"
+    );
+
+    // Now on B: A can go away, and a director on B is answered.
+    server_a.stop();
+    ping_agent(&director_b).await;
+    assert!(
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr)
+    );
+    assert!(!bus.reconfigure(&config_b).unwrap());
+    bus.shutdown().await;
+}

@@ -180,6 +180,30 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start(pki: &Pki, server_cn: &str, addr: SocketAddr) -> Self {
+        Self::start_with(pki, server_cn, addr, "")
+    }
+
+    /// Like [`NatsServer::start`], one member of cluster "bosh": routes listen on `route`,
+    /// and `peers` are the other members' route addresses.
+    pub fn start_clustered(
+        pki: &Pki,
+        server_cn: &str,
+        addr: SocketAddr,
+        route: SocketAddr,
+        peers: &[SocketAddr],
+    ) -> Self {
+        let routes: Vec<String> = peers
+            .iter()
+            .map(|p| format!("\"nats-route://{p}\""))
+            .collect();
+        let extra = format!(
+            "cluster {{\n name: \"bosh\"\n listen: \"{route}\"\n no_advertise: true\n routes: [{}]\n}}\n",
+            routes.join(", ")
+        );
+        Self::start_with(pki, server_cn, addr, &extra)
+    }
+
+    fn start_with(pki: &Pki, server_cn: &str, addr: SocketAddr, extra: &str) -> Self {
         require_binary(NATS_SERVER, "nats-server");
         let dir = TempDir::new("nats");
         let leaf = pki.server(server_cn);
@@ -192,7 +216,7 @@ impl NatsServer {
             dir.path("server.pem").display(),
             dir.path("server.key").display(),
             dir.path("ca.pem").display(),
-        );
+        ) + extra;
         std::fs::write(dir.path("nats.conf"), conf).unwrap();
         let proc = Self::spawn(&dir, addr);
         NatsServer { addr, proc, dir }
