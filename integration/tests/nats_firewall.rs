@@ -844,3 +844,86 @@ fn line_with(log: &str, needle: &str) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+// 15. A degraded firewall is never silent: the agent whose self-test fails (an nft that refuses
+// the probe, as a kernel without `socket` support would) falls back to uid matching, sends an
+// alert on hm.agent.alert.<id>, and says so under `firewall` in heartbeats (get_state: runtime
+// tests, which have a monit).
+#[test]
+fn a_degraded_firewall_is_alerted_and_reported() {
+    let sb = sandbox("nats-degraded");
+    let pki = Pki::new("ca");
+    let agent_cg = cg(&sb, "agent");
+    let _server = single_server(&sb, &pki);
+    let director = Director::connect(&sb, &pki, DIRECTOR_SIDE);
+    let alerts = director.subscribe(&format!("hm.agent.alert.{AGENT_ID}"));
+    let heartbeats = director.subscribe(&format!("hm.agent.heartbeat.{AGENT_ID}"));
+
+    let nft = sb.dir().join("nft-without-selftest");
+    std::fs::write(
+        &nft,
+        "#!/bin/sh\n\
+         if [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
+           s=$(cat)\n\
+           case \"$s\" in *'comment \"level='*) echo 'Error: Could not process rule (simulated)' >&2; exit 1;; esac\n\
+           printf '%s\\n' \"$s\" | exec nft -f -\n\
+         fi\n\
+         exec nft \"$@\"\n",
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let settings_path = sb.dir().join("settings.json");
+    std::fs::write(
+        &settings_path,
+        settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent")).to_string(),
+    )
+    .expect("settings");
+    let config = json!({
+        "Platform": {"Linux": {"EnableNATSFirewall": true, "HeartbeatIntervalSeconds": 1,
+                               "Firewall": {"ReconcileIntervalSeconds": 1}}},
+        "Infrastructure": {"Settings": {"Sources": [
+            {"Type": "File", "SettingsPath": settings_path.display().to_string()}]}}
+    });
+    let exec = sb
+        .agent_exec(&agent_cg, &config.to_string())
+        .expect("exec")
+        .env("BOSH_AGENT_NFT", &nft);
+    let mut agent = sb.spawn_agent(&exec).expect("spawn");
+    agent.wait_ready(integration::READY_TIMEOUT).expect("ready");
+
+    let alert = alerts
+        .recv_timeout(CONNECT_LIMIT)
+        .unwrap_or_else(|e| panic!("no alert ({e}); log:\n{}", agent.log()))
+        .json()
+        .expect("alert JSON");
+    assert_eq!(
+        alert["severity"], 4,
+        "the fallback still protects: a warning; {alert:#}"
+    );
+    assert_eq!(alert["title"], "bosh-agent firewall - degraded - alert");
+    let summary = alert["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("uid fallback"), "{alert:#}");
+    for key in ["id", "created_at"] {
+        assert!(
+            alert.get(key).is_some(),
+            "upstream's alert has {key}: {alert:#}"
+        );
+    }
+    // No monit in this sandbox: job state takes upstream's 20 retries (1 s apart) to be
+    // "unknown", so the heartbeat comes after that.
+    const MONIT_RETRIES: Duration = Duration::from_secs(45);
+    let hb = heartbeats
+        .recv_timeout(MONIT_RETRIES)
+        .expect("a heartbeat")
+        .json()
+        .expect("heartbeat JSON");
+    assert_eq!(hb["firewall"]["degraded"], true, "{hb:#}");
+    assert_eq!(hb["firewall"]["mode"], "uid", "{hb:#}");
+    // Once, not every reconcile: the problems did not change.
+    assert!(
+        alerts.recv_timeout(Duration::from_secs(3)).is_err(),
+        "the same problem is alerted once"
+    );
+    assert_alive(&mut agent);
+}

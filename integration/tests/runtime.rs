@@ -368,6 +368,10 @@ fn ping_info_and_get_state_with_monits_sample_job() {
         assert_eq!(st[k], json!({}), "{k} is forced to {{}}: {st:#}");
     }
     assert_eq!(st["vm"], json!({"name": VM_NAME}), "{st:#}");
+    assert_eq!(
+        st["firewall"]["degraded"], false,
+        "the firewall's health, a key directors ignore: {st:#}"
+    );
     assert!(
         st.get("vitals").is_none(),
         "vitals only with \"full\": {st:#}"
@@ -852,10 +856,13 @@ fn heartbeats_carry_upstreams_keys_every_interval() {
             "job_state",
             "vitals",
             "node_id",
-            "number_of_processes"
+            "number_of_processes",
+            "firewall"
         ]),
-        "{hb:#}"
+        "upstream's keys plus `firewall`, which directors ignore: {hb:#}"
     );
+    assert_eq!(hb["firewall"]["degraded"], false, "{hb:#}");
+    assert_eq!(hb["firewall"]["mode"], "cgroup", "{hb:#}");
     assert_eq!(hb["job"], "web");
     assert_eq!(hb["index"], 0);
     assert_eq!(hb["node_id"], "uuid-0a1b");
