@@ -184,6 +184,11 @@ impl Firewall {
         Ok(true)
     }
 
+    /// Whether endpoints no longer resolved are still in the sets (the exact rebuild is due).
+    pub fn rebuild_pending(&self) -> bool {
+        self.pending_rebuild
+    }
+
     /// The work [`Firewall::protect_nats_endpoints`] left for after the dial: the exact
     /// rebuild (stale endpoints removed) or the read-back of the last change.
     pub fn after_dial(&mut self) -> Result<(), FirewallError> {

@@ -4,11 +4,15 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mbus::{BeforeConnect, ConnectPlan, HookFuture};
 use tracing::{info, warn};
 
 use crate::firewall::Firewall;
+
+/// How long endpoints that are no longer resolved stay in the NATS sets after a dial.
+const STALE_GRACE: Duration = Duration::from_secs(2);
 
 /// Commits NATS rules for exactly the endpoints the bus is about to dial.
 pub struct FirewallHook {
@@ -48,9 +52,10 @@ impl BeforeConnect for FirewallHook {
             }
             let n = endpoints.len();
             let fw2 = fw.clone();
-            let follow_up = tokio::task::spawn_blocking(move || {
+            let (follow_up, removing) = tokio::task::spawn_blocking(move || {
                 let mut fw = fw2.lock().unwrap_or_else(|e| e.into_inner());
                 fw.protect_nats_endpoints(endpoints)
+                    .map(|f| (f, fw.rebuild_pending()))
             })
             .await
             .map_err(|e| HookError::Task(e.to_string()))?
@@ -63,11 +68,23 @@ impl BeforeConnect for FirewallHook {
                 // Not awaited: the dial goes ahead while the exact set is committed (deletions
                 // make nft wait 10–15 ms on the kernel) or the table read back. The reconcile
                 // loop retries on failure.
-                tokio::task::spawn_blocking(move || {
-                    let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(e) = fw.after_dial() {
-                        warn!(error = %e, "finishing the NATS rules failed; the reconcile loop will retry");
-                    }
+                // Endpoints no longer resolved stay protected a little longer: a connection to
+                // one may still be draining (an mbus switch), and its packets must keep their
+                // mark. Protecting an address longer never opens anything.
+                let grace = if removing {
+                    STALE_GRACE
+                } else {
+                    Duration::ZERO
+                };
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let mut fw = fw.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Err(e) = fw.after_dial() {
+                            warn!(error = %e, "finishing the NATS rules failed; the reconcile loop will retry");
+                        }
+                    })
+                    .await;
                 });
             }
             Ok(())
