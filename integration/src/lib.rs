@@ -1065,6 +1065,32 @@ impl Sandbox {
         self.dir.path()
     }
 
+    /// Writes an executable script `name` into the sandbox directory and returns its path.
+    pub fn script(&self, name: &str, body: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir().join(name);
+        fs::write(&path, body).map_err(io_ctx(format!("writing {}", path.display())))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .map_err(io_ctx(format!("chmod {}", path.display())))?;
+        Ok(path)
+    }
+
+    /// An `nft` (for `BOSH_AGENT_NFT`) that refuses the agent's self-test rules, as a kernel
+    /// without `socket` support would, and passes everything else to the real nft: the agent
+    /// then falls back to uid matching.
+    pub fn nft_refusing_selftest(&self) -> Result<PathBuf> {
+        self.script(
+            "nft-without-selftest",
+            "#!/bin/sh\n\
+             if [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
+               s=$(cat)\n\
+               case \"$s\" in *'comment \"level='*) echo 'Error: Could not process rule: No such file or directory (simulated)' >&2; exit 1;; esac\n\
+               printf '%s\\n' \"$s\" | exec nft -f -\n\
+             fi\n\
+             exec nft \"$@\"\n",
+        )
+    }
+
     /// The agent run directory (`BOSH_AGENT_RUN_DIR` of everything started here).
     pub fn run_dir(&self) -> &Path {
         &self.run_dir

@@ -20,7 +20,7 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{Agent, CgroupDir, Proc, READY_TIMEOUT, Sandbox, wait_for};
+use crate::{Agent, CgroupDir, Exec, Proc, READY_TIMEOUT, Sandbox, wait_for};
 use futures_util::StreamExt;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -762,6 +762,23 @@ pub fn start_agent_with(
     nats_firewall: bool,
     linux: &Value,
 ) -> Agent {
+    let exec = agent_exec_with(sb, cg, settings, nats_firewall, linux);
+    let mut agent = sb.spawn_agent(&exec).expect("spawn agent");
+    agent
+        .wait_ready(READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("agent not ready: {e}"));
+    agent
+}
+
+/// The command [`start_agent_with`] runs (settings.json, resolv.conf and agent.json written),
+/// for a test that adds to it (e.g. `BOSH_AGENT_NFT`) before spawning.
+pub fn agent_exec_with(
+    sb: &Sandbox,
+    cg: &CgroupDir,
+    settings: &Value,
+    nats_firewall: bool,
+    linux: &Value,
+) -> Exec {
     let dir = sb.dir();
     let settings_path = dir.join("settings.json");
     std::fs::write(
@@ -789,15 +806,9 @@ pub fn start_agent_with(
             dst.insert(k.clone(), v.clone());
         }
     }
-    let exec = sb
-        .agent_exec(cg, &config.to_string())
+    sb.agent_exec(cg, &config.to_string())
         .expect("agent command")
-        .env("BOSH_AGENT_RESOLV_CONF", &resolv);
-    let mut agent = sb.spawn_agent(&exec).expect("spawn agent");
-    agent
-        .wait_ready(READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("agent not ready: {e}"));
-    agent
+        .env("BOSH_AGENT_RESOLV_CONF", &resolv)
 }
 
 // ---------------------------------------------------------------------------------------------

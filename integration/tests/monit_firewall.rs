@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::symlink;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -91,10 +91,7 @@ fn wait_in_cgroup(cg: &CgroupDir, pid: u32) {
 
 /// An executable shell script in the sandbox directory.
 fn script(sb: &Sandbox, name: &str, body: &str) -> std::path::PathBuf {
-    let path = sb.dir().join(name);
-    fs::write(&path, body).expect("write script");
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
-    path
+    sb.script(name, body).expect("write script")
 }
 
 // 1. Who reaches monit with the default configuration.
@@ -511,6 +508,17 @@ fn a_change_before_the_read_back_is_repaired_not_adopted() {
     expect_probe(&sb, &agent_cg, USER, MONIT_V4, Probe::Connected);
 }
 
+/// Runs `f` in a thread inside the network namespace `netns` (namespaces are per thread).
+fn in_netns<T: Send + 'static>(netns: &fs::File, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = netns.try_clone().expect("dup netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
 // 5d. The in-process netlink listing that firewall-allow and the prune plan with gives the same
 // handles and comments as nft's own listing (and "absent" for a missing table or chain).
 #[test]
@@ -518,25 +526,13 @@ fn netlink_listing_agrees_with_nft() {
     use platform::firewall::netlink::{KernelRule, chain_rules};
     let sb = sandbox("netlink");
     let netns = fs::File::open(sb.netns().file()).expect("open netns");
-    // Network namespaces are per thread: read from a thread inside the sandbox's.
     let read = |chain: &'static str| {
-        let netns = netns.try_clone().expect("dup");
-        std::thread::spawn(move || {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            chain_rules("bosh_agent", chain)
-        })
-        .join()
-        .expect("thread")
-        .expect("netlink read")
+        in_netns(&netns, move || chain_rules("bosh_agent", chain)).expect("netlink read")
     };
     let exists = || {
-        let netns = netns.try_clone().expect("dup");
-        std::thread::spawn(move || {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        in_netns(&netns, || {
             platform::firewall::netlink::table_exists("bosh_agent")
         })
-        .join()
-        .expect("thread")
         .expect("netlink read")
     };
     assert!(!exists(), "no table");
@@ -597,13 +593,9 @@ fn netlink_listing_agrees_with_nft() {
     eps.push("[2001:db8::1]:4223".parse().expect("v6"));
     eps.push("[::ffff:10.0.0.1]:4222".parse().expect("v6"));
     let add = |v6_set: &'static str, eps: Vec<std::net::SocketAddr>| {
-        let netns = netns.try_clone().expect("dup");
-        std::thread::spawn(move || {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        in_netns(&netns, move || {
             platform::firewall::netlink::add_endpoints("bosh_agent", "nats_v4", v6_set, &eps)
         })
-        .join()
-        .expect("thread")
     };
     let elements = |set: &str| -> Vec<String> {
         let out = sb
@@ -757,19 +749,7 @@ fn failed_self_test_falls_back_to_uid_and_says_why() {
     let agent_cg = cg(&sb, "agent");
     let other = cg(&sb, "other");
     let _l = sb.listen(MONIT_V4).expect("listener");
-    // An nft that refuses the self-test's counting rules (as a kernel without `socket`
-    // support would) and passes everything else to the real nft.
-    let nft = script(
-        &sb,
-        "nft-without-selftest",
-        "#!/bin/sh\n\
-         if [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
-           s=$(cat)\n\
-           case \"$s\" in *'comment \"level='*) echo 'Error: Could not process rule: No such file or directory (simulated)' >&2; exit 1;; esac\n\
-           printf '%s\\n' \"$s\" | exec nft -f -\n\
-         fi\n\
-         exec nft \"$@\"\n",
-    );
+    let nft = sb.nft_refusing_selftest().expect("nft wrapper");
     let exec = sb
         .agent_exec(&agent_cg, NO_ROOT)
         .expect("exec")

@@ -587,22 +587,7 @@ fn malformed_only_url_is_named_and_the_agent_keeps_running() {
         chain_exists(&sb, "monit_access"),
         "monit firewall installed"
     );
-    let (code, st) = sb.status().expect("status");
-    assert_eq!(code, 0, "{st:#}");
-    let why = st["agent"]["nats_bus"]["startup_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        why.contains("notaport") && !why.contains(NATS_PASSWORD),
-        "status must say why the bus did not start: {st:#}"
-    );
-    eprintln!(
-        "malformed URL: agent log line: {}\n  status agent.last_error={} agent.nats_bus={}",
-        line_with(&agent.log(), "notaport"),
-        st["agent"]["last_error"],
-        st["agent"]["nats_bus"]
-    );
+    bus_not_started_says(&sb, &agent, "notaport", "malformed URL");
 }
 
 // 8b. A malformed URL beside a good one: the good one is used, the bad one is named.
@@ -658,21 +643,11 @@ fn missing_client_certificate_is_named_and_the_agent_keeps_running() {
     );
     let _l = sb.listen(integration::MONIT_V4).expect("monit listener");
     expect_probe(&sb, &other, USER, integration::MONIT_V4, Probe::TimedOut);
-    let (code, st) = sb.status().expect("status");
-    assert_eq!(code, 0, "{st:#}");
-    let why = st["agent"]["nats_bus"]["startup_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        why.contains("env.bosh.mbus.cert.certificate"),
-        "status must say why the bus did not start: {st:#}"
-    );
-    eprintln!(
-        "missing client cert: agent log line: {}\n  status agent.last_error={} agent.nats_bus={}",
-        line_with(&agent.log(), "env.bosh.mbus.cert.certificate"),
-        st["agent"]["last_error"],
-        st["agent"]["nats_bus"]
+    bus_not_started_says(
+        &sb,
+        &agent,
+        "env.bosh.mbus.cert.certificate",
+        "missing client cert",
     );
 }
 
@@ -822,6 +797,27 @@ fn nats_firewall_disabled_installs_no_nats_rules_and_connects() {
 }
 
 /// Waits until the agent's log contains `needle`; returns the log.
+/// `firewall status` exits 0 (the firewall is fine) and says why the bus did not start,
+/// naming `needle` and never the NATS password.
+fn bus_not_started_says(sb: &Sandbox, agent: &integration::Agent, needle: &str, label: &str) {
+    let (code, st) = sb.status().expect("status");
+    assert_eq!(code, 0, "{st:#}");
+    let why = st["agent"]["nats_bus"]["startup_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains(needle) && !why.contains(NATS_PASSWORD),
+        "status must say why the bus did not start: {st:#}"
+    );
+    eprintln!(
+        "{label}: agent log line: {}\n  status agent.last_error={} agent.nats_bus={}",
+        line_with(&agent.log(), needle),
+        st["agent"]["last_error"],
+        st["agent"]["nats_bus"]
+    );
+}
+
 fn wait_log(agent: &integration::Agent, needle: &str) -> String {
     let mut log = String::new();
     let res = integration::wait_for(
@@ -859,36 +855,15 @@ fn a_degraded_firewall_is_alerted_and_reported() {
     let alerts = director.subscribe(&format!("hm.agent.alert.{AGENT_ID}"));
     let heartbeats = director.subscribe(&format!("hm.agent.heartbeat.{AGENT_ID}"));
 
-    let nft = sb.dir().join("nft-without-selftest");
-    std::fs::write(
-        &nft,
-        "#!/bin/sh\n\
-         if [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
-           s=$(cat)\n\
-           case \"$s\" in *'comment \"level='*) echo 'Error: Could not process rule (simulated)' >&2; exit 1;; esac\n\
-           printf '%s\\n' \"$s\" | exec nft -f -\n\
-         fi\n\
-         exec nft \"$@\"\n",
+    let nft = sb.nft_refusing_selftest().expect("nft wrapper");
+    let exec = agent_exec_with(
+        &sb,
+        &agent_cg,
+        &settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent")),
+        true,
+        &json!({"HeartbeatIntervalSeconds": 1}),
     )
-    .expect("write wrapper");
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let settings_path = sb.dir().join("settings.json");
-    std::fs::write(
-        &settings_path,
-        settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent")).to_string(),
-    )
-    .expect("settings");
-    let config = json!({
-        "Platform": {"Linux": {"EnableNATSFirewall": true, "HeartbeatIntervalSeconds": 1,
-                               "Firewall": {"ReconcileIntervalSeconds": 1}}},
-        "Infrastructure": {"Settings": {"Sources": [
-            {"Type": "File", "SettingsPath": settings_path.display().to_string()}]}}
-    });
-    let exec = sb
-        .agent_exec(&agent_cg, &config.to_string())
-        .expect("exec")
-        .env("BOSH_AGENT_NFT", &nft);
+    .env("BOSH_AGENT_NFT", &nft);
     let mut agent = sb.spawn_agent(&exec).expect("spawn");
     agent.wait_ready(integration::READY_TIMEOUT).expect("ready");
 

@@ -167,30 +167,19 @@ pub fn add_endpoints(
 }
 
 /// Waits until every message in `pending` is acknowledged; an error for any of them (the
-/// kernel then aborts the whole batch) is returned. Acks can share a datagram: each datagram
-/// is read whole.
+/// kernel then aborts the whole batch) is returned.
 fn read_acks(fd: &OwnedFd, mut pending: Vec<u32>) -> Result<(), NetlinkError> {
-    let mut buf = vec![0u8; 64 * 1024];
-    for _ in 0..MAX_DATAGRAMS {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-        let mut rest = buf.get(..n).ok_or(NetlinkError::Protocol("short read"))?;
-        while !rest.is_empty() {
-            let (kind, seq, payload, next) = split_message(rest)?;
-            rest = next;
-            if kind != NLMSG_ERROR {
-                continue;
-            }
-            let code = read_i32(payload, 0)?;
-            if code != 0 {
-                return Err(NetlinkError::Kernel(code.saturating_neg()));
-            }
-            pending.retain(|s| *s != seq);
-        }
+    if pending.is_empty() {
+        return Ok(());
     }
-    Err(NetlinkError::Protocol("the acknowledgements did not end"))
+    read_messages(fd, |kind, seq, payload| {
+        if kind != NLMSG_ERROR {
+            return Ok(false);
+        }
+        ack_code(payload)?;
+        pending.retain(|s| *s != seq);
+        Ok(pending.is_empty())
+    })
 }
 
 /// A batch and the sequence numbers of the messages to be acknowledged.
@@ -346,39 +335,51 @@ fn read_until_done(
     seq: u32,
     mut each: impl FnMut(u16, &[u8]) -> Result<(), NetlinkError>,
 ) -> Result<(), NetlinkError> {
+    read_messages(fd, |kind, msg_seq, payload| {
+        if msg_seq != seq {
+            return Ok(false);
+        }
+        match kind {
+            NLMSG_ERROR => ack_code(payload).map(|()| true),
+            // A dump that failed midway says so here.
+            NLMSG_DONE => ack_code(payload)
+                .or_else(|e| match e {
+                    NetlinkError::Protocol(_) => Ok(()),
+                    e => Err(e),
+                })
+                .map(|()| true),
+            _ => each(kind, payload).map(|()| false),
+        }
+    })
+}
+
+/// Reads datagrams, handing each message (type, seq, payload) to `on` until it says the
+/// answer is complete. Messages sharing a datagram are all seen; reads are bounded.
+fn read_messages(
+    fd: &OwnedFd,
+    mut on: impl FnMut(u16, u32, &[u8]) -> Result<bool, NetlinkError>,
+) -> Result<(), NetlinkError> {
     let mut buf = vec![0u8; 64 * 1024];
     for _ in 0..MAX_DATAGRAMS {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
         let mut rest = buf.get(..n).ok_or(NetlinkError::Protocol("short read"))?;
         while !rest.is_empty() {
-            let (kind, msg_seq, payload, next) = split_message(rest)?;
+            let (kind, seq, payload, next) = split_message(rest)?;
             rest = next;
-            if msg_seq != seq {
-                continue;
-            }
-            match kind {
-                NLMSG_ERROR => {
-                    let code = read_i32(payload, 0)?;
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(NetlinkError::Kernel(code.saturating_neg()))
-                    };
-                }
-                NLMSG_DONE => {
-                    // A dump that failed midway says so here.
-                    let code = read_i32(payload, 0).unwrap_or(0);
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(NetlinkError::Kernel(code.saturating_neg()))
-                    };
-                }
-                _ => each(kind, payload)?,
+            if on(kind, seq, payload)? {
+                return Ok(());
             }
         }
     }
     Err(NetlinkError::Protocol("the answer did not end"))
+}
+
+/// The errno in an `NLMSG_ERROR` / `NLMSG_DONE` payload: 0 is success.
+fn ack_code(payload: &[u8]) -> Result<(), NetlinkError> {
+    match read_i32(payload, 0)? {
+        0 => Ok(()),
+        code => Err(NetlinkError::Kernel(code.saturating_neg())),
+    }
 }
 
 /// One message split off a datagram: type, sequence number, payload, and what follows.
