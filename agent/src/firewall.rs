@@ -178,7 +178,7 @@ impl Firewall {
             self.pending_rebuild = true;
         } else {
             // Only additions: the live table now is exactly the desired state.
-            self.applied(render_ruleset(&self.desired));
+            self.applied(render_ruleset(&self.desired), None);
             self.write_state();
         }
         Ok(true)
@@ -217,7 +217,7 @@ impl Firewall {
                         .and_then(|_lock| self.nft.apply(&fresh));
                     match res {
                         Ok(()) => {
-                            self.applied(script);
+                            self.applied(script, None);
                             self.write_state();
                             return Ok(true);
                         }
@@ -234,11 +234,9 @@ impl Firewall {
                     }) && readback::snapshot(&live) == prev.snapshot
                     {
                         info!("the live table already is the desired state; nothing to apply");
-                        self.state.snapshot = prev.snapshot;
+                        self.applied(script, Some(prev.snapshot));
+                        // Nothing was applied now: the live state dates from the previous run.
                         self.state.applied_at = prev.applied_at;
-                        self.applied(script);
-                        self.readback_due = false;
-                        self.state.readback_pending = false;
                         self.write_state();
                         return Ok(false);
                     }
@@ -252,11 +250,15 @@ impl Firewall {
         self.apply_script(script).map(|()| true)
     }
 
-    /// Records that the live table was brought to `script`'s state without a read-back yet.
-    fn applied(&mut self, script: String) {
+    /// Records that the live table was brought to `script`'s state, with its read-back
+    /// (`snapshot`) or with the read-back still due (`None`).
+    fn applied(&mut self, script: String, snapshot: Option<serde_json::Value>) {
         self.pending_rebuild = false;
-        self.readback_due = true;
-        self.state.readback_pending = true;
+        self.readback_due = snapshot.is_none();
+        self.state.readback_pending = self.readback_due;
+        if let Some(s) = snapshot {
+            self.state.snapshot = s;
+        }
         self.state.protected = protected(&self.desired);
         self.state.nats_endpoints = nats_endpoints(&self.desired);
         self.state.applied_at = now();
@@ -318,10 +320,7 @@ impl Firewall {
         }
         match res {
             Ok(snapshot) => {
-                self.state.snapshot = snapshot;
-                self.applied(script);
-                self.readback_due = false;
-                self.state.readback_pending = false;
+                self.applied(script, Some(snapshot));
                 self.write_state();
                 Ok(())
             }
