@@ -283,11 +283,12 @@ impl Firewall {
         // the apply made; a change in between is repaired, not adopted.
         if let Err(why) = readback::conforms(&snapshot, &self.desired) {
             warn!(%why, "the table changed before it was read back; repairing");
-            self.last_script = None;
-            self.apply()?;
+            // Counted before the apply, which publishes the state: readers never see the
+            // repaired table without its repair.
             self.state.repairs += 1;
-            self.write_state();
-            return Ok(());
+            self.last_script = None;
+            // The apply writes the state, with its own read-back.
+            return self.apply().map(|_| ());
         }
         self.state.snapshot = snapshot;
         self.write_state();
@@ -347,9 +348,9 @@ impl Firewall {
                 table_present = live.is_some(),
                 "live firewall differs from the desired state; repairing"
             );
+            self.state.repairs += 1;
             self.last_script = None;
             self.apply()?;
-            self.state.repairs += 1;
             out.repaired = true;
         }
         out.pruned = jobs::prune_stale(&self.nft, &self.run_dir)?;
