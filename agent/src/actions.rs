@@ -52,16 +52,11 @@ pub fn read_spec(base: &Path) -> Result<Value, String> {
     }
 }
 
-/// Writes a JSON file atomically (temporary file + rename).
+/// Writes a JSON file privately (0600, root only) and durably: the applied spec and the
+/// agent's other records may hold credentials.
 pub fn write_json(path: &Path, v: &Value) -> Result<(), String> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| format!("{} has no parent directory", path.display()))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec(v).map_err(|e| e.to_string())?;
-    std::fs::write(&tmp, body).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+    platform::files::write_private(path, &body).map_err(|e| e.to_string())
 }
 
 /// The jobs of a spec, as upstream's `spec.Jobs()`: the job's templates, only once a rendered
@@ -234,18 +229,14 @@ pub fn prepare_async(ctx: &Arc<Context>, req: &Request) -> Result<TaskBody, Stri
             }))
         }
         "update_settings" => {
-            let settings = req
+            let new = req
                 .arguments
                 .first()
                 .cloned()
                 .ok_or_else(|| not_enough(1, req))?;
+            crate::update_settings::check(&new).map_err(|e| e.to_string())?;
             Ok(task(move |_| async move {
-                // Persisted for the next start (as upstream's update_settings.json).
-                write_json(
-                    &crate::settings::update_settings_path(&ctx.base_dir),
-                    &settings,
-                )?;
-                apply_mbus(&ctx, &settings)?;
+                update_settings(&ctx, new).await?;
                 Ok(json!("ok"))
             }))
         }
@@ -253,29 +244,61 @@ pub fn prepare_async(ctx: &Arc<Context>, req: &Request) -> Result<TaskBody, Stri
     }
 }
 
-/// Applies the mbus part of an `update_settings` argument to the live bus (upstream restarts
-/// the agent instead). An unchanged mbus does nothing; a changed one is switched to
-/// make-before-break by [`mbus::Bus::reconfigure`] in the background. A configuration that
-/// fails validation is an error and the current connection is kept.
-fn apply_mbus(ctx: &Context, update_settings: &Value) -> Result<(), String> {
-    let Some(notifier) = &ctx.notifier else {
-        // No bus (tests without one, or a bus that could not start): nothing live to change.
+/// `update_settings`: everything is validated before anything is written (a refused update
+/// changes nothing); then disks are associated, trusted certificates installed, the merged
+/// document persisted, and a changed mbus switched live, make-before-break (upstream restarts
+/// the agent instead). The mbus that last connected stays recorded beside it, so an mbus that
+/// never connects cannot lock the agent out after a restart.
+async fn update_settings(ctx: &Context, new: Value) -> Result<(), String> {
+    use crate::update_settings as us;
+    let existing = us::load(&ctx.base_dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the persisted update_settings are unusable; merging into none");
+        json!({})
+    });
+    let merged = us::merge(&existing, &new);
+    let newest = if merged.mbus_changed {
+        let c =
+            crate::mbus_fallback::candidate(&ctx.settings, Some(&merged.doc), "update_settings")
+                .map_err(|e| us::UpdateError::Mbus(e).to_string())?;
+        for r in &c.cfg.rejected {
+            tracing::error!(error = %r, "mbus URL rejected");
+        }
+        Some(c)
+    } else {
+        None
+    };
+    us::associate_disks(
+        &ctx.settings,
+        &ctx.base_dir,
+        new.get("disk_associations").unwrap_or(&Value::Null),
+    )
+    .map_err(|e| e.to_string())?;
+    let certs = new
+        .get("trusted_certs")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    us::update_certificates(&us::CertTarget::from_env(), certs)
+        .await
+        .map_err(|e| e.to_string())?;
+    us::save(&us::path(&ctx.base_dir), &merged.doc)
+        .map_err(|e| us::UpdateError::Save(e).to_string())?;
+    if merged.blobstores_changed {
+        tracing::info!("blobstores changed by update_settings; used from the next blob fetch");
+    }
+    let (Some(newest), Some(notifier)) = (newest, &ctx.notifier) else {
         return Ok(());
     };
-    let keep = "; the current mbus connection is kept";
-    let cfg = mbus::mbus_config(&ctx.settings, Some(update_settings))
-        .map_err(|e| format!("Updating mbus: {e}{keep}"))?;
-    for r in &cfg.rejected {
-        tracing::error!(error = %r, "mbus URL rejected");
+    if let Some(c) = &ctx.mbus_candidates {
+        c.prefer(newest.clone());
     }
     let changed = notifier
         .bus
-        .reconfigure(&cfg)
-        .map_err(|e| format!("Updating mbus: {e}{keep}"))?;
+        .reconfigure(&newest.cfg)
+        .map_err(|e| format!("Updating mbus: {e}; the current mbus connection is kept"))?;
     if changed {
         tracing::info!(
-            origin = cfg.urls_origin,
-            servers = cfg.servers.len(),
+            origin = newest.cfg.urls_origin,
+            servers = newest.cfg.servers.len(),
             "mbus changed by update_settings: switching live"
         );
     }

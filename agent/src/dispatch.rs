@@ -26,6 +26,8 @@ pub struct Context {
     pub jobs: actions::JobSupervisor,
     /// Publishes `hm.agent.shutdown` etc.; `None` in tests without a bus.
     pub notifier: Option<actions::Notifier>,
+    /// The mbus configurations the bus may use (newest first); `None` without a bus.
+    pub mbus_candidates: Option<Arc<crate::mbus_fallback::Candidates>>,
 }
 
 /// Methods answered synchronously.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::actions::{read_spec, vitals, write_json};
+use crate::actions::{read_spec, vitals};
 use crate::dispatch::Context;
 
 /// Builds the heartbeat payload from the spec, the job state and the vitals. Pure.
@@ -33,7 +33,9 @@ pub async fn collect(ctx: &Arc<Context>) -> Value {
     let processes = ctx.jobs.processes().await.ok().map(|p| p.len());
     let v = vitals(ctx.base_dir.clone()).await.ok();
     let health = ctx.base_dir.join("instance").join("health.json");
-    if let Err(e) = write_json(&health, &json!({"state": state.as_str()})) {
+    // Jobs and bosh-dns read it: not a secret, readable by all, written durably all the same.
+    let body = json!({"state": state.as_str()}).to_string();
+    if let Err(e) = platform::files::write_durable(&health, body.as_bytes(), 0o644) {
         tracing::warn!(error = %e, "cannot write health.json");
     }
     let mut hb = payload(&spec, state.as_str(), v, processes);

@@ -15,10 +15,12 @@ pub mod config;
 pub mod dispatch;
 pub mod firewall;
 pub mod heartbeat;
+pub mod mbus_fallback;
 pub mod nats;
 pub mod protocol;
 pub mod settings;
 pub mod tasks;
+pub mod update_settings;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -113,15 +115,23 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         }
     };
     start_monit(&base_dir, &linux.service_manager).await;
+    settings::secure_files(&base_dir);
     let settings = settings::load(&config, &base_dir).unwrap_or_else(|e| {
         error!(error = %e, "no settings: the agent cannot reach the director");
         serde_json::Value::Null
     });
     let update_settings = settings::load_update_settings(&base_dir);
-    let (bus, mut requests) = match start_bus(&config, &settings, update_settings.as_ref(), &fw) {
-        Some((b, r)) => (Some(b), Some(r)),
-        None => (None, None),
-    };
+    let (bus, mut requests, candidates) =
+        match start_bus(&config, &settings, &base_dir, update_settings.as_ref(), &fw) {
+            Some((b, r, c)) => (Some(b), Some(r), Some(c)),
+            None => (None, None, None),
+        };
+    if let (Some(b), Some(c)) = (&bus, &candidates) {
+        tokio::spawn(
+            mbus_fallback::supervise(b.clone(), c.clone(), mbus_fallback::fallback_after())
+                .instrument(info_span!("mbus")),
+        );
+    }
     {
         // The read-back of the first apply, off the start-up path. With the NATS firewall on,
         // the before-connect hook takes it right after its dial (a read-back now would hold
@@ -170,6 +180,7 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
         tasks: tasks::Tasks::start(),
         jobs: Arc::new(supervisor),
         notifier: bus.clone().map(|bus| actions::Notifier { bus }),
+        mbus_candidates: candidates,
     });
     if let Some(b) = &bus {
         spawn_heartbeats(
@@ -227,15 +238,17 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
 }
 
 /// Starts the bus, or logs why it cannot (the agent keeps its firewall running either way).
-/// `update_settings` (the persisted document) takes precedence as upstream's; if it makes the
-/// configuration unusable, the settings alone are used (logged), so that a bad update cannot
-/// keep the agent off the bus.
+/// The candidates, in order: the persisted `update_settings` (upstream's precedence), the mbus
+/// that last connected (when it differs), and the settings alone (when nothing connected
+/// before). The bus starts on the first usable one; [`mbus_fallback::supervise`] moves on
+/// when it does not connect.
 fn start_bus(
     config: &AgentConfig,
     settings: &serde_json::Value,
+    base_dir: &Path,
     update_settings: Option<&serde_json::Value>,
     fw: &Arc<Mutex<firewall::Firewall>>,
-) -> Option<(Bus, Requests)> {
+) -> Option<(Bus, Requests, Arc<mbus_fallback::Candidates>)> {
     let _span = info_span!("mbus").entered();
     let not_started = |why: String| {
         error!(error = %why, "the message bus cannot start");
@@ -246,21 +259,53 @@ fn start_bus(
         not_started("no settings (see the log for the settings source error)".into());
         return None;
     }
-    let cfg = match update_settings.map(|u| usable(mbus::mbus_config(settings, Some(u)))) {
-        Some(Ok(c)) => Ok(c),
-        Some(Err(why)) => {
-            warn!(error = %why, "the persisted update_settings give no usable mbus; using the settings alone");
-            mbus::mbus_config(settings, None)
+    let mut list: Vec<mbus_fallback::Candidate> = Vec::new();
+    if let Some(u) = update_settings {
+        match mbus_fallback::candidate(settings, Some(u), "update_settings.json") {
+            Ok(c) => list.push(c),
+            Err(why) => warn!(error = %why, "the persisted update_settings give no usable mbus"),
         }
-        None => mbus::mbus_config(settings, None),
-    };
-    let cfg = match cfg {
-        Ok(c) => c,
-        Err(e) => {
+    }
+    let mut have_last = false;
+    let last_path = update_settings::last_connected_path(base_dir);
+    if let Some(doc) = std::fs::read(&last_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    {
+        match mbus_fallback::candidate(settings, Some(&doc), "mbus_last_connected.json") {
+            Ok(c) => {
+                have_last = true;
+                if list.iter().all(|x| x.cfg != c.cfg) {
+                    list.push(c);
+                }
+            }
+            Err(why) => {
+                warn!(error = %why, path = %last_path.display(), "the recorded mbus is not usable")
+            }
+        }
+    }
+    let alone = mbus_fallback::candidate(settings, None, "settings");
+    match alone {
+        Ok(c) if !have_last && list.iter().all(|x| x.cfg != c.cfg) => list.push(c),
+        Ok(_) => {}
+        Err(e) if list.is_empty() => {
             not_started(format!("settings have no usable mbus: {e}"));
             return None;
         }
+        Err(e) => warn!(error = %e, "the settings alone give no usable mbus"),
+    }
+    let Some(cfg) = list.first().map(|c| c.cfg.clone()) else {
+        not_started("no usable mbus configuration".into());
+        return None;
     };
+    if list.len() > 1 {
+        info!(
+            first = list[0].origin,
+            fallbacks = list.len() - 1,
+            "mbus: starting with the newest configuration, with a fallback"
+        );
+    }
+    let candidates = mbus_fallback::Candidates::new(base_dir, settings, list);
     for s in &cfg.skipped {
         info!(url = %s, "https mbus URL skipped (create-env)");
     }
@@ -279,7 +324,7 @@ fn start_bus(
     match Bus::connect(&cfg, hook, options) {
         Ok((bus, requests)) => {
             info!(agent_id = %cfg.agent_id, servers = cfg.servers.len(), "connecting to the director");
-            Some((bus, requests))
+            Some((bus, requests, candidates))
         }
         Err(e) => {
             not_started(e.to_string());
@@ -290,7 +335,9 @@ fn start_bus(
 
 /// The checks `Bus::connect` makes (a dialable URL, usable certificate material), applied to
 /// a configuration that includes update_settings before it is preferred.
-fn usable(cfg: Result<mbus::MbusConfig, mbus::SettingsError>) -> Result<mbus::MbusConfig, String> {
+pub(crate) fn usable(
+    cfg: Result<mbus::MbusConfig, mbus::SettingsError>,
+) -> Result<mbus::MbusConfig, String> {
     let cfg = cfg.map_err(|e| e.to_string())?;
     if cfg.servers.is_empty() {
         return Err("no dialable mbus URL".into());

@@ -3,7 +3,6 @@
 //! fails. Kept as raw JSON here: each subsystem reads its part (mbus reads `mbus`/`env.bosh.mbus`).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -55,6 +54,54 @@ pub fn load_update_settings(base_dir: &Path) -> Option<Value> {
             warn!(path = %path.display(), error = %e, "ignoring unreadable update_settings");
             None
         }
+    }
+}
+
+/// The agent's files that may hold a secret (mbus credentials, the mTLS key, blobstore
+/// credentials, the password hash, job properties). All are written 0600 by
+/// [`platform::files::write_private`].
+pub fn secret_files(base_dir: &Path) -> Vec<PathBuf> {
+    let bosh = base_dir.join("bosh");
+    let mut v: Vec<PathBuf> = [
+        "settings.json",
+        "update_settings.json",
+        "mbus_last_connected.json",
+        "spec.json",
+        "persistent_disk_hints.json",
+    ]
+    .iter()
+    .map(|f| bosh.join(f))
+    .collect();
+    if let Ok(entries) = fs::read_dir(bosh.join("etc")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("blobstore-") && name.ends_with(".json") {
+                v.push(e.path());
+            }
+        }
+    }
+    v
+}
+
+/// At boot: narrows the mode of secret files an earlier agent left readable, and removes the
+/// temporary files an interrupted write left (including an older agent's `*.json.tmp`).
+pub fn secure_files(base_dir: &Path) {
+    for p in secret_files(base_dir) {
+        match platform::files::restrict(&p) {
+            Ok(platform::files::Restricted::Narrowed(old)) => {
+                warn!(path = %p.display(), old_mode = format!("{old:o}"), "a file holding secrets was readable by others; now 0600")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot restrict a file holding secrets"),
+        }
+        let old_tmp = p.with_extension("json.tmp");
+        if fs::remove_file(&old_tmp).is_ok() {
+            info!(path = %old_tmp.display(), "removed a temporary file of an interrupted write");
+        }
+    }
+    let n = platform::files::remove_stale_temporaries(&base_dir.join("bosh"));
+    if n > 0 {
+        info!(count = n, "removed temporary files of interrupted writes");
     }
 }
 
@@ -116,22 +163,10 @@ pub fn load(config: &AgentConfig, base_dir: &Path) -> Result<Value, SettingsErro
     }
 }
 
-fn write_cache(path: &Path, v: &Value) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.tmp");
+fn write_cache(path: &Path, v: &Value) -> Result<(), String> {
     // Settings carry credentials: readable by root only.
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec(v).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    fs::rename(tmp, path)
+    let body = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+    platform::files::write_private(path, &body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -181,6 +216,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("settings.json") && e.contains("line 2"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn boot_narrows_open_secret_files_and_removes_temporaries() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("secure");
+        let bosh = d.join("bosh");
+        fs::create_dir_all(bosh.join("etc")).unwrap();
+        for f in ["update_settings.json", "spec.json", "etc/blobstore-s3.json"] {
+            fs::write(bosh.join(f), "{}").unwrap();
+            fs::set_permissions(bosh.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        fs::write(bosh.join("spec.json.tmp"), "{").unwrap();
+        fs::write(bosh.join(".spec.json.1.ab.tmp"), "{").unwrap();
+        secure_files(&d);
+        for f in ["update_settings.json", "spec.json", "etc/blobstore-s3.json"] {
+            let mode = fs::metadata(bosh.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+        assert!(!bosh.join("spec.json.tmp").exists());
+        assert!(!bosh.join(".spec.json.1.ab.tmp").exists());
         fs::remove_dir_all(&d).unwrap();
     }
 

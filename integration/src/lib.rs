@@ -1361,10 +1361,15 @@ impl Sandbox {
             OsStr::new("-b"),
             base.as_os_str(),
         ];
+        // Trusted certificates from update_settings go to the sandbox, and the system's
+        // certificate store is never rebuilt by a test.
+        let ca_dir = self.dir().join("ca-certificates");
         Ok(self
             .agent_cmd(args)
             .cgroup(cg)
-            .log(&conf.with_extension("log")))
+            .log(&conf.with_extension("log"))
+            .env("BOSH_AGENT_CA_CERTS_DIR", &ca_dir)
+            .env("BOSH_AGENT_UPDATE_CA_CERTIFICATES", "/bin/true"))
     }
 
     /// [`Sandbox::write_agent_config`] then [`Sandbox::agent_exec_with`].

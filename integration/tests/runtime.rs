@@ -64,6 +64,8 @@ const SECOND_SIDE: &str = "127.0.0.2:4223";
 struct World {
     director: Director,
     monit: Monit,
+    pki: Pki,
+    settings: Value,
     _second: Option<NatsServer>,
     agent: Agent,
     _nats: NatsServer,
@@ -115,6 +117,7 @@ fn world(name: &str, opts: Opts) -> World {
         None => json!({}),
     };
     let agent = start_agent_with(&sb, &agent_cg, &s, true, &linux);
+    let settings = s;
     let director = Director::connect(&sb, &pki, DIRECTOR_SIDE);
     director.wait_pong(CONNECT_LIMIT);
     // The agent's SMTP receiver is up by now, so monit's start-up mails reach it at once.
@@ -125,6 +128,8 @@ fn world(name: &str, opts: Opts) -> World {
     World {
         director,
         monit,
+        pki,
+        settings,
         _second: second,
         agent,
         _nats: nats,
@@ -766,23 +771,181 @@ fn run_script_across_two_jobs_reports_upstreams_summary() {
 // 8. update_settings.
 
 #[test]
-fn update_settings_answers_ok_and_writes_the_file() {
+fn update_settings_merges_installs_certificates_and_refuses_before_writing() {
     let w = world("rt-update-settings", Opts::default());
-    let update = json!({
-        "trusted_certs": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        "disk_associations": [{"name": "data", "cid": "disk-1"}]
-    });
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let update = json!({"trusted_certs": pem, "disk_associations": []});
     assert_eq!(
         w.task("update_settings", json!([update])),
         json!({"value": "ok"})
     );
     let path = w.base().join("bosh/update_settings.json");
-    let written: Value = serde_json::from_slice(
-        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-    )
-    .unwrap();
-    assert_eq!(written, update);
+    let read = || -> Value {
+        serde_json::from_slice(
+            &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .unwrap()
+    };
+    let written = read();
+    assert_eq!(written["trusted_certs"], pem);
+    assert_eq!(written["disk_associations"], json!([]));
+    // The certificate went where the system's store reads it (the sandbox's, here).
+    let crt = w.sb.dir().join("ca-certificates/bosh-trusted-cert-1.crt");
+    assert_eq!(std::fs::read_to_string(&crt).unwrap(), pem);
+
+    // An association with a disk the agent does not know fails and writes nothing.
+    let r = w.task(
+        "update_settings",
+        json!([{"trusted_certs": "", "disk_associations": [{"name": "data", "cid": "disk-404"}]}]),
+    );
+    assert!(exception(&r).contains("disk-404"), "{r}");
+    assert_eq!(
+        read(),
+        written,
+        "a refused update leaves the file as it was"
+    );
+    assert!(
+        crt.exists(),
+        "a refused update leaves the certificates as they were"
+    );
+    // A malformed argument fails at once, before any task.
+    let r = w.call("update_settings", json!([{"trusted_certs": 5}]));
+    assert!(exception(&r).contains("trusted_certs"), "{r}");
+    assert_eq!(read(), written);
     w.ping_ok();
+}
+
+/// A new client certificate for the agent from the world's CA, as an update's `mbus`.
+fn permanent_cert(w: &World) -> (Value, Leaf) {
+    let leaf = w.pki.client("a1.agent.bosh-internal");
+    let mbus = json!({"cert": {"ca": w.pki.ca_pem, "certificate": leaf.cert_pem,
+        "private_key": leaf.key_pem}});
+    (mbus, leaf)
+}
+
+/// Waits until the agent recorded `mbus` as the configuration that last connected.
+fn wait_recorded(w: &World, mbus: &Value) {
+    let path = w.base().join("bosh/mbus_last_connected.json");
+    let deadline = Instant::now() + CONNECT_LIMIT;
+    loop {
+        let now: Option<Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if now.as_ref().map(|v| &v["mbus"]) == Some(mbus) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never recorded the new mbus (now {now:?})\n{}",
+            path.display(),
+            w.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn files_holding_the_nats_password_or_key_are_readable_by_root_only() {
+    let w = world("rt-secret-modes", Opts::default());
+    let (mbus, leaf) = permanent_cert(&w);
+    let update = json!({"trusted_certs": "", "disk_associations": [], "mbus": mbus});
+    assert_eq!(
+        w.task("update_settings", json!([update])),
+        json!({"value": "ok"})
+    );
+    w.apply(&spec_with_jobs(&["sample-job"]));
+    wait_recorded(&w, &mbus);
+    // One line of each private key's base64 body, and the URL password.
+    let key_line = |pem: &str| pem.lines().nth(1).unwrap_or_default().to_string();
+    let needles = [
+        key_line(&leaf.key_pem),
+        key_line(
+            w.settings["env"]["bosh"]["mbus"]["cert"]["private_key"]
+                .as_str()
+                .unwrap(),
+        ),
+        NATS_PASSWORD.to_string(),
+    ];
+    let mut holding = Vec::new();
+    let mut stack = vec![w.base().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                let body = std::fs::read(e.path()).unwrap_or_default();
+                let text = String::from_utf8_lossy(&body);
+                if needles
+                    .iter()
+                    .any(|n| !n.is_empty() && text.contains(n.as_str()))
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    let mode = meta.permissions().mode() & 0o7777;
+                    assert_eq!(meta.uid(), 0, "{} is not root's", e.path().display());
+                    assert_eq!(
+                        mode & 0o077,
+                        0,
+                        "{} holds a secret with mode {mode:o}",
+                        e.path().display()
+                    );
+                    holding.push(e.path());
+                }
+            }
+        }
+    }
+    // settings.json, update_settings.json and the record of the mbus that connected at least:
+    // the scan found what it looks for.
+    let names: BTreeSet<String> = holding
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned()))
+        .collect();
+    for f in [
+        "settings.json",
+        "update_settings.json",
+        "mbus_last_connected.json",
+    ] {
+        assert!(names.contains(f), "{f} not found among {names:?}");
+    }
+}
+
+#[test]
+fn an_unreachable_mbus_from_update_settings_does_not_lock_the_agent_out_after_a_restart() {
+    let mut w = world("rt-mbus-fallback", Opts::default());
+    // A working update first (the permanent certificate): it connects and is recorded.
+    let (mbus, _leaf) = permanent_cert(&w);
+    assert_eq!(
+        w.task("update_settings", json!([{"mbus": mbus.clone()}])),
+        json!({"value": "ok"})
+    );
+    wait_recorded(&w, &mbus);
+    // Then an mbus nothing listens on: accepted (the director may be ahead of NATS), the
+    // current connection keeps serving.
+    let dead = format!("nats://{NATS_USER}:{NATS_PASSWORD}@127.0.0.77:4299");
+    let update = json!({"mbus": {"urls": [dead], "cert": mbus["cert"].clone()}});
+    assert_eq!(
+        w.task("update_settings", json!([update])),
+        json!({"value": "ok"})
+    );
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(w.base().join("bosh/update_settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["mbus"], update["mbus"], "the newest is kept too");
+    w.ping_ok();
+    // After a restart the agent tries the newest, then falls back to the one that worked.
+    w.agent.stop().expect("stop the agent");
+    let exec = agent_exec_with(&w.sb, &w.agent_cg, &w.settings, true, &json!({}))
+        .env("BOSH_AGENT_MBUS_FALLBACK_SECONDS", "2");
+    w.agent = w.sb.spawn_agent(&exec).expect("restart the agent");
+    w.agent
+        .wait_ready(CONNECT_LIMIT)
+        .unwrap_or_else(|e| panic!("agent not ready: {e}"));
+    w.director.wait_pong(CONNECT_LIMIT);
+    let log = w.agent.log();
+    assert!(
+        log.contains("trying the other mbus configuration"),
+        "the agent fell back after the newest did not connect:\n{log}"
+    );
 }
 
 #[test]
@@ -805,7 +968,7 @@ fn update_settings_with_new_mbus_urls_switches_the_agent_live() {
     );
     let path = w.base().join("bosh/update_settings.json");
     let written: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(written, update);
+    assert_eq!(written["mbus"], update["mbus"]);
     // The NATS firewall covers the new endpoint, and once the switch is done only it.
     let second: std::net::SocketAddr = SECOND_SIDE.parse().unwrap();
     let deadline = Instant::now() + CONNECT_LIMIT;

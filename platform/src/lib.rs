@@ -4,5 +4,6 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod files;
 pub mod firewall;
 pub mod vitals;

@@ -1,0 +1,183 @@
+//! Which mbus configuration the bus should use, and falling back when it does not connect.
+//!
+//! The director may send a new certificate (or new URLs) before NATS accepts it, and an
+//! unreachable mbus in `update_settings` must not lock the agent out after a restart. So the
+//! agent keeps two things: the newest `update_settings` (what the director wants) and the mbus
+//! that last brought it onto the bus (`mbus_last_connected.json`). At start it tries the
+//! newest; when the bus is not connected within [`fallback_after`], it switches to the next
+//! candidate, and keeps rotating through them for as long as none connects. Whenever the bus
+//! connects on a configuration from an update, that update's mbus is recorded as the last one
+//! that connected.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mbus::{Bus, ConnectionState, MbusConfig};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::update_settings::{last_connected_path, save};
+
+/// One configuration the bus may use: the document it came from (`{"mbus": …}`, or `None`
+/// for the settings alone) and the configuration built from it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Where it came from, for logs.
+    pub origin: &'static str,
+    /// The `update_settings`-shaped document, if any.
+    pub doc: Option<Value>,
+    /// The configuration [`Bus::connect`] / [`Bus::reconfigure`] takes.
+    pub cfg: MbusConfig,
+}
+
+/// How long the bus may stay unconnected on one candidate before the next is tried: 20 s,
+/// or `BOSH_AGENT_MBUS_FALLBACK_SECONDS` (1–3600).
+pub fn fallback_after() -> Duration {
+    let secs = std::env::var("BOSH_AGENT_MBUS_FALLBACK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| (1..=3600).contains(s))
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
+/// The candidates, the one in use, and what was last recorded. Shared by the start-up code,
+/// the supervisor and the `update_settings` action.
+#[derive(Debug)]
+pub struct Candidates {
+    inner: Mutex<State>,
+    last_connected: PathBuf,
+    settings: Value,
+}
+
+#[derive(Debug)]
+struct State {
+    list: Vec<Candidate>,
+    active: usize,
+    recorded: Option<Value>,
+}
+
+impl Candidates {
+    /// `list[0]` is the one the bus starts with. `list` must not be empty.
+    pub fn new(base: &Path, settings: &Value, list: Vec<Candidate>) -> Arc<Self> {
+        let recorded = std::fs::read(last_connected_path(base))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        Arc::new(Candidates {
+            inner: Mutex::new(State {
+                list,
+                active: 0,
+                recorded,
+            }),
+            last_connected: last_connected_path(base),
+            settings: settings.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The director's newest configuration becomes the one in use; the one that last
+    /// connected stays behind it as the fallback.
+    pub fn prefer(&self, newest: Candidate) {
+        let mut s = self.lock();
+        let mut list = vec![newest];
+        let fallback = match &s.recorded {
+            Some(doc) => candidate(&self.settings, Some(doc), "mbus_last_connected.json"),
+            // Without a recorded update, the settings alone stay a fallback.
+            None => candidate(&self.settings, None, "settings"),
+        };
+        match fallback {
+            Ok(c) if c.cfg != list[0].cfg => list.push(c),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "no fallback mbus configuration"),
+        }
+        s.list = list;
+        s.active = 0;
+    }
+
+    /// Records the active candidate as the last that connected (when it came from an update
+    /// and differs from what is recorded).
+    fn record_active(&self) {
+        let mut s = self.lock();
+        let Some(doc) = s.list.get(s.active).and_then(|c| c.doc.clone()) else {
+            return;
+        };
+        if s.recorded.as_ref() == Some(&doc) {
+            return;
+        }
+        match save(&self.last_connected, &doc) {
+            Ok(()) => {
+                info!(path = %self.last_connected.display(), "recorded the mbus that connected");
+                s.recorded = Some(doc);
+            }
+            Err(e) => warn!(error = %e, "cannot record the mbus that connected"),
+        }
+    }
+
+    /// Moves to the next candidate; `None` when there is only one.
+    fn rotate(&self) -> Option<Candidate> {
+        let mut s = self.lock();
+        if s.list.len() < 2 {
+            return None;
+        }
+        s.active = (s.active + 1) % s.list.len();
+        s.list.get(s.active).cloned()
+    }
+}
+
+/// Builds the candidate from an `update_settings`-shaped document.
+pub fn candidate(
+    settings: &Value,
+    doc: Option<&Value>,
+    origin: &'static str,
+) -> Result<Candidate, String> {
+    let cfg = crate::usable(mbus::mbus_config(settings, doc))?;
+    Ok(Candidate {
+        origin,
+        doc: doc.map(|d| json!({ "mbus": d.get("mbus").cloned().unwrap_or(Value::Null) })),
+        cfg,
+    })
+}
+
+/// Watches the bus: records the configuration that connects, and rotates to the next
+/// candidate when the bus stays unconnected for `after`. Runs until the bus stops.
+pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
+    let stats = bus.stats();
+    let mut switches = stats.switches();
+    let mut was_connected = false;
+    let mut since = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let state = bus.state();
+        if state == ConnectionState::Stopped {
+            return;
+        }
+        let connected = matches!(state, ConnectionState::Connected { .. });
+        let sw = stats.switches();
+        // A fresh connection uses the configuration in force; a completed switch too.
+        if connected && (!was_connected || sw != switches) {
+            candidates.record_active();
+        }
+        switches = sw;
+        was_connected = connected;
+        if connected {
+            since = Instant::now();
+        } else if since.elapsed() >= after {
+            since = Instant::now();
+            if let Some(next) = candidates.rotate() {
+                warn!(
+                    origin = next.origin,
+                    after_secs = after.as_secs(),
+                    "the bus did not connect; trying the other mbus configuration"
+                );
+                if let Err(e) = bus.reconfigure(&next.cfg) {
+                    warn!(error = %e, "cannot switch to the fallback mbus");
+                }
+            }
+        }
+    }
+}

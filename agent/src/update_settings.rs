@@ -1,0 +1,459 @@
+//! The director's `update_settings`: merged into `<base>/bosh/update_settings.json` as
+//! upstream merges it, validated before anything is written, with trusted certificates and
+//! disk associations applied; and the mbus that last connected, kept beside the newest so a
+//! certificate NATS does not (yet) accept can never lock the agent out.
+//!
+//! Merge rules (upstream's `MergeSettings`): `trusted_certs` and `disk_associations` are
+//! always replaced; `mbus` only when the new one is non-empty and differs; `blobstores` only
+//! when present (not null) and different.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+/// `<base>/bosh/update_settings.json`.
+pub fn path(base: &Path) -> PathBuf {
+    crate::settings::update_settings_path(base)
+}
+
+/// `<base>/bosh/mbus_last_connected.json`: `{"mbus": …}` of the update that last brought the
+/// agent onto the bus (the same shape as `update_settings.json`, so it can stand in for it).
+pub fn last_connected_path(base: &Path) -> PathBuf {
+    base.join("bosh").join("mbus_last_connected.json")
+}
+
+/// A merged document and what the merge changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged {
+    /// The document to persist.
+    pub doc: Value,
+    /// The new `mbus` replaced the old one.
+    pub mbus_changed: bool,
+    /// The new `blobstores` replaced the old ones.
+    pub blobstores_changed: bool,
+}
+
+/// Why an `update_settings` argument is refused. Nothing has been written when one is
+/// returned.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("update_settings argument must be a JSON object, got {0}")]
+    NotAnObject(String),
+    #[error("update_settings field {field} must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("Updating mbus: {0}; nothing was changed")]
+    Mbus(String),
+    #[error("Fetching disk settings: {0}")]
+    Disk(String),
+    #[error("Updating trusted certificates: {0}")]
+    Certs(String),
+    #[error("Saving update settings: {0}")]
+    Save(String),
+}
+
+fn is_empty_value(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(m)) => m.values().all(|x| is_empty_value(Some(x))),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::String(s)) => s.is_empty(),
+        Some(_) => false,
+    }
+}
+
+/// Checks the fields' types, so that a malformed update fails before anything is written.
+pub fn check(new: &Value) -> Result<(), UpdateError> {
+    let Some(obj) = new.as_object() else {
+        let mut shown = new.to_string();
+        if shown.len() > 64 {
+            let mut cut = 64;
+            while !shown.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            shown.truncate(cut);
+            shown.push('…');
+        }
+        return Err(UpdateError::NotAnObject(shown));
+    };
+    let wrong = |field, expected| Err(UpdateError::WrongType { field, expected });
+    match obj.get("trusted_certs") {
+        None | Some(Value::Null | Value::String(_)) => {}
+        Some(_) => return wrong("trusted_certs", "a string"),
+    }
+    match obj.get("mbus") {
+        None | Some(Value::Null | Value::Object(_)) => {}
+        Some(_) => return wrong("mbus", "an object"),
+    }
+    match obj.get("blobstores") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_object) => {}
+        Some(_) => return wrong("blobstores", "an array of objects"),
+    }
+    match obj.get("disk_associations") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a))
+            if a.iter().all(|d| {
+                d.get("name").and_then(Value::as_str).is_some()
+                    && d.get("cid").and_then(Value::as_str).is_some()
+            }) => {}
+        Some(_) => return wrong("disk_associations", "an array of {name, cid}"),
+    }
+    Ok(())
+}
+
+/// Upstream's merge of `new` into `existing` (see the module documentation). Pure.
+pub fn merge(existing: &Value, new: &Value) -> Merged {
+    let mut doc: Map<String, Value> = existing.as_object().cloned().unwrap_or_default();
+    let field = |k: &str| new.get(k).cloned().unwrap_or(Value::Null);
+    // Go's zero values: an absent string is "", an absent list is null.
+    let certs = match field("trusted_certs") {
+        Value::Null => json!(""),
+        v => v,
+    };
+    doc.insert("trusted_certs".into(), certs);
+    doc.insert("disk_associations".into(), field("disk_associations"));
+    let mut mbus_changed = false;
+    let new_mbus = new.get("mbus");
+    if !is_empty_value(new_mbus) && new_mbus != doc.get("mbus") {
+        doc.insert("mbus".into(), field("mbus"));
+        mbus_changed = true;
+    }
+    let mut blobstores_changed = false;
+    let new_bs = new.get("blobstores");
+    if !matches!(new_bs, None | Some(Value::Null)) && new_bs != doc.get("blobstores") {
+        doc.insert("blobstores".into(), field("blobstores"));
+        blobstores_changed = true;
+    }
+    Merged {
+        doc: Value::Object(doc),
+        mbus_changed,
+        blobstores_changed,
+    }
+}
+
+/// Reads the persisted document; a missing file is an empty object. A corrupt one is an
+/// error (the caller decides: the update task refuses to merge into it blindly).
+pub fn load(base: &Path) -> Result<Value, String> {
+    let p = path(base);
+    match fs::read(&p) {
+        Ok(b) => match serde_json::from_slice::<Value>(&b) {
+            Ok(v) if v.is_object() => Ok(v),
+            Ok(_) => Err(format!("{}: not a JSON object", p.display())),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(json!({})),
+        Err(e) => Err(format!("reading {}: {e}", p.display())),
+    }
+}
+
+/// Writes `doc` privately and durably.
+pub fn save(path: &Path, doc: &Value) -> Result<(), String> {
+    let body = serde_json::to_vec(doc).map_err(|e| e.to_string())?;
+    platform::files::write_private(path, &body).map_err(|e| e.to_string())
+}
+
+/// Where trusted certificates go and how the system learns of them.
+#[derive(Debug, Clone)]
+pub struct CertTarget {
+    /// `/usr/local/share/ca-certificates`; `BOSH_AGENT_CA_CERTS_DIR` moves it (tests).
+    pub dir: PathBuf,
+    /// `/usr/sbin/update-ca-certificates -f`; `BOSH_AGENT_UPDATE_CA_CERTIFICATES` replaces the
+    /// program (tests point it at their own).
+    pub command: Vec<String>,
+    /// Per try; upstream tries three times.
+    pub timeout: Duration,
+}
+
+impl CertTarget {
+    /// The stemcell's locations, or the environment's overrides.
+    pub fn from_env() -> Self {
+        let dir = std::env::var_os("BOSH_AGENT_CA_CERTS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/local/share/ca-certificates"));
+        let command = match std::env::var("BOSH_AGENT_UPDATE_CA_CERTIFICATES") {
+            Ok(c) if !c.is_empty() => vec![c],
+            _ => vec!["/usr/sbin/update-ca-certificates".into(), "-f".into()],
+        };
+        CertTarget {
+            dir,
+            command,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Splits a PEM bundle into its certificates, as upstream (each ends with its END line).
+pub fn split_certs(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = bundle;
+    while let Some(i) = rest.find(END) {
+        let piece = rest[..i + END.len()].trim();
+        if !piece.is_empty() {
+            out.push(format!("{piece}\n"));
+        }
+        rest = &rest[i + END.len()..];
+    }
+    out
+}
+
+/// Replaces the `bosh-trusted-cert-N.crt` files with the bundle's certificates and runs the
+/// update command (bounded, three tries). An empty bundle only removes the old files.
+pub async fn update_certificates(target: &CertTarget, bundle: &str) -> Result<(), UpdateError> {
+    let err = |m: String| UpdateError::Certs(m);
+    fs::create_dir_all(&target.dir)
+        .map_err(|e| err(format!("creating {}: {e}", target.dir.display())))?;
+    let entries =
+        fs::read_dir(&target.dir).map_err(|e| err(format!("{}: {e}", target.dir.display())))?;
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with("bosh-trusted-cert-")
+        {
+            fs::remove_file(e.path()).map_err(|x| err(format!("{}: {x}", e.path().display())))?;
+        }
+    }
+    for (i, cert) in split_certs(bundle).iter().enumerate() {
+        let p = target.dir.join(format!("bosh-trusted-cert-{}.crt", i + 1));
+        platform::files::write_durable(&p, cert.as_bytes(), 0o644)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let Some((prog, args)) = target.command.split_first() else {
+        return Ok(());
+    };
+    let mut last = String::new();
+    for attempt in 1..=3 {
+        let child = tokio::process::Command::new(prog)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => return Err(err(format!("running {prog}: {e}"))),
+        };
+        match tokio::time::timeout(target.timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) if out.status.success() => return Ok(()),
+            Ok(Ok(out)) => {
+                last = format!(
+                    "{prog} exited with {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(Err(e)) => last = format!("{prog}: {e}"),
+            Err(_) => last = format!("{prog} did not finish within {:?}", target.timeout),
+        }
+        tracing::warn!(attempt, error = %last, "updating certificates failed");
+    }
+    Err(err(last))
+}
+
+/// The device path the settings or the hints file give for a persistent disk `cid`.
+fn disk_path(settings: &Value, base: &Path, cid: &str) -> Option<String> {
+    let from = |v: &Value| -> Option<String> {
+        match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Object(m) => m
+                .get("path")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            _ => None,
+        }
+    };
+    if let Some(p) = settings
+        .pointer("/disks/persistent")
+        .and_then(|p| p.get(cid))
+        .and_then(from)
+    {
+        return Some(p);
+    }
+    let hints = fs::read(base.join("bosh").join("persistent_disk_hints.json")).ok()?;
+    let hints: Value = serde_json::from_slice(&hints).ok()?;
+    hints.get(cid).and_then(from)
+}
+
+/// Links `<base>/instance/disks/<name>` to each associated disk's device.
+pub fn associate_disks(settings: &Value, base: &Path, assoc: &Value) -> Result<(), UpdateError> {
+    let Some(list) = assoc.as_array() else {
+        return Ok(());
+    };
+    let dir = base.join("instance").join("disks");
+    for a in list {
+        let (Some(name), Some(cid)) = (
+            a.get("name").and_then(Value::as_str),
+            a.get("cid").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(UpdateError::Disk(format!(
+                "disk association name {name:?} is not a file name"
+            )));
+        }
+        let dev = disk_path(settings, base, cid).ok_or_else(|| {
+            UpdateError::Disk(format!(
+                "Persistent disk with volume id '{cid}' could not be found"
+            ))
+        })?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| UpdateError::Disk(format!("creating {}: {e}", dir.display())))?;
+        let link = dir.join(name);
+        let tmp = dir.join(format!(".{name}.new"));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&dev, &tmp)
+            .and_then(|()| fs::rename(&tmp, &link))
+            .map_err(|e| UpdateError::Disk(format!("linking {}: {e}", link.display())))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cert(n: u8) -> Value {
+        json!({"ca": format!("ca{n}"), "certificate": format!("c{n}"), "private_key": format!("k{n}")})
+    }
+
+    #[test]
+    fn an_update_without_mbus_keeps_the_permanent_certificate() {
+        // The director's fresh-deploy order: the permanent cert, then an update without mbus.
+        let first = merge(
+            &json!({}),
+            &json!({"trusted_certs": "T", "disk_associations": [], "mbus": {"cert": cert(1)}}),
+        );
+        assert!(first.mbus_changed);
+        let second = merge(
+            &first.doc,
+            &json!({"trusted_certs": "T2", "disk_associations": []}),
+        );
+        assert!(!second.mbus_changed && !second.blobstores_changed);
+        assert_eq!(second.doc["mbus"]["cert"], cert(1));
+        assert_eq!(second.doc["trusted_certs"], "T2");
+    }
+
+    #[test]
+    fn empty_or_equal_mbus_is_not_a_change() {
+        let base = json!({"mbus": {"cert": cert(1)}});
+        for new in [
+            json!({"mbus": {}}),
+            json!({"mbus": null}),
+            json!({"mbus": {"cert": {"ca": "", "certificate": "", "private_key": ""}, "urls": []}}),
+            json!({"mbus": {"cert": cert(1)}}),
+        ] {
+            let m = merge(&base, &new);
+            assert!(!m.mbus_changed, "{new}");
+            assert_eq!(m.doc["mbus"]["cert"], cert(1));
+        }
+        assert!(merge(&base, &json!({"mbus": {"cert": cert(2)}})).mbus_changed);
+    }
+
+    #[test]
+    fn certs_and_associations_are_always_replaced_blobstores_only_when_present() {
+        let base = json!({"trusted_certs": "old", "disk_associations": [{"name": "a", "cid": "c"}],
+            "blobstores": [{"provider": "dav"}]});
+        let m = merge(&base, &json!({}));
+        assert_eq!(m.doc["trusted_certs"], "");
+        assert_eq!(m.doc["disk_associations"], Value::Null);
+        assert_eq!(m.doc["blobstores"], json!([{"provider": "dav"}]));
+        assert!(!m.blobstores_changed);
+        let m = merge(&base, &json!({"blobstores": [{"provider": "local"}]}));
+        assert!(m.blobstores_changed);
+        assert_eq!(m.doc["blobstores"], json!([{"provider": "local"}]));
+        assert!(!merge(&base, &json!({"blobstores": [{"provider": "dav"}]})).blobstores_changed);
+    }
+
+    #[test]
+    fn malformed_fields_are_refused() {
+        assert!(check(&json!([])).is_err());
+        assert!(check(&json!({"trusted_certs": 1})).is_err());
+        assert!(check(&json!({"mbus": "nats://x"})).is_err());
+        assert!(check(&json!({"blobstores": {}})).is_err());
+        assert!(check(&json!({"disk_associations": [{"name": "x"}]})).is_err());
+        check(
+            &json!({"trusted_certs": "", "disk_associations": [{"name": "x", "cid": "c"}],
+            "mbus": {"cert": cert(1)}, "blobstores": [{"provider": "dav"}]}),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn bundles_split_into_certificates() {
+        let one = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----";
+        let two = "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----";
+        assert_eq!(
+            split_certs(&format!("{one}\n{two}\n")),
+            vec![format!("{one}\n"), format!("{two}\n")]
+        );
+        assert!(split_certs("").is_empty());
+        assert!(split_certs("garbage").is_empty());
+    }
+
+    #[tokio::test]
+    async fn certificates_replace_the_old_files_and_run_the_command() {
+        let d = std::env::temp_dir().join(format!("agent-certs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("bosh-trusted-cert-7.crt"), "old").unwrap();
+        fs::write(d.join("other.crt"), "keep").unwrap();
+        let marker = d.join("ran");
+        let script = d.join("update.sh");
+        fs::write(&script, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut fs::metadata(&script).unwrap().permissions(),
+            0o755,
+        );
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let t = CertTarget {
+            dir: d.clone(),
+            command: vec![script.display().to_string()],
+            timeout: Duration::from_secs(5),
+        };
+        let pem = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        update_certificates(&t, pem).await.unwrap();
+        assert!(!d.join("bosh-trusted-cert-7.crt").exists());
+        assert!(d.join("other.crt").exists());
+        assert!(
+            fs::read_to_string(d.join("bosh-trusted-cert-2.crt"))
+                .unwrap()
+                .contains("BBB")
+        );
+        assert!(marker.exists());
+        // A failing command is an error naming it.
+        let t = CertTarget {
+            command: vec!["/bin/false".into()],
+            ..t
+        };
+        let e = update_certificates(&t, pem).await.unwrap_err().to_string();
+        assert!(e.contains("/bin/false"), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn associations_link_to_the_disk_path() {
+        let d = std::env::temp_dir().join(format!("agent-assoc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        let settings = json!({"disks": {"persistent": {"disk-1": {"path": "/dev/sdc"}}}});
+        associate_disks(&settings, &d, &json!([{"name": "data", "cid": "disk-1"}])).unwrap();
+        assert_eq!(
+            fs::read_link(d.join("instance/disks/data")).unwrap(),
+            PathBuf::from("/dev/sdc")
+        );
+        let e = associate_disks(&settings, &d, &json!([{"name": "x", "cid": "nope"}])).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(
+            associate_disks(&settings, &d, &json!([{"name": "../x", "cid": "disk-1"}])).is_err()
+        );
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
