@@ -116,6 +116,11 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
     };
     start_monit(&base_dir, &linux.service_manager).await;
     settings::secure_files(&base_dir);
+    // The stemcell layout gets upstream's tmpfs on data/sys/run; another base directory (a
+    // sandbox) gets the same tree without mounts.
+    if let Err(e) = platform::datadir::setup(&base_dir, base_dir == Path::new("/var/vcap")) {
+        error!(error = %e, "cannot set up the data directory; installing jobs will fail");
+    }
     let settings = settings::load(&config, &base_dir).unwrap_or_else(|e| {
         error!(error = %e, "no settings: the agent cannot reach the director");
         serde_json::Value::Null

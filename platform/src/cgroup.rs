@@ -123,23 +123,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
 fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&crate::mountinfo::unescape_field(s)).into_owned()
 }
 
 /// Classifies the layout from mountinfo alone (used for fixtures and as a cross-check of the

@@ -5,5 +5,7 @@
 
 pub mod cgroup;
 pub mod files;
+pub mod datadir;
 pub mod firewall;
+pub mod mountinfo;
 pub mod vitals;

@@ -447,31 +447,6 @@ pub fn parse_uptime(text: &str) -> Result<u64, VitalsError> {
 // ---------------------------------------------------------------------------------------------
 // disks
 
-/// Undoes the octal escapes the kernel writes in `/proc/mounts` fields (`\040` for a space,
-/// `\011` tab, `\012` newline, `\134` backslash). A malformed escape is kept verbatim.
-fn unescape_mount_field(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(oct) = bytes.get(i + 1..i + 4)
-            && oct.iter().all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = oct
-                .iter()
-                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
-}
 
 /// True when `path` is listed as a mount point in `/proc/mounts` text.
 ///
@@ -485,7 +460,7 @@ pub fn is_listed_mount_point(mounts: &str, path: &Path) -> bool {
         let mut fields = line.split_ascii_whitespace();
         match (fields.next(), fields.next()) {
             (Some(_device), Some(mount_point)) => {
-                let decoded = unescape_mount_field(mount_point);
+                let decoded = crate::mountinfo::unescape_field(mount_point);
                 Path::new(std::ffi::OsStr::from_bytes(&decoded)) == path
             }
             _ => false,
@@ -872,8 +847,8 @@ mod tests {
         assert!(!is_listed_mount_point(mounts, Path::new("/var/vcap/store")));
         assert!(!is_listed_mount_point(mounts, Path::new("/var/vcap")));
         assert!(!is_listed_mount_point("", Path::new("/")));
-        assert_eq!(unescape_mount_field("a\\134b\\9\\"), b"a\\b\\9\\");
-        assert_eq!(unescape_mount_field("\\777"), b"\\777");
+        assert_eq!(crate::mountinfo::unescape_field("a\\134b\\9\\"), b"a\\b\\9\\");
+        assert_eq!(crate::mountinfo::unescape_field("\\777"), b"\\777");
     }
 
     #[test]
