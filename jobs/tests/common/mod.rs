@@ -181,6 +181,8 @@ impl RealMonit {
                 },
                 poll_interval: Duration::from_millis(100),
                 stop_timeout: Duration::from_secs(20),
+                reload_check_interval: Duration::from_millis(200),
+                ..SupervisorOptions::default()
             },
         )
     }
