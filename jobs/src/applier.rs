@@ -59,8 +59,8 @@ pub enum ApplyError {
         name: String,
         /// The blob id.
         blob: String,
-        /// Why.
-        source: BlobError,
+        /// Why (boxed: blob errors are large).
+        source: Box<BlobError>,
     },
     /// The rendered templates archive holds nothing for this job.
     #[error("Installing job {name} from blob {blob}: no file with prefix '{name}' found")]
@@ -454,7 +454,7 @@ impl Applier {
                 what,
                 name: name.to_string(),
                 blob: source.blobstore_id.clone(),
-                source: e,
+                source: Box::new(e),
             })?;
         let result = finish(&tmp).and_then(|()| {
             std::fs::rename(&tmp, install).map_err(io_err("Moving install into place at", install))

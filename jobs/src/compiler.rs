@@ -95,8 +95,8 @@ pub enum CompileError {
         name: String,
         /// The blob id.
         blob: String,
-        /// Why.
-        source: BlobError,
+        /// Why (boxed: blob errors are large).
+        source: Box<BlobError>,
     },
     /// A file-system step failed (removing packages, the bundle, the compile dir, the logs).
     #[error(transparent)]
@@ -137,7 +137,7 @@ pub enum CompileError {
     },
     /// Uploading the compiled package failed.
     #[error("Uploading compiled package: {0}")]
-    Upload(#[source] BlobError),
+    Upload(#[source] Box<BlobError>),
 }
 
 /// Compiles the package of `request` on the VM rooted at `base` and uploads it; returns the
@@ -250,7 +250,7 @@ fn compile_in(
             applier
                 .blobs()
                 .upload(&tarball)
-                .map_err(CompileError::Upload)
+                .map_err(|e| CompileError::Upload(Box::new(e)))
         });
         let _ = std::fs::remove_file(&tarball);
         packed
@@ -290,7 +290,7 @@ fn unpack_source(
         let blob_err = |source| CompileError::Source {
             name: request.name.clone(),
             blob: request.blob_id.clone(),
-            source,
+            source: Box::new(source),
         };
         std::fs::create_dir_all(parent_of(&file)?).map_err(io_err("Creating", &scratch))?;
         blobs

@@ -342,7 +342,7 @@ fn a_failed_install_leaves_the_previous_version_enabled() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(entries, [old.clone()]);
+    assert_eq!(entries, std::slice::from_ref(&old));
     assert!(monitrc.is_file());
 
     // Fixed, the same apply goes through.
