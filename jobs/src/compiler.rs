@@ -98,6 +98,16 @@ pub enum CompileError {
         /// Why (boxed: blob errors are large).
         source: Box<BlobError>,
     },
+    /// The source archive was refused (hostile or corrupt).
+    #[error("Uncompressing package {name} from blob {blob}: {source}")]
+    Unpack {
+        /// The package.
+        name: String,
+        /// The blob id.
+        blob: String,
+        /// Why (boxed, like blob errors).
+        source: Box<blobstore::ArchiveError>,
+    },
     /// A file-system step failed (removing packages, the bundle, the compile dir, the logs).
     #[error(transparent)]
     Fs(#[from] ApplyError),
@@ -263,7 +273,7 @@ fn compile_in(
     Ok(uploaded)
 }
 
-/// Fetches and verifies the source once, then unpacks it to `<compile>-bosh-agent-unpack` and
+/// Fetches and verifies the source, then unpacks it to `<compile>-bosh-agent-unpack` and
 /// renames that to `compile_path`. Returns whether the source was gzipped.
 fn unpack_source(
     blobs: &Blobs,
@@ -277,29 +287,28 @@ fn unpack_source(
     remove_all(compile_path)?;
     remove_all(&unpack_path)?;
 
-    // The source is downloaded once into a private blob directory, sniffed for gzip (the
-    // compiled package is packed the same way), and unpacked from there: a `Blobs` whose
-    // data dir holds `blobs/<id>` reads that local copy before any provider.
+    // Downloaded (and verified) once, sniffed for gzip (the compiled package is packed the
+    // same way), then unpacked from the local copy by the blobstore's safe tar reader.
     let scratch = temp_sibling(compile_path, "source");
     let result = (|| {
-        let local = Blobs {
-            provider: blobs.provider.clone(),
-            data_dir: scratch.clone(),
-        };
-        let file = scratch.join("blobs").join(&request.blob_id);
-        let blob_err = |source| CompileError::Source {
-            name: request.name.clone(),
-            blob: request.blob_id.clone(),
-            source: Box::new(source),
-        };
-        std::fs::create_dir_all(parent_of(&file)?).map_err(io_err("Creating", &scratch))?;
+        std::fs::create_dir_all(&scratch).map_err(io_err("Creating", &scratch))?;
+        let file = scratch.join("blob");
         blobs
             .download(&request.blob_id, digest, &file)
-            .map_err(blob_err)?;
+            .map_err(|source| CompileError::Source {
+                name: request.name.clone(),
+                blob: request.blob_id.clone(),
+                source: Box::new(source),
+            })?;
         let gzip = is_gzip(&file).map_err(io_err("Reading", &file))?;
-        local
-            .unpack(&request.blob_id, digest, &unpack_path, &Select::All)
-            .map_err(blob_err)?;
+        std::fs::create_dir(&unpack_path).map_err(io_err("Creating", &unpack_path))?;
+        let reader = std::fs::File::open(&file).map_err(io_err("Opening", &file))?;
+        blobstore::archive::unpack(std::io::BufReader::new(reader), &unpack_path, &Select::All)
+            .map_err(|source| CompileError::Unpack {
+                name: request.name.clone(),
+                blob: request.blob_id.clone(),
+                source: Box::new(source),
+            })?;
         std::fs::rename(&unpack_path, compile_path).map_err(io_err(
             "Moving temporary compile directory to",
             compile_path,

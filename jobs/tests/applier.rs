@@ -621,3 +621,34 @@ fn a_packaging_script_is_killed_at_its_timeout() {
     canceller.join().unwrap();
     assert!(err.to_string().contains("cancelled"), "{err}");
 }
+
+#[test]
+fn a_hostile_package_archive_installs_nothing() {
+    require_root();
+    let vm = Vm::new("hostilearchive");
+    let (mut v, _, _) = spec(&vm, "r1");
+    // A member named `../escaped.txt` (GNU tar keeps it with -P).
+    let src = vm.root.join("hostile/inner");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(vm.root.join("hostile/escaped.txt"), "x").unwrap();
+    let out = vm.base.join("data/blobs/hostile");
+    assert!(
+        Command::new("tar")
+            .arg("-czPf")
+            .arg(&out)
+            .arg("-C")
+            .arg(&src)
+            .arg("../escaped.txt")
+            .status()
+            .unwrap()
+            .success()
+    );
+    v["packages"]["ruby"]["sha1"] = json!(sha1_of(&out));
+    v["packages"]["ruby"]["blobstore_id"] = json!("hostile");
+    let err = vm.applier().apply(&parse(&v)).unwrap_err();
+    assert!(err.to_string().contains("hostile"), "{err}");
+    let ruby = vm.base.join("data/packages/ruby");
+    assert!(!ruby.exists() || std::fs::read_dir(&ruby).unwrap().count() == 0);
+    assert!(!vm.base.join("data/packages/escaped.txt").exists());
+    assert!(!vm.base.join("packages").exists());
+}
