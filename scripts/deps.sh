@@ -13,6 +13,10 @@ have nats-server || need+=(nats-server)
 have monit || need+=(monit)
 have dnsmasq || need+=(dnsmasq-base)
 have make || need+=(make)
+# The director's blobstore for the DAV tests (Debian's build has the dav and ssl modules);
+# openssl makes its htpasswd entries.
+[ -x /usr/sbin/nginx ] || need+=(nginx)
+have openssl || need+=(openssl)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2
@@ -23,6 +27,10 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if ! /usr/sbin/nginx -V 2>&1 | grep -q -- --with-http_dav_module; then
+  echo "deps: /usr/sbin/nginx has no DAV module (the blobstore tests need Debian's nginx)" >&2
+  exit 1
 fi
 # Debian starts the services these packages ship; the tests run their own instances on
 # loopback inside namespaces, so the packaged daemons are left as the system has them.

@@ -16,8 +16,10 @@ pub mod archive;
 pub mod digest;
 pub mod fetch;
 pub mod provider;
+#[cfg(test)]
+mod test_util;
 
-pub use archive::{ArchiveError, Select};
-pub use digest::{Algorithm, Digest, DigestError, MultiDigest};
-pub use fetch::{BlobError, Blobs, Uploaded};
-pub use provider::{Provider, ProviderError};
+pub use archive::{ArchiveError, Select, Unpacked, pack_dir};
+pub use digest::{Algorithm, Digest, DigestError, Hasher, HashingReader, MultiDigest};
+pub use fetch::{BlobError, Blobs, Source, Uploaded};
+pub use provider::{BlobReader, Dav, External, Provider, ProviderEnv, ProviderError};

@@ -25,6 +25,7 @@
 //! harness holds is the final program's.
 #![forbid(unsafe_code)]
 
+pub mod dav;
 pub mod monit;
 pub mod nats;
 

@@ -2,6 +2,8 @@
 //! and the per-process list, with upstream's `<base>/monit/stopped` marker.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,12 @@ pub struct SupervisorOptions {
     pub poll_interval: Duration,
     /// Overall limit of `stop_and_wait` (upstream: 5 minutes).
     pub stop_timeout: Duration,
+    /// How many times [`JobSupervisor::reload`] asks monit to reload (upstream: 3).
+    pub reload_tries: u32,
+    /// How many times it checks the incarnation after each request (upstream: 10).
+    pub reload_checks: u32,
+    /// The pause between those checks (upstream: 1 s; the incarnation has a 1 s resolution).
+    pub reload_check_interval: Duration,
 }
 
 impl Default for SupervisorOptions {
@@ -44,6 +52,9 @@ impl Default for SupervisorOptions {
             monit_cli: MonitCli::default(),
             poll_interval: Duration::from_millis(500),
             stop_timeout: Duration::from_secs(300),
+            reload_tries: 3,
+            reload_checks: 10,
+            reload_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -87,6 +98,20 @@ impl std::fmt::Display for JobState {
 /// marker → `stopped`; any vcap service starting → `starting`; any not monitored or not running
 /// → `failing`; otherwise `running`.
 pub fn job_state_of(status: Option<&MonitStatus>, stopped_marker_exists: bool) -> JobState {
+    job_state_expecting(status, stopped_marker_exists, 0)
+}
+
+/// [`job_state_of`], knowing that the applied spec has `expected_jobs` jobs: when it has some
+/// but monit has no vcap service at all, the state is `failing`, never `running`.
+///
+/// Upstream reports `running` for an empty vcap group whatever the spec says, so a VM whose
+/// monit lost (or never loaded) the job configs looks healthy to the director; this rule is
+/// our deviation.
+pub fn job_state_expecting(
+    status: Option<&MonitStatus>,
+    stopped_marker_exists: bool,
+    expected_jobs: usize,
+) -> JobState {
     let Some(status) = status else {
         return JobState::Unknown;
     };
@@ -101,6 +126,9 @@ pub fn job_state_of(status: Option<&MonitStatus>, stopped_marker_exists: bool) -
         .iter()
         .any(|s| !s.monitored || s.status != ProcessState::Running)
     {
+        return JobState::Failing;
+    }
+    if services.is_empty() && expected_jobs > 0 {
         return JobState::Failing;
     }
     JobState::Running
@@ -236,6 +264,17 @@ pub enum SupervisorError {
         /// The limit, in words.
         after: String,
     },
+    /// Monit's incarnation could not be read before a reload.
+    #[error("Getting monit incarnation: {0}")]
+    Incarnation(String),
+    /// Monit's incarnation did not change after every reload attempt.
+    #[error("Failed to reload monit: before={before} after={after}")]
+    Reload {
+        /// The incarnation before.
+        before: i64,
+        /// The last one read.
+        after: i64,
+    },
     /// Services did not stop in time.
     #[error("Timed out waiting for services '{services}' to stop after {after}")]
     StopTimeout {
@@ -258,6 +297,8 @@ pub struct JobSupervisor {
     client: MonitClient,
     base_dir: PathBuf,
     options: SupervisorOptions,
+    /// Shared by clones: the number of jobs of the applied spec.
+    expected_jobs: Arc<AtomicUsize>,
 }
 
 impl JobSupervisor {
@@ -271,7 +312,61 @@ impl JobSupervisor {
             client,
             base_dir: base_dir.into(),
             options,
+            expected_jobs: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Records how many jobs the applied spec has (every clone of this supervisor sees it).
+    /// While it is positive, [`JobSupervisor::job_state`] is never `running` without a vcap
+    /// service (see [`job_state_expecting`]).
+    pub fn set_expected_jobs(&self, jobs: usize) {
+        self.expected_jobs.store(jobs, Ordering::Relaxed);
+    }
+
+    /// The count set by [`JobSupervisor::set_expected_jobs`] (0 until then).
+    pub fn expected_jobs(&self) -> usize {
+        self.expected_jobs.load(Ordering::Relaxed)
+    }
+
+    /// Makes monit re-read its configuration, and confirms it did: runs
+    /// `monit [-c <control_file>] reload`, then polls the status until monit's incarnation
+    /// differs from the one before (it may go down as well as up: it is monit's start time).
+    /// Up to `reload_tries` requests, each followed by up to `reload_checks` checks
+    /// `reload_check_interval` apart; a failed request is logged and retried.
+    ///
+    /// Upstream restarts monit through the service manager (`sv`/`systemctl` kill, then
+    /// start) instead, because its monit applied a reload only at the next daemon cycle. The
+    /// CLI reload is our deviation: it works whatever the service manager, and the wait for
+    /// the new incarnation makes it just as certain.
+    pub async fn reload(&self) -> Result<(), SupervisorError> {
+        let before = self
+            .incarnation()
+            .await
+            .map_err(SupervisorError::Incarnation)?;
+        let mut after = before;
+        for attempt in 1..=self.options.reload_tries {
+            if let Err(error) = self.run_cli(&["reload"], Duration::from_secs(30)).await {
+                tracing::error!(target: "jobs::monit", %error, attempt, "Failed to reload monit");
+                continue;
+            }
+            for _ in 0..self.options.reload_checks {
+                match self.incarnation().await {
+                    Ok(now) if now != before => return Ok(()),
+                    Ok(now) => after = now,
+                    Err(error) => {
+                        tracing::debug!(target: "jobs::monit", %error, "Failed fetching monit incarnation")
+                    }
+                }
+                tracing::debug!(target: "jobs::monit", before, after, "Waiting for monit to reload");
+                tokio::time::sleep(self.options.reload_check_interval).await;
+            }
+        }
+        Err(SupervisorError::Reload { before, after })
+    }
+
+    async fn incarnation(&self) -> Result<i64, String> {
+        let status = self.client.status().await.map_err(|e| e.to_string())?;
+        status.incarnation_number().map_err(|e| e.to_string())
     }
 
     /// The monit client.
@@ -398,8 +493,8 @@ impl JobSupervisor {
         Ok(())
     }
 
-    /// The aggregate job state (see [`job_state_of`]). Never fails: an unreachable monit is
-    /// `unknown`.
+    /// The aggregate job state (see [`job_state_expecting`], with the count of
+    /// [`JobSupervisor::set_expected_jobs`]). Never fails: an unreachable monit is `unknown`.
     pub async fn job_state(&self) -> JobState {
         let status = match self.client.status().await {
             Ok(status) => status,
@@ -411,7 +506,7 @@ impl JobSupervisor {
         let stopped = tokio::fs::try_exists(self.stopped_file())
             .await
             .unwrap_or(false);
-        job_state_of(Some(&status), stopped)
+        job_state_expecting(Some(&status), stopped, self.expected_jobs())
     }
 
     /// One [`Process`] per vcap service, in monit's order.
@@ -558,6 +653,20 @@ mod tests {
         assert_eq!(job_state_of(Some(&empty), false), JobState::Running);
         assert_eq!(
             job_state_of(Some(&MonitStatus::default()), false),
+            JobState::Running
+        );
+        // A spec with jobs but no vcap service in monit is failing, not running.
+        assert_eq!(
+            job_state_expecting(Some(&empty), false, 2),
+            JobState::Failing
+        );
+        assert_eq!(
+            job_state_expecting(Some(&empty), true, 2),
+            JobState::Stopped
+        );
+        assert_eq!(job_state_expecting(None, false, 2), JobState::Unknown);
+        assert_eq!(
+            job_state_expecting(Some(&running), false, 5),
             JobState::Running
         );
         assert_eq!(

@@ -168,3 +168,52 @@ async fn wrong_credentials_are_refused_by_monit() {
     let supervisor = jobs::JobSupervisor::new(client, &monit.base, Default::default());
     assert_eq!(supervisor.job_state().await, JobState::Unknown);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_config_and_waits_for_the_new_incarnation() {
+    let monit = RealMonit::start("reload", "", &[]).await;
+    let supervisor = monit.supervisor().await;
+    let client = supervisor.client().clone();
+    let before = client.status().await.unwrap();
+    assert!(before.group_members(VCAP_GROUP).is_empty());
+
+    // No vcap service: running, unless the applied spec has jobs.
+    assert_eq!(supervisor.job_state().await, JobState::Running);
+    supervisor.set_expected_jobs(1);
+    assert_eq!(supervisor.job_state().await, JobState::Failing);
+
+    // A new check appears in the control file; reload makes monit load it. The first request
+    // likely lands in monit's start second (same incarnation), so the retry is exercised too.
+    let mut rc = std::fs::read_to_string(&monit.rc).unwrap();
+    rc.push_str(&format!(
+        "check file late with path {}\n  group vcap\n",
+        monit.rc.display()
+    ));
+    std::fs::write(&monit.rc, rc).unwrap();
+    if let Err(e) = supervisor.reload().await {
+        panic!(
+            "{e}; monit log: {}",
+            std::fs::read_to_string(monit.dir.path().join("monit.log")).unwrap_or_default()
+        );
+    }
+    let after = client.status().await.unwrap();
+    assert_ne!(after.incarnation, before.incarnation);
+    assert_eq!(after.group_members(VCAP_GROUP), ["late"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_fails_when_monit_cannot_reload() {
+    let monit = RealMonit::start("noreload", "", &[]).await;
+    let mut options = jobs::SupervisorOptions {
+        reload_tries: 2,
+        reload_checks: 2,
+        reload_check_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    // A CLI that cannot reach this monit (wrong control file): every request fails.
+    options.monit_cli.binary = common::monit_binary();
+    options.monit_cli.control_file = Some(monit.dir.path().join("missing-monitrc"));
+    let supervisor = jobs::JobSupervisor::new(monit.client().await, &monit.base, options);
+    let err = supervisor.reload().await.unwrap_err().to_string();
+    assert!(err.starts_with("Failed to reload monit: before="), "{err}");
+}

@@ -181,6 +181,8 @@ impl RealMonit {
                 },
                 poll_interval: Duration::from_millis(100),
                 stop_timeout: Duration::from_secs(20),
+                reload_check_interval: Duration::from_millis(200),
+                ..SupervisorOptions::default()
             },
         )
     }
@@ -227,5 +229,17 @@ pub fn alive(pid: i32) -> bool {
             .next()
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+/// Polls `check` every 50 ms until it is true, or panics after `limit` naming `what`.
+pub fn wait_for_sync(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
