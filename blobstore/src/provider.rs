@@ -975,6 +975,118 @@ mod tests {
         }
     }
 
+    /// A plain HTTP/1.1 server on loopback answering each connection with the next of
+    /// `answers` (status, body), then closing; returns its endpoint and the requests it read.
+    fn http_server(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut r = io::BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                seen.push(head);
+                let mut w = stream;
+                write!(
+                    w,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (endpoint, handle)
+    }
+
+    fn dav_at(endpoint: &str, attempts: u32) -> Dav {
+        let mut o = Map::new();
+        o.insert("endpoint".into(), json!(endpoint));
+        o.insert("user".into(), json!("agent"));
+        o.insert("password".into(), json!("pw"));
+        o.insert("retry_attempts".into(), json!(attempts));
+        Dav::from_options(&o).unwrap()
+    }
+
+    #[test]
+    fn dav_retries_5xx_but_not_4xx() {
+        let (endpoint, server) = http_server(vec![(503, "busy"), (500, ""), (200, "blob")]);
+        let dav = dav_at(&endpoint, 3);
+        let mut got = String::new();
+        dav.get("abc").unwrap().read_to_string(&mut got).unwrap();
+        assert_eq!(got, "blob");
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(seen[0].starts_with("GET /a9/abc HTTP/1.1"), "{}", seen[0]);
+        assert!(
+            seen[0]
+                .to_lowercase()
+                .contains("authorization: basic ywdlbnq6chc="),
+            "{}",
+            seen[0]
+        );
+
+        let (endpoint, server) = http_server(vec![(403, "no")]);
+        let e = dav_at(&endpoint, 3).get("abc").err().unwrap();
+        assert_eq!(e.status(), Some(403));
+        assert!(e.to_string().contains(&format!("{endpoint}/a9/abc")), "{e}");
+        assert_eq!(server.join().unwrap().len(), 1, "a 403 is not retried");
+
+        // Retries used up: the last status is reported.
+        let (endpoint, server) = http_server(vec![(502, "a"), (502, "b")]);
+        let e = dav_at(&endpoint, 2).get("abc").err().unwrap();
+        assert_eq!(e.status(), Some(502));
+        assert!(e.to_string().contains(": b"), "{e}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn dav_connection_refused_is_a_transport_error_naming_the_url() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let endpoint = format!("http://agent:pw@127.0.0.1:{port}");
+        let e = dav_at(&endpoint, 2).get("abc").err().unwrap();
+        let ProviderError::Transport { url, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(url, &format!("http://127.0.0.1:{port}/a9/abc"));
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn dav_put_sends_the_length() {
+        let (endpoint, server) = http_server(vec![(201, "")]);
+        let tmp = TestDir::new();
+        let f = tmp.path().join("f");
+        fs::write(&f, b"hello\n").unwrap();
+        let d = dav_at(&endpoint, 1).put(&f, "abc").unwrap();
+        assert_eq!(d, Digest::of(Algorithm::Sha1, b"hello\n"));
+        let seen = server.join().unwrap();
+        assert!(seen[0].starts_with("PUT /a9/abc HTTP/1.1"), "{}", seen[0]);
+        assert!(
+            seen[0].to_lowercase().contains("content-length: 6"),
+            "{}",
+            seen[0]
+        );
+        let (endpoint, server) = http_server(vec![(200, "")]);
+        let e = dav_at(&endpoint, 1).put(&f, "abc").unwrap_err();
+        assert_eq!(e.status(), Some(200), "only 201 and 204 are success");
+        server.join().unwrap();
+    }
+
     #[test]
     fn external_config_and_lookup() {
         let tmp = TestDir::new();

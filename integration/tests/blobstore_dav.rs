@@ -426,3 +426,64 @@ fn external_cli_delegation() {
         format!("put {} {}", up_file.display(), up.blobstore_id)
     );
 }
+
+/// A small tmpfs mounted on a directory of a [`TempDir`] for one test, unmounted on drop.
+struct SmallFs {
+    dir: PathBuf,
+    _tmp: TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path().join("small");
+        fs::create_dir(&dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the ENOSPC test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir, _tmp: tmp }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn no_space_left_removes_the_partial_unpack() {
+    let dav = start();
+    // 2 MiB of zeros compress to a few KiB; the tmpfs holds 256 KiB.
+    let zeros = "\0".repeat(2 << 20);
+    let blob = tgz(&[("big", zeros.as_str()), ("small", "s")]);
+    dav.put_blob("big-blob", &blob).unwrap();
+    let (user, password) = dav.write_user();
+    let provider = dav_provider(&dav, user, password, dav.ca_pem());
+    let small = SmallFs::mount("256k");
+    let data = TempDir::new().unwrap();
+    let blobs = Blobs::new(provider, data.path());
+    let d = MultiDigest::parse(&Digest::of(Algorithm::Sha1, &blob).hex).unwrap();
+    let dest = small.dir.join("pkg");
+    let e = blobs
+        .unpack("big-blob", &d, &dest, &Select::All)
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("big-blob"), "{msg}");
+    assert!(msg.to_lowercase().contains("no space"), "{msg}");
+    let left: Vec<_> = fs::read_dir(&small.dir).unwrap().collect();
+    assert!(left.is_empty(), "partial unpack left behind: {left:?}");
+}
