@@ -164,6 +164,7 @@ pub async fn get_state(ctx: &Arc<Context>, args: &[Value]) -> Result<Value, Stri
 
 /// `start`.
 pub async fn start(ctx: &Arc<Context>) -> Result<Value, String> {
+    crate::deploy::configure_jobs(ctx).await?;
     ctx.jobs.start().await.map_err(|e| e.to_string())?;
     Ok(json!("started"))
 }
@@ -172,19 +173,44 @@ pub async fn start(ctx: &Arc<Context>) -> Result<Value, String> {
 pub fn prepare_async(ctx: &Arc<Context>, req: &Request) -> Result<TaskBody, String> {
     let ctx = ctx.clone();
     match req.method.as_str() {
-        "apply" => {
+        "apply" | "prepare" => {
             let spec = req
                 .arguments
                 .first()
                 .cloned()
                 .ok_or_else(|| not_enough(1, req))?;
             if !spec.is_object() {
-                return Err(format!("apply spec must be a JSON object, got {spec}"));
+                return Err(format!(
+                    "{} spec must be a JSON object, got {spec}",
+                    req.method
+                ));
             }
-            Ok(task(move |_| async move {
-                write_json(&spec_path(&ctx.base_dir), &spec)?;
-                Ok(json!("applied"))
+            // Checked before queueing: a spec that cannot be installed fails at once.
+            if req.method == "prepare" || crate::deploy::has_configuration(&spec) {
+                crate::deploy::parse_spec(&spec)?;
+            }
+            if req.method == "apply" {
+                Ok(task(move |_| crate::deploy::apply(ctx, spec)))
+            } else {
+                Ok(task(move |_| crate::deploy::prepare(ctx, spec)))
+            }
+        }
+        "compile_package" => {
+            if req.arguments.len() < 5 {
+                return Err(not_enough(5, req));
+            }
+            let args = req.arguments.clone();
+            Ok(task(move |cancel| {
+                crate::deploy::compile_package(ctx, args, cancel)
             }))
+        }
+        "upload_blob" => {
+            let arg = req
+                .arguments
+                .first()
+                .cloned()
+                .ok_or_else(|| not_enough(1, req))?;
+            Ok(task(move |_| crate::deploy::upload_blob(ctx, arg)))
         }
         "stop" => {
             let protocol = req.protocol;

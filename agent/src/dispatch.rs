@@ -42,6 +42,9 @@ const SYNC: &[&str] = &[
 /// Methods run as tasks, and whether `cancel_task` may stop them.
 const ASYNC: &[(&str, bool)] = &[
     ("apply", false),
+    ("prepare", false),
+    ("compile_package", true),
+    ("upload_blob", false),
     ("stop", false),
     ("drain", true),
     ("run_script", false),

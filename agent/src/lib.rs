@@ -12,6 +12,7 @@ pub mod actions;
 pub mod alerts;
 pub mod commands;
 pub mod config;
+pub mod deploy;
 pub mod dispatch;
 pub mod firewall;
 pub mod heartbeat;
@@ -174,6 +175,13 @@ async fn serve(config: AgentConfig, base_dir: PathBuf) -> Result<(), AgentError>
             ..jobs::SupervisorOptions::default()
         },
     );
+    // After a restart, the applied spec says how many jobs monit should be running.
+    if let Ok(spec) = actions::read_spec(&base_dir)
+        && deploy::has_configuration(&spec)
+        && let Ok(typed) = deploy::parse_spec(&spec)
+    {
+        supervisor.set_expected_jobs(typed.jobs().len());
+    }
     let ctx = Arc::new(dispatch::Context {
         base_dir: base_dir.clone(),
         agent_id: settings

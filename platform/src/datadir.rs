@@ -47,11 +47,9 @@ pub fn vcap_gid() -> Option<nix::unistd::Gid> {
 fn dir(path: &Path, mode: u32, vcap: bool) -> Result<(), DataDirError> {
     fs::create_dir_all(path).map_err(|e| err(path, e))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| err(path, e))?;
-    if vcap {
-        if let Some(gid) = vcap_gid() {
-            nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(gid))
-                .map_err(|e| err(path, e))?;
-        }
+    if vcap && let Some(gid) = vcap_gid() {
+        nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), Some(gid))
+            .map_err(|e| err(path, e))?;
     }
     Ok(())
 }
@@ -138,7 +136,10 @@ mod tests {
             assert_eq!(mode(&base.join(p)), m, "{p}");
         }
         assert!(base.join("data/packages/keep").is_dir());
-        assert_eq!(fs::read_link(base.join("sys")).unwrap(), base.join("data/sys"));
+        assert_eq!(
+            fs::read_link(base.join("sys")).unwrap(),
+            base.join("data/sys")
+        );
         // Again: nothing to do, no error.
         setup(&base, false).unwrap();
         // A `sys` that is something else is reported, not replaced.

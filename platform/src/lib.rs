@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
-pub mod files;
 pub mod datadir;
+pub mod files;
 pub mod firewall;
 pub mod mountinfo;
 pub mod vitals;

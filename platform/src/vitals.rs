@@ -447,7 +447,6 @@ pub fn parse_uptime(text: &str) -> Result<u64, VitalsError> {
 // ---------------------------------------------------------------------------------------------
 // disks
 
-
 /// True when `path` is listed as a mount point in `/proc/mounts` text.
 ///
 /// This is upstream's test (`linuxMounter.IsMountPoint`: the path equals a mount point of the
@@ -847,7 +846,10 @@ mod tests {
         assert!(!is_listed_mount_point(mounts, Path::new("/var/vcap/store")));
         assert!(!is_listed_mount_point(mounts, Path::new("/var/vcap")));
         assert!(!is_listed_mount_point("", Path::new("/")));
-        assert_eq!(crate::mountinfo::unescape_field("a\\134b\\9\\"), b"a\\b\\9\\");
+        assert_eq!(
+            crate::mountinfo::unescape_field("a\\134b\\9\\"),
+            b"a\\b\\9\\"
+        );
         assert_eq!(crate::mountinfo::unescape_field("\\777"), b"\\777");
     }
 
