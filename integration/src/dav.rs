@@ -118,8 +118,19 @@ fn free_port() -> Result<u16> {
 }
 
 impl DavServer {
-    /// Starts nginx with a fresh CA, certificate (for the IP 127.0.0.1), users and store.
+    /// Starts nginx with a fresh CA, certificate (for the IP 127.0.0.1), users and store, in
+    /// this process's network namespace.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// [`DavServer::start`] inside the network namespace pinned at `netns` (a sandbox's), on
+    /// 127.0.0.1:25250 there, the director's blobstore port.
+    pub fn start_in(netns: &Path) -> Result<Self> {
+        Self::start_with(Some(netns))
+    }
+
+    fn start_with(netns: Option<&Path>) -> Result<Self> {
         check_nginx()?;
         let dir = TempDir::new()?;
         let d = dir.path();
@@ -139,7 +150,10 @@ impl DavServer {
             0o644,
         )?;
         write(&d.join("write.htpasswd"), &agent_line, 0o644)?;
-        let port = free_port()?;
+        let port = match netns {
+            Some(_) => 25250,
+            None => free_port()?,
+        };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let p = d.display();
         let conf = format!(
@@ -190,7 +204,12 @@ http {{
             "-g".into(),
             "daemon off; master_process off;".into(),
         ];
-        let proc = Exec::new(argv).log(&log).spawn()?;
+        let mut exec = Exec::new(argv).log(&log);
+        if let Some(ns) = netns {
+            exec = exec.netns(ns);
+        }
+        let proc = exec.spawn()?;
+        let ns = netns.map(Path::to_path_buf);
         let mut server = DavServer {
             dir,
             addr,
@@ -210,11 +229,17 @@ http {{
                         .unwrap_or_default()
                 )));
             }
-            Ok(
-                TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                    .ok()
-                    .map(|_| ()),
-            )
+            let up = match &ns {
+                None => TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+                // Inside the namespace: bash's /dev/tcp connects from there.
+                Some(ns) => Command::new("nsenter")
+                    .arg(format!("--net={}", ns.display()))
+                    .args(["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success()),
+            };
+            Ok(up.then_some(()))
         });
         ready.map(|()| server)
     }

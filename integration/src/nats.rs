@@ -671,6 +671,27 @@ impl Director {
         }
     }
 
+    /// An asynchronous action as the director runs it: the request, then `get_task` every
+    /// 100 ms until the task is no longer running; returns the final reply. A synchronous
+    /// answer (no `agent_task_id`) is returned as it is.
+    pub fn task(&self, method: &str, arguments: Value, limit: Duration) -> Result<Value, String> {
+        let first = self.call(method, arguments, 3, Duration::from_secs(10))?;
+        let Some(id) = first["value"]["agent_task_id"].as_str().map(str::to_string) else {
+            return Ok(first);
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            let r = self.call("get_task", json!([id]), 3, Duration::from_secs(10))?;
+            if r["value"]["state"] != "running" || r["value"]["agent_task_id"] != id.as_str() {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{method} task {id} still running after {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Publishes `body` verbatim (any bytes) to `agent.<AGENT_ID>` while listening on
     /// `reply_to`; returns the first message there within `wait`, or `None`.
     pub fn publish_raw(

@@ -440,6 +440,7 @@ impl JobSupervisor {
             tokio::time::sleep(self.options.poll_interval).await;
         }
 
+        self.monitor_before_stop(deadline).await?;
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if let Err(e) = self.run_cli(&["stop", "-g", VCAP_GROUP], remaining).await {
             match self.run_cli(&["summary"], Duration::from_secs(10)).await {
@@ -472,6 +473,39 @@ impl JobSupervisor {
                 });
             }
             tokio::time::sleep(self.options.poll_interval).await;
+        }
+    }
+
+    /// Monit 5.2.5 (the stemcell's) runs the stop program of a service that is not monitored;
+    /// later monits (Debian's 5.33) skip it and only mark the service stopped, which would
+    /// leave a job's processes running after a drain (drain unmonitors first). So services
+    /// that are not monitored are monitored again, and the stop is sent once monit has taken
+    /// that in (bounded by `deadline`), so their stop programs run whatever the monit version.
+    async fn monitor_before_stop(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), SupervisorError> {
+        let services = self.vcap_services().await?;
+        let unmonitored = names(&services, |s| !s.monitored);
+        if unmonitored.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(target: "jobs::monit", services = %unmonitored.join(", "), "monitoring again before the stop");
+        for service in &unmonitored {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.run_cli(&["monitor", service], remaining).await?;
+        }
+        // Monit holds one pending action per service: a stop sent before the monitor is
+        // processed would replace it.
+        let settle = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let services = self.vcap_services().await?;
+            let waiting = names(&services, |s| s.pending || !s.monitored);
+            let now = tokio::time::Instant::now();
+            if waiting.is_empty() || now >= settle || now >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(self.options.poll_interval.min(Duration::from_millis(200))).await;
         }
     }
 
