@@ -97,7 +97,20 @@ pub enum ConfigError {
         line: usize,
         column: usize,
     },
+    #[error("agent config {path}: {key}: {value} is out of range: allowed {min}..={max} seconds")]
+    OutOfRange {
+        path: PathBuf,
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
 }
+
+/// The range every duration key of agent.json must lie in, in seconds. At least one second
+/// (a zero period would spin), at most a day: far beyond any useful period, and far enough
+/// from `u64::MAX` that adding it to an instant can never overflow.
+pub const DURATION_KEY_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 impl AgentConfig {
     /// Loads agent.json from `path`.
@@ -109,10 +122,38 @@ impl AgentConfig {
         Self::parse(path, &text)
     }
 
-    /// Parses agent.json text; `path` only names the file in errors.
+    /// Checks the values serde cannot: every duration key lies in [`DURATION_KEY_RANGE`].
+    fn validate(self, path: &Path) -> Result<Self, ConfigError> {
+        let linux = &self.platform.linux;
+        let durations = [
+            (
+                "Platform.Linux.Firewall.ReconcileIntervalSeconds",
+                Some(linux.firewall.reconcile_interval_seconds),
+            ),
+            (
+                "Platform.Linux.HeartbeatIntervalSeconds",
+                linux.heartbeat_interval_seconds,
+            ),
+        ];
+        for (key, value) in durations {
+            if let Some(value) = value.filter(|v| !DURATION_KEY_RANGE.contains(v)) {
+                return Err(ConfigError::OutOfRange {
+                    path: path.to_path_buf(),
+                    key,
+                    value,
+                    min: *DURATION_KEY_RANGE.start(),
+                    max: *DURATION_KEY_RANGE.end(),
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Parses agent.json text; `path` only names the file in errors. Every duration key is
+    /// within [`DURATION_KEY_RANGE`] in a config this returns.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let message = inner.to_string();
@@ -129,7 +170,8 @@ impl AgentConfig {
                 line: inner.line(),
                 column: inner.column(),
             }
-        })
+        })?;
+        config.validate(path)
     }
 }
 
@@ -171,6 +213,34 @@ mod tests {
         assert!(c.platform.linux.use_monit_iptables_firewall);
         assert!(!c.platform.linux.firewall.monit_allow_root);
         assert_eq!(c.platform.linux.firewall.reconcile_interval_seconds, 2);
+    }
+
+    #[test]
+    fn duration_keys_at_the_extremes_are_refused_with_key_and_range() {
+        for key in [
+            r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":N}}}}"#,
+            r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":N}}}"#,
+        ] {
+            for n in [0, u64::MAX] {
+                let e = parse(&key.replace('N', &n.to_string()))
+                    .unwrap_err()
+                    .to_string();
+                let name = if key.contains("Reconcile") {
+                    "Platform.Linux.Firewall.ReconcileIntervalSeconds"
+                } else {
+                    "Platform.Linux.HeartbeatIntervalSeconds"
+                };
+                assert!(e.contains(name), "{e}");
+                assert!(e.contains("1..=86400"), "{e}");
+                assert!(e.contains(&n.to_string()), "{e}");
+            }
+        }
+        let c = parse(
+            r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":86400,
+               "Firewall":{"ReconcileIntervalSeconds":1}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.platform.linux.heartbeat_interval_seconds, Some(86_400));
     }
 
     #[test]
