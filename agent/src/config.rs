@@ -1,6 +1,7 @@
 //! agent.json: upstream's keys (Go field names, PascalCase) plus ours under
-//! `Platform.Linux.Firewall`. Unknown keys are ignored, as upstream does; invalid JSON or a
-//! value of the wrong type stops the start with the file, the key path, line and column.
+//! `Platform.Linux.Firewall`. Unknown keys are ignored, as upstream does; invalid JSON stops the
+//! start with the file, line and column, a value of the wrong type with the key path too, and a
+//! document that is not an object is refused.
 
 use std::path::{Path, PathBuf};
 
@@ -97,6 +98,15 @@ pub enum ConfigError {
         line: usize,
         column: usize,
     },
+    #[error("agent config {path}: {message} (line {line}, column {column})")]
+    Syntax {
+        path: PathBuf,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("agent config {path}: the document is {found}, not a JSON object")]
+    NotAnObject { path: PathBuf, found: &'static str },
     #[error("agent config {path}: {key}: {value} is out of range: allowed {min}..={max} seconds")]
     OutOfRange {
         path: PathBuf,
@@ -152,17 +162,34 @@ impl AgentConfig {
     /// Parses agent.json text; `path` only names the file in errors. Every duration key is
     /// within [`DURATION_KEY_RANGE`] in a config this returns.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        // Syntax first, on its own: a syntax error has no key (serde_path_to_error would name
+        // it `?`), and serde's derive would take an array for a struct (`[]` as an empty
+        // config), so the document's type is checked before its keys.
+        let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: strip_position(&e.to_string()),
+            line: e.line(),
+            column: e.column(),
+        })?;
+        let found = match doc {
+            serde_json::Value::Object(_) => None,
+            serde_json::Value::Null => Some("null"),
+            serde_json::Value::Bool(_) => Some("a boolean"),
+            serde_json::Value::Number(_) => Some("a number"),
+            serde_json::Value::String(_) => Some("a string"),
+            serde_json::Value::Array(_) => Some("an array"),
+        };
+        if let Some(found) = found {
+            return Err(ConfigError::NotAnObject {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
         let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            let message = inner.to_string();
-            // serde_json appends " at line L column C"; the fields carry it already.
-            let message = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_string();
+            let message = strip_position(&inner.to_string());
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 key: if key == "." { "(document)".into() } else { key },
@@ -173,6 +200,15 @@ impl AgentConfig {
         })?;
         config.validate(path)
     }
+}
+
+/// serde_json appends " at line L column C"; the error's fields carry it already.
+fn strip_position(message: &str) -> String {
+    message
+        .split(" at line ")
+        .next()
+        .unwrap_or(message)
+        .to_string()
 }
 
 #[cfg(test)]
@@ -254,6 +290,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/x/agent.json") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_document_that_is_not_an_object_is_refused() {
+        for (text, found) in [
+            ("[]", "an array"),
+            ("[{}]", "an array"),
+            ("null", "null"),
+            ("3", "a number"),
+            ("\"x\"", "a string"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("/x/agent.json"), "{e}");
+            assert!(e.contains(&format!("is {found}, not a JSON object")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_gives_line_and_column_and_no_key() {
+        let e = parse("{\n  \"Platform\": {\n    \"Linux\": {,}\n}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "agent config /x/agent.json: key must be a string (line 3, column 15)"
+        );
+        let e = parse("{\"Platform\":").unwrap_err().to_string();
+        assert!(!e.contains('?') && e.contains("line 1, column 12"), "{e}");
     }
 
     #[test]
