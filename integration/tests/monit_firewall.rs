@@ -1093,3 +1093,54 @@ fn allowed_flows_close_cleanly_without_conntrack() {
         .expect("nft");
     assert!(!String::from_utf8_lossy(&listing.stdout).contains(" ct "));
 }
+
+/// `bosh-agent firewall-allow monit` from `cg` with the run directory mounted read-only
+/// (a private mount namespace, so only this command sees it read-only; root's permission
+/// bits would not stop it).
+fn allow_with_read_only_run_dir(sb: &Sandbox, cg: &CgroupDir) -> Output {
+    let run = sb.run_dir().to_path_buf();
+    sb.exec([
+        std::ffi::OsStr::new("unshare"),
+        "--mount".as_ref(),
+        "--propagation".as_ref(),
+        "private".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "mount --bind -o ro \"$1\" \"$1\" || exit 97; touch \"$1/probe\" 2>/dev/null && exit 98; exec \"$2\" firewall-allow monit".as_ref(),
+        "sh".as_ref(),
+        run.as_os_str(),
+        sb.tools().agent.as_os_str(),
+    ])
+    .cgroup(cg)
+    .output(COMMAND_TIMEOUT)
+    .expect("firewall-allow under a read-only run dir")
+}
+
+// A read-only run dir with no firewall installed: nothing to open, exit 0 as documented; with
+// a jobs chain to change, the lock is needed and its failure is an error (1).
+#[test]
+fn read_only_run_dir_without_a_table_exits_0() {
+    let sb = sandbox("ro-run-dir");
+    let job = cg(&sb, "job");
+    let out = allow_with_read_only_run_dir(&sb, &job);
+    assert_ne!(
+        out.status.code(),
+        Some(97),
+        "bind mount: {}",
+        describe(&out)
+    );
+    assert_ne!(out.status.code(), Some(98), "the run dir stayed writable");
+    assert_exit(&out, 0, "read-only run dir, no table");
+    assert!(
+        stderr(&out).contains("no monit firewall"),
+        "{}",
+        describe(&out)
+    );
+    sb.nft_script("add table inet bosh_agent\nadd chain inet bosh_agent monit_access_jobs\n")
+        .expect("jobs chain");
+    let out = allow_with_read_only_run_dir(&sb, &job);
+    assert_exit(&out, 1, "read-only run dir, jobs chain present");
+    assert!(stderr(&out).contains("firewall.lock"), "{}", describe(&out));
+    assert!(sb.job_rules().expect("rules").is_empty());
+}

@@ -181,7 +181,10 @@ pub fn caller_rule(
     ))
 }
 
-/// Allows the caller's identity to reach monit. Runs under the firewall lock in `run_dir`.
+/// Allows the caller's identity to reach monit. Changes are made under the firewall lock in
+/// `run_dir`. Where there is no jobs chain, answers [`AllowOutcome::NotInstalled`] even when
+/// the lock cannot be taken (a read-only or missing run dir): with no firewall there is
+/// nothing to open, and no lock is needed to say so.
 pub fn allow_monit(
     nft: &Nft,
     run_dir: &Path,
@@ -189,7 +192,17 @@ pub fn allow_monit(
     key: &str,
     cgid: Option<u64>,
 ) -> Result<AllowOutcome, FirewallError> {
-    let _lock = FirewallLock::acquire(run_dir)?;
+    let _lock = match FirewallLock::acquire(run_dir) {
+        Ok(lock) => lock,
+        // The lock only serialises changes; the answer "nothing to open" does not change
+        // anything, so a lock failure matters only when there is a chain to change.
+        Err(e) => {
+            return match live_job_rules(nft)? {
+                None => Ok(AllowOutcome::NotInstalled),
+                Some(_) => Err(e),
+            };
+        }
+    };
     let Some(live) = live_job_rules(nft)? else {
         return Ok(AllowOutcome::NotInstalled);
     };
