@@ -165,12 +165,13 @@ impl AgentConfig {
         // Syntax first, on its own: a syntax error has no key (serde_path_to_error would name
         // it `?`), and serde's derive would take an array for a struct (`[]` as an empty
         // config), so the document's type is checked before its keys.
-        let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_path_buf(),
-            message: strip_position(&e.to_string()),
-            line: e.line(),
-            column: e.column(),
-        })?;
+        let doc: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message: strip_position(&e.to_string()),
+                line: e.line(),
+                column: e.column(),
+            })?;
         let found = match doc {
             serde_json::Value::Object(_) => None,
             serde_json::Value::Null => Some("null"),
