@@ -37,7 +37,8 @@ enum Command {
     Run,
     /// Allow the caller's cgroup (a job's) to reach a protected service. Exit 0: allowed, or
     /// no firewall installed (nothing to open); 1: nft or other failure; 2: usage;
-    /// 3: not root; 4: cgroup undetectable and no fallback.
+    /// 3: not root; 4: the caller's cgroup cannot be used (root cgroup, a path nft cannot
+    /// hold, undetectable) and there is no fallback.
     FirewallAllow {
         /// The service: monit.
         service: String,

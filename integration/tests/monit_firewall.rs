@@ -696,10 +696,16 @@ fn firewall_allow_exit_codes() {
         sb.job_rules().expect("rules").is_empty(),
         "no rule for the root cgroup"
     );
-    // A cgroup name that would be nft syntax if pasted: refused (1), nothing injected.
+    // A cgroup name that would be nft syntax if pasted: the caller's cgroup cannot be used
+    // (4), nothing injected.
     let evil = cg(&sb, "x\" accept; delete table inet bosh_agent; \"");
     let out = allow(&evil);
-    assert_exit(&out, 1, "cgroup path with quotes and semicolons");
+    assert_exit(&out, 4, "cgroup path with quotes and semicolons");
+    assert!(
+        stderr(&out).contains("cannot be used"),
+        "{}",
+        describe(&out)
+    );
     assert!(
         sb.agent_table_present().expect("nft"),
         "the table survived the attempt"
