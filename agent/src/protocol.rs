@@ -9,6 +9,12 @@ use serde_json::{Value, json};
 /// Upstream's limit for a NATS response (`responseMaxLength`).
 pub const RESPONSE_MAX_LEN: usize = 1024 * 1024;
 
+/// The largest request body the agent decodes: the protocol's 1 MiB (upstream's
+/// `responseMaxLength`, and nats-server's default `max_payload`). A bigger body is refused
+/// before any of it is parsed, so that what a request may allocate is bounded by it whatever
+/// the server lets through.
+pub const REQUEST_MAX_LEN: usize = 1024 * 1024;
+
 /// A decoded request.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Request {
@@ -32,10 +38,18 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("request has no reply_to")]
     NoReplyTo,
+    #[error("request body of {len} bytes exceeds the protocol's limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
 }
 
-/// Decodes a request body.
+/// Decodes a request body. A body over [`REQUEST_MAX_LEN`] is refused unread.
 pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
+    if body.len() > REQUEST_MAX_LEN {
+        return Err(DecodeError::TooLarge {
+            len: body.len(),
+            max: REQUEST_MAX_LEN,
+        });
+    }
     let req: Request = serde_json::from_slice(body)?;
     if req.reply_to.is_empty() {
         return Err(DecodeError::NoReplyTo);
@@ -155,6 +169,28 @@ mod tests {
         ));
         assert!(decode(&[0xff, 0xfe]).is_err());
         assert!(decode(b"").is_err());
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_before_decoding() {
+        // Valid JSON, so only the size can refuse it.
+        let pad = REQUEST_MAX_LEN - br#"{"method":"ping","reply_to":"d","x":""}"#.len();
+        let fits = format!(
+            r#"{{"method":"ping","reply_to":"d","x":"{}"}}"#,
+            "a".repeat(pad)
+        );
+        assert_eq!(fits.len(), REQUEST_MAX_LEN);
+        assert_eq!(decode(fits.as_bytes()).unwrap().method, "ping");
+        let over = format!(
+            r#"{{"method":"ping","reply_to":"d","x":"{}"}}"#,
+            "a".repeat(pad + 1)
+        );
+        match decode(over.as_bytes()) {
+            Err(DecodeError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (REQUEST_MAX_LEN + 1, REQUEST_MAX_LEN));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 
     #[test]
