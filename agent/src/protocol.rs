@@ -38,6 +38,14 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("request has no reply_to")]
     NoReplyTo,
+    #[error(
+        "request's reply_to is {len} bytes long (starting {start:?}): a reply to it would exceed nats-server's control-line limit ({max} bytes at most)"
+    )]
+    ReplyToTooLong {
+        start: String,
+        len: usize,
+        max: usize,
+    },
     #[error("request body of {len} bytes exceeds the protocol's limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
 }
@@ -53,6 +61,15 @@ pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
     let req: Request = serde_json::from_slice(body)?;
     if req.reply_to.is_empty() {
         return Err(DecodeError::NoReplyTo);
+    }
+    // Publishing to it would make nats-server close the agent's connection, losing every
+    // other reply in flight: refuse the one request instead.
+    if mbus::check_subject_len(&req.reply_to).is_err() {
+        return Err(DecodeError::ReplyToTooLong {
+            start: req.reply_to.chars().take(32).collect(),
+            len: req.reply_to.len(),
+            max: mbus::MAX_SUBJECT_LEN,
+        });
     }
     Ok(req)
 }
@@ -190,6 +207,24 @@ mod tests {
                 assert_eq!((len, max), (REQUEST_MAX_LEN + 1, REQUEST_MAX_LEN));
             }
             other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_to_over_the_control_line_limit_is_refused() {
+        let body = |n: usize| format!(r#"{{"method":"ping","reply_to":"{}"}}"#, "r".repeat(n));
+        assert!(decode(body(mbus::MAX_SUBJECT_LEN).as_bytes()).is_ok());
+        for n in [
+            mbus::MAX_SUBJECT_LEN + 1,
+            mbus::MAX_CONTROL_LINE + 1,
+            100_000,
+        ] {
+            match decode(body(n).as_bytes()) {
+                Err(e @ DecodeError::ReplyToTooLong { .. }) => {
+                    assert!(e.to_string().len() < 400, "the subject is not quoted whole");
+                }
+                other => panic!("{n}: expected ReplyToTooLong, got {other:?}"),
+            }
         }
     }
 

@@ -1077,6 +1077,44 @@ fn malformed_requests_get_upstreams_answers_and_the_agent_keeps_serving() {
     );
     w.ping_ok();
 
+    // A reply_to longer than nats-server's control line: publishing the reply would make the
+    // server close the agent's connection (losing every reply in flight); the agent refuses
+    // that one request, says so, and stays connected.
+    let long_reply = format!("director.{}", "r".repeat(5000));
+    let body = serde_json::to_vec(&json!({"method": "ping", "arguments": [],
+                                          "reply_to": long_reply, "protocol": 3}))
+    .unwrap();
+    let client = w.director.client();
+    w.director
+        .ns()
+        .run(Duration::from_secs(5), move || async move {
+            client
+                .publish(format!("agent.{AGENT_ID}"), body.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            client.flush().await.map_err(|e| e.to_string())
+        })
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + REPLY_LIMIT;
+    while !w.agent.log().contains("control-line limit")
+        && !w.agent.log().contains("mbus connection ended")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    w.ping_ok();
+    let log = w.agent.log();
+    assert!(
+        log.contains("control-line limit"),
+        "refused and logged: {log}"
+    );
+    assert!(
+        !log.contains("mbus connection ended"),
+        "the agent kept its connection: {log}"
+    );
+
     // A body over the protocol's 1 MiB is refused before it is decoded, even where the server
     // carries it: no reply (its reply_to is not read), a line in the log, and the agent keeps
     // serving. (Cutting an oversized answer to the limit is covered by the protocol's unit
