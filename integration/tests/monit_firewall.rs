@@ -1150,3 +1150,29 @@ fn read_only_run_dir_without_a_table_exits_0() {
     assert!(stderr(&out).contains("firewall.lock"), "{}", describe(&out));
     assert!(sb.job_rules().expect("rules").is_empty());
 }
+
+// A bpm job name too long for a comment as it is: its key is hashed to fit, and the job is
+// allowed.
+#[test]
+fn a_long_bpm_job_name_is_allowed() {
+    let sb = sandbox("allow-long-bpm");
+    let agent_cg = cg(&sb, "agent");
+    let job = format!("{}-worker", "j".repeat(150));
+    let scope = cg(&sb, &format!("system.slice/runc-bpm-{job}.scope"));
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+    expect_probe(&sb, &scope, USER, MONIT_V4, Probe::TimedOut);
+    let out = sb.firewall_allow(&scope).expect("allow");
+    assert_exit(&out, 0, "allow a long bpm job name");
+    let rules = sb.job_rules().expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert!(rules[0].comment.len() <= 128, "{rules:?}");
+    assert!(
+        rules[0]
+            .key
+            .as_deref()
+            .is_some_and(|k| k.ends_with("-worker")),
+        "{rules:?}"
+    );
+    expect_probe(&sb, &scope, USER, MONIT_V4, Probe::Connected);
+}

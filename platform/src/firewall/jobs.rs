@@ -37,28 +37,28 @@ pub struct Plan {
 }
 
 /// The key identifying a job's rule across calls: upstream's job name for bpm cgroups
-/// (`runc-bpm-<job>.scope`, so rules added by the Go agent are replaced), else the cgroup path,
-/// shortened with a stable hash when it would not fit a comment.
+/// (`runc-bpm-<job>.scope`, so rules added by the Go agent are replaced), else the cgroup path.
+/// Either is shortened with a stable hash of the whole and its recognisable tail when it would
+/// not fit a comment, so every caller gets a rule whatever its name's length.
 pub fn job_key(nft_path: &str) -> String {
-    if let Some(job) = nft_path
+    let name = nft_path
         .rsplit('/')
         .find_map(|c| {
             c.strip_prefix("runc-bpm-")
                 .and_then(|j| j.strip_suffix(".scope"))
         })
         .filter(|j| !j.is_empty())
-    {
-        return job.to_string();
-    }
+        .unwrap_or(nft_path);
     // Room for the prefix, " cgid=" and 20 digits.
     let room = MAX_COMMENT_LEN - JOB_COMMENT_PREFIX.len() - 6 - 20;
-    if nft_path.len() <= room {
-        nft_path.to_string()
+    if name.len() <= room {
+        name.to_string()
     } else {
-        let tail = &nft_path[nft_path.len() - (room - 18)..];
+        // Paths and job names are ASCII (checked by NftCgroupPath), so any cut is a boundary.
+        let tail = &name[name.len() - (room - 18)..];
         format!(
             "{:016x}:{}",
-            fnv1a(nft_path.as_bytes()),
+            fnv1a(name.as_bytes()),
             tail.trim_start_matches('/')
         )
     }

@@ -88,6 +88,31 @@ fn job_key_prefers_bpm_job_names() {
 }
 
 #[test]
+fn a_long_bpm_job_name_is_hashed_to_fit_and_stays_recognisable() {
+    let job = format!("{}-worker", "j".repeat(150));
+    let k = job_key(&format!("unified/system.slice/runc-bpm-{job}.scope"));
+    assert!(job_comment(&k, Some(u64::MAX)).is_ok(), "{k}");
+    assert!(k.ends_with("-worker"), "{k}");
+    assert!(
+        !k.contains('/'),
+        "the key is the job's, not the path's: {k}"
+    );
+    // Stable, and distinct for names that differ only where the cut dropped them.
+    assert_eq!(
+        k,
+        job_key(&format!("unified/other.slice/runc-bpm-{job}.scope"))
+    );
+    let other = format!("x{}-worker", "j".repeat(149));
+    assert_ne!(
+        k,
+        job_key(&format!("unified/system.slice/runc-bpm-{other}.scope"))
+    );
+    // A name that fits is kept as it is.
+    let fits = "w".repeat(84);
+    assert_eq!(job_key(&format!("a/runc-bpm-{fits}.scope")), fits);
+}
+
+#[test]
 fn stale_rules_are_those_whose_inode_is_gone() {
     let rules = [
         live(1, "a", Some(10), Some("10")),        // alive
