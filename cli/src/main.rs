@@ -172,6 +172,12 @@ fn firewall_allow(service: &str) -> ExitCode {
             println!("monit access already granted ({duplicates} duplicate(s) removed): {rule}");
             ExitCode::SUCCESS
         }
+        Ok(AllowOutcome::CoveredByAncestor { comment }) => {
+            println!(
+                "monit access already granted: the rule of an ancestor cgroup covers this one ({comment})"
+            );
+            ExitCode::SUCCESS
+        }
         Ok(AllowOutcome::NotInstalled) => {
             eprintln!(
                 "bosh-agent: no monit firewall is installed (table inet bosh_agent or chain monit_access_jobs absent, or the agent runs with UseMonitIptablesFirewall): nothing to open"

@@ -1151,6 +1151,48 @@ fn read_only_run_dir_without_a_table_exits_0() {
     assert!(sb.job_rules().expect("rules").is_empty());
 }
 
+// Two live cgroups never take each other's access: a child of an allowed bpm scope is covered
+// by its parent's rule (nothing added, the parent keeps its rule), and a same-named bpm scope
+// in another slice gets a rule of its own beside the first one's.
+#[test]
+fn firewall_allow_never_takes_access_from_a_live_cgroup() {
+    let sb = sandbox("allow-live");
+    let agent_cg = cg(&sb, "agent");
+    let web = cg(&sb, "system.slice/runc-bpm-web.scope");
+    let child = cg(&sb, "system.slice/runc-bpm-web.scope/worker");
+    let twin = cg(&sb, "other.slice/runc-bpm-web.scope");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+
+    assert_exit(&sb.firewall_allow(&web).expect("allow"), 0, "allow web");
+    let out = sb.firewall_allow(&child).expect("allow");
+    assert_exit(&out, 0, "allow from web's child");
+    assert!(stdout(&out).contains("ancestor"), "{}", describe(&out));
+    let rules = sb.job_rules().expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0].cgid, Some(web.inode().expect("inode")));
+    expect_probe(&sb, &web, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &child, USER, MONIT_V4, Probe::Connected);
+
+    assert_exit(
+        &sb.firewall_allow(&twin).expect("allow"),
+        0,
+        "allow the twin",
+    );
+    let mut ids: Vec<Option<u64>> = sb
+        .job_rules()
+        .expect("rules")
+        .iter()
+        .map(|r| r.cgid)
+        .collect();
+    ids.sort();
+    let mut want = vec![Some(web.inode().unwrap()), Some(twin.inode().unwrap())];
+    want.sort();
+    assert_eq!(ids, want, "both scopes keep a rule");
+    expect_probe(&sb, &web, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &twin, USER, MONIT_V4, Probe::Connected);
+}
+
 // A bpm job name too long for a comment as it is: its key is hashed to fit, and the job is
 // allowed.
 #[test]
