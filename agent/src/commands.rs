@@ -35,9 +35,18 @@ impl AllowError {
 }
 
 impl From<FirewallError> for AllowError {
+    /// The caller's cgroup being unusable (the root cgroup, a path nft cannot express, a
+    /// cgroup that cannot be found) is [`AllowError::NoIdentity`] (exit 4), whatever layer
+    /// noticed it; everything else is a firewall error (exit 1).
     fn from(e: FirewallError) -> Self {
+        use platform::cgroup::CgroupError;
         match e {
             FirewallError::NoIdentity(m) => AllowError::NoIdentity(m),
+            FirewallError::Cgroup(
+                e @ (CgroupError::InvalidPath { .. }
+                | CgroupError::NotFound { .. }
+                | CgroupError::NoV2Line { .. }),
+            ) => AllowError::NoIdentity(format!("the caller's cgroup cannot be used: {e}")),
             other => AllowError::Firewall(other),
         }
     }
@@ -220,5 +229,29 @@ impl std::fmt::Display for Status {
             "DIFFERS from the desired state"
         };
         writeln!(f, "live table:    {live}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use platform::cgroup::CgroupError;
+
+    #[test]
+    fn an_unrepresentable_cgroup_path_exits_4() {
+        let e = AllowError::from(FirewallError::Cgroup(CgroupError::InvalidPath {
+            path: "a\"b".into(),
+            reason: "contains a quote",
+        }));
+        assert_eq!(e.exit_code(), 4, "{e}");
+        assert!(e.to_string().contains("a\\\"b"), "{e}");
+        let e = AllowError::from(FirewallError::Cgroup(CgroupError::NotFound {
+            pid: 1,
+            visible: "/x".into(),
+            mount: "/sys/fs/cgroup".into(),
+        }));
+        assert_eq!(e.exit_code(), 4, "{e}");
+        let e = AllowError::from(FirewallError::NotInstalled);
+        assert_eq!(e.exit_code(), 1, "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! agent.json: upstream's keys (Go field names, PascalCase) plus ours under
-//! `Platform.Linux.Firewall`. Unknown keys are ignored, as upstream does; invalid JSON or a
-//! value of the wrong type stops the start with the file, the key path, line and column.
+//! `Platform.Linux.Firewall`. Unknown keys are ignored, as upstream does; invalid JSON stops the
+//! start with the file, line and column, a value of the wrong type with the key path too, and a
+//! document that is not an object is refused.
 
 use std::path::{Path, PathBuf};
 
@@ -97,7 +98,29 @@ pub enum ConfigError {
         line: usize,
         column: usize,
     },
+    #[error("agent config {path}: {message} (line {line}, column {column})")]
+    Syntax {
+        path: PathBuf,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("agent config {path}: the document is {found}, not a JSON object")]
+    NotAnObject { path: PathBuf, found: &'static str },
+    #[error("agent config {path}: {key}: {value} is out of range: allowed {min}..={max} seconds")]
+    OutOfRange {
+        path: PathBuf,
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
 }
+
+/// The range every duration key of agent.json must lie in, in seconds. At least one second
+/// (a zero period would spin), at most a day: far beyond any useful period, and far enough
+/// from `u64::MAX` that adding it to an instant can never overflow.
+pub const DURATION_KEY_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 impl AgentConfig {
     /// Loads agent.json from `path`.
@@ -109,19 +132,65 @@ impl AgentConfig {
         Self::parse(path, &text)
     }
 
-    /// Parses agent.json text; `path` only names the file in errors.
+    /// Checks the values serde cannot: every duration key lies in [`DURATION_KEY_RANGE`].
+    fn validate(self, path: &Path) -> Result<Self, ConfigError> {
+        let linux = &self.platform.linux;
+        let durations = [
+            (
+                "Platform.Linux.Firewall.ReconcileIntervalSeconds",
+                Some(linux.firewall.reconcile_interval_seconds),
+            ),
+            (
+                "Platform.Linux.HeartbeatIntervalSeconds",
+                linux.heartbeat_interval_seconds,
+            ),
+        ];
+        for (key, value) in durations {
+            if let Some(value) = value.filter(|v| !DURATION_KEY_RANGE.contains(v)) {
+                return Err(ConfigError::OutOfRange {
+                    path: path.to_path_buf(),
+                    key,
+                    value,
+                    min: *DURATION_KEY_RANGE.start(),
+                    max: *DURATION_KEY_RANGE.end(),
+                });
+            }
+        }
+        Ok(self)
+    }
+
+    /// Parses agent.json text; `path` only names the file in errors. Every duration key is
+    /// within [`DURATION_KEY_RANGE`] in a config this returns.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        // Syntax first, on its own: a syntax error has no key (serde_path_to_error would name
+        // it `?`), and serde's derive would take an array for a struct (`[]` as an empty
+        // config), so the document's type is checked before its keys.
+        let doc: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message: strip_position(&e.to_string()),
+                line: e.line(),
+                column: e.column(),
+            })?;
+        let found = match doc {
+            serde_json::Value::Object(_) => None,
+            serde_json::Value::Null => Some("null"),
+            serde_json::Value::Bool(_) => Some("a boolean"),
+            serde_json::Value::Number(_) => Some("a number"),
+            serde_json::Value::String(_) => Some("a string"),
+            serde_json::Value::Array(_) => Some("an array"),
+        };
+        if let Some(found) = found {
+            return Err(ConfigError::NotAnObject {
+                path: path.to_path_buf(),
+                found,
+            });
+        }
         let de = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
-            let message = inner.to_string();
-            // serde_json appends " at line L column C"; the fields carry it already.
-            let message = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_string();
+            let message = strip_position(&inner.to_string());
             ConfigError::Invalid {
                 path: path.to_path_buf(),
                 key: if key == "." { "(document)".into() } else { key },
@@ -129,8 +198,18 @@ impl AgentConfig {
                 line: inner.line(),
                 column: inner.column(),
             }
-        })
+        })?;
+        config.validate(path)
     }
+}
+
+/// serde_json appends " at line L column C"; the error's fields carry it already.
+fn strip_position(message: &str) -> String {
+    message
+        .split(" at line ")
+        .next()
+        .unwrap_or(message)
+        .to_string()
 }
 
 #[cfg(test)]
@@ -174,6 +253,34 @@ mod tests {
     }
 
     #[test]
+    fn duration_keys_at_the_extremes_are_refused_with_key_and_range() {
+        for key in [
+            r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":N}}}}"#,
+            r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":N}}}"#,
+        ] {
+            for n in [0, u64::MAX] {
+                let e = parse(&key.replace('N', &n.to_string()))
+                    .unwrap_err()
+                    .to_string();
+                let name = if key.contains("Reconcile") {
+                    "Platform.Linux.Firewall.ReconcileIntervalSeconds"
+                } else {
+                    "Platform.Linux.HeartbeatIntervalSeconds"
+                };
+                assert!(e.contains(name), "{e}");
+                assert!(e.contains("1..=86400"), "{e}");
+                assert!(e.contains(&n.to_string()), "{e}");
+            }
+        }
+        let c = parse(
+            r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":86400,
+               "Firewall":{"ReconcileIntervalSeconds":1}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.platform.linux.heartbeat_interval_seconds, Some(86_400));
+    }
+
+    #[test]
     fn empty_object_is_all_defaults() {
         assert_eq!(parse("{}").unwrap(), AgentConfig::default());
     }
@@ -184,6 +291,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/x/agent.json") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn a_document_that_is_not_an_object_is_refused() {
+        for (text, found) in [
+            ("[]", "an array"),
+            ("[{}]", "an array"),
+            ("null", "null"),
+            ("3", "a number"),
+            ("\"x\"", "a string"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("/x/agent.json"), "{e}");
+            assert!(e.contains(&format!("is {found}, not a JSON object")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_syntax_error_gives_line_and_column_and_no_key() {
+        let e = parse("{\n  \"Platform\": {\n    \"Linux\": {,}\n}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "agent config /x/agent.json: key must be a string (line 3, column 15)"
+        );
+        let e = parse("{\"Platform\":").unwrap_err().to_string();
+        assert!(!e.contains('?') && e.contains("line 1, column 12"), "{e}");
     }
 
     #[test]

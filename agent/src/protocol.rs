@@ -9,6 +9,12 @@ use serde_json::{Value, json};
 /// Upstream's limit for a NATS response (`responseMaxLength`).
 pub const RESPONSE_MAX_LEN: usize = 1024 * 1024;
 
+/// The largest request body the agent decodes: the protocol's 1 MiB (upstream's
+/// `responseMaxLength`, and nats-server's default `max_payload`). A bigger body is refused
+/// before any of it is parsed, so that what a request may allocate is bounded by it whatever
+/// the server lets through.
+pub const REQUEST_MAX_LEN: usize = 1024 * 1024;
+
 /// A decoded request.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Request {
@@ -32,13 +38,38 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("request has no reply_to")]
     NoReplyTo,
+    #[error(
+        "request's reply_to is {len} bytes long (starting {start:?}): a reply to it would exceed nats-server's control-line limit ({max} bytes at most)"
+    )]
+    ReplyToTooLong {
+        start: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("request body of {len} bytes exceeds the protocol's limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
 }
 
-/// Decodes a request body.
+/// Decodes a request body. A body over [`REQUEST_MAX_LEN`] is refused unread.
 pub fn decode(body: &[u8]) -> Result<Request, DecodeError> {
+    if body.len() > REQUEST_MAX_LEN {
+        return Err(DecodeError::TooLarge {
+            len: body.len(),
+            max: REQUEST_MAX_LEN,
+        });
+    }
     let req: Request = serde_json::from_slice(body)?;
     if req.reply_to.is_empty() {
         return Err(DecodeError::NoReplyTo);
+    }
+    // Publishing to it would make nats-server close the agent's connection, losing every
+    // other reply in flight: refuse the one request instead.
+    if mbus::check_subject_len(&req.reply_to).is_err() {
+        return Err(DecodeError::ReplyToTooLong {
+            start: req.reply_to.chars().take(32).collect(),
+            len: req.reply_to.len(),
+            max: mbus::MAX_SUBJECT_LEN,
+        });
     }
     Ok(req)
 }
@@ -155,6 +186,46 @@ mod tests {
         ));
         assert!(decode(&[0xff, 0xfe]).is_err());
         assert!(decode(b"").is_err());
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_refused_before_decoding() {
+        // Valid JSON, so only the size can refuse it.
+        let pad = REQUEST_MAX_LEN - br#"{"method":"ping","reply_to":"d","x":""}"#.len();
+        let fits = format!(
+            r#"{{"method":"ping","reply_to":"d","x":"{}"}}"#,
+            "a".repeat(pad)
+        );
+        assert_eq!(fits.len(), REQUEST_MAX_LEN);
+        assert_eq!(decode(fits.as_bytes()).unwrap().method, "ping");
+        let over = format!(
+            r#"{{"method":"ping","reply_to":"d","x":"{}"}}"#,
+            "a".repeat(pad + 1)
+        );
+        match decode(over.as_bytes()) {
+            Err(DecodeError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (REQUEST_MAX_LEN + 1, REQUEST_MAX_LEN));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reply_to_over_the_control_line_limit_is_refused() {
+        let body = |n: usize| format!(r#"{{"method":"ping","reply_to":"{}"}}"#, "r".repeat(n));
+        assert!(decode(body(mbus::MAX_SUBJECT_LEN).as_bytes()).is_ok());
+        for n in [
+            mbus::MAX_SUBJECT_LEN + 1,
+            mbus::MAX_CONTROL_LINE + 1,
+            100_000,
+        ] {
+            match decode(body(n).as_bytes()) {
+                Err(e @ DecodeError::ReplyToTooLong { .. }) => {
+                    assert!(e.to_string().len() < 400, "the subject is not quoted whole");
+                }
+                other => panic!("{n}: expected ReplyToTooLong, got {other:?}"),
+            }
+        }
     }
 
     #[test]

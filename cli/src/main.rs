@@ -37,7 +37,8 @@ enum Command {
     Run,
     /// Allow the caller's cgroup (a job's) to reach a protected service. Exit 0: allowed, or
     /// no firewall installed (nothing to open); 1: nft or other failure; 2: usage;
-    /// 3: not root; 4: cgroup undetectable and no fallback.
+    /// 3: not root; 4: the caller's cgroup cannot be used (root cgroup, a path nft cannot
+    /// hold, undetectable) and there is no fallback.
     FirewallAllow {
         /// The service: monit.
         service: String,
@@ -102,18 +103,63 @@ fn run(platform: String, config: PathBuf, base_dir: PathBuf, job_supervisor: Str
 }
 
 /// Human logs on stderr by default; `BOSH_AGENT_LOG_FORMAT=json` for JSON lines;
-/// `RUST_LOG` filters (default info).
+/// `RUST_LOG` filters (default info), except that [`PROTOCOL_TARGETS`] never log below info.
 fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("BOSH_AGENT_LOG_FORMAT").as_deref() == Ok("json") {
-        b.json().init();
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("RUST_LOG").unwrap_or_default();
+    let json = std::env::var("BOSH_AGENT_LOG_FORMAT").as_deref() == Ok("json");
+    // A second subscriber cannot be installed; there is none before this one.
+    let _ = subscriber(&filter, json, std::io::stderr).try_init();
+    tracing::debug!(rust_log = %filter, capped_at_info = ?PROTOCOL_TARGETS, "log filter");
+}
+
+/// Targets of libraries that log whole protocol lines or handshakes at debug and trace:
+/// async-nats prints the NATS `CONNECT` line (the URL's user and password) and every message
+/// (`update_settings` carries the mTLS private key); rustls and hickory log handshake and DNS
+/// details. They are capped at info whatever `RUST_LOG` says, so no log level prints a secret.
+pub const PROTOCOL_TARGETS: [&str; 5] = [
+    "async_nats",
+    "rustls",
+    "tokio_rustls",
+    "hickory_proto",
+    "hickory_resolver",
+];
+
+/// Whether `target` is one of [`PROTOCOL_TARGETS`] or a module below one.
+fn is_protocol_target(target: &str) -> bool {
+    PROTOCOL_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
+/// The agent's subscriber: `filter` as `RUST_LOG` (default info when empty or invalid), human
+/// or JSON lines to `writer`, and [`PROTOCOL_TARGETS`] capped at info.
+fn subscriber<W>(
+    filter: &str,
+    json: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync + 'static>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn};
+    let env = EnvFilter::try_new(filter)
+        .ok()
+        .filter(|_| !filter.trim().is_empty())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let cap = filter_fn(|meta| {
+        !(is_protocol_target(meta.target()) && *meta.level() > tracing::Level::INFO)
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let layer = if json {
+        fmt.json().boxed()
     } else {
-        b.with_ansi(false).init();
-    }
+        fmt.with_ansi(false).boxed()
+    };
+    Box::new(tracing_subscriber::registry().with(layer.with_filter(cap).with_filter(env)))
 }
 
 fn firewall_allow(service: &str) -> ExitCode {
@@ -124,6 +170,12 @@ fn firewall_allow(service: &str) -> ExitCode {
         }
         Ok(AllowOutcome::AlreadyAllowed { rule, duplicates }) => {
             println!("monit access already granted ({duplicates} duplicate(s) removed): {rule}");
+            ExitCode::SUCCESS
+        }
+        Ok(AllowOutcome::CoveredByAncestor { comment }) => {
+            println!(
+                "monit access already granted: the rule of an ancestor cgroup covers this one ({comment})"
+            );
             ExitCode::SUCCESS
         }
         Ok(AllowOutcome::NotInstalled) => {
@@ -163,5 +215,72 @@ fn status(json: bool) -> ExitCode {
             eprintln!("bosh-agent: firewall status: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'w self) -> Buf {
+            self.clone()
+        }
+    }
+
+    fn logged(filter: &str, json: bool) -> String {
+        let buf = Buf::default();
+        tracing::subscriber::with_default(subscriber(filter, json, buf.clone()), || {
+            tracing::trace!(target: "async_nats::connection", "CONNECT {{\"pass\":\"s3cret-pw\"}}");
+            tracing::debug!(target: "async_nats", "MSG agent.a1 PRIVATE KEY");
+            tracing::trace!(target: "rustls::client", "rustls-secret");
+            tracing::debug!(target: "hickory_proto::udp", "hickory-detail");
+            tracing::info!(target: "async_nats", "nats-info-kept");
+            tracing::trace!(target: "agent", "agent-trace-kept");
+            tracing::trace!(target: "async_natsx", "not-a-protocol-target");
+        });
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn protocol_targets_never_log_below_info() {
+        for filter in ["trace", "async_nats=trace,rustls=trace,trace", "debug"] {
+            for json in [false, true] {
+                let log = logged(filter, json);
+                for secret in [
+                    "s3cret-pw",
+                    "PRIVATE KEY",
+                    "rustls-secret",
+                    "hickory-detail",
+                ] {
+                    assert!(!log.contains(secret), "{filter} {json}: {log}");
+                }
+                assert!(log.contains("nats-info-kept"), "{filter}: {log}");
+            }
+        }
+        let log = logged("trace", false);
+        assert!(
+            log.contains("agent-trace-kept") && log.contains("not-a-protocol-target"),
+            "{log}"
+        );
+        // RUST_LOG still lowers them.
+        assert!(!logged("warn", false).contains("nats-info-kept"));
+        assert!(logged("", false).contains("nats-info-kept"));
     }
 }

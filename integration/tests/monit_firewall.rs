@@ -696,10 +696,16 @@ fn firewall_allow_exit_codes() {
         sb.job_rules().expect("rules").is_empty(),
         "no rule for the root cgroup"
     );
-    // A cgroup name that would be nft syntax if pasted: refused (1), nothing injected.
+    // A cgroup name that would be nft syntax if pasted: the caller's cgroup cannot be used
+    // (4), nothing injected.
     let evil = cg(&sb, "x\" accept; delete table inet bosh_agent; \"");
     let out = allow(&evil);
-    assert_exit(&out, 1, "cgroup path with quotes and semicolons");
+    assert_exit(&out, 4, "cgroup path with quotes and semicolons");
+    assert!(
+        stderr(&out).contains("cannot be used"),
+        "{}",
+        describe(&out)
+    );
     assert!(
         sb.agent_table_present().expect("nft"),
         "the table survived the attempt"
@@ -1092,4 +1098,123 @@ fn allowed_flows_close_cleanly_without_conntrack() {
         .nft(["list", "table", "inet", "bosh_agent"])
         .expect("nft");
     assert!(!String::from_utf8_lossy(&listing.stdout).contains(" ct "));
+}
+
+/// `bosh-agent firewall-allow monit` from `cg` with the run directory mounted read-only
+/// (a private mount namespace, so only this command sees it read-only; root's permission
+/// bits would not stop it).
+fn allow_with_read_only_run_dir(sb: &Sandbox, cg: &CgroupDir) -> Output {
+    let run = sb.run_dir().to_path_buf();
+    sb.exec([
+        std::ffi::OsStr::new("unshare"),
+        "--mount".as_ref(),
+        "--propagation".as_ref(),
+        "private".as_ref(),
+        "--".as_ref(),
+        "sh".as_ref(),
+        "-c".as_ref(),
+        "mount --bind -o ro \"$1\" \"$1\" || exit 97; touch \"$1/probe\" 2>/dev/null && exit 98; exec \"$2\" firewall-allow monit".as_ref(),
+        "sh".as_ref(),
+        run.as_os_str(),
+        sb.tools().agent.as_os_str(),
+    ])
+    .cgroup(cg)
+    .output(COMMAND_TIMEOUT)
+    .expect("firewall-allow under a read-only run dir")
+}
+
+// A read-only run dir with no firewall installed: nothing to open, exit 0 as documented; with
+// a jobs chain to change, the lock is needed and its failure is an error (1).
+#[test]
+fn read_only_run_dir_without_a_table_exits_0() {
+    let sb = sandbox("ro-run-dir");
+    let job = cg(&sb, "job");
+    let out = allow_with_read_only_run_dir(&sb, &job);
+    assert_ne!(
+        out.status.code(),
+        Some(97),
+        "bind mount: {}",
+        describe(&out)
+    );
+    assert_ne!(out.status.code(), Some(98), "the run dir stayed writable");
+    assert_exit(&out, 0, "read-only run dir, no table");
+    assert!(
+        stderr(&out).contains("no monit firewall"),
+        "{}",
+        describe(&out)
+    );
+    sb.nft_script("add table inet bosh_agent\nadd chain inet bosh_agent monit_access_jobs\n")
+        .expect("jobs chain");
+    let out = allow_with_read_only_run_dir(&sb, &job);
+    assert_exit(&out, 1, "read-only run dir, jobs chain present");
+    assert!(stderr(&out).contains("firewall.lock"), "{}", describe(&out));
+    assert!(sb.job_rules().expect("rules").is_empty());
+}
+
+// Two live cgroups never take each other's access: a child of an allowed bpm scope is covered
+// by its parent's rule (nothing added, the parent keeps its rule), and a same-named bpm scope
+// in another slice gets a rule of its own beside the first one's.
+#[test]
+fn firewall_allow_never_takes_access_from_a_live_cgroup() {
+    let sb = sandbox("allow-live");
+    let agent_cg = cg(&sb, "agent");
+    let web = cg(&sb, "system.slice/runc-bpm-web.scope");
+    let child = cg(&sb, "system.slice/runc-bpm-web.scope/worker");
+    let twin = cg(&sb, "other.slice/runc-bpm-web.scope");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+
+    assert_exit(&sb.firewall_allow(&web).expect("allow"), 0, "allow web");
+    let out = sb.firewall_allow(&child).expect("allow");
+    assert_exit(&out, 0, "allow from web's child");
+    assert!(stdout(&out).contains("ancestor"), "{}", describe(&out));
+    let rules = sb.job_rules().expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0].cgid, Some(web.inode().expect("inode")));
+    expect_probe(&sb, &web, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &child, USER, MONIT_V4, Probe::Connected);
+
+    assert_exit(
+        &sb.firewall_allow(&twin).expect("allow"),
+        0,
+        "allow the twin",
+    );
+    let mut ids: Vec<Option<u64>> = sb
+        .job_rules()
+        .expect("rules")
+        .iter()
+        .map(|r| r.cgid)
+        .collect();
+    ids.sort();
+    let mut want = vec![Some(web.inode().unwrap()), Some(twin.inode().unwrap())];
+    want.sort();
+    assert_eq!(ids, want, "both scopes keep a rule");
+    expect_probe(&sb, &web, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &twin, USER, MONIT_V4, Probe::Connected);
+}
+
+// A bpm job name too long for a comment as it is: its key is hashed to fit, and the job is
+// allowed.
+#[test]
+fn a_long_bpm_job_name_is_allowed() {
+    let sb = sandbox("allow-long-bpm");
+    let agent_cg = cg(&sb, "agent");
+    let job = format!("{}-worker", "j".repeat(150));
+    let scope = cg(&sb, &format!("system.slice/runc-bpm-{job}.scope"));
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let _agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+    expect_probe(&sb, &scope, USER, MONIT_V4, Probe::TimedOut);
+    let out = sb.firewall_allow(&scope).expect("allow");
+    assert_exit(&out, 0, "allow a long bpm job name");
+    let rules = sb.job_rules().expect("rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert!(rules[0].comment.len() <= 128, "{rules:?}");
+    assert!(
+        rules[0]
+            .key
+            .as_deref()
+            .is_some_and(|k| k.ends_with("-worker")),
+        "{rules:?}"
+    );
+    expect_probe(&sb, &scope, USER, MONIT_V4, Probe::Connected);
 }

@@ -902,3 +902,63 @@ fn a_degraded_firewall_is_alerted_and_reported() {
     );
     assert_alive(&mut agent);
 }
+
+// RUST_LOG=trace: the NATS client's own tracing would print the CONNECT line (user and
+// password) and every message it receives; those targets are capped at info, so neither the
+// URL's password nor a private key sent in a request reaches the log.
+#[test]
+fn trace_logging_never_prints_the_password_or_a_private_key() {
+    let sb = sandbox("nats-trace-log");
+    let pki = Pki::new("ca");
+    let agent_cg = cg(&sb, "agent");
+    let _server = single_server(&sb, &pki);
+    let client = pki.client("agent");
+    let exec = agent_exec_with(
+        &sb,
+        &agent_cg,
+        &settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &client),
+        true,
+        &json!({}),
+    )
+    .env("RUST_LOG", "trace");
+    let mut agent = sb.spawn_agent(&exec).expect("spawn agent");
+    agent
+        .wait_ready(integration::READY_TIMEOUT)
+        .expect("agent ready");
+    let director = Director::connect(&sb, &pki, DIRECTOR_SIDE);
+    director.wait_pong(CONNECT_LIMIT);
+    // A request carrying a key, as update_settings does when the director rotates the
+    // certificate (an unknown method here, so nothing else changes).
+    let reply = director
+        .call(
+            "frobnicate",
+            json!([client.key_pem]),
+            3,
+            Duration::from_secs(5),
+        )
+        .expect("reply");
+    assert_eq!(
+        reply,
+        json!({"exception": {"message": "unknown message frobnicate"}})
+    );
+    director.wait_pong(CONNECT_LIMIT);
+    let log = agent.log();
+    assert!(
+        log.contains("DEBUG") && log.contains("log filter"),
+        "RUST_LOG=trace took effect (the agent's own debug line): {log}"
+    );
+    assert!(
+        !log.contains(NATS_PASSWORD),
+        "the password is logged: {log}"
+    );
+    let key_line = client
+        .key_pem
+        .lines()
+        .find(|l| !l.starts_with("-----") && l.len() > 20)
+        .expect("a base64 line of the key");
+    assert!(!log.contains(key_line), "the private key is logged: {log}");
+    assert!(
+        !log.contains("PRIVATE KEY"),
+        "the private key is logged: {log}"
+    );
+}

@@ -98,6 +98,18 @@ pub enum PublishError {
         /// The subject.
         subject: String,
     },
+    /// The subject would make a control line nats-server refuses by closing the connection.
+    #[error(
+        "not publishing to a subject of {len} bytes (starting {start:?}): longer than {max} bytes, nats-server would drop the connection"
+    )]
+    SubjectTooLong {
+        /// The first bytes of the subject.
+        start: String,
+        /// Its length.
+        len: usize,
+        /// [`MAX_SUBJECT_LEN`].
+        max: usize,
+    },
     /// async-nats refused it (e.g. invalid subject, payload too large).
     #[error("publish to {subject} failed: {reason}")]
     Nats {
@@ -128,6 +140,19 @@ pub enum Topic {
     Shutdown,
 }
 
+/// nats-server's default `max_control_line`: a protocol line (`PUB <subject> <size>`,
+/// `SUB <subject> <queue> <sid>`) longer than this makes the server close the connection,
+/// and every reply still in flight on it is lost.
+pub const MAX_CONTROL_LINE: usize = 4096;
+
+/// The longest subject the agent publishes to: the control line less room for the verb, the
+/// sizes, a header length and CRLF.
+pub const MAX_SUBJECT_LEN: usize = MAX_CONTROL_LINE - 64;
+
+/// The longest `agent_id`: every subject built from it (`agent.<id>` with its queue group,
+/// `director.agent.heartbeat.<id>`) stays within [`MAX_SUBJECT_LEN`].
+pub const MAX_AGENT_ID_LEN: usize = MAX_SUBJECT_LEN - 64;
+
 /// The subject `<target>.agent.<topic>.<agent_id>` (upstream's `Send`).
 pub fn subject_for(target: Target, topic: Topic, agent_id: &str) -> String {
     let target = match target {
@@ -140,6 +165,18 @@ pub fn subject_for(target: Target, topic: Topic, agent_id: &str) -> String {
         Topic::Shutdown => "shutdown",
     };
     format!("{target}.agent.{topic}.{agent_id}")
+}
+
+/// Refuses a subject over [`MAX_SUBJECT_LEN`], quoting only its start.
+pub fn check_subject_len(subject: &str) -> Result<(), PublishError> {
+    if subject.len() <= MAX_SUBJECT_LEN {
+        return Ok(());
+    }
+    Err(PublishError::SubjectTooLong {
+        start: subject.chars().take(32).collect(),
+        len: subject.len(),
+        max: MAX_SUBJECT_LEN,
+    })
 }
 
 /// Incoming requests on `agent.<agent_id>`, across all reconnects. Ends (`None`) only when the
@@ -331,13 +368,15 @@ impl Bus {
     }
 
     /// Publishes `payload` on `subject` over the current connection (queued, not awaited on
-    /// the wire). Fails fast when not connected.
+    /// the wire). Fails fast when not connected, and never sends a subject over
+    /// [`MAX_SUBJECT_LEN`] (the server would close the connection).
     pub async fn publish(
         &self,
         subject: impl Into<String>,
         payload: Bytes,
     ) -> Result<(), PublishError> {
         let subject = subject.into();
+        check_subject_len(&subject)?;
         let Some(client) = self.inner.shared.client() else {
             return Err(PublishError::NotConnected { subject });
         };

@@ -32,7 +32,8 @@ mod urls;
 
 pub use backoff::BackoffPolicy;
 pub use client::{
-    Bus, BusOptions, ConnectError, PublishError, Requests, Target, Topic, subject_for,
+    Bus, BusOptions, ConnectError, MAX_AGENT_ID_LEN, MAX_CONTROL_LINE, MAX_SUBJECT_LEN,
+    PublishError, Requests, Target, Topic, check_subject_len, subject_for,
 };
 pub use hook::{BeforeConnect, ConnectPlan, HookError, HookFuture, NoHook};
 pub use resolve::{Candidate, FailedHost, FreshResolver, Resolution, ResolverSource, hosts_lookup};

@@ -51,6 +51,17 @@ pub enum SettingsError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// `agent_id` is so long that the subjects built from it would exceed nats-server's
+    /// control-line limit (the server would drop the connection).
+    #[error(
+        "settings field agent_id is {len} bytes long: at most {max} fit nats-server's control-line limit"
+    )]
+    AgentIdTooLong {
+        /// Its length.
+        len: usize,
+        /// [`crate::client::MAX_AGENT_ID_LEN`].
+        max: usize,
+    },
     /// No source gives a URL.
     #[error("no mbus URL: update_settings.mbus.urls, env.bosh.mbus.urls and mbus are all empty")]
     NoMbusUrl,
@@ -129,6 +140,12 @@ fn validate_agent_id(id: &str) -> Result<(), SettingsError> {
     };
     if id.is_empty() {
         return Err(SettingsError::MissingAgentId);
+    }
+    if id.len() > crate::client::MAX_AGENT_ID_LEN {
+        return Err(SettingsError::AgentIdTooLong {
+            len: id.len(),
+            max: crate::client::MAX_AGENT_ID_LEN,
+        });
     }
     if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return bad("contains whitespace or control characters");
@@ -349,6 +366,17 @@ mod tests {
         for (s, want) in cases {
             assert_eq!(mbus_config(&s, None).unwrap_err(), want, "{s}");
         }
+        let long = "a".repeat(crate::client::MAX_AGENT_ID_LEN + 1);
+        let s = json!({"agent_id": long, "mbus": "nats://h"});
+        let e = mbus_config(&s, None).unwrap_err();
+        assert!(matches!(e, SettingsError::AgentIdTooLong { .. }), "{e}");
+        assert!(e.to_string().contains("agent_id"), "{e}");
+        assert!(
+            !e.to_string().contains(&long),
+            "the id is not quoted whole: {e}"
+        );
+        let fits = "a".repeat(crate::client::MAX_AGENT_ID_LEN);
+        assert!(mbus_config(&json!({"agent_id": fits, "mbus": "nats://h"}), None).is_ok());
         for id in ["a*", "a>", "a b", ".a", "a..b", "a.", "a\nb"] {
             let s = json!({"agent_id": id, "mbus": "nats://h"});
             assert!(

@@ -89,6 +89,15 @@ pub enum TlsError {
         /// How many certificates were rejected.
         rejected: usize,
     },
+    /// The client certificate is not X.509 v3; rustls (webpki) accepts only v3 end-entity
+    /// certificates, and says so only as `UnsupportedCertVersion`.
+    #[error("{field}: X.509 v{version} certificates are not supported: reissue as v3")]
+    UnsupportedVersion {
+        /// Offending field.
+        field: String,
+        /// The certificate's version as people write it (1 for X.509 v1).
+        version: u32,
+    },
     /// rustls rejected the certificate/key pair (e.g. key does not match the certificate).
     #[error("{origin}.certificate and {origin}.private_key are not a usable pair: {reason}")]
     KeyPair {
@@ -117,6 +126,12 @@ pub fn client_config(cert: &CertKeyPair) -> Result<ClientConfig, TlsError> {
         });
     }
     let chain = parse_certs(&cert.certificate, &field("certificate"))?;
+    if let Some(version) = chain.first().and_then(|leaf| older_than_v3(leaf)) {
+        return Err(TlsError::UnsupportedVersion {
+            field: field("certificate"),
+            version,
+        });
+    }
     let key = PrivateKeyDer::from_pem_slice(cert.private_key.as_bytes()).map_err(|e| {
         TlsError::BadPem {
             field: field("private_key"),
@@ -270,6 +285,14 @@ impl ServerCertVerifier for CnVerifier {
     }
 }
 
+/// The version (1 or 2) of a certificate older than X.509 v3, or `None` for v3 and for DER
+/// x509-parser cannot read (rustls then gives its own reason).
+fn older_than_v3(der: &[u8]) -> Option<u32> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.version().0;
+    (v < x509_parser::x509::X509Version::V3.0).then_some(v + 1)
+}
+
 /// Go's `Subject.CommonName` is the last CN attribute; a CN that is not a string reads as "".
 fn leaf_common_name(der: &[u8]) -> Result<String, rustls::Error> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -412,6 +435,28 @@ mod tests {
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
             assert!(!err.contains("PRIVATE KEY"), "{err}");
         }
+    }
+
+    /// A self-signed X.509 v1 certificate (no extensions) and its key, made with
+    /// `openssl req -new` then `openssl x509 -req -signkey` without `-extfile`.
+    fn v1_pair() -> CertKeyPair {
+        CertKeyPair {
+            ca: String::new(),
+            certificate: include_str!("../tests/fixtures/x509-v1-cert.pem").into(),
+            private_key: include_str!("../tests/fixtures/x509-v1-key.pem").into(),
+            origin: "env.bosh.mbus.cert",
+        }
+    }
+
+    #[test]
+    fn a_v1_client_certificate_is_refused_in_plain_words() {
+        let err = client_config(&v1_pair()).unwrap_err().to_string();
+        assert!(
+            err.contains("X.509 v1 certificates are not supported: reissue as v3"),
+            "{err}"
+        );
+        assert!(err.contains("env.bosh.mbus.cert.certificate"), "{err}");
+        assert!(!err.contains("UnsupportedCertVersion"), "{err}");
     }
 
     #[test]

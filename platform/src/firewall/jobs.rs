@@ -23,6 +23,9 @@ pub enum AllowOutcome {
     Added { rule: String, replaced: usize },
     /// A rule for exactly this cgroup was already there; `duplicates` extra copies were removed.
     AlreadyAllowed { rule: String, duplicates: usize },
+    /// The rule of an ancestor cgroup (its comment given) already covers the caller: a
+    /// `socket cgroupv2` match at the ancestor's level matches every descendant.
+    CoveredByAncestor { comment: String },
     /// There is no monit firewall (table or chain absent): nothing to open.
     NotInstalled,
 }
@@ -34,31 +37,33 @@ pub struct Plan {
     pub delete: Vec<u64>,
     /// Whether to add the caller's rule.
     pub add: bool,
+    /// The handle of an ancestor's rule that already covers the caller (then `add` is false).
+    pub covered_by: Option<u64>,
 }
 
 /// The key identifying a job's rule across calls: upstream's job name for bpm cgroups
-/// (`runc-bpm-<job>.scope`, so rules added by the Go agent are replaced), else the cgroup path,
-/// shortened with a stable hash when it would not fit a comment.
+/// (`runc-bpm-<job>.scope`, so rules added by the Go agent are replaced), else the cgroup path.
+/// Either is shortened with a stable hash of the whole and its recognisable tail when it would
+/// not fit a comment, so every caller gets a rule whatever its name's length.
 pub fn job_key(nft_path: &str) -> String {
-    if let Some(job) = nft_path
+    let name = nft_path
         .rsplit('/')
         .find_map(|c| {
             c.strip_prefix("runc-bpm-")
                 .and_then(|j| j.strip_suffix(".scope"))
         })
         .filter(|j| !j.is_empty())
-    {
-        return job.to_string();
-    }
+        .unwrap_or(nft_path);
     // Room for the prefix, " cgid=" and 20 digits.
     let room = MAX_COMMENT_LEN - JOB_COMMENT_PREFIX.len() - 6 - 20;
-    if nft_path.len() <= room {
-        nft_path.to_string()
+    if name.len() <= room {
+        name.to_string()
     } else {
-        let tail = &nft_path[nft_path.len() - (room - 18)..];
+        // Paths and job names are ASCII (checked by NftCgroupPath), so any cut is a boundary.
+        let tail = &name[name.len() - (room - 18)..];
         format!(
             "{:016x}:{}",
-            fnv1a(nft_path.as_bytes()),
+            fnv1a(name.as_bytes()),
             tail.trim_start_matches('/')
         )
     }
@@ -79,30 +84,88 @@ pub fn job_comment(key: &str, cgid: Option<u64>) -> Result<Comment, super::Unsaf
     }
 }
 
-/// Plans the change for a caller with `key` and `cgid` (None for uid rules). Pure.
+/// Plans the change for a caller with `key` and `cgid` (None for uid rules). Pure but for
+/// `exists`, asked only about other rules of the same key.
 ///
-/// Guarantees: afterwards exactly one rule carries `key`, and it is for `cgid`. Rules of
-/// other keys are never touched.
-pub fn plan_allow(live: &[LiveJobRule], key: &str, cgid: Option<u64>) -> Plan {
+/// `ancestors` are the cgroup ids of the caller's ancestors; `exists` says whether a cgroup id
+/// still exists. Guarantees:
+/// - a rule for the caller's cgroup, or for an ancestor (which covers the caller), is kept
+///   and nothing is added; extra copies of the caller's own rule are removed;
+/// - a rule of the same key for another cgroup is replaced only when that cgroup is gone: two
+///   live cgroups (a child and its parent, same-named bpm scopes in two slices) never take
+///   each other's access;
+/// - a same-key rule without a recorded cgroup id (upstream's Go agent wrote those) is
+///   replaced by the caller's, as before: it cannot be proved alive and is that job's
+///   previous rule;
+/// - rules of other keys are never touched.
+pub fn plan_allow(
+    live: &[LiveJobRule],
+    key: &str,
+    cgid: Option<u64>,
+    ancestors: &HashSet<u64>,
+    exists: &mut dyn FnMut(u64) -> bool,
+) -> Plan {
     let same: Vec<&LiveJobRule> = live
         .iter()
         .filter(|r| r.key.as_deref() == Some(key))
         .collect();
-    match same.iter().position(|r| r.cgid == cgid) {
-        Some(keep) => Plan {
-            delete: same
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != keep)
-                .map(|(_, r)| r.handle)
-                .collect(),
+    // Same-key rules that are not the caller's and may go: no recorded cgroup id, or a
+    // cgroup that no longer exists.
+    let mut replaceable = |r: &LiveJobRule| match (cgid, r.cgid) {
+        _ if r.cgid == cgid => false,
+        // A uid rule of the same key (the same uid) is the caller's.
+        (None, _) | (Some(_), None) => true,
+        (Some(_), Some(other)) => !exists(other),
+    };
+    let own: Vec<&&LiveJobRule> = same.iter().filter(|r| r.cgid == cgid).collect();
+    if !own.is_empty() {
+        let mut delete: Vec<u64> = own.iter().skip(1).map(|r| r.handle).collect();
+        delete.extend(same.iter().filter(|r| replaceable(r)).map(|r| r.handle));
+        delete.sort_unstable();
+        return Plan {
+            delete,
             add: false,
-        },
-        None => Plan {
-            delete: same.iter().map(|r| r.handle).collect(),
-            add: true,
-        },
+            covered_by: None,
+        };
     }
+    let covering = cgid.and_then(|_| {
+        live.iter()
+            .find(|r| r.key.is_some() && r.cgid.is_some_and(|id| ancestors.contains(&id)))
+    });
+    if let Some(r) = covering {
+        return Plan {
+            delete: Vec::new(),
+            add: false,
+            covered_by: Some(r.handle),
+        };
+    }
+    let delete = same
+        .iter()
+        .filter(|r| replaceable(r))
+        .map(|r| r.handle)
+        .collect();
+    Plan {
+        delete,
+        add: true,
+        covered_by: None,
+    }
+}
+
+/// Inodes of the cgroup directories above `path` (relative to the cgroup root nft sees),
+/// the caller's ancestors. One that cannot be read is left out: the caller then gets its own
+/// rule, which is always safe.
+pub fn ancestor_inodes(path: &str) -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let root = Path::new(cgroup::NFT_CGROUP_ROOT);
+    let mut out = HashSet::new();
+    let mut dir = Path::new(path).parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(m) = std::fs::metadata(root.join(d)) {
+            out.insert(m.ino());
+        }
+        dir = d.parent();
+    }
+    out
 }
 
 /// Rules whose cgroup no longer exists (pruned by the agent when it reconciles): rules in
@@ -181,7 +244,10 @@ pub fn caller_rule(
     ))
 }
 
-/// Allows the caller's identity to reach monit. Runs under the firewall lock in `run_dir`.
+/// Allows the caller's identity to reach monit. Changes are made under the firewall lock in
+/// `run_dir`. Where there is no jobs chain, answers [`AllowOutcome::NotInstalled`] even when
+/// the lock cannot be taken (a read-only or missing run dir): with no firewall there is
+/// nothing to open, and no lock is needed to say so.
 pub fn allow_monit(
     nft: &Nft,
     run_dir: &Path,
@@ -189,11 +255,46 @@ pub fn allow_monit(
     key: &str,
     cgid: Option<u64>,
 ) -> Result<AllowOutcome, FirewallError> {
-    let _lock = FirewallLock::acquire(run_dir)?;
+    let _lock = match FirewallLock::acquire(run_dir) {
+        Ok(lock) => lock,
+        // The lock only serialises changes; the answer "nothing to open" does not change
+        // anything, so a lock failure matters only when there is a chain to change.
+        Err(e) => {
+            return match live_job_rules(nft)? {
+                None => Ok(AllowOutcome::NotInstalled),
+                Some(_) => Err(e),
+            };
+        }
+    };
     let Some(live) = live_job_rules(nft)? else {
         return Ok(AllowOutcome::NotInstalled);
     };
-    let plan = plan_allow(&live, key, cgid);
+    let ancestors = match &rule.identity {
+        Identity::Cgroup { path, .. } => ancestor_inodes(path.as_str()),
+        Identity::Uid { .. } => HashSet::new(),
+    };
+    // The hierarchy is walked only if a same-key rule for another cgroup must be judged.
+    let mut existing: Option<HashSet<u64>> = None;
+    let mut walk_error = None;
+    let mut exists = |id: u64| {
+        let set = existing.get_or_insert_with(|| {
+            cgroup::hierarchy_inodes().unwrap_or_else(|e| {
+                walk_error = Some(e);
+                HashSet::new()
+            })
+        });
+        // Unknown means alive: a rule is never taken away on a guess.
+        walk_error.is_some() || set.contains(&id)
+    };
+    let plan = plan_allow(&live, key, cgid, &ancestors, &mut exists);
+    if let Some(handle) = plan.covered_by {
+        let comment = live
+            .iter()
+            .find(|r| r.handle == handle)
+            .and_then(|r| r.comment.clone())
+            .unwrap_or_default();
+        return Ok(AllowOutcome::CoveredByAncestor { comment });
+    }
     let mut script: String = plan
         .delete
         .iter()

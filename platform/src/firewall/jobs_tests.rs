@@ -13,13 +13,87 @@ fn live(handle: u64, key: &str, cgid: Option<u64>, cgroup: Option<&str>) -> Live
     }
 }
 
+/// Plans with no known ancestors and every other cgroup gone.
+fn plan(live: &[LiveJobRule], key: &str, cgid: Option<u64>) -> Plan {
+    plan_allow(live, key, cgid, &Default::default(), &mut |_| false)
+}
+
+#[test]
+fn a_live_cgroup_of_the_same_key_keeps_its_rule() {
+    // Same-named bpm scopes in two slices: both live, both keep access.
+    let rules = [live(4, "web", Some(8), None)];
+    let p = plan_allow(&rules, "web", Some(9), &Default::default(), &mut |id| {
+        id == 8
+    });
+    assert_eq!(
+        p,
+        Plan {
+            delete: vec![],
+            add: true,
+            covered_by: None
+        }
+    );
+    // Once 8 is gone, its rule is replaced.
+    let p = plan_allow(&rules, "web", Some(9), &Default::default(), &mut |id| {
+        id == 9
+    });
+    assert_eq!(p.delete, vec![4]);
+}
+
+#[test]
+fn an_ancestors_rule_covers_a_child_and_is_not_cut_off() {
+    // A process in a child cgroup of an allowed runc-bpm-web.scope calls firewall-allow: the
+    // parent's rule already matches it; the parent keeps its rule and nothing is added.
+    let rules = [live(4, "web", Some(8), None), live(5, "db", Some(2), None)];
+    let ancestors: std::collections::HashSet<u64> = [1, 8].into_iter().collect();
+    let mut asked = Vec::new();
+    let p = plan_allow(&rules, "web", Some(9), &ancestors, &mut |id| {
+        asked.push(id);
+        true
+    });
+    assert_eq!(
+        p,
+        Plan {
+            delete: vec![],
+            add: false,
+            covered_by: Some(4)
+        }
+    );
+    // An ancestor's rule of another key covers too.
+    let rules = [live(6, "unified/jobs", Some(8), None)];
+    assert_eq!(
+        plan_allow(&rules, "unified/jobs/web", Some(9), &ancestors, &mut |_| {
+            true
+        })
+        .covered_by,
+        Some(6)
+    );
+    // A parent calling after its child was allowed gets its own rule; the child keeps its.
+    let rules = [live(7, "web", Some(9), None)];
+    assert_eq!(
+        plan_allow(
+            &rules,
+            "web",
+            Some(8),
+            &[1].into_iter().collect(),
+            &mut |_| true
+        ),
+        Plan {
+            delete: vec![],
+            add: true,
+            covered_by: None
+        }
+    );
+}
+
 #[test]
 fn first_allow_adds() {
     assert_eq!(
-        plan_allow(&[live(1, "other", Some(3), None)], "web", Some(9)),
+        plan(&[live(1, "other", Some(3), None)], "web", Some(9)),
         Plan {
             delete: vec![],
-            add: true
+            add: true,
+            covered_by: None
         }
     );
 }
@@ -27,10 +101,11 @@ fn first_allow_adds() {
 #[test]
 fn repeat_allow_changes_nothing() {
     assert_eq!(
-        plan_allow(&[live(4, "web", Some(9), None)], "web", Some(9)),
+        plan(&[live(4, "web", Some(9), None)], "web", Some(9)),
         Plan {
             delete: vec![],
-            add: false
+            add: false,
+            covered_by: None
         }
     );
 }
@@ -39,10 +114,11 @@ fn repeat_allow_changes_nothing() {
 fn recreated_cgroup_replaces_the_stale_rule() {
     let rules = [live(4, "web", Some(8), None), live(5, "db", Some(2), None)];
     assert_eq!(
-        plan_allow(&rules, "web", Some(9)),
+        plan(&rules, "web", Some(9)),
         Plan {
             delete: vec![4],
-            add: true
+            add: true,
+            covered_by: None
         }
     );
 }
@@ -55,10 +131,11 @@ fn duplicates_are_collapsed_to_one() {
         live(7, "web", None, None),
     ];
     assert_eq!(
-        plan_allow(&rules, "web", Some(9)),
+        plan(&rules, "web", Some(9)),
         Plan {
             delete: vec![6, 7],
-            add: false
+            add: false,
+            covered_by: None
         }
     );
 }
@@ -66,10 +143,11 @@ fn duplicates_are_collapsed_to_one() {
 #[test]
 fn upstream_rule_without_cgid_is_replaced() {
     assert_eq!(
-        plan_allow(&[live(3, "web", None, None)], "web", Some(9)),
+        plan(&[live(3, "web", None, None)], "web", Some(9)),
         Plan {
             delete: vec![3],
-            add: true
+            add: true,
+            covered_by: None
         }
     );
 }
@@ -85,6 +163,31 @@ fn job_key_prefers_bpm_job_names() {
         job_key(&format!("{}x", "b/".repeat(60))),
         job_key(&format!("{}y", "b/".repeat(60)))
     );
+}
+
+#[test]
+fn a_long_bpm_job_name_is_hashed_to_fit_and_stays_recognisable() {
+    let job = format!("{}-worker", "j".repeat(150));
+    let k = job_key(&format!("unified/system.slice/runc-bpm-{job}.scope"));
+    assert!(job_comment(&k, Some(u64::MAX)).is_ok(), "{k}");
+    assert!(k.ends_with("-worker"), "{k}");
+    assert!(
+        !k.contains('/'),
+        "the key is the job's, not the path's: {k}"
+    );
+    // Stable, and distinct for names that differ only where the cut dropped them.
+    assert_eq!(
+        k,
+        job_key(&format!("unified/other.slice/runc-bpm-{job}.scope"))
+    );
+    let other = format!("x{}-worker", "j".repeat(149));
+    assert_ne!(
+        k,
+        job_key(&format!("unified/system.slice/runc-bpm-{other}.scope"))
+    );
+    // A name that fits is kept as it is.
+    let fits = "w".repeat(84);
+    assert_eq!(job_key(&format!("a/runc-bpm-{fits}.scope")), fits);
 }
 
 #[test]

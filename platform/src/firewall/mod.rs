@@ -167,6 +167,11 @@ pub enum FirewallError {
     },
     #[error("nft printed output that is not the JSON expected ({context}): {detail}")]
     Parse { context: String, detail: String },
+    #[error("the agent's state file {path} is corrupt (not the JSON the agent writes): {detail}")]
+    CorruptState {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error(transparent)]
     Unsafe(#[from] UnsafeValue),
     #[error(transparent)]

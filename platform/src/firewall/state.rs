@@ -71,16 +71,19 @@ pub fn state_path(dir: &Path) -> PathBuf {
     dir.join(STATE_FILE)
 }
 
-/// Reads the state file; `Ok(None)` when no agent has written one.
+/// Reads the state file; `Ok(None)` when no agent has written one, and
+/// [`FirewallError::CorruptState`] naming the file when it is not the agent's JSON.
 pub fn read(dir: &Path) -> Result<Option<RuntimeState>, FirewallError> {
     let path = state_path(dir);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| FirewallError::Parse {
-                context: path.display().to_string(),
-                detail: e.to_string(),
-            }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| FirewallError::CorruptState {
+                    path,
+                    detail: e.to_string(),
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(FirewallError::Io { path, source }),
     }
@@ -92,11 +95,29 @@ pub fn write(dir: &Path, state: &RuntimeState) -> Result<(), FirewallError> {
     fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
     let path = state_path(dir);
     let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
-    let body = serde_json::to_vec_pretty(state).map_err(|e| FirewallError::Parse {
-        context: "state".into(),
-        detail: e.to_string(),
+    let body = serde_json::to_vec_pretty(state).map_err(|e| FirewallError::CorruptState {
+        path: path.clone(),
+        detail: format!("cannot serialise the state: {e}"),
     })?;
     let mut f = fs::File::create(&tmp).map_err(io(tmp.clone()))?;
     f.write_all(&body).map_err(io(tmp.clone()))?;
     fs::rename(&tmp, &path).map_err(io(path.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_corrupt_state_file_is_named_and_nft_is_not_blamed() {
+        let dir = std::env::temp_dir().join(format!("state-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(state_path(&dir), b"{\"mode\": \"cgroup\", trunc").unwrap();
+        let e = read(&dir).unwrap_err().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(e.contains(&state_path(&dir).display().to_string()), "{e}");
+        assert!(e.contains("corrupt"), "{e}");
+        assert!(!e.contains("nft"), "{e}");
+    }
 }
