@@ -291,7 +291,7 @@ fn web_templates(base: &Path, prefix: &str) -> Vec<u8> {
          start) running && exit 0\n\
                 {b}/jobs/web/packages/hello/bin/hello {b}/data/web </dev/null >/dev/null 2>&1 &\n\
                 echo $! > $pidfile ;;\n\
-               if running; then pid=$(cat $pidfile); kill $pid\n\
+         stop) if running; then pid=$(cat $pidfile); kill $pid\n\
                   while kill -0 $pid 2>/dev/null; do sleep 0.1; done; fi\n\
                rm -f $pidfile ;;\n\
          esac\n"
