@@ -252,6 +252,24 @@ fn hostile_templates() -> Vec<u8> {
     fs::read(out).unwrap()
 }
 
+/// A `.tgz` holding one file `name` with `body` (binary).
+fn tgz_bytes(name: &str, body: &[u8]) -> Vec<u8> {
+    let dir = integration::TempDir::new().unwrap();
+    fs::create_dir_all(dir.path().join("root")).unwrap();
+    fs::write(dir.path().join("root").join(name), body).unwrap();
+    let out = dir.path().join("out.tgz");
+    let st = Command::new("tar")
+        .arg("-czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(dir.path().join("root"))
+        .arg(name)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    fs::read(out).unwrap()
+}
+
 /// The source package `hello`: `packaging` stamps the version into the program it installs.
 fn hello_source() -> Vec<u8> {
     let program = "#!/bin/sh\n\
@@ -557,6 +575,54 @@ fn a_director_compiles_deploys_updates_and_deletes_a_release() {
         "{r}"
     );
     still_running("an unsafe job name");
+    // A full disk: a new package whose install directory is a 256 KiB tmpfs (made by the
+    // test under its own sandbox) gets a 1 MiB incompressible blob.
+    let big_dir = base.join("data/packages/big");
+    fs::create_dir_all(&big_dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&big_dir)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mount a small tmpfs on {}",
+        big_dir.display()
+    );
+    // Unmounted however the test ends, so the sandbox can be removed.
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(big_dir.clone());
+    let mut random = vec![0u8; 1 << 20];
+    use std::io::Read as _;
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    let big = tgz_bytes("blob.bin", &random);
+    let big_id = w.upload(&big);
+    let mut full = spec2.clone();
+    full["packages"]["big"] =
+        json!({"name": "big", "version": "1", "sha1": sha1(&big), "blobstore_id": big_id});
+    full["configuration_hash"] = json!("cfg-full");
+    let r = w.task("apply", json!([full]));
+    drop(guard);
+    let msg = r["exception"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(&big_id) && msg.to_lowercase().contains("no space"),
+        "a full disk fails the task naming the blob: {r}"
+    );
+    assert!(
+        entries(&big_dir).is_empty(),
+        "the partial install is removed: {:?}",
+        entries(&big_dir)
+    );
+    assert!(!base.join("packages/big").exists(), "nothing is enabled");
+    still_running("a full disk");
     let st = w.call("get_state", json!([]))["value"].clone();
     assert_eq!(
         st["configuration_hash"], "cfg-2",
