@@ -1,5 +1,7 @@
-//! The director's actions, with upstream's shapes (upstream-bosh-agent.md §3.1): `get_state`,
-//! `start`, and the asynchronous `apply`, `stop`, `drain`, `run_script`, `update_settings`.
+//! The director's actions, with upstream's shapes: `get_state`, `start`, and the argument
+//! checks and bodies of the asynchronous ones (`stop`, `drain`, `run_script`,
+//! `update_settings`; `apply`, `prepare`, `compile_package` and `upload_blob` run the deploy
+//! code in [`crate::deploy`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Heartbeats on `hm.agent.heartbeat.<agent_id>`, with upstream's payload (§2.2), and
+//! Heartbeats on `hm.agent.heartbeat.<agent_id>`, with upstream's payload, and
 //! `<base>/instance/health.json`.
 
 use std::sync::Arc;

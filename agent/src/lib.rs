@@ -1,9 +1,10 @@
 //! The application: bootstrap order, agent.json, and the loop that keeps the firewall as
 //! desired until SIGTERM.
 //!
-//! Bootstrap order (this part of it): own cgroup isolated first (before any socket is
-//! opened, because a socket keeps the cgroup it was created in) → agent.json → identity
-//! self-test → monit firewall applied → reconcile every `ReconcileIntervalSeconds` until
+//! Bootstrap order: own cgroup isolated first (before any socket is opened, because a socket
+//! keeps the cgroup it was created in) → agent.json → identity self-test → monit firewall
+//! applied → monit user → secret files narrowed, data directory tree → settings → the bus
+//! (newest mbus first, with a fallback) → reconcile every `ReconcileIntervalSeconds` until
 //! SIGTERM/SIGINT. The firewall stays in place when the agent stops: it protects monit while
 //! the agent is down.
 #![forbid(unsafe_code)]
@@ -353,7 +354,12 @@ pub(crate) fn usable(
 ) -> Result<mbus::MbusConfig, String> {
     let cfg = cfg.map_err(|e| e.to_string())?;
     if cfg.servers.is_empty() {
-        return Err("no dialable mbus URL".into());
+        let rejected: Vec<String> = cfg.rejected.iter().map(ToString::to_string).collect();
+        return Err(if rejected.is_empty() {
+            "no dialable mbus URL".into()
+        } else {
+            format!("no dialable mbus URL (rejected: {})", rejected.join("; "))
+        });
     }
     mbus::tls::client_config(&cfg.cert).map_err(|e| e.to_string())?;
     Ok(cfg)

@@ -2,7 +2,7 @@
 //! stemcell's place (`<base>/bosh/etc/monitrc`, which the agent passes to `monit -c` for
 //! `stop -g vcap`), its HTTP API on 127.0.0.1:2822 inside the sandbox's network namespace with
 //! `allow cleartext <base>/monit/monit.user`, alerts mailed to the agent's SMTP receiver on
-//! 127.0.0.1:2825 in upstream's mail format (upstream-bosh-agent.md §7.5), and one sample job
+//! 127.0.0.1:2825 in upstream's mail format, and one sample job
 //! of group `vcap` that can run, fail and stop.
 //!
 //! ```no_run

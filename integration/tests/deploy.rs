@@ -610,17 +610,16 @@ fn a_director_compiles_deploys_updates_and_deletes_a_release() {
         json!({"name": "big", "version": "1", "sha1": sha1(&big), "blobstore_id": big_id});
     full["configuration_hash"] = json!("cfg-full");
     let r = w.task("apply", json!([full]));
+    // Looked at while the small filesystem is still mounted: that is where the partial
+    // install was written.
+    let left = entries(&big_dir);
     drop(guard);
     let msg = r["exception"]["message"].as_str().unwrap_or_default();
     assert!(
         msg.contains(&big_id) && msg.to_lowercase().contains("no space"),
         "a full disk fails the task naming the blob: {r}"
     );
-    assert!(
-        entries(&big_dir).is_empty(),
-        "the partial install is removed: {:?}",
-        entries(&big_dir)
-    );
+    assert!(left.is_empty(), "the partial install is removed: {left:?}");
     assert!(!base.join("packages/big").exists(), "nothing is enabled");
     still_running("a full disk");
     let st = w.call("get_state", json!([]))["value"].clone();

@@ -1,4 +1,4 @@
-//! The monit firewall end to end (issue 2 §7 "Integration"): the real `bosh-agent`, the real
+//! The monit firewall end to end: the real `bosh-agent`, the real
 //! `nft` and real sockets, each test in its own network namespace and cgroups (see the
 //! `integration` harness). Run as root: `cargo test -p integration`. A test that cannot run
 //! (not root, no nft, no cgroup2) fails with the reason; none is skipped.

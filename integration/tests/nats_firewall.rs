@@ -1,4 +1,4 @@
-//! The NATS link and its firewall end to end (issue 3 §4): the real `bosh-agent` against real
+//! The NATS link and its firewall end to end: the real `bosh-agent` against real
 //! `nats-server`s (TLS `verify: true`, certificates made by the test, server CN
 //! `default.nats.bosh-internal`), a real dnsmasq serving the director's name, real `nft` and
 //! real sockets, each test in its own network namespace and cgroups (the `integration`

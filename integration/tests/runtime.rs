@@ -1,4 +1,4 @@
-//! The agent runtime end to end (issue 4 §5): the real `bosh-agent` answering a director over a
+//! The agent runtime end to end: the real `bosh-agent` answering a director over a
 //! real `nats-server` (mTLS, `verify: true`), supervising a real monit (Debian's, started by
 //! the test with a generated monitrc: HTTP on 127.0.0.1:2822 inside the sandbox's network
 //! namespace, a sample job of group `vcap`), running job scripts, sending heartbeats and

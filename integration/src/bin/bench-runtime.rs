@@ -9,7 +9,7 @@
 //!    with the default heartbeat and reconcile intervals (30 s), NATS firewall on;
 //! 3. `ping` round trip through nats-server, sequential and with requests in flight, beside a
 //!    bare NATS echo responder on the same path (the floor the agent adds to);
-//! 4. failover (issue 3 §5): the director's name re-pointed to a second server of the
+//! 4. failover: the director's name re-pointed to a second server of the
 //!    cluster and the first stopped (hot standby), and the same with the new server coming up
 //!    only after an outage (from its "Server is ready" to the agent answering again).
 //!
@@ -1523,7 +1523,7 @@ fn failover_section(pki: &Pki, k: &Knobs) -> Res<()> {
     drop(agent);
 
     println!(
-        "\n## Failover (issue 3 §5): the name re-pointed to the other server of the cluster (ms; target ≤ 2 s median)\n"
+        "\n## Failover: the name re-pointed to the other server of the cluster (ms; target ≤ 2 s median)\n"
     );
     println!(
         "The director pings every {} ms through a third server of the cluster (127.0.0.3), so the figure \
