@@ -27,11 +27,13 @@ demo-firewall: deps
 	$(CARGO) build -p cli -p integration --release
 	bash scripts/demo.sh
 
-# Packet-path cost and firewall-allow latency/RSS, side by side in one run (see BENCHMARKS.md).
+# Packet-path cost, firewall-allow latency/RSS, the agent against nats-server, and deploys
+# (prepare/apply from a DAV blobstore, compile_package), side by side in one run (see BENCHMARKS.md).
 bench: deps
 	$(CARGO) build -p cli -p integration --release
 	./target/release/bench
 	./target/release/bench-runtime
+	./target/release/bench-deploy
 
 lint:
 	$(CARGO) fmt --all -- --check
