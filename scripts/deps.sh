@@ -17,6 +17,8 @@ have make || need+=(make)
 # openssl makes its htpasswd entries.
 [ -x /usr/sbin/nginx ] || need+=(nginx)
 have openssl || need+=(openssl)
+# curl is the deploy benchmark's measure of the limit (curl | tar) and of upstream's pipeline.
+have curl || need+=(curl)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2
