@@ -8,19 +8,28 @@
 //! sessions ([`MAX_SESSIONS`]), idle time ([`IDLE_TIMEOUT`]), session lifetime
 //! ([`MAX_SESSION_TIME`]) and errors per session ([`MAX_ERRORS`]).
 //!
+//! TCP on loopback tells the server nothing about who connected (no peer uid), so sessions
+//! cannot be bounded per user; they are bounded by count and time instead, and a connection
+//! beyond the count evicts the session that has waited longest for its next command (else the
+//! oldest session). Holding sessions open therefore cannot lock monit out: monit's session
+//! sends its commands back to back, so it is never the one idle longest unless a flooder opens
+//! [`MAX_SESSIONS`] connections within one of monit's round trips, and each flooding
+//! connection mostly evicts the flooder's own earlier ones.
+//!
 //! The mail and alert logic is pure ([`parse_mail`], [`to_alert`], [`parse_rfc1123z`]).
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, timeout, timeout_at};
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// Where upstream's agent listens for monit's mails (`jobSupervisorListenPort`).
 pub const LISTEN_ADDR: &str = "127.0.0.1:2825";
@@ -33,14 +42,42 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// 500 and its excess discarded unread into memory).
 pub const MAX_COMMAND_LINE: usize = 1024;
 
-/// Sessions served at once; a connection beyond this gets `421` and is closed.
+/// Sessions served at once; a connection beyond this evicts the session idle longest (else
+/// the oldest), which gets `421` and is closed.
 pub const MAX_SESSIONS: usize = 32;
 
 /// How long the server waits for a line from, or a reply to, a client before closing it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Monit sends each command as soon as it has the previous reply.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest a session may last, however busy, so no client keeps a session slot forever.
-pub const MAX_SESSION_TIME: Duration = Duration::from_secs(600);
+/// Longest a session may last, however busy, so no client keeps a session slot long. Monit
+/// delivers an alert in milliseconds.
+pub const MAX_SESSION_TIME: Duration = Duration::from_secs(60);
+
+/// First pause before the listener's bind is tried again; it doubles up to
+/// [`BIND_RETRY_MAX`].
+pub const BIND_RETRY_INITIAL: Duration = Duration::from_millis(250);
+
+/// Longest pause between two tries of the listener's bind.
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The bounds a server applies to its sessions (the constants above; tests shorten them).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_sessions: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) session_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: MAX_SESSIONS,
+            idle_timeout: IDLE_TIMEOUT,
+            session_time: MAX_SESSION_TIME,
+        }
+    }
+}
 
 /// Erroneous commands tolerated in one session before it is closed with `421`.
 pub const MAX_ERRORS: u32 = 20;
@@ -509,13 +546,121 @@ async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     Ok(LineRead::Line { len, truncated })
 }
 
+/// Binds the alert listener on `addr`, trying again with a doubling pause (from `initial` up
+/// to `max`, each failure logged) until the bind succeeds: a port held by another process at
+/// boot (e.g. a previous agent still exiting) must not leave monit without a listener for the
+/// agent's lifetime. It returns only with a listener; it stops with the task that awaits it.
+pub async fn bind_with_retry(addr: &str, initial: Duration, max: Duration) -> TcpListener {
+    let mut pause = initial;
+    let mut failures = 0u32;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                if failures > 0 {
+                    info!(%addr, failures, "listening for monit alerts after retrying the bind");
+                }
+                return listener;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                warn!(error = %e, %addr, retry_in = ?pause, "cannot listen for monit alerts; retrying");
+                tokio::time::sleep(pause).await;
+                pause = pause.saturating_mul(2).min(max);
+            }
+        }
+    }
+}
+
+/// One live session, as the accept loop sees it.
+struct Entry {
+    started: Instant,
+    /// Since when the session waits for the client's next command (`None` while it works).
+    idle_since: Option<Instant>,
+    evict: Arc<Notify>,
+}
+
+/// The live sessions: what a new connection beyond the bound evicts from.
+#[derive(Default)]
+struct Sessions {
+    next_id: u64,
+    live: HashMap<u64, Entry>,
+}
+
+/// A session's place in [`Sessions`]; leaving it (drop) frees the place.
+struct Seat {
+    id: u64,
+    sessions: Arc<Mutex<Sessions>>,
+    evict: Arc<Notify>,
+}
+
+impl Seat {
+    /// Admits a new session. Beyond `max` sessions, the one idle longest — else the oldest —
+    /// is told to close and loses its place at once, so the count never exceeds `max` and a
+    /// new connection is always served.
+    fn admit(sessions: &Arc<Mutex<Sessions>>, max: usize) -> Seat {
+        let now = Instant::now();
+        let mut s = sessions.lock().unwrap_or_else(|e| e.into_inner());
+        while s.live.len() >= max.max(1) {
+            let victim = s
+                .live
+                .iter()
+                .filter_map(|(id, e)| e.idle_since.map(|t| (t, *id)))
+                .min()
+                .or_else(|| s.live.iter().map(|(id, e)| (e.started, *id)).min())
+                .map(|(_, id)| id);
+            let Some(entry) = victim.and_then(|id| s.live.remove(&id)) else {
+                break;
+            };
+            debug!(
+                idle = ?entry.idle_since.map(|t| now.saturating_duration_since(t)),
+                "SMTP sessions at the bound: evicting one"
+            );
+            entry.evict.notify_one();
+        }
+        let id = s.next_id;
+        s.next_id = s.next_id.wrapping_add(1);
+        let evict = Arc::new(Notify::new());
+        s.live.insert(
+            id,
+            Entry {
+                started: now,
+                idle_since: None,
+                evict: Arc::clone(&evict),
+            },
+        );
+        Seat {
+            id,
+            sessions: Arc::clone(sessions),
+            evict,
+        }
+    }
+
+    /// Records whether the session now waits for the client's next command.
+    fn set_idle(&self, idle: bool) {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = s.live.get_mut(&self.id) {
+            e.idle_since = idle.then(Instant::now);
+        }
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        s.live.remove(&self.id);
+    }
+}
+
 /// Accepts monit's SMTP connections on `listener` and sends each mail's alert to `tx`.
 ///
 /// Guarantees: one session's failure, garbage or stall never stops the server or another
-/// session; at most [`MAX_SESSIONS`] sessions run at once (others get `421`); a mail whose
-/// event is ignored, or which has no monit field, is accepted (`250`) and not sent; an alert
-/// is acknowledged with `250` only once `tx` has taken it. `ips` are this VM's addresses for
-/// alert titles, as the caller knows them when calling.
+/// session; at most [`MAX_SESSIONS`] sessions are served at once, and a connection beyond
+/// that still gets its `220` at once: it evicts the session idle longest, else the oldest
+/// (TCP gives no peer uid to bound per user, so sessions are bounded by count and time: each
+/// waits at most [`IDLE_TIMEOUT`] for a command and lasts at most [`MAX_SESSION_TIME`]); a
+/// mail whose event is ignored, or which has no monit field, is accepted (`250`) and not sent;
+/// an alert is acknowledged with `250` only once `tx` has taken it. `ips` are this VM's
+/// addresses for alert titles, as the caller knows them when calling.
 ///
 /// Returns `Ok(())` when the receiving end of `tx` is gone (nothing could be delivered any
 /// more), and an error only for an accept failure that retrying cannot cure (the listener
@@ -526,6 +671,16 @@ pub async fn serve(
     ips: Vec<String>,
     tx: mpsc::Sender<Alert>,
 ) -> Result<(), AlertsError> {
+    serve_with(listener, ips, tx, Limits::default()).await
+}
+
+/// [`serve`] with explicit bounds.
+pub(crate) async fn serve_with(
+    listener: TcpListener,
+    ips: Vec<String>,
+    tx: mpsc::Sender<Alert>,
+    limits: Limits,
+) -> Result<(), AlertsError> {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -533,35 +688,33 @@ pub async fn serve(
     let mut ips = ips;
     ips.sort();
     let ips: Arc<[String]> = ips.into();
-    let slots = Arc::new(Semaphore::new(MAX_SESSIONS));
+    let sessions = Arc::new(Mutex::new(Sessions::default()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = tx.closed() => return Ok(()),
         };
         match accepted {
-            Ok((stream, peer)) => match Arc::clone(&slots).try_acquire_owned() {
-                Ok(slot) => {
-                    let ips = Arc::clone(&ips);
-                    let tx = tx.clone();
-                    let span = info_span!("smtp", %peer);
-                    tokio::spawn(
-                        async move {
-                            if let Err(e) = session(stream, &ips, &tx).await {
-                                debug!(error = %e, "SMTP session ended with an error");
-                            }
-                            drop(slot);
+            Ok((stream, peer)) => {
+                let seat = Seat::admit(&sessions, limits.max_sessions);
+                let ips = Arc::clone(&ips);
+                let tx = tx.clone();
+                let span = info_span!("smtp", %peer);
+                tokio::spawn(
+                    async move {
+                        let ctx = Ctx {
+                            ips: &ips,
+                            tx: &tx,
+                            limits,
+                            seat: &seat,
+                        };
+                        if let Err(e) = session(stream, &ctx).await {
+                            debug!(error = %e, "SMTP session ended with an error");
                         }
-                        .instrument(span),
-                    );
-                }
-                Err(_) => {
-                    warn!(%peer, max = MAX_SESSIONS, "too many SMTP sessions, refusing one");
-                    // Best effort and non-blocking: the reply is tiny and the socket new, and
-                    // waiting here would let a stalled peer hold up the accept loop.
-                    let _ = stream.try_write(b"421 too many connections, try again later\r\n");
-                }
-            },
+                    }
+                    .instrument(span),
+                );
+            }
             Err(e) if accept_error_is_fatal(&e) => {
                 return Err(AlertsError::Accept { addr, source: e });
             }
@@ -572,6 +725,14 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// What every step of a session needs.
+struct Ctx<'a> {
+    ips: &'a [String],
+    tx: &'a mpsc::Sender<Alert>,
+    limits: Limits,
+    seat: &'a Seat,
 }
 
 /// Errors that mean the listening socket itself is broken, so retrying cannot help.
@@ -598,8 +759,8 @@ struct Transaction {
     recipients: usize,
 }
 
-async fn reply(writer: &mut OwnedWriteHalf, text: &str) -> io::Result<()> {
-    match timeout(IDLE_TIMEOUT, writer.write_all(text.as_bytes())).await {
+async fn reply(writer: &mut OwnedWriteHalf, text: &str, idle: Duration) -> io::Result<()> {
+    match timeout(idle, writer.write_all(text.as_bytes())).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -613,8 +774,12 @@ async fn reply(writer: &mut OwnedWriteHalf, text: &str) -> io::Result<()> {
 /// Closing a socket with unread input makes the kernel reset the connection, and a reset can
 /// reach the client before it has read the last reply; a sender that was flooding the server
 /// would then never learn why it was cut off.
-async fn linger_close<R: AsyncBufRead + Unpin>(reader: &mut R, writer: &mut OwnedWriteHalf) {
-    let _ = timeout(IDLE_TIMEOUT, writer.shutdown()).await;
+async fn linger_close<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    writer: &mut OwnedWriteHalf,
+    idle: Duration,
+) {
+    let _ = timeout(idle, writer.shutdown()).await;
     let _ = timeout(Duration::from_secs(2), async {
         let mut discarded = 0usize;
         while discarded < MAX_DISCARD_BYTES {
@@ -631,21 +796,34 @@ async fn linger_close<R: AsyncBufRead + Unpin>(reader: &mut R, writer: &mut Owne
     .await;
 }
 
-/// Reads a line within both the idle timeout and the session deadline; `None` on timeout.
+/// Why a session stopped waiting for a line.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// The idle timeout or the session deadline passed.
+    TimedOut,
+    /// A new connection took the session's place.
+    Evicted,
+}
+
+/// Reads a line within both the idle timeout and the session deadline, unless the session is
+/// evicted first.
 async fn read_line_timed<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     cap: usize,
     deadline: Instant,
-) -> Option<io::Result<LineRead>> {
-    let until = deadline.min(Instant::now() + IDLE_TIMEOUT);
-    timeout_at(until, read_line_bounded(reader, buf, cap))
-        .await
-        .ok()
+    ctx: &Ctx<'_>,
+) -> Result<io::Result<LineRead>, Stop> {
+    let until = deadline.min(Instant::now() + ctx.limits.idle_timeout);
+    tokio::select! {
+        read = timeout_at(until, read_line_bounded(reader, buf, cap)) => read.map_err(|_| Stop::TimedOut),
+        () = ctx.seat.evict.notified() => Err(Stop::Evicted),
+    }
 }
 
-async fn session(stream: TcpStream, ips: &[String], tx: &mpsc::Sender<Alert>) -> io::Result<()> {
-    let deadline = Instant::now() + MAX_SESSION_TIME;
+async fn session(stream: TcpStream, ctx: &Ctx<'_>) -> io::Result<()> {
+    let idle = ctx.limits.idle_timeout;
+    let deadline = Instant::now() + ctx.limits.session_time;
     let (read_half, mut writer) = stream.into_split();
     let mut reader = BufReader::new(read_half);
     let mut line = Vec::new();
@@ -654,25 +832,42 @@ async fn session(stream: TcpStream, ips: &[String], tx: &mpsc::Sender<Alert>) ->
     reply(
         &mut writer,
         &format!("220 {SERVER_NAME} ESMTP bosh-agent\r\n"),
+        idle,
     )
     .await?;
     loop {
-        let read = match read_line_timed(&mut reader, &mut line, MAX_COMMAND_LINE, deadline).await {
-            None => {
-                return reply(&mut writer, "421 timeout, closing connection\r\n").await;
+        ctx.seat.set_idle(true);
+        let read = read_line_timed(&mut reader, &mut line, MAX_COMMAND_LINE, deadline, ctx).await;
+        ctx.seat.set_idle(false);
+        let read = match read {
+            Err(Stop::TimedOut) => {
+                return reply(&mut writer, "421 timeout, closing connection\r\n", idle).await;
             }
-            Some(read) => read?,
+            Err(Stop::Evicted) => {
+                return reply(
+                    &mut writer,
+                    "421 too many connections, closing an idle one\r\n",
+                    idle,
+                )
+                .await;
+            }
+            Ok(read) => read?,
         };
         // Checked when the next command arrives, so that every command gets exactly one reply.
         if errors >= MAX_ERRORS && read != LineRead::Eof {
-            return reply(&mut writer, "421 too many errors, closing connection\r\n").await;
+            return reply(
+                &mut writer,
+                "421 too many errors, closing connection\r\n",
+                idle,
+            )
+            .await;
         }
         let next = match read {
             LineRead::Eof => return Ok(()),
             LineRead::Line {
                 truncated: true, ..
             } => {
-                reply(&mut writer, "500 line too long\r\n").await?;
+                reply(&mut writer, "500 line too long\r\n", idle).await?;
                 Next::Error
             }
             LineRead::Line { .. } => {
@@ -684,8 +879,7 @@ async fn session(stream: TcpStream, ips: &[String], tx: &mpsc::Sender<Alert>) ->
                     &mut writer,
                     &mut line,
                     deadline,
-                    ips,
-                    tx,
+                    ctx,
                 )
                 .await?
             }
@@ -707,9 +901,9 @@ async fn command_reply<R: AsyncBufRead + Unpin>(
     writer: &mut OwnedWriteHalf,
     line: &mut Vec<u8>,
     deadline: Instant,
-    ips: &[String],
-    tx: &mpsc::Sender<Alert>,
+    ctx: &Ctx<'_>,
 ) -> io::Result<Next> {
+    let idle = ctx.limits.idle_timeout;
     let (verb, args) = match command.split_once(' ') {
         Some((verb, args)) => (verb, args.trim()),
         None => (command.trim(), ""),
@@ -761,8 +955,8 @@ async fn command_reply<R: AsyncBufRead + Unpin>(
         "DATA" if !args.is_empty() => ("501 DATA takes no argument".into(), Next::Error),
         "DATA" if state.recipients == 0 => ("503 need RCPT before DATA".into(), Next::Error),
         "DATA" => {
-            reply(writer, "354 end data with <CR><LF>.<CR><LF>\r\n").await?;
-            let outcome = receive_mail(reader, line, deadline, ips, tx).await?;
+            reply(writer, "354 end data with <CR><LF>.<CR><LF>\r\n", idle).await?;
+            let outcome = receive_mail(reader, line, deadline, ctx).await?;
             state.mail_from = false;
             state.recipients = 0;
             // The buffer may have grown to a long DATA line; give that memory back.
@@ -777,17 +971,32 @@ async fn command_reply<R: AsyncBufRead + Unpin>(
                     reply(
                         writer,
                         &format!("552 message exceeds {MAX_MESSAGE_BYTES} bytes, closing\r\n"),
+                        idle,
                     )
                     .await?;
-                    linger_close(reader, writer).await;
+                    linger_close(reader, writer, idle).await;
                     return Ok(Next::Close);
                 }
                 DataOutcome::Undeliverable => {
-                    reply(writer, "451 alerts cannot be delivered now, closing\r\n").await?;
+                    reply(
+                        writer,
+                        "451 alerts cannot be delivered now, closing\r\n",
+                        idle,
+                    )
+                    .await?;
                     return Ok(Next::Close);
                 }
                 DataOutcome::TimedOut => {
-                    reply(writer, "421 timeout, closing connection\r\n").await?;
+                    reply(writer, "421 timeout, closing connection\r\n", idle).await?;
+                    return Ok(Next::Close);
+                }
+                DataOutcome::Evicted => {
+                    reply(
+                        writer,
+                        "421 too many connections, closing the oldest\r\n",
+                        idle,
+                    )
+                    .await?;
                     return Ok(Next::Close);
                 }
                 DataOutcome::Eof => return Ok(Next::Close),
@@ -805,12 +1014,17 @@ async fn command_reply<R: AsyncBufRead + Unpin>(
             Next::Continue,
         ),
         "QUIT" => {
-            reply(writer, &format!("221 {SERVER_NAME} closing connection\r\n")).await?;
+            reply(
+                writer,
+                &format!("221 {SERVER_NAME} closing connection\r\n"),
+                idle,
+            )
+            .await?;
             return Ok(Next::Close);
         }
         _ => ("500 command not recognized".into(), Next::Error),
     };
-    reply(writer, &format!("{text}\r\n")).await?;
+    reply(writer, &format!("{text}\r\n"), idle).await?;
     Ok(next)
 }
 
@@ -837,6 +1051,7 @@ enum DataOutcome {
     Runaway,
     Undeliverable,
     TimedOut,
+    Evicted,
     Eof,
 }
 
@@ -845,16 +1060,17 @@ async fn receive_mail<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     line: &mut Vec<u8>,
     deadline: Instant,
-    ips: &[String],
-    tx: &mpsc::Sender<Alert>,
+    ctx: &Ctx<'_>,
 ) -> io::Result<DataOutcome> {
+    let (ips, tx) = (ctx.ips, ctx.tx);
     let mut parser = MailParser::new();
     let mut size = 0usize;
     loop {
         // No single line may hold more than the whole message may.
-        let read = match read_line_timed(reader, line, MAX_MESSAGE_BYTES, deadline).await {
-            None => return Ok(DataOutcome::TimedOut),
-            Some(read) => read?,
+        let read = match read_line_timed(reader, line, MAX_MESSAGE_BYTES, deadline, ctx).await {
+            Err(Stop::TimedOut) => return Ok(DataOutcome::TimedOut),
+            Err(Stop::Evicted) => return Ok(DataOutcome::Evicted),
+            Ok(read) => read?,
         };
         let (len, truncated) = match read {
             LineRead::Eof => return Ok(DataOutcome::Eof),
@@ -1338,29 +1554,135 @@ mod tests {
         flood.abort();
     }
 
+    async fn start_with(limits: Limits) -> (std::net::SocketAddr, mpsc::Receiver<Alert>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(serve_with(listener, vec![], tx, limits));
+        (addr, rx)
+    }
+
     #[tokio::test]
-    async fn sessions_beyond_the_limit_get_421() {
-        let (addr, _rx) = start(vec![]).await;
+    async fn held_idle_sessions_cannot_lock_monit_out() {
+        let (addr, mut rx) = start(vec![]).await;
         let mut held = Vec::new();
-        for _ in 0..MAX_SESSIONS {
+        for _ in 0..MAX_SESSIONS + 8 {
             let mut c = Client::connect(addr).await;
             assert_eq!(c.reply().await.0, 220);
             held.push(c);
         }
-        let mut extra = Client::connect(addr).await;
-        assert_eq!(extra.reply().await.0, 421);
-        drop(held);
-        // Slots come back once sessions end.
-        let mut ok = false;
-        for _ in 0..50 {
-            let mut c = Client::connect(addr).await;
-            if c.reply().await.0 == 220 {
-                ok = true;
-                break;
+        // A new session beyond the bound is greeted at once and delivers its mail.
+        let begun = std::time::Instant::now();
+        let mut monit = Client::connect(addr).await;
+        assert_eq!(monit.reply().await.0, 220);
+        assert!(
+            begun.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            begun.elapsed()
+        );
+        assert_eq!(monit.cmd("HELO monit").await, 250);
+        assert_eq!(
+            monit
+                .mail("Service: web\nEvent: pid failed\nAction: alert\n")
+                .await,
+            250
+        );
+        assert_eq!(next_alert(&mut rx).await.title, "web - pid failed - alert");
+        // The evicted sessions were the idle ones, told why; never more than the bound live.
+        let mut evicted = 0;
+        for c in &mut held {
+            let mut line = String::new();
+            if let Ok(Ok(n)) =
+                timeout(Duration::from_millis(200), c.reader.read_line(&mut line)).await
+                && n > 0
+            {
+                assert!(line.starts_with("421"), "{line:?}");
+                evicted += 1;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(ok);
+        assert_eq!(evicted, 9, "8 held beyond the bound and one for monit");
+        assert_eq!(monit.cmd("QUIT").await, 221);
+    }
+
+    #[tokio::test]
+    async fn an_idle_session_is_closed_after_the_idle_timeout() {
+        let limits = Limits {
+            max_sessions: 4,
+            idle_timeout: Duration::from_millis(300),
+            session_time: Duration::from_secs(30),
+        };
+        let (addr, _rx) = start_with(limits).await;
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        let begun = std::time::Instant::now();
+        let (code, text) = c.reply().await;
+        assert_eq!(code, 421, "{text}");
+        let waited = begun.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        let mut rest = String::new();
+        let n = timeout(Duration::from_secs(2), c.reader.read_line(&mut rest))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed after the 421: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_busy_session_is_closed_at_the_session_bound() {
+        let limits = Limits {
+            max_sessions: 4,
+            idle_timeout: Duration::from_millis(300),
+            session_time: Duration::from_millis(800),
+        };
+        let (addr, _rx) = start_with(limits).await;
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
+        let begun = std::time::Instant::now();
+        let last = loop {
+            let code = c.cmd("NOOP").await;
+            if code != 250 || begun.elapsed() > Duration::from_secs(5) {
+                break code;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(last, 421);
+        assert!(
+            begun.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            begun.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_bind_is_retried_until_the_listener_comes_up() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = holder.local_addr().unwrap();
+        let binding = tokio::spawn(async move {
+            bind_with_retry(
+                &addr.to_string(),
+                Duration::from_millis(50),
+                Duration::from_millis(200),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            !binding.is_finished(),
+            "the port is held: the bind cannot succeed yet"
+        );
+        drop(holder);
+        let listener = timeout(Duration::from_secs(3), binding)
+            .await
+            .expect("the bind is retried after the port is released")
+            .unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        let (tx, _rx) = mpsc::channel(1);
+        tokio::spawn(serve(listener, vec![], tx));
+        let mut c = Client::connect(addr).await;
+        assert_eq!(c.reply().await.0, 220);
     }
 
     #[tokio::test]

@@ -67,10 +67,7 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         // open nothing; the stemcell's own rules decide.
         return Ok(AllowOutcome::NotInstalled);
     }
-    let vcap = nix::unistd::User::from_name("vcap")
-        .ok()
-        .flatten()
-        .map(|u| u.uid.as_raw());
+    let vcap = crate::firewall::vcap_uid();
     let placement = cgroup::placement_of(std::process::id());
     let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
     Ok(jobs::allow_monit(
@@ -93,6 +90,11 @@ pub struct Status {
     pub matches_desired: bool,
     /// Rules of `monit_access_jobs`.
     pub job_rules: Vec<readback::LiveJobRule>,
+    /// Rules of `monit_access_jobs` that are none of the job-rule shapes: drift, which the
+    /// agent removes at its next reconcile. While one is there, the table does not match.
+    pub foreign_job_rules: Vec<readback::ForeignJobRule>,
+    /// What is wrong, one line each (empty when the live table matches).
+    pub problems: Vec<String>,
 }
 
 /// How long `firewall status` waits for a running agent's pending read-back.
@@ -119,15 +121,45 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
     }
     let nft = Nft::default();
     let live = nft.list_table_text()?.map(|l| readback::snapshot(&l));
-    let job_rules = match nft.list_chain(platform::firewall::MONIT_JOBS_CHAIN)? {
-        Some(l) => readback::job_rules(&l)?,
+    let jobs_listing = nft.list_chain(platform::firewall::MONIT_JOBS_CHAIN)?;
+    let job_rules = match &jobs_listing {
+        Some(l) => readback::job_rules(l)?,
         None => Vec::new(),
     };
+    // Where the agent guards monit, every rule its jobs chain holds is reached by packets to
+    // monit: one that is not a job rule may open it to everyone.
+    let foreign_job_rules = match (&jobs_listing, &agent) {
+        (Some(l), Some(a)) if a.monit != "disabled" => {
+            readback::foreign_job_rules(l, crate::firewall::vcap_uid())?
+        }
+        _ => Vec::new(),
+    };
     let table_present = live.is_some();
-    let matches_desired = match (&agent, &live) {
+    let chains_match = match (&agent, &live) {
         (Some(a), Some(l)) => !a.readback_pending && &a.snapshot == l,
         _ => false,
     };
+    let matches_desired = chains_match && foreign_job_rules.is_empty();
+    let mut problems = Vec::new();
+    match (&agent, table_present) {
+        (None, _) => problems.push("no agent state file: the agent has not run".to_string()),
+        (Some(_), false) => problems.push(format!(
+            "table inet {} is absent",
+            platform::firewall::TABLE
+        )),
+        (Some(a), true) if a.readback_pending => {
+            problems.push("the agent has not read its last apply back yet".to_string());
+        }
+        (Some(_), true) if !chains_match => {
+            problems.push("the agent's chains or sets differ from its last apply".to_string());
+        }
+        _ => {}
+    }
+    for f in &foreign_job_rules {
+        problems.push(format!(
+            "monit_access_jobs holds a rule that is not a job rule (the agent removes it at its next reconcile): {f}"
+        ));
+    }
     // Drop the bulky snapshot and script from what is shown; the comparison above used them.
     let agent = agent.map(|a| RuntimeState {
         snapshot: serde_json::Value::Null,
@@ -139,6 +171,8 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
         table_present,
         matches_desired,
         job_rules,
+        foreign_job_rules,
+        problems,
     })
 }
 
@@ -194,8 +228,8 @@ impl std::fmt::Display for Status {
                 )?;
                 writeln!(
                     f,
-                    "repairs:       {} drift repairs, {} stale job rules pruned",
-                    a.repairs, a.pruned
+                    "repairs:       {} drift repairs ({} foreign job rules removed), {} stale job rules pruned",
+                    a.repairs, a.foreign_removed, a.pruned
                 )?;
                 if let Some(e) = &a.last_error {
                     writeln!(f, "last error:    {e}")?;
@@ -219,10 +253,15 @@ impl std::fmt::Display for Status {
             };
             writeln!(f, "  - {who}")?;
         }
+        for r in &self.foreign_job_rules {
+            writeln!(f, "  - NOT A JOB RULE, {r}")?;
+        }
         let live = if !self.table_present {
             "ABSENT (table inet bosh_agent does not exist)"
         } else if self.matches_desired {
             "matches the desired state"
+        } else if !self.foreign_job_rules.is_empty() {
+            "DIFFERS from the desired state (monit_access_jobs holds rules that are not job rules)"
         } else if self.agent.as_ref().is_some_and(|a| a.readback_pending) {
             "not compared yet (the agent reads its last apply back right after start)"
         } else {

@@ -15,7 +15,7 @@ use platform::firewall::{
     DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NATS_SET_V4, NATS_SET_V6,
     NatsPolicy, TABLE, jobs, netlink, readback, selftest,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::LinuxOptions;
 
@@ -34,6 +34,8 @@ pub struct Firewall {
     /// What was known at start, consumed by the first apply.
     at_start: Option<AtStart>,
     state: RuntimeState,
+    /// The uid the documented uid fallback of job rules matches (the `vcap` user's), if any.
+    vcap_uid: Option<u32>,
 }
 
 /// The live table as listed at start (beside the self-test) and the previous run's state.
@@ -127,6 +129,7 @@ impl Firewall {
             readback_due: false,
             at_start: Some(AtStart { live, previous }),
             state,
+            vcap_uid: vcap_uid(),
         }
     }
 
@@ -353,10 +356,34 @@ impl Firewall {
             self.apply()?;
             out.repaired = true;
         }
-        out.pruned = jobs::prune_stale(&self.nft, &self.run_dir)?;
-        if out.pruned > 0 {
-            info!(count = out.pruned, "pruned job rules whose cgroup is gone");
-            self.state.pruned += out.pruned as u64;
+        if matches!(self.desired.monit, MonitPolicy::Enabled { .. }) {
+            let had_foreign = !self.state.foreign_job_rules.is_empty();
+            let jobs = jobs::reconcile_jobs_chain(&self.nft, &self.run_dir, self.vcap_uid)?;
+            out.pruned = jobs.pruned;
+            if out.pruned > 0 {
+                info!(count = out.pruned, "pruned job rules whose cgroup is gone");
+                self.state.pruned += out.pruned as u64;
+            }
+            if let Some(e) = jobs.failed {
+                for f in &jobs.foreign {
+                    error!(rule = %f, "monit_access_jobs holds a rule that is not a job rule; removing it failed");
+                }
+                self.state.foreign_job_rules = jobs.foreign;
+                self.write_state();
+                return Err(e);
+            }
+            if !jobs.foreign.is_empty() {
+                for f in &jobs.foreign {
+                    warn!(rule = %f, "removed a rule of monit_access_jobs that is not a job rule");
+                }
+                self.state.repairs += 1;
+                self.state.foreign_removed += jobs.foreign.len() as u64;
+                out.repaired = true;
+            }
+            self.state.foreign_job_rules.clear();
+            if had_foreign {
+                self.write_state();
+            }
         }
         if out != Reconciled::default() {
             self.write_state();
@@ -377,6 +404,14 @@ impl Firewall {
             warn!(error = %e, "cannot write the firewall state file");
         }
     }
+}
+
+/// The `vcap` user's uid: the only uid a job rule may match (upstream's uid fallback).
+pub fn vcap_uid() -> Option<u32> {
+    nix::unistd::User::from_name("vcap")
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
 }
 
 fn protected(d: &DesiredState) -> Vec<String> {
@@ -480,6 +515,11 @@ pub fn report_of(st: &RuntimeState) -> serde_json::Value {
     if let Some(e) = &st.last_error {
         problems.push(format!("the last firewall change failed: {e}"));
     }
+    for f in &st.foreign_job_rules {
+        problems.push(format!(
+            "monit_access_jobs holds a rule that is not a job rule and could not be removed: {f}"
+        ));
+    }
     serde_json::json!({
         "degraded": !problems.is_empty(),
         "problems": problems,
@@ -488,6 +528,7 @@ pub fn report_of(st: &RuntimeState) -> serde_json::Value {
         "monit": st.monit,
         "nats": st.nats,
         "repairs": st.repairs,
+        "foreign_removed": st.foreign_removed,
     })
 }
 
@@ -560,6 +601,24 @@ mod report_tests {
         for key in ["id", "severity", "title", "summary", "created_at"] {
             assert!(a.get(key).is_some(), "upstream's alert has {key}");
         }
+    }
+
+    #[test]
+    fn a_foreign_job_rule_that_could_not_be_removed_is_critical() {
+        let st = RuntimeState {
+            mode: "cgroup".into(),
+            foreign_job_rules: vec![readback::ForeignJobRule {
+                handle: 7,
+                comment: None,
+                why: "it lets every process through".into(),
+            }],
+            ..RuntimeState::default()
+        };
+        let r = report_of(&st);
+        assert_eq!(r["degraded"], true);
+        let a = degraded_alert(&r, 1).unwrap();
+        assert_eq!(a["severity"], 2);
+        assert!(a["summary"].as_str().unwrap().contains("handle 7"), "{a}");
     }
 
     #[test]

@@ -471,13 +471,6 @@ fn spawn_firewall_alerts(bus: Bus, every: Duration) {
 
 /// The SMTP receiver monit mails alerts to, forwarding them to the health monitor.
 async fn spawn_alerts(bus: Bus, settings: &serde_json::Value) {
-    let listener = match tokio::net::TcpListener::bind(alerts::LISTEN_ADDR).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(error = %e, addr = alerts::LISTEN_ADDR, "cannot listen for monit alerts");
-            return;
-        }
-    };
     let ips: Vec<String> = settings
         .get("networks")
         .and_then(|n| n.as_object())
@@ -488,7 +481,15 @@ async fn spawn_alerts(bus: Bus, settings: &serde_json::Value) {
         })
         .unwrap_or_default();
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    // The bind is retried with backoff (logged) until it succeeds or the agent stops: a
+    // port held at boot must not leave monit's alerts undelivered for the agent's lifetime.
     tokio::spawn(async move {
+        let listener = alerts::bind_with_retry(
+            alerts::LISTEN_ADDR,
+            alerts::BIND_RETRY_INITIAL,
+            alerts::BIND_RETRY_MAX,
+        )
+        .await;
         if let Err(e) = alerts::serve(listener, ips, tx).await {
             error!(error = %e, "monit alert listener stopped");
         }

@@ -1218,3 +1218,132 @@ fn a_long_bpm_job_name_is_allowed() {
     );
     expect_probe(&sb, &scope, USER, MONIT_V4, Probe::Connected);
 }
+
+// The jobs chain is reached by every SYN to monit, so a rule there that is not a job rule (an
+// unconditional `accept`) opens monit to everyone. It is drift: the agent removes it by
+// handle within one reconcile period and counts the repair; `firewall status` reports it
+// while it is there. Job rules — the agent's and the Go agent's — keep their handles and
+// their access throughout.
+#[test]
+fn a_foreign_rule_in_the_jobs_chain_is_removed_within_one_reconcile() {
+    let sb = sandbox("jobs-foreign");
+    let agent_cg = cg(&sb, "agent");
+    let job = cg(&sb, "job");
+    let legacy = cg(&sb, "system.slice/runc-bpm-legacy.scope");
+    let other = cg(&sb, "other");
+    let _l = sb.listen(MONIT_V4).expect("listener");
+    let mut agent = sb.start_agent(&agent_cg, FAST).expect("agent ready");
+    assert_exit(
+        &sb.firewall_allow(&job).expect("allow"),
+        0,
+        "firewall-allow",
+    );
+    // A rule as upstream's Go agent writes it (its level is the cgroup's depth here, where
+    // upstream assumes `system.slice/<scope>`, depth 2).
+    let depth = legacy
+        .path()
+        .strip_prefix(cgroup2_mount().expect("cgroup2"))
+        .expect("under the cgroup2 mount")
+        .components()
+        .count();
+    sb.nft_script(&format!(
+        "add rule inet bosh_agent monit_access_jobs socket cgroupv2 level {depth} \"{}\" \
+         ip daddr 127.0.0.1 tcp dport 2822 log prefix \"bosh-monit-access: cgroup match: \" \
+         accept comment \"bosh-monit-access:legacy\"\n",
+        legacy.nft_path()
+    ))
+    .expect("the Go agent's rule");
+    expect_probe(&sb, &legacy, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &job, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &other, USER, MONIT_V4, Probe::TimedOut);
+    // Two reconciles pass: the Go agent's rule is a job rule, not drift.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = sb.job_rules().expect("rules");
+    assert_eq!(before.len(), 2, "{before:?}");
+    let (code, st) = sb.status().expect("status");
+    assert_eq!(code, 0, "{st:#}");
+    assert_eq!(st["agent"]["repairs"], 0, "{st:#}");
+
+    let add = sb
+        .nft([
+            "add",
+            "rule",
+            "inet",
+            "bosh_agent",
+            "monit_access_jobs",
+            "accept",
+        ])
+        .expect("nft");
+    assert!(add.status.success(), "{}", describe(&add));
+    let added = Instant::now();
+    // Refused again at the packet level within one reconcile period (1 s), give or take a
+    // probe (a refused probe takes its whole timeout); the jobs keep their access meanwhile.
+    wait_for(
+        "the SYN of a process in another cgroup to be dropped again",
+        Duration::from_secs(4),
+        || {
+            expect_probe(&sb, &job, USER, MONIT_V4, Probe::Connected);
+            expect_probe(&sb, &legacy, USER, MONIT_V4, Probe::Connected);
+            Ok((sb.probe(&other, USER, MONIT_V4)? == Probe::TimedOut).then_some(()))
+        },
+    )
+    .expect("the open rule removed");
+    eprintln!(
+        "refused again {:?} after the accept was added",
+        added.elapsed()
+    );
+    let st = status_when(
+        &sb,
+        "the removal counted as a repair",
+        Duration::from_secs(3),
+        |code, v| {
+            code == 0
+                && v["agent"]["repairs"].as_u64().unwrap_or(0) >= 1
+                && v["agent"]["foreign_removed"].as_u64().unwrap_or(0) == 1
+        },
+    );
+    assert_eq!(st["matches_desired"], true, "{st:#}");
+    assert_eq!(st["foreign_job_rules"], serde_json::json!([]), "{st:#}");
+    assert_eq!(
+        sb.job_rules().expect("rules"),
+        before,
+        "the job rules kept their handles"
+    );
+    assert!(
+        agent.log().contains("not a job rule"),
+        "the removal is logged: {}",
+        agent.log()
+    );
+    expect_probe(&sb, &job, USER, MONIT_V4, Probe::Connected);
+    expect_probe(&sb, &legacy, USER, MONIT_V4, Probe::Connected);
+
+    // While such a rule is there, status says so: with the agent stopped it stays.
+    agent.stop().expect("agent stops");
+    let add = sb
+        .nft([
+            "add",
+            "rule",
+            "inet",
+            "bosh_agent",
+            "monit_access_jobs",
+            "counter",
+            "accept",
+        ])
+        .expect("nft");
+    assert!(add.status.success(), "{}", describe(&add));
+    expect_probe(&sb, &other, USER, MONIT_V4, Probe::Connected);
+    let (code, st) = sb.status().expect("status");
+    assert_eq!(code, 1, "{st:#}");
+    assert_eq!(st["matches_desired"], false, "{st:#}");
+    assert_eq!(
+        st["foreign_job_rules"].as_array().map(Vec::len),
+        Some(1),
+        "{st:#}"
+    );
+    assert!(
+        st["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("not a job rule")))),
+        "{st:#}"
+    );
+}

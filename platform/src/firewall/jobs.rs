@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::netlink;
 use super::nft::{FirewallLock, Nft};
-use super::readback::{LiveJobRule, job_rules, parse_job_comment};
+use super::readback::{self, ForeignJobRule, LiveJobRule, job_rules, parse_job_comment};
 use super::render::{render_delete_job_rule, render_job_rule};
 use super::state::RuntimeState;
 use super::{
@@ -355,26 +355,60 @@ fn live_job_rules(nft: &Nft) -> Result<Option<Vec<LiveJobRule>>, FirewallError> 
     }
 }
 
-/// Deletes job rules whose cgroup is gone, in one transaction. Returns how many. Takes the
-/// lock so it never races a concurrent `firewall-allow`.
-pub fn prune_stale(nft: &Nft, run_dir: &Path) -> Result<usize, FirewallError> {
+/// What [`reconcile_jobs_chain`] found and did.
+#[derive(Debug, Default)]
+pub struct JobsChainReconciled {
+    /// Job rules whose cgroup is gone, deleted.
+    pub pruned: usize,
+    /// Rules that are not job rules ([`readback::judge_job_rule`]): deleted, unless `failed`.
+    pub foreign: Vec<ForeignJobRule>,
+    /// The deletion failed (nothing was deleted: one transaction); `foreign` is still there.
+    pub failed: Option<FirewallError>,
+}
+
+/// Brings `monit_access_jobs` back to job rules only, in one transaction under the lock (so
+/// it never races a concurrent `firewall-allow`): deletes, by handle, the rules whose cgroup
+/// is gone and every rule that is none of the job-rule shapes (an unconditional `accept`
+/// there would open monit to every process). `vcap_uid` is the uid the documented uid
+/// fallback matches. The chain is never flushed: job rules, the agent's and the Go agent's,
+/// keep their handles. The listing is nft's JSON, which, unlike the netlink reader, gives
+/// the expressions the judgement needs.
+pub fn reconcile_jobs_chain(
+    nft: &Nft,
+    run_dir: &Path,
+    vcap_uid: Option<u32>,
+) -> Result<JobsChainReconciled, FirewallError> {
     let _lock = FirewallLock::acquire(run_dir)?;
-    let Some(live) = live_job_rules(nft)? else {
-        return Ok(0);
+    let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
+        return Ok(JobsChainReconciled::default());
     };
-    if !live.iter().any(|r| r.cgid.is_some()) {
-        return Ok(0);
+    let foreign = readback::foreign_job_rules(&listing, vcap_uid)?;
+    let live: Vec<LiveJobRule> = job_rules(&listing)?
+        .into_iter()
+        .filter(|r| !foreign.iter().any(|f| f.handle == r.handle))
+        .collect();
+    let stale = if live.iter().any(|r| r.cgid.is_some()) {
+        stale_rules(&live, &cgroup::hierarchy_inodes()?)
+    } else {
+        Vec::new()
+    };
+    let script: String = stale
+        .iter()
+        .chain(foreign.iter().map(|f| &f.handle))
+        .map(|h| render_delete_job_rule(*h))
+        .collect();
+    let mut out = JobsChainReconciled {
+        pruned: stale.len(),
+        foreign,
+        failed: None,
+    };
+    if !script.is_empty()
+        && let Err(e) = nft.apply(&script)
+    {
+        out.pruned = 0;
+        out.failed = Some(e);
     }
-    let stale = stale_rules(&live, &cgroup::hierarchy_inodes()?);
-    if !stale.is_empty() {
-        nft.apply(
-            &stale
-                .iter()
-                .map(|h| render_delete_job_rule(*h))
-                .collect::<String>(),
-        )?;
-    }
-    Ok(stale.len())
+    Ok(out)
 }
 
 #[cfg(test)]

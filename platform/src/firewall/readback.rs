@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use super::{
-    DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN, MONIT_GUARD_CHAIN,
-    MONIT_JOBS_CHAIN, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6,
-    NatsPolicy, SELFTEST_CHAIN,
+    ALLOW_MARK, DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN,
+    MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN,
+    NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
 };
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
@@ -270,6 +270,269 @@ pub fn job_rules(listing: &Value) -> Result<Vec<LiveJobRule>, FirewallError> {
     Ok(out)
 }
 
+/// What a rule of `monit_access_jobs` is, judged by its expressions (nft's JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobRuleShape {
+    /// A rule `firewall-allow` writes: `socket cgroupv2 … meta mark set 0xb054 accept` with
+    /// `comment "bosh-monit-access:<key> cgid=<inode>"` naming the matched cgroup, or the uid
+    /// fallback `meta skuid <vcap> meta mark set 0xb054 accept` with
+    /// `comment "bosh-monit-access:uid=<vcap>"`.
+    Agent,
+    /// A rule upstream's Go agent writes: `socket cgroupv2 … ip daddr 127.0.0.1 tcp dport 2822
+    /// [log prefix "bosh-monit-access: …"] accept` with `comment "bosh-monit-access:<job>"`,
+    /// or the same with `meta skuid <vcap>` and no comment. Existing job releases rely on them.
+    GoAgent,
+    /// Anything else: the reason it is not a job rule.
+    Foreign(String),
+}
+
+/// A rule of `monit_access_jobs` that is none of the job-rule shapes ([`JobRuleShape`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ForeignJobRule {
+    /// Kernel handle, for precise deletion.
+    pub handle: u64,
+    /// The rule's comment, if any.
+    pub comment: Option<String>,
+    /// Why it is not a job rule.
+    pub why: String,
+}
+
+impl std::fmt::Display for ForeignJobRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "handle {}", self.handle)?;
+        if let Some(c) = &self.comment {
+            write!(f, " ({c:?})")?;
+        }
+        write!(f, ": {}", self.why)
+    }
+}
+
+/// The identity a job rule's first expression matches.
+enum Matched<'a> {
+    /// `socket cgroupv2 == <path or inode>`.
+    Cgroup(&'a Value),
+    /// `meta skuid == <uid>`.
+    Uid(u64),
+}
+
+fn match_parts(e: &Value) -> Option<(&Value, &Value)> {
+    let m = e.get("match")?;
+    if m.get("op").and_then(Value::as_str) != Some("==") {
+        return None;
+    }
+    Some((m.get("left")?, m.get("right")?))
+}
+
+fn identity_of(e: &Value) -> Option<Matched<'_>> {
+    let (left, right) = match_parts(e)?;
+    if left.get("socket").and_then(|s| s.get("key")) == Some(&json!("cgroupv2")) {
+        return Some(Matched::Cgroup(right));
+    }
+    if left.get("meta").and_then(|s| s.get("key")) == Some(&json!("skuid")) {
+        return right.as_u64().map(Matched::Uid);
+    }
+    None
+}
+
+/// The inode a `socket cgroupv2` match names, where nft printed one rather than a path: it
+/// prints the number when it cannot find the cgroup's path (the agent lists with the cgroup
+/// tree hidden, so always), as a JSON number or, for some inodes, a string of digits.
+fn cgroup_inode(matched: &Value) -> Option<u64> {
+    match matched {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+fn is_allow_mark(e: &Value) -> bool {
+    e.get("mangle").is_some_and(|m| {
+        m.get("key")
+            .and_then(|k| k.get("meta"))
+            .and_then(|k| k.get("key"))
+            == Some(&json!("mark"))
+            && m.get("value").and_then(Value::as_u64) == Some(u64::from(ALLOW_MARK))
+    })
+}
+
+fn is_accept(e: &Value) -> bool {
+    e.as_object()
+        .is_some_and(|o| o.len() == 1 && o.get("accept").is_some_and(Value::is_null))
+}
+
+fn is_payload(e: &Value, protocol: &str, field: &str, want: &Value) -> bool {
+    match_parts(e).is_some_and(|(left, right)| {
+        left.get("payload").is_some_and(|p| {
+            p.get("protocol") == Some(&json!(protocol)) && p.get("field") == Some(&json!(field))
+        }) && right == want
+    })
+}
+
+/// `ip daddr 127.0.0.1` or `ip6 daddr ::1`: monit's endpoints.
+fn is_monit_daddr(e: &Value) -> bool {
+    is_payload(e, "ip", "daddr", &json!("127.0.0.1"))
+        || is_payload(e, "ip6", "daddr", &json!("::1"))
+}
+
+fn is_monit_dport(e: &Value) -> bool {
+    is_payload(e, "tcp", "dport", &json!(MONIT_PORT))
+}
+
+/// The Go agent's `log prefix "bosh-monit-access: …"`: logging grants nothing.
+fn is_go_log(e: &Value) -> bool {
+    e.get("log").and_then(Value::as_object).is_some_and(|l| {
+        l.len() == 1
+            && l.get("prefix")
+                .and_then(Value::as_str)
+                .is_some_and(|p| p.starts_with(JOB_COMMENT_PREFIX))
+    })
+}
+
+/// A short description of a rule's expressions, for the reason a rule is refused.
+fn describe_exprs(exprs: &[Value]) -> String {
+    let parts: Vec<String> = exprs
+        .iter()
+        .map(|e| {
+            let Some((k, v)) = e.as_object().and_then(|o| o.iter().next()) else {
+                return "?".into();
+            };
+            match (k.as_str(), v.get("left").and_then(Value::as_object)) {
+                ("match", Some(left)) => {
+                    let what = left.iter().next().map_or("?".to_string(), |(lk, lv)| {
+                        let sub = lv
+                            .get("key")
+                            .or_else(|| lv.get("field"))
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
+                        format!("{lk} {sub}").trim().to_string()
+                    });
+                    let right = v.get("right").map(Value::to_string).unwrap_or_default();
+                    format!("{what} {right}")
+                }
+                (k, _) => k.to_string(),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "no expressions".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Judges one rule object of `monit_access_jobs` (the value of a `"rule"` key in an
+/// `nft -j` listing). `vcap_uid` is the uid the documented uid fallback matches (the `vcap`
+/// user's); without one, no uid rule is a job rule. Pure.
+///
+/// Guarantees: only the shapes of [`JobRuleShape::Agent`] and [`JobRuleShape::GoAgent`] pass,
+/// and each of them matches one identity (a cgroup and its descendants, or the vcap uid)
+/// before it accepts; every other rule — an unconditional `accept`, a `counter accept`,
+/// another port, a jump, a rule whose cgroup is not the one its comment records — is
+/// [`JobRuleShape::Foreign`]. nft's JSON omits the `level` of `socket cgroupv2`, so the level
+/// is not judged.
+pub fn judge_job_rule(rule: &Value, vcap_uid: Option<u32>) -> JobRuleShape {
+    let exprs: &[Value] = rule
+        .get("expr")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let comment = rule.get("comment").and_then(Value::as_str);
+    let parsed = comment.and_then(parse_job_comment);
+    let foreign = |why: String| JobRuleShape::Foreign(format!("{why} [{}]", describe_exprs(exprs)));
+    let Some(id) = exprs.first().and_then(identity_of) else {
+        return foreign(
+            "it does not start with a cgroup or uid match, so it lets every process through".into(),
+        );
+    };
+    if let Matched::Uid(uid) = id {
+        match vcap_uid {
+            Some(v) if u64::from(v) == uid => {}
+            Some(v) => {
+                return foreign(format!(
+                    "it matches uid {uid}, not the vcap user's uid {v} (the only uid fallback)"
+                ));
+            }
+            None => {
+                return foreign(format!(
+                    "it matches uid {uid} and there is no vcap user (the only uid fallback)"
+                ));
+            }
+        }
+    }
+    let rest = &exprs[1..];
+    let agent_shape = rest.len() == 2 && is_allow_mark(&rest[0]) && is_accept(&rest[1]);
+    let go_shape = match rest {
+        [daddr, dport, accept] => {
+            is_monit_daddr(daddr) && is_monit_dport(dport) && is_accept(accept)
+        }
+        [daddr, dport, log, accept] => {
+            is_monit_daddr(daddr) && is_monit_dport(dport) && is_go_log(log) && is_accept(accept)
+        }
+        _ => false,
+    };
+    match (id, agent_shape, go_shape) {
+        (Matched::Cgroup(matched), true, _) => match parsed {
+            Some((_, Some(cgid))) => match cgroup_inode(matched) {
+                Some(ino) if ino != cgid => foreign(format!(
+                    "it matches cgroup {ino} while its comment records cgid={cgid}"
+                )),
+                _ => JobRuleShape::Agent,
+            },
+            _ => foreign(format!(
+                "the agent's shape without its comment `{JOB_COMMENT_PREFIX}<key> cgid=<inode>`"
+            )),
+        },
+        (Matched::Uid(uid), true, _) => match parsed {
+            Some((key, None)) if key == format!("uid={uid}") => JobRuleShape::Agent,
+            _ => foreign(format!(
+                "the agent's uid shape without its comment `{JOB_COMMENT_PREFIX}uid={uid}`"
+            )),
+        },
+        (Matched::Cgroup(_), _, true) => match parsed {
+            Some((_, None)) => JobRuleShape::GoAgent,
+            _ => foreign(format!(
+                "the Go agent's shape without its comment `{JOB_COMMENT_PREFIX}<job>`"
+            )),
+        },
+        (Matched::Uid(_), _, true) => match (comment, parsed) {
+            (None, _) | (Some(_), Some(_)) => JobRuleShape::GoAgent,
+            (Some(_), None) => foreign("the Go agent's uid shape with a foreign comment".into()),
+        },
+        _ => foreign("its expressions are not those of a job rule".into()),
+    }
+}
+
+/// The rules of `monit_access_jobs` in a chain (or table) listing that are not job rules
+/// ([`judge_job_rule`]), in chain order. Pure.
+pub fn foreign_job_rules(
+    listing: &Value,
+    vcap_uid: Option<u32>,
+) -> Result<Vec<ForeignJobRule>, FirewallError> {
+    let mut out = Vec::new();
+    for obj in objects(listing)? {
+        let Some(r) = obj.get("rule") else { continue };
+        if str_field(r, "chain") != MONIT_JOBS_CHAIN {
+            continue;
+        }
+        if let JobRuleShape::Foreign(why) = judge_job_rule(r, vcap_uid) {
+            let handle =
+                r.get("handle")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| FirewallError::Parse {
+                        context: format!("rule of {MONIT_JOBS_CHAIN}"),
+                        detail: "rule without a handle".into(),
+                    })?;
+            out.push(ForeignJobRule {
+                handle,
+                comment: r.get("comment").and_then(Value::as_str).map(str::to_string),
+                why,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -455,6 +718,94 @@ mod tests {
     fn malformed_listing_is_an_error_not_a_panic() {
         assert!(
             job_rules(&json!({"nftables": [{"rule": {"chain": "monit_access_jobs"}}]})).is_err()
+        );
+    }
+
+    /// Real `nft -j list chain inet bosh_agent monit_access_jobs` output (nft 1.0.6), listed
+    /// with the cgroup tree hidden as the agent lists it (inodes) and without (paths). Rules
+    /// in order: handle 3 the agent's cgroup rule (cgid 3711), 4 the agent's uid rule (vcap
+    /// uid 1000), 5 the Go agent's cgroup rule, 6 the Go agent's uid rule, 7 `accept`,
+    /// 8 `counter accept`, 9 the Go shape on port 22, 10 the agent's shape with a counter,
+    /// 11 the agent's comment on another cgroup (the root), 12 the agent's uid shape for uid
+    /// 0, 13 the agent's uid shape jumping elsewhere, 14 the agent's shape without a comment.
+    const JOBS_INODES: &str = include_str!("../../tests/fixtures/jobs-chain-inodes.json");
+    const JOBS_PATHS: &str = include_str!("../../tests/fixtures/jobs-chain-paths.json");
+
+    fn shapes(listing: &str, vcap: Option<u32>) -> Vec<(u64, JobRuleShape)> {
+        let v: Value = serde_json::from_str(listing).unwrap();
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.get("rule"))
+            .map(|r| (r["handle"].as_u64().unwrap(), judge_job_rule(r, vcap)))
+            .collect()
+    }
+
+    #[test]
+    fn job_rules_are_judged_by_their_shape() {
+        for (what, listing) in [("inodes", JOBS_INODES), ("paths", JOBS_PATHS)] {
+            let got = shapes(listing, Some(1000));
+            assert_eq!(got.len(), 12, "{what}");
+            for (handle, shape) in &got {
+                let want = match handle {
+                    3 | 4 => Some(JobRuleShape::Agent),
+                    5 | 6 => Some(JobRuleShape::GoAgent),
+                    _ => None,
+                };
+                match want {
+                    Some(w) => assert_eq!(shape, &w, "{what}: handle {handle}"),
+                    None => assert!(
+                        matches!(shape, JobRuleShape::Foreign(_)),
+                        "{what}: handle {handle} must be foreign: {shape:?}"
+                    ),
+                }
+            }
+        }
+        let why = |h: u64| match shapes(JOBS_INODES, Some(1000))
+            .into_iter()
+            .find(|(x, _)| *x == h)
+            .unwrap()
+            .1
+        {
+            JobRuleShape::Foreign(w) => w,
+            other => panic!("handle {h}: {other:?}"),
+        };
+        assert!(why(7).contains("every process"), "{}", why(7));
+        assert!(why(8).contains("counter"), "{}", why(8));
+        assert!(why(9).contains("22"), "{}", why(9));
+        assert!(why(11).contains("cgid=3711"), "{}", why(11));
+        assert!(why(12).contains("uid 0"), "{}", why(12));
+    }
+
+    #[test]
+    fn uid_rules_pass_only_for_the_vcap_uid() {
+        let got = shapes(JOBS_INODES, Some(2000));
+        for h in [4, 6] {
+            assert!(
+                matches!(
+                    got.iter().find(|(x, _)| *x == h).unwrap().1,
+                    JobRuleShape::Foreign(_)
+                ),
+                "handle {h} with another vcap uid"
+            );
+        }
+        let got = shapes(JOBS_INODES, None);
+        assert!(matches!(got[1].1, JobRuleShape::Foreign(_)), "no vcap user");
+        // Cgroup rules do not depend on the vcap user.
+        assert_eq!(got[0].1, JobRuleShape::Agent);
+        assert_eq!(got[2].1, JobRuleShape::GoAgent);
+    }
+
+    #[test]
+    fn foreign_rules_are_listed_with_handles() {
+        let v: Value = serde_json::from_str(JOBS_INODES).unwrap();
+        let f = foreign_job_rules(&v, Some(1000)).unwrap();
+        let handles: Vec<u64> = f.iter().map(|r| r.handle).collect();
+        assert_eq!(handles, vec![7, 8, 9, 10, 11, 12, 13, 14]);
+        assert_eq!(
+            f[3].comment.as_deref(),
+            Some("bosh-monit-access:system.slice/web cgid=3711")
         );
     }
 }

@@ -58,6 +58,12 @@ pub struct RuntimeState {
     pub repairs: u64,
     /// How many stale job rules were pruned since the agent started.
     pub pruned: u64,
+    /// How many rules that are not job rules were removed from `monit_access_jobs` since the
+    /// agent started (each removal pass also counts as one of `repairs`).
+    pub foreign_removed: u64,
+    /// Rules that are not job rules, found in `monit_access_jobs` at the last reconcile and
+    /// still there because their removal failed (empty once they are gone).
+    pub foreign_job_rules: Vec<super::readback::ForeignJobRule>,
     /// Last firewall error, if the last attempt failed.
     pub last_error: Option<String>,
     /// The message bus's counters: attempts, hook failures, last errors.
