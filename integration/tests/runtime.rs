@@ -609,6 +609,11 @@ fn drain_script_that_polls_then_finishes() {
     spec["packages"] =
         json!({"ruby": {"name": "ruby", "version": "1", "sha1": "s1", "blobstore_id": "b1"}});
     w.apply(&spec);
+    // The drain protocol compares the applied spec's hash with the new one. A spec with a
+    // hash makes `apply` install from a blobstore (deploy.rs tests that); here the persisted
+    // spec gets the hash a full apply would have recorded.
+    spec["configuration_hash"] = json!("hash-1");
+    std::fs::write(w.base().join("bosh/spec.json"), spec.to_string()).unwrap();
     let calls = w.sb.dir().join("drain.calls");
     w.job_script(
         "poller",
