@@ -670,8 +670,15 @@ fn nats_err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The get_state burst after the ping runs.
+const GET_STATE_BURST: usize = 12_000;
+
 fn ping_body(reply_to: &str) -> Vec<u8> {
-    json!({"method": "ping", "arguments": [], "reply_to": reply_to, "protocol": 3})
+    request_body("ping", reply_to)
+}
+
+fn request_body(method: &str, reply_to: &str) -> Vec<u8> {
+    json!({"method": method, "arguments": [], "reply_to": reply_to, "protocol": 3})
         .to_string()
         .into_bytes()
 }
@@ -832,7 +839,20 @@ impl Client {
     /// `total` pings to `target` with `concurrency` in flight (a new one sent as each reply
     /// arrives); stops early if no reply arrives for [`REPLY_LIMIT`].
     fn burst(&self, target: &str, concurrency: usize, total: usize) -> Res<Series> {
+        self.burst_of(target, "ping", concurrency, total)
+    }
+
+    /// [`Self::burst`] of any method without arguments; a reply counts when it is the
+    /// method's value (`"pong"` for ping, any `value` otherwise).
+    fn burst_of(
+        &self,
+        target: &str,
+        method: &str,
+        concurrency: usize,
+        total: usize,
+    ) -> Res<Series> {
         let target = target.to_string();
+        let method = method.to_string();
         let client = self.client.clone();
         self.ns
             .run(Duration::from_secs(600), move || async move {
@@ -843,7 +863,7 @@ impl Client {
                     .map_err(nats_err)?;
                 client.flush().await.map_err(nats_err)?;
                 let bodies: Vec<Vec<u8>> = (0..total)
-                    .map(|i| ping_body(&format!("{prefix}.{i}")))
+                    .map(|i| request_body(&method, &format!("{prefix}.{i}")))
                     .collect();
                 let mut sent: Vec<Option<Instant>> = vec![None; total];
                 let (mut lat_us, mut bad, mut next, mut done) =
@@ -870,7 +890,13 @@ impl Client {
                                 continue;
                             };
                             lat_us.push(t0.elapsed().as_secs_f64() * 1e6);
-                            if !is_pong(&m.payload) {
+                            let good = if method == "ping" {
+                                is_pong(&m.payload)
+                            } else {
+                                serde_json::from_slice::<Value>(&m.payload)
+                                    .is_ok_and(|v| v.get("value").is_some())
+                            };
+                            if !good {
                                 bad += 1;
                             }
                             done += 1;
@@ -1275,6 +1301,18 @@ fn single_server_sections(pki: &Pki, k: &Knobs) -> Res<()> {
         bursts.push((c, a, e));
     }
     let mem_load = mem(pid)?;
+    // Then a burst of get_state, which reads the spec and monit's status for every request:
+    // what the agent holds on to afterwards is what a flood of heavier requests leaves
+    // behind. monit starts only now (with the monit.user the agent wrote at boot), so the
+    // figures above have no monit in them, as before.
+    eprintln!("bench-runtime: {GET_STATE_BURST} get_state, 16 in flight");
+    let mut monit = integration::monit::Monit::prepare(&sb).map_err(|e| e.to_string())?;
+    monit.start().map_err(|e| e.to_string())?;
+    let gs = director.burst_of(agent_subject, "get_state", 16, GET_STATE_BURST)?;
+    bad += gs.bad;
+    std::thread::sleep(Duration::from_secs(2));
+    let mem_gs = mem(pid)?;
+    monit.stop();
     agent
         .stop()
         .map_err(|e| format!("stopping the agent: {e}"))?;
@@ -1323,6 +1361,13 @@ fn single_server_sections(pki: &Pki, k: &Knobs) -> Res<()> {
         "| VmRSS / VmHWM after the ping runs below | {} / {} | — | — |",
         mb(mem_load.rss_kb),
         mb(mem_load.hwm_kb)
+    );
+    println!(
+        "| VmRSS / VmHWM 2 s after {GET_STATE_BURST} get_state, 16 in flight ({:.0}/s, {} lost) | {} / {} | — | — |",
+        gs.lat_us.len() as f64 / gs.elapsed.as_secs_f64(),
+        gs.lost,
+        mb(mem_gs.rss_kb),
+        mb(mem_gs.hwm_kb)
     );
 
     println!(
