@@ -424,6 +424,16 @@ impl Dav {
     /// A client from the `dav` options: `endpoint` (required), `user`, `password`,
     /// `tls.cert.ca` (PEM), `retry_attempts` (default 3).
     pub fn from_options(options: &Map<String, Value>) -> Result<Dav, ProviderError> {
+        Self::from_options_with_timeouts(options, CONNECT_TIMEOUT, IO_TIMEOUT)
+    }
+
+    /// [`Dav::from_options`] with other timeouts: `connect` for the TCP and TLS set-up, `io`
+    /// for any wait for the next byte (the agent uses 30 s and 60 s).
+    pub fn from_options_with_timeouts(
+        options: &Map<String, Value>,
+        connect: Duration,
+        io: Duration,
+    ) -> Result<Dav, ProviderError> {
         let endpoint = opt_string(options, "endpoint")?
             .filter(|e| !e.is_empty())
             .ok_or_else(|| ProviderError::Settings("dav provider needs options.endpoint".into()))?;
@@ -469,10 +479,10 @@ impl Dav {
             .http_status_as_error(false)
             // A redirect would carry the credentials elsewhere; the director never sends one.
             .max_redirects(0)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(IO_TIMEOUT))
-            .timeout_per_write(Some(IO_TIMEOUT))
-            .timeout_recv_response(Some(IO_TIMEOUT))
+            .timeout_connect(Some(connect))
+            .timeout_per_read(Some(io))
+            .timeout_per_write(Some(io))
+            .timeout_recv_response(Some(io))
             .build()
             .into();
         let authorization = user.map(|u| {
@@ -1064,6 +1074,43 @@ mod tests {
         };
         assert_eq!(url, &format!("http://127.0.0.1:{port}/a9/abc"));
         assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn a_blobstore_that_never_answers_times_out_naming_the_url() {
+        // Accepts the connection, reads the request, says nothing.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                if let Ok((s, _)) = listener.accept() {
+                    held.push(s);
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        });
+        let mut o = Map::new();
+        o.insert("endpoint".into(), json!(format!("http://agent:pw@{addr}")));
+        o.insert("retry_attempts".into(), json!(2));
+        let dav =
+            Dav::from_options_with_timeouts(&o, Duration::from_secs(1), Duration::from_millis(300))
+                .unwrap();
+        let t0 = std::time::Instant::now();
+        let e = dav.get("abc").err().unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "bounded: {:?}",
+            t0.elapsed()
+        );
+        let ProviderError::Transport { url, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(url, &format!("http://{addr}/a9/abc"));
+        let text = e.to_string().to_lowercase();
+        assert!(text.contains("time"), "the error says it timed out: {text}");
+        assert!(!text.contains("pw"), "{text}");
+        server.join().unwrap();
     }
 
     #[test]
