@@ -1006,6 +1006,18 @@ mod tests {
                     }
                     head.push_str(&line);
                 }
+                // The body is read before answering: closing with unread bytes would make the
+                // kernel reset the connection under the client's upload.
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                let mut body_in = vec![0u8; length];
+                r.read_exact(&mut body_in).unwrap();
                 seen.push(head);
                 let mut w = stream;
                 write!(
