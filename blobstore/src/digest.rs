@@ -109,10 +109,11 @@ impl fmt::Display for Digest {
     }
 }
 
-/// A parsed digest string (one or more pieces, at most one per algorithm).
+/// A parsed digest string (one or more pieces, at most one per algorithm). Only
+/// [`MultiDigest::parse`] and [`MultiDigest::single`] make one, so it is never empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MultiDigest {
-    pub pieces: Vec<Digest>,
+    pieces: Vec<Digest>,
 }
 
 /// Why a digest string cannot be used, or a blob does not match it. Each variant names the
@@ -187,10 +188,13 @@ impl MultiDigest {
         }
     }
 
-    /// The piece verification uses (sha512 > sha256 > sha1).
-    ///
-    /// # Panics
-    /// Only on a value built by hand with no piece ([`MultiDigest::parse`] never returns one).
+    /// The pieces, in the order the string gave them.
+    pub fn pieces(&self) -> &[Digest] {
+        &self.pieces
+    }
+
+    /// The piece verification uses (sha512 > sha256 > sha1). Never panics: the constructors
+    /// refuse an empty digest, and the field is private.
     #[allow(clippy::expect_used)]
     pub fn strongest(&self) -> &Digest {
         self.pieces
