@@ -190,16 +190,9 @@ pub async fn configure_jobs(ctx: &Arc<Context>) -> Result<(), String> {
         return Ok(());
     }
     ctx.jobs.set_expected_jobs(typed.jobs().len());
-    let base = ctx.base_dir.clone();
-    // Configuring copies files only: no blob is fetched, so no provider is needed.
-    let blobs = Blobs::new(
-        Provider::Local {
-            dir: base.join("data").join("blobs"),
-        },
-        base.join("data"),
-    );
+    let layout = jobs::Layout::new(ctx.base_dir.clone());
     blocking(move || {
-        Applier::new(blobs, base)
+        layout
             .configure_monit(&typed)
             .map(|_| ())
             .map_err(|e| format!("Configuring jobs: {e}"))

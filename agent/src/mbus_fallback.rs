@@ -49,6 +49,8 @@ pub struct Candidates {
     inner: Mutex<State>,
     last_connected: PathBuf,
     settings: Value,
+    /// Wakes [`supervise`] when [`Candidates::prefer`] changes the list.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,7 @@ impl Candidates {
             }),
             last_connected: last_connected_path(base),
             settings: settings.clone(),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -96,6 +99,17 @@ impl Candidates {
         }
         s.list = list;
         s.active = 0;
+        drop(s);
+        self.changed.notify_one();
+    }
+
+    /// Whether the candidate in use is recorded already (or has nothing to record).
+    fn settled(&self) -> bool {
+        let s = self.lock();
+        match s.list.get(s.active).and_then(|c| c.doc.as_ref()) {
+            Some(doc) => s.recorded.as_ref() == Some(doc),
+            None => true,
+        }
     }
 
     /// Records the active candidate as the last that connected (when it came from an update
@@ -146,12 +160,11 @@ pub fn candidate(
 /// candidate when the bus stays unconnected for `after`. Runs until the bus stops.
 pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
     let stats = bus.stats();
+    let mut state_rx = bus.watch_state();
     let mut switches = stats.switches();
     let mut was_connected = false;
     let mut since = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        tick.tick().await;
         let state = bus.state();
         if state == ConnectionState::Stopped {
             return;
@@ -166,6 +179,15 @@ pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
         was_connected = connected;
         if connected {
             since = Instant::now();
+            if candidates.settled() {
+                // Connected on a recorded configuration: nothing to watch until the state
+                // or the candidates change, so an idle agent spends no wake-ups here.
+                tokio::select! {
+                    r = state_rx.changed() => if r.is_err() { return },
+                    () = candidates.changed.notified() => {}
+                }
+                continue;
+            }
         } else if since.elapsed() >= after {
             since = Instant::now();
             if let Some(next) = candidates.rotate() {
@@ -179,5 +201,8 @@ pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
                 }
             }
         }
+        // Not connected, or a switch to an unrecorded configuration in progress (a switch
+        // to the same server with a new certificate changes no state): look again shortly.
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -87,6 +87,21 @@ pub enum Source {
     Provider,
 }
 
+/// Maps an I/O error of step `what` on `path` for blob `id`.
+fn io_error(
+    id: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> BlobError + use<> {
+    let (id, path) = (id.to_string(), path.to_path_buf());
+    move |source| BlobError::Io {
+        id,
+        what,
+        path,
+        source,
+    }
+}
+
 /// The agent's view of blobs: `<data>/sensitive_blobs/<id>`, then `<data>/blobs/<id>`, then
 /// the provider.
 #[derive(Debug, Clone)]
@@ -149,15 +164,6 @@ impl Blobs {
         dest: &Path,
         select: &Select,
     ) -> Result<(), BlobError> {
-        let io_err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BlobError::Io {
-                id: id.to_string(),
-                what,
-                path,
-                source,
-            }
-        };
         if fs::symlink_metadata(dest).is_ok() {
             return Err(BlobError::Exists {
                 id: id.to_string(),
@@ -181,11 +187,11 @@ impl Blobs {
             parent
         };
         let (reader, source) = self.open(id)?;
-        fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        fs::create_dir_all(parent).map_err(io_error(id, "creating", parent))?;
         let mut tmp_name = name.to_os_string();
         tmp_name.push(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         let tmp = parent.join(tmp_name);
-        fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
+        fs::create_dir(&tmp).map_err(io_error(id, "creating", &tmp))?;
         let result = (|| {
             let mut hashing = HashingReader::new(reader, digest.algorithm());
             let stats = archive::unpack(&mut hashing, &tmp, select).map_err(|source| {
@@ -202,7 +208,7 @@ impl Blobs {
                 id: id.to_string(),
                 source,
             })?;
-            fs::rename(&tmp, dest).map_err(io_err("renaming into place", dest))?;
+            fs::rename(&tmp, dest).map_err(io_error(id, "renaming into place", dest))?;
             tracing::debug!(id, ?source, size, entries = stats.entries, dest = %dest.display(), "blob unpacked");
             Ok(())
         })();
@@ -216,15 +222,6 @@ impl Blobs {
 
     /// Fetches blob `id` into the file `dest` (created), verified; on error `dest` is absent.
     pub fn download(&self, id: &str, digest: &MultiDigest, dest: &Path) -> Result<(), BlobError> {
-        let io_err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| BlobError::Io {
-                id: id.to_string(),
-                what,
-                path,
-                source,
-            }
-        };
         let (reader, _) = self.open(id)?;
         let mut out = OpenOptions::new()
             .write(true)
@@ -254,13 +251,15 @@ impl Blobs {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(io_err("reading", Path::new(id))(e)),
+                    Err(e) => return Err(io_error(id, "reading", Path::new(id))(e)),
                 };
                 out.write_all(buf.get(..n).unwrap_or_default())
-                    .map_err(io_err("writing", dest))?;
+                    .map_err(io_error(id, "writing", dest))?;
             }
-            out.sync_all().map_err(io_err("writing", dest))?;
-            let (actual, _) = hashing.finish().map_err(io_err("reading", Path::new(id)))?;
+            out.sync_all().map_err(io_error(id, "writing", dest))?;
+            let (actual, _) = hashing
+                .finish()
+                .map_err(io_error(id, "reading", Path::new(id)))?;
             digest.verify(&actual).map_err(|source| BlobError::Digest {
                 id: id.to_string(),
                 source,

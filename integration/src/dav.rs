@@ -254,6 +254,14 @@ http {{
         &self.ca_pem
     }
 
+    /// The agent's blobstore settings for this server, as a director gives them
+    /// (`env.bosh.blobstores[0]`): provider `dav`, the endpoint, the agent's user, the CA.
+    pub fn agent_blobstore(&self) -> serde_json::Value {
+        serde_json::json!({"provider": "dav", "options": {
+            "endpoint": self.url(), "user": WRITE_USER, "password": self.write_password,
+            "tls": {"cert": {"ca": self.ca_pem}}}})
+    }
+
     /// A user allowed GET only.
     pub fn read_user(&self) -> (&str, &str) {
         (READ_USER, &self.read_password)

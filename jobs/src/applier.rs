@@ -157,6 +157,55 @@ impl Layout {
     pub fn compile_dir(&self) -> PathBuf {
         self.data().join("compile")
     }
+
+    /// `start`'s configuration step: for each job (index `i` counted from the last job, as
+    /// upstream), copies `<job install>/monit` to `<base>/monit/job/%04d_<job>.monitrc` and
+    /// each `<job install>/<label>.monit` to `%04d_<job>_<label>.monitrc` (files 0644).
+    /// Only regular files are copied (a symlink in a job archive is never followed). Returns
+    /// the files written, in order. No blob is fetched, so no blobstore is needed.
+    pub fn configure_monit(&self, spec: &ApplySpec) -> Result<Vec<PathBuf>, ApplyError> {
+        let jobs = spec.jobs();
+        let dir = self.monit_job_dir();
+        std::fs::create_dir_all(&dir).map_err(io_err("Creating", &dir))?;
+        let mut written = Vec::new();
+        for (i, job) in jobs.iter().rev().enumerate() {
+            let install = self.job_install(job);
+            if !install.is_dir() {
+                return Err(ApplyError::NotInstalled {
+                    name: job.name.clone(),
+                    path: install,
+                });
+            }
+            let mut sources = Vec::new();
+            let monit = install.join("monit");
+            if is_regular_file(&monit) {
+                sources.push((monit, format!("{i:04}_{}.monitrc", job.name)));
+            }
+            let mut extra = Vec::new();
+            for entry in std::fs::read_dir(&install).map_err(io_err("Reading", &install))? {
+                let entry = entry.map_err(io_err("Reading", &install))?;
+                let file_name = entry.file_name();
+                let Some(file_name) = file_name.to_str() else {
+                    continue;
+                };
+                if file_name.ends_with(".monit") && is_regular_file(&entry.path()) {
+                    let label = file_name.replacen(".monit", "", 1);
+                    extra.push((entry.path(), format!("{i:04}_{}_{label}.monitrc", job.name)));
+                }
+            }
+            // Go's Glob returns names sorted.
+            extra.sort();
+            sources.extend(extra);
+            for (from, name) in sources {
+                let to = dir.join(name);
+                std::fs::copy(&from, &to).map_err(io_err("Copying monit file to", &to))?;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))
+                    .map_err(io_err("Setting mode of", &to))?;
+                written.push(to);
+            }
+        }
+        Ok(written)
+    }
 }
 
 /// sha1 hex of `version + "-" + digest`: upstream's bundle directory name.
@@ -263,53 +312,9 @@ impl Applier {
         Ok(true)
     }
 
-    /// `start`'s configuration step: for each job (index `i` counted from the last job, as
-    /// upstream), copies `<job install>/monit` to `<base>/monit/job/%04d_<job>.monitrc` and
-    /// each `<job install>/<label>.monit` to `%04d_<job>_<label>.monitrc` (files 0644).
-    /// Only regular files are copied (a symlink in a job archive is never followed). Returns
-    /// the files written, in order.
+    /// [`Layout::configure_monit`].
     pub fn configure_monit(&self, spec: &ApplySpec) -> Result<Vec<PathBuf>, ApplyError> {
-        let jobs = spec.jobs();
-        let dir = self.layout.monit_job_dir();
-        std::fs::create_dir_all(&dir).map_err(io_err("Creating", &dir))?;
-        let mut written = Vec::new();
-        for (i, job) in jobs.iter().rev().enumerate() {
-            let install = self.layout.job_install(job);
-            if !install.is_dir() {
-                return Err(ApplyError::NotInstalled {
-                    name: job.name.clone(),
-                    path: install,
-                });
-            }
-            let mut sources = Vec::new();
-            let monit = install.join("monit");
-            if is_regular_file(&monit) {
-                sources.push((monit, format!("{i:04}_{}.monitrc", job.name)));
-            }
-            let mut extra = Vec::new();
-            for entry in std::fs::read_dir(&install).map_err(io_err("Reading", &install))? {
-                let entry = entry.map_err(io_err("Reading", &install))?;
-                let file_name = entry.file_name();
-                let Some(file_name) = file_name.to_str() else {
-                    continue;
-                };
-                if file_name.ends_with(".monit") && is_regular_file(&entry.path()) {
-                    let label = file_name.replacen(".monit", "", 1);
-                    extra.push((entry.path(), format!("{i:04}_{}_{label}.monitrc", job.name)));
-                }
-            }
-            // Go's Glob returns names sorted.
-            extra.sort();
-            sources.extend(extra);
-            for (from, name) in sources {
-                let to = dir.join(name);
-                std::fs::copy(&from, &to).map_err(io_err("Copying monit file to", &to))?;
-                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))
-                    .map_err(io_err("Setting mode of", &to))?;
-                written.push(to);
-            }
-        }
-        Ok(written)
+        self.layout.configure_monit(spec)
     }
 
     /// Disables and uninstalls every installed package not in `desired` (old versions of

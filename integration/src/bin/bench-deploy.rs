@@ -497,10 +497,7 @@ impl World {
         )
         .map_err(|e| e.to_string())?;
         let mut s = settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent"));
-        let (user, password) = dav.write_user();
-        s["env"]["bosh"]["blobstores"] = json!([{"provider": "dav", "options": {
-            "endpoint": dav.url(), "user": user, "password": password,
-            "tls": {"cert": {"ca": dav.ca_pem()}}}}]);
+        s["env"]["bosh"]["blobstores"] = json!([dav.agent_blobstore()]);
         s["networks"] = json!({"default": {"type": "manual", "ip": "10.0.0.9",
             "netmask": "255.255.255.0", "default": ["dns", "gateway"]}});
         let exec = agent_exec_with(&sb, &agent_cg, &s, true, &json!({}));
