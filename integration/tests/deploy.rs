@@ -659,10 +659,11 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 #[test]
-fn start_with_jobs_that_monit_does_not_run_is_never_reported_running() {
+fn a_deployed_job_that_monit_cannot_start_is_not_reported_running() {
     let w = world("deploy-no-services");
-    // The sample job is the only vcap service; stop it, then apply a release whose job
-    // monit cannot start: job_state must not say running.
+    // A release whose job's start program fails: after start, job_state must not say
+    // running. (The rule for a spec with jobs and no vcap service at all is tested against
+    // real monit in the jobs crate.)
     let hello = compile(&w, "1.0", sha1);
     let base = w.base();
     let broken = tgz(
