@@ -8,4 +8,5 @@ pub mod datadir;
 pub mod files;
 pub mod firewall;
 pub mod mountinfo;
+pub mod settings_source;
 pub mod vitals;
