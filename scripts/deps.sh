@@ -19,6 +19,11 @@ have make || need+=(make)
 have openssl || need+=(openssl)
 # curl is the deploy benchmark's measure of the limit (curl | tar) and of upstream's pipeline.
 have curl || need+=(curl)
+# The settings source tests: filesystem images (mke2fs -d) on loop devices, and eject (the
+# CD-ROM source ejects the disc after reading it, as upstream).
+have mke2fs || need+=(e2fsprogs)
+have losetup || need+=(mount)
+have eject || need+=(eject)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

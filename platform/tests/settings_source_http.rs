@@ -76,7 +76,14 @@ fn imdsv2_token_is_asked_for_with_its_ttl_and_sent_on_every_get() {
         let sources = vec![SourceOptions::Http(options.clone())];
         let loaded = settings_source::load(&sources, &c).unwrap();
         assert_eq!(loaded.settings["agent_id"], "agent-1");
-        assert!(matches!(loaded.origin, Origin::Source { index: 0, kind: "HTTP", .. }));
+        assert!(matches!(
+            loaded.origin,
+            Origin::Source {
+                index: 0,
+                kind: "HTTP",
+                ..
+            }
+        ));
         assert_eq!(
             settings_source::read_cache(&c.cache).unwrap(),
             loaded.settings
@@ -85,7 +92,9 @@ fn imdsv2_token_is_asked_for_with_its_ttl_and_sent_on_every_get() {
         let src = HttpSource::new(&options, &c).unwrap();
         assert_eq!(src.instance_id().unwrap().as_deref(), Some("i-0123"));
         assert_eq!(
-            settings_source::public_ssh_key(&sources, &c).unwrap().as_deref(),
+            settings_source::public_ssh_key(&sources, &c)
+                .unwrap()
+                .as_deref(),
             Some("ssh-ed25519 AAAA vcap")
         );
 
@@ -107,7 +116,10 @@ fn imdsv2_token_is_asked_for_with_its_ttl_and_sent_on_every_get() {
         );
         for s in &seen {
             if s.method == "PUT" {
-                assert_eq!(s.header("X-aws-ec2-metadata-token-ttl-seconds"), Some("300"));
+                assert_eq!(
+                    s.header("X-aws-ec2-metadata-token-ttl-seconds"),
+                    Some("300")
+                );
                 // Upstream sends the configured headers with the GETs only.
                 assert_eq!(s.header("X-Custom"), None);
                 assert_eq!(s.header("X-aws-ec2-metadata-token"), None);
@@ -154,7 +166,10 @@ fn without_a_token_path_or_when_the_token_is_refused_the_gets_go_without_one() {
             ]
         );
         // No key on the service: none, as upstream.
-        assert_eq!(HttpSource::new(&o, &c).unwrap().public_ssh_key().unwrap(), None);
+        assert_eq!(
+            HttpSource::new(&o, &c).unwrap().public_ssh_key().unwrap(),
+            None
+        );
     });
 }
 
@@ -210,7 +225,10 @@ fn a_service_that_recovers_is_used_on_the_try_that_works() {
         });
         let mut o = aws();
         o.token_path.clear();
-        let v = HttpSource::new(&o, &ctx(&base, 10)).unwrap().settings().unwrap();
+        let v = HttpSource::new(&o, &ctx(&base, 10))
+            .unwrap()
+            .settings()
+            .unwrap();
         assert_eq!(v["agent_id"], "agent-1");
         assert_eq!(server.seen().len(), 3);
     });
@@ -225,7 +243,9 @@ fn bad_answers_fail_at_once_with_the_url_and_the_next_source_is_used() {
     ns.run(move || {
         let server = MetadataServer::start(|s| match s.path.as_str() {
             "/malformed" => ok(r#"{"agent_id":"x","password":"pw-s3cret""#),
-            "/registry" => ok(r#"{"registry":{"endpoint":"http://r:25777"},"server":{"name":"vm-1"}}"#),
+            "/registry" => {
+                ok(r#"{"registry":{"endpoint":"http://r:25777"},"server":{"name":"vm-1"}}"#)
+            }
             "/base64" => ok("\"eyJhZ2VudF9pZCI6ImI2NCJ9\""),
             _ => Answer::Reply(404, vec![]),
         });
@@ -259,9 +279,18 @@ fn bad_answers_fail_at_once_with_the_url_and_the_next_source_is_used() {
             panic!("{:?}", loaded.origin)
         };
         let m = earlier_failures.to_string();
-        assert!(m.contains("http://169.254.169.254/malformed: user data is neither JSON nor base64"), "{m}");
-        assert!(m.contains("http://169.254.169.254/registry: metadata does not provide settings"), "{m}");
-        assert!(m.contains("GET http://169.254.169.254/missing: HTTP status 404"), "{m}");
+        assert!(
+            m.contains("http://169.254.169.254/malformed: user data is neither JSON nor base64"),
+            "{m}"
+        );
+        assert!(
+            m.contains("http://169.254.169.254/registry: metadata does not provide settings"),
+            "{m}"
+        );
+        assert!(
+            m.contains("GET http://169.254.169.254/missing: HTTP status 404"),
+            "{m}"
+        );
         assert!(!m.contains("s3cret"), "{m}");
         // Final answers are not retried: one request each.
         assert_eq!(server.seen().len(), 3);
@@ -295,11 +324,17 @@ fn a_hanging_service_times_out_and_the_next_source_is_used() {
         ];
         let loaded = settings_source::load(&sources, &c).unwrap();
         assert_eq!(loaded.settings["agent_id"], "from-file");
-        let Origin::Source { earlier_failures, .. } = &loaded.origin else {
+        let Origin::Source {
+            earlier_failures, ..
+        } = &loaded.origin
+        else {
             panic!()
         };
         let m = earlier_failures.to_string();
-        assert!(m.contains("GET http://169.254.169.254/latest/user-data: timed out"), "{m}");
+        assert!(
+            m.contains("GET http://169.254.169.254/latest/user-data: timed out"),
+            "{m}"
+        );
         assert!(m.contains("gave up after 2 attempts"), "{m}");
         assert_eq!(server.seen().len(), 2);
     });
@@ -314,9 +349,15 @@ fn nothing_listening_is_a_connection_error_retried_then_reported() {
     ns.run(move || {
         let mut o = aws();
         o.token_path.clear();
-        let e = HttpSource::new(&o, &ctx(&base, 3)).unwrap().settings().unwrap_err();
+        let e = HttpSource::new(&o, &ctx(&base, 3))
+            .unwrap()
+            .settings()
+            .unwrap_err();
         let m = e.to_string();
-        assert!(m.starts_with("GET http://169.254.169.254/latest/user-data: "), "{m}");
+        assert!(
+            m.starts_with("GET http://169.254.169.254/latest/user-data: "),
+            "{m}"
+        );
         assert!(m.ends_with("(gave up after 3 attempts)"), "{m}");
     });
 }
@@ -359,11 +400,19 @@ fn instance_metadata_sends_its_headers_and_reads_one_value() {
         assert_eq!(seen[0].path, path);
         assert_eq!(seen[0].header("Metadata-Flavor"), Some("Google"));
 
-        let e = settings_source::fetch(&gcp(path, false), &c).unwrap_err().to_string();
-        assert!(e.contains(&format!("GET http://{METADATA_IP}{path}: HTTP status 403")), "{e}");
-        let e = settings_source::fetch(&gcp("/computeMetadata/v1/instance/attributes/broken", true), &c)
+        let e = settings_source::fetch(&gcp(path, false), &c)
             .unwrap_err()
             .to_string();
+        assert!(
+            e.contains(&format!("GET http://{METADATA_IP}{path}: HTTP status 403")),
+            "{e}"
+        );
+        let e = settings_source::fetch(
+            &gcp("/computeMetadata/v1/instance/attributes/broken", true),
+            &c,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("/broken: invalid JSON"), "{e}");
         // 403 and bad JSON are final: one request each.
         assert_eq!(server.seen().len(), 3);
