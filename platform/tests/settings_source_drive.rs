@@ -278,3 +278,45 @@ fn a_missing_cdrom_is_waited_for_a_bounded_number_of_tries() {
     assert!(e.contains("sr9: not readable"), "{e}");
     assert!(e.contains("gave up after 2 attempts"), "{e}");
 }
+
+#[test]
+fn a_drive_an_earlier_agent_left_mounted_is_unmounted_at_the_next_load() {
+    require(&["losetup", "mke2fs", "mount"]);
+    let dir = TempDir::new();
+    let image = ext2_image(dir.path(), "CONFIG-2", &drive_files());
+    let lo = LoopDevice::attach(&image);
+    let dev = lo.device.clone();
+    let d = dir.path().to_path_buf();
+    in_private_mount_namespace(move || {
+        let c = context(&d);
+        // What a kill between mount and unmount leaves.
+        let left = c.scratch_dir.join(".settings-source-1-dead");
+        std::fs::create_dir_all(&left).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(&dev)
+            .arg(&left)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // Someone else's mount in the same directory is left alone.
+        let other = c.scratch_dir.join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &other,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        assert_eq!(mounts_under(&c.scratch_dir).len(), 2);
+
+        platform::files::write_private(&c.cache, br#"{"agent_id":"cached"}"#).unwrap();
+        let l = settings_source::load(&[], &c).unwrap();
+        assert_eq!(l.settings["agent_id"], "cached");
+        assert_eq!(mounts_under(&c.scratch_dir), [other.display().to_string()]);
+        assert!(!left.exists());
+        nix::mount::umount(&other).unwrap();
+    });
+}

@@ -33,7 +33,7 @@ mod retry;
 mod user_data;
 
 pub use error::{Failures, FetchError, KeyError, LoadError, SourceError};
-pub use mount::MOUNT_OPTIONS;
+pub use mount::{MOUNT_OPTIONS, remove_stale_mounts};
 pub use options::{
     CdromOptions, ConfigDriveOptions, FileOptions, HttpOptions, InstanceMetadataOptions,
     SourceOptions, VsphereGuestInfoOptions,
@@ -52,7 +52,8 @@ pub struct Context {
     pub http_retry: RetryPolicy,
     /// Bound of one TCP connect.
     pub http_connect_timeout: Duration,
-    /// Bound of one whole request, body included.
+    /// Bound of one whole request, body included (so a source takes at most
+    /// `http_retry.max_elapsed` plus this).
     pub http_timeout: Duration,
     /// The CD-ROM of the `CDROM` source (`/dev/sr0`, as upstream).
     pub cdrom_device: PathBuf,
@@ -119,8 +120,10 @@ pub fn fetch(source: &SourceOptions, ctx: &Context) -> Result<Value, FetchError>
 
 /// Upstream's `LoadSettings`: the first source that gives settings wins and is written to
 /// [`Context::cache`] (a failed write is logged; the settings are still returned); when all
-/// fail, the cache is read. Errors list every source's failure and the cache's.
+/// fail, the cache is read. Errors list every source's failure and the cache's. Mounts an
+/// earlier agent left in [`Context::scratch_dir`] are removed first.
 pub fn load(sources: &[SourceOptions], ctx: &Context) -> Result<Loaded, LoadError> {
+    remove_stale_mounts(&ctx.scratch_dir);
     let mut failures = Vec::new();
     for (index, source) in sources.iter().enumerate() {
         let kind = source.kind();

@@ -15,6 +15,55 @@ use super::error::FetchError;
 /// Mount options: nothing on the drive can run, be a device, or be written.
 pub const MOUNT_OPTIONS: &str = "ro,nosuid,nodev,noexec";
 
+/// The name of every private mount directory starts with this.
+const MOUNT_DIR_PREFIX: &str = ".settings-source-";
+
+/// Unmounts (detaching) and removes the mount directories in `parent` that an agent killed
+/// while reading a drive left behind, so that a drive holding settings does not stay mounted
+/// across agent restarts. Returns how many were removed.
+pub fn remove_stale_mounts(parent: &Path) -> usize {
+    // The calling thread's view: a thread may have a mount namespace of its own.
+    let Ok(text) = fs::read_to_string("/proc/thread-self/mountinfo") else {
+        return 0;
+    };
+    let mut n = 0;
+    for point in stale_mount_points(&text, parent) {
+        match umount2(&point, MntFlags::MNT_DETACH) {
+            Ok(()) => {
+                let _ = fs::remove_dir(&point);
+                tracing::warn!(dir = %point.display(), "unmounted a drive an earlier agent left mounted");
+                n += 1;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %point.display(), error = %e, "cannot unmount a stale settings mount")
+            }
+        }
+    }
+    n
+}
+
+/// The mount points of `mountinfo` that are private mount directories directly in `parent`.
+fn stale_mount_points(mountinfo: &str, parent: &Path) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|f| {
+            PathBuf::from(std::ffi::OsStr::from_bytes(
+                &crate::mountinfo::unescape_field(f),
+            ))
+        })
+        .filter(|p| {
+            p.parent() == Some(parent)
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(MOUNT_DIR_PREFIX))
+        })
+        .collect();
+    points.dedup();
+    points
+}
+
 /// A mounted drive; unmounted on [`ReadOnlyMount::unmount`] or drop.
 #[derive(Debug)]
 pub(crate) struct ReadOnlyMount {
@@ -23,10 +72,10 @@ pub(crate) struct ReadOnlyMount {
 }
 
 impl ReadOnlyMount {
-    /// Mounts `device` on a new directory (mode 0700) in `parent`.
+    /// Mounts `device` on a new directory (mode 0700) in `parent` (made, 0700, if missing).
     pub(crate) fn new(device: &Path, parent: &Path) -> Result<Self, FetchError> {
         let dir = parent.join(format!(
-            ".settings-source-{}-{:x}",
+            "{MOUNT_DIR_PREFIX}{}-{:x}",
             std::process::id(),
             super::nonce()
         ));
@@ -35,6 +84,11 @@ impl ReadOnlyMount {
             dir: dir.clone(),
             detail,
         };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| fail(format!("creating {}: {e}", parent.display())))?;
         fs::DirBuilder::new()
             .recursive(false)
             .mode(0o700)
@@ -124,6 +178,25 @@ pub(crate) fn inside(root: &Path, relative: &str) -> Result<PathBuf, FetchError>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn stale_mount_points_are_ours_directly_in_the_parent() {
+        let info = "\
+22 1 8:1 / / rw - ext4 /dev/vda1 rw
+40 22 7:0 / /var/vcap/bosh/.settings-source-12-ab ro - ext2 /dev/loop0 ro
+41 22 7:1 / /var/vcap/bosh/.settings-source-12-ab ro - ext2 /dev/loop0 ro
+42 22 7:1 / /var/vcap/bosh/x/.settings-source-1-c ro - ext2 /dev/loop1 ro
+43 22 7:2 / /var/vcap/bosh/settings ro - tmpfs tmpfs rw
+44 22 7:3 / /var/vcap/bosh/.settings-source-9\\0409 ro - ext2 /dev/loop2 ro
+";
+        assert_eq!(
+            stale_mount_points(info, Path::new("/var/vcap/bosh")),
+            [
+                PathBuf::from("/var/vcap/bosh/.settings-source-12-ab"),
+                PathBuf::from("/var/vcap/bosh/.settings-source-9 9"),
+            ]
+        );
+    }
 
     #[test]
     fn paths_stay_inside_the_drive() {

@@ -81,7 +81,7 @@ impl RetryPolicy {
                 return Err(gave_up(error, attempt));
             }
             tracing::warn!(
-                what,
+                what = %super::error::redact_url(what),
                 attempt,
                 error = %error,
                 delay_ms = delay.as_millis() as u64,
@@ -117,12 +117,7 @@ pub(crate) enum Verdict {
 /// each `RandomState`, so no generator crate is needed for this.
 fn random() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        Instant::now()
-            .elapsed()
-            .as_nanos()
-            .wrapping_add(u128::from(std::process::id())),
-    );
+    h.write_u32(std::process::id());
     h.finish()
 }
 
