@@ -418,3 +418,26 @@ fn instance_metadata_sends_its_headers_and_reads_one_value() {
         assert_eq!(server.seen().len(), 3);
     });
 }
+
+#[test]
+fn an_oversized_answer_is_refused_without_retries() {
+    require(&["ip"]);
+    let ns = Netns::new();
+    let dir = TempDir::new();
+    let base = dir.path().to_path_buf();
+    ns.run(move || {
+        let server = MetadataServer::start(|_| Answer::Reply(200, vec![b' '; 5 * 1024 * 1024]));
+        let mut o = aws();
+        o.token_path.clear();
+        let e = HttpSource::new(&o, &ctx(&base, 3))
+            .unwrap()
+            .settings()
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("/latest/user-data: answer larger than 4194304 bytes"),
+            "{m}"
+        );
+        assert_eq!(server.seen().len(), 1);
+    });
+}
