@@ -295,6 +295,29 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// Uploads the bytes `open`'s stream yields under a new UUID; returns the id and the sha1
+    /// of the bytes stored. `open` is called once per try (see [`Provider::put_stream`]: with
+    /// `dav` nothing touches local disk; a command-line provider spools to `<data>/tmp`).
+    pub fn upload_stream<R: Read>(
+        &self,
+        open: impl FnMut() -> io::Result<R>,
+    ) -> Result<Uploaded, BlobError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let digest = self
+            .provider
+            .put_stream(&id, &self.tmp_dir(), open)
+            .map_err(|source| BlobError::Provider {
+                id: id.clone(),
+                source,
+            })?;
+        Ok(Uploaded {
+            blobstore_id: id,
+            sha1: digest.hex,
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
