@@ -1360,14 +1360,11 @@ mod tests {
         }
     }
 
-    /// A server reading chunked PUTs and answering each with the next status; returns what it
-    /// read per connection (`None`: the client gave up mid-body).
-    fn chunked_server(
-        answers: Vec<u16>,
-    ) -> (
-        String,
-        std::thread::JoinHandle<Vec<Option<(String, Vec<u8>)>>>,
-    ) {
+    /// What [`chunked_server`] read per connection (`None`: the client gave up mid-body).
+    type Seen = Vec<Option<(String, Vec<u8>)>>;
+
+    /// A server reading chunked PUTs and answering each with the next status.
+    fn chunked_server(answers: Vec<u16>) -> (String, std::thread::JoinHandle<Seen>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
