@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod datadir;
+pub mod dns;
 pub mod files;
 pub mod firewall;
 pub mod mountinfo;
