@@ -11,4 +11,5 @@ pub mod files;
 pub mod firewall;
 pub mod mountinfo;
 pub mod power;
+pub mod users;
 pub mod vitals;
