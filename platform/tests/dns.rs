@@ -6,6 +6,7 @@ use std::fs;
 use std::net::IpAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use platform::dns::{
     DnsError, DnsPaths, LocalDns, Records, Saved, VERSION_MISMATCH, bench_sync_dns, parse_records,
@@ -302,5 +303,54 @@ fn ten_thousand_records() {
     assert_eq!(
         version_on_disk(&b.0.join("instance/dns/records.json")),
         Some(2)
+    );
+}
+
+/// Set in the child of [`a_bind_mounted_hosts_file_is_rewritten_in_place`].
+const CHILD_ENV: &str = "PLATFORM_DNS_TEST_DIR";
+
+#[test]
+fn a_bind_mounted_hosts_file_is_rewritten_in_place() {
+    let name = "a_bind_mounted_hosts_file_is_rewritten_in_place";
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        // The parent: run this test again in a private mount namespace.
+        let d = Dir::new("bind");
+        let out = Command::new("unshare")
+            .args(["-m", "--propagation", "private"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &d.0)
+            .output()
+            .unwrap_or_else(|e| panic!("running unshare (util-linux): {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    };
+    // The child: a hosts file that is a mount point, like a container's /etc/hosts.
+    let dir = PathBuf::from(dir);
+    fs::create_dir_all(dir.join("etc")).unwrap();
+    let hosts = dir.join("etc/hosts");
+    let source = dir.join("hosts.source");
+    fs::write(&hosts, "old\n").unwrap();
+    fs::write(&source, "old\n").unwrap();
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg(&source)
+        .arg(&hosts)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount --bind (needs root)");
+    let dns = LocalDns::new(DnsPaths {
+        records: dir.join("instance/dns/records.json"),
+        hosts: hosts.clone(),
+    });
+    dns.save(BLOB_V5.as_bytes(), 5, "agent-1").unwrap();
+    let text = fs::read_to_string(&hosts).unwrap();
+    assert!(text.ends_with("fd00::6 b.web.default.d.bosh\n"), "{text}");
+    assert_eq!(
+        fs::read_to_string(&source).unwrap(),
+        text,
+        "written through the mount"
     );
 }
