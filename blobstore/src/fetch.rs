@@ -295,6 +295,62 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// Fetches blob `id` into memory, verified against `digest` (e.g. the `sync_dns` records
+    /// blob). A blob longer than `limit` bytes is refused without reading it all.
+    pub fn read_verified(
+        &self,
+        id: &str,
+        digest: &MultiDigest,
+        limit: u64,
+    ) -> Result<Vec<u8>, BlobError> {
+        let (reader, _) = self.open(id)?;
+        let mut hashing = HashingReader::new(reader, digest.algorithm());
+        let mut bytes = Vec::new();
+        (&mut hashing)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(io_error(id, "reading", Path::new(id)))?;
+        if bytes.len() as u64 > limit {
+            return Err(BlobError::Io {
+                id: id.to_string(),
+                what: "reading",
+                path: PathBuf::from(id),
+                source: io::Error::other(format!("the blob is larger than {limit} bytes")),
+            });
+        }
+        let (actual, _) = hashing
+            .finish()
+            .map_err(io_error(id, "reading", Path::new(id)))?;
+        digest.verify(&actual).map_err(|source| BlobError::Digest {
+            id: id.to_string(),
+            source,
+        })?;
+        Ok(bytes)
+    }
+
+    /// Uploads the bytes `open`'s stream yields under a new UUID; returns the id and the sha1
+    /// of the bytes stored. `open` is called once per try (see [`Provider::put_stream`]: with
+    /// `dav` nothing touches local disk; a command-line provider spools to `<data>/tmp`).
+    pub fn upload_stream<R: Read>(
+        &self,
+        open: impl FnMut() -> io::Result<R>,
+    ) -> Result<Uploaded, BlobError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let digest = self
+            .provider
+            .put_stream(&id, &self.tmp_dir(), open)
+            .map_err(|source| BlobError::Provider {
+                id: id.clone(),
+                source,
+            })?;
+        Ok(Uploaded {
+            blobstore_id: id,
+            sha1: digest.hex,
+        })
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -498,6 +554,24 @@ mod tests {
             );
         }
         assert!(f.entries().is_empty());
+    }
+
+    #[test]
+    fn read_verified_checks_the_digest_and_the_limit() {
+        let f = fixture();
+        f.store("id1", b"records");
+        let good = MultiDigest::single(Digest::of(Algorithm::Sha256, b"records"));
+        assert_eq!(f.blobs.read_verified("id1", &good, 7).unwrap(), b"records");
+        let e = f.blobs.read_verified("id1", &good, 6).unwrap_err();
+        assert!(e.to_string().contains("larger than 6 bytes"), "{e}");
+        let bad = MultiDigest::single(Digest::of(Algorithm::Sha256, b"other"));
+        assert!(
+            f.blobs
+                .read_verified("id1", &bad, 100)
+                .unwrap_err()
+                .is_mismatch()
+        );
+        assert!(f.blobs.read_verified("../x", &good, 100).is_err());
     }
 
     #[test]

@@ -94,6 +94,13 @@ pub enum ProviderError {
         url: String,
         message: String,
     },
+    /// The stream being uploaded failed (its producer's error, not the blobstore's).
+    #[error("reading the upload stream for blob '{id}': {source}")]
+    Stream {
+        id: String,
+        #[source]
+        source: io::Error,
+    },
     /// The command line failed.
     #[error("{command} {}: {status}: {output}", args.join(" "))]
     Command {
@@ -322,6 +329,141 @@ impl Provider {
             Provider::External(ext) => ext.put(file, id),
         }
     }
+}
+
+impl Provider {
+    /// Stores the bytes a stream yields as blob `id`; returns the sha1 of the bytes stored,
+    /// computed while they pass. `open` makes the stream; it is called once per try.
+    ///
+    /// - `dav`: the body is sent chunked (no `Content-Length`), straight from the stream:
+    ///   nothing is written to local disk. A try that fails with a transport error or a 5xx
+    ///   is repeated with a fresh stream from `open` (a stream is never resent).
+    /// - `local`: written straight into the store directory (temporary + rename).
+    /// - a command line: the CLI takes a file, so the stream is written to a temporary file
+    ///   in `tmp_dir` first, removed afterwards.
+    ///
+    /// An error the stream itself returns fails the upload at once as
+    /// [`ProviderError::Stream`] (not retried): a blob is never stored cut short.
+    pub fn put_stream<R: Read>(
+        &self,
+        id: &str,
+        tmp_dir: &Path,
+        mut open: impl FnMut() -> io::Result<R>,
+    ) -> Result<Digest, ProviderError> {
+        validate_id(id)?;
+        let stream_err = |source| ProviderError::Stream {
+            id: id.to_string(),
+            source,
+        };
+        match self {
+            Provider::Dav(dav) => dav.put_stream(id, open),
+            Provider::Local { dir } => {
+                let reader = open().map_err(stream_err)?;
+                put_local_stream(dir, reader, id)
+            }
+            Provider::External(ext) => {
+                let reader = open().map_err(stream_err)?;
+                fs::create_dir_all(tmp_dir).map_err(|source| ProviderError::Io {
+                    what: "creating",
+                    path: tmp_dir.to_path_buf(),
+                    source,
+                })?;
+                let tmp = tmp_dir.join(format!("upload-{}", uuid::Uuid::new_v4().simple()));
+                let result = spool(reader, &tmp, id).and_then(|_| ext.put(&tmp, id));
+                let _ = fs::remove_file(&tmp);
+                result
+            }
+        }
+    }
+}
+
+/// A stream read through a hasher that remembers whether the stream itself failed (so such a
+/// failure is told apart from the transport's).
+struct TrackedBody<R> {
+    inner: HashingReader<R>,
+    failed: Option<io::Error>,
+}
+
+impl<R: Read> Read for TrackedBody<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let copy = io::Error::new(e.kind(), e.to_string());
+                self.failed = Some(e);
+                Err(copy)
+            }
+        }
+    }
+}
+
+/// Copies `reader` to the new file `to` (mode 0600), hashing; the caller removes `to`.
+fn spool(reader: impl Read, to: &Path, id: &str) -> Result<Digest, ProviderError> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|source| ProviderError::Io {
+            what: "creating upload file",
+            path: to.to_path_buf(),
+            source,
+        })?;
+    let mut body = TrackedBody {
+        inner: HashingReader::new(reader, Algorithm::Sha1),
+        failed: None,
+    };
+    let copied = copy_checked(&mut body, &mut out, Path::new(id), to);
+    if let Some(source) = body.failed.take() {
+        return Err(ProviderError::Stream {
+            id: id.to_string(),
+            source,
+        });
+    }
+    copied?;
+    out.sync_all().map_err(|source| ProviderError::Io {
+        what: "writing",
+        path: to.to_path_buf(),
+        source,
+    })?;
+    let (digest, _) = body
+        .inner
+        .finish()
+        .map_err(|source| ProviderError::Stream {
+            id: id.to_string(),
+            source,
+        })?;
+    Ok(digest)
+}
+
+fn put_local_stream(dir: &Path, reader: impl Read, id: &str) -> Result<Digest, ProviderError> {
+    fs::create_dir_all(dir).map_err(|source| ProviderError::Io {
+        what: "creating blob directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let final_path = dir.join(id);
+    let tmp = dir.join(format!(".{id}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let result = spool(reader, &tmp, id).and_then(|digest| {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).map_err(|source| {
+            ProviderError::Io {
+                what: "storing blob",
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        fs::rename(&tmp, &final_path).map_err(|source| ProviderError::Io {
+            what: "storing blob",
+            path: final_path.clone(),
+            source,
+        })?;
+        Ok(digest)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn put_local(dir: &Path, file: &Path, id: &str) -> Result<Digest, ProviderError> {
@@ -597,6 +739,54 @@ impl Dav {
                     )),
                 });
             }
+            Ok(digest)
+        })
+    }
+}
+
+impl Dav {
+    /// PUT of a stream as blob `id`, chunked; 201 or 204 expected. See
+    /// [`Provider::put_stream`] for the tries and the errors. Returns the sha1 of the bytes
+    /// sent by the try that succeeded.
+    pub fn put_stream<R: Read>(
+        &self,
+        id: &str,
+        mut open: impl FnMut() -> io::Result<R>,
+    ) -> Result<Digest, ProviderError> {
+        validate_id(id)?;
+        let url = self.object_url(id);
+        self.with_retries(|| {
+            let reader = open().map_err(|source| ProviderError::Stream {
+                id: id.to_string(),
+                source,
+            })?;
+            let mut body = TrackedBody {
+                inner: HashingReader::new(reader, Algorithm::Sha1),
+                failed: None,
+            };
+            let mut req = self.agent.put(&url);
+            if let Some(a) = &self.authorization {
+                req = req.header("Authorization", a);
+            }
+            let sent = req.send(ureq::SendBody::from_reader(&mut body));
+            if let Some(source) = body.failed.take() {
+                return Err(ProviderError::Stream {
+                    id: id.to_string(),
+                    source,
+                });
+            }
+            let resp = sent.map_err(|e| transport("PUT", &url, &e))?;
+            let status = resp.status().as_u16();
+            if status != 201 && status != 204 {
+                return Err(status_error("PUT", &url, resp));
+            }
+            let (digest, _) = body
+                .inner
+                .finish()
+                .map_err(|source| ProviderError::Stream {
+                    id: id.to_string(),
+                    source,
+                })?;
             Ok(digest)
         })
     }
@@ -1138,6 +1328,176 @@ mod tests {
         let e = dav_at(&endpoint, 1).put(&f, "abc").unwrap_err();
         assert_eq!(e.status(), Some(200), "only 201 and 204 are success");
         server.join().unwrap();
+    }
+
+    /// Reads one HTTP/1.1 request with a chunked body from `r`; `None` when the client went
+    /// away before the body's end. Returns the head and the body.
+    fn read_chunked(r: &mut impl io::BufRead) -> Option<(String, Vec<u8>)> {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            if r.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            let mut chunk = vec![0u8; n + 2];
+            r.read_exact(&mut chunk).ok()?;
+            if n == 0 {
+                return Some((head, body));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// What [`chunked_server`] read per connection (`None`: the client gave up mid-body).
+    type Seen = Vec<Option<(String, Vec<u8>)>>;
+
+    /// A server reading chunked PUTs and answering each with the next status.
+    fn chunked_server(answers: Vec<u16>) -> (String, std::thread::JoinHandle<Seen>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for status in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut r = io::BufReader::new(stream.try_clone().unwrap());
+                let got = read_chunked(&mut r);
+                let done = got.is_some();
+                seen.push(got);
+                if done {
+                    let mut w = stream;
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                }
+            }
+            seen
+        });
+        (endpoint, handle)
+    }
+
+    #[test]
+    fn dav_put_stream_is_chunked_and_reopens_the_stream_per_try() {
+        let (endpoint, server) = chunked_server(vec![503, 201]);
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut opened = 0;
+        let d = dav_at(&endpoint, 3)
+            .put_stream("abc", || {
+                opened += 1;
+                Ok(io::Cursor::new(data.clone()))
+            })
+            .unwrap();
+        assert_eq!(opened, 2, "a fresh stream for the second try");
+        assert_eq!(d, Digest::of(Algorithm::Sha1, &data));
+        let seen = server.join().unwrap();
+        let (head, body) = seen[1].clone().unwrap();
+        assert!(head.starts_with("PUT /a9/abc HTTP/1.1"), "{head}");
+        let lower = head.to_lowercase();
+        assert!(lower.contains("transfer-encoding: chunked"), "{head}");
+        assert!(!lower.contains("content-length"), "{head}");
+        assert_eq!(body, data);
+    }
+
+    /// Yields some bytes, then fails.
+    struct Failing(usize);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("log file vanished"));
+            }
+            let n = buf.len().min(self.0);
+            buf[..n].fill(b'x');
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_failing_stream_fails_the_upload_once_with_its_own_error() {
+        let (endpoint, server) = chunked_server(vec![201]);
+        let mut opened = 0;
+        let e = dav_at(&endpoint, 3)
+            .put_stream("abc", || {
+                opened += 1;
+                Ok(Failing(100_000))
+            })
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Stream { .. }), "{e:?}");
+        assert!(e.to_string().contains("log file vanished"), "{e}");
+        assert_eq!(opened, 1, "a stream error is not retried");
+        let seen = server.join().unwrap();
+        assert!(seen[0].is_none(), "the server never saw a complete body");
+
+        // Local: nothing is left in the store.
+        let tmp = TestDir::new();
+        let store = tmp.path().join("store");
+        let p = Provider::Local { dir: store.clone() };
+        let e = p
+            .put_stream("blob", tmp.path(), || Ok(Failing(10)))
+            .unwrap_err();
+        assert!(matches!(e, ProviderError::Stream { .. }), "{e:?}");
+        assert_eq!(fs::read_dir(&store).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn local_and_external_put_stream() {
+        let tmp = TestDir::new();
+        let store = tmp.path().join("store");
+        let p = Provider::Local { dir: store.clone() };
+        let d = p
+            .put_stream("blob-1", tmp.path(), || Ok(&b"streamed\n"[..]))
+            .unwrap();
+        assert_eq!(d, Digest::of(Algorithm::Sha1, b"streamed\n"));
+        assert_eq!(fs::read(store.join("blob-1")).unwrap(), b"streamed\n");
+        assert_eq!(
+            fs::metadata(store.join("blob-1")).unwrap().mode() & 0o777,
+            0o644
+        );
+        assert_eq!(fs::read_dir(&store).unwrap().count(), 1);
+
+        // A command line gets a file, removed afterwards.
+        let bin = tmp.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        let cmd = bin.join("bosh-blobstore-fake");
+        let dest = tmp.path().join("ext-store");
+        fs::create_dir(&dest).unwrap();
+        fs::write(
+            &cmd,
+            format!(
+                "#!/bin/sh\n[ \"$3\" = put ] && cp \"$4\" {}/\"$5\"\n",
+                dest.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&cmd, fs::Permissions::from_mode(0o755)).unwrap();
+        let env = ProviderEnv {
+            base_dir: tmp.path().join("base"),
+            search_path: Some(bin.into_os_string()),
+        };
+        let p = Provider::from_settings(&json!({"provider": "fake"}), &env).unwrap();
+        let spool = tmp.path().join("spool");
+        let d = p
+            .put_stream("blob-2", &spool, || Ok(&b"via cli"[..]))
+            .unwrap();
+        assert_eq!(d, Digest::of(Algorithm::Sha1, b"via cli"));
+        assert_eq!(fs::read(dest.join("blob-2")).unwrap(), b"via cli");
+        assert_eq!(
+            fs::read_dir(&spool).unwrap().count(),
+            0,
+            "the spool file is removed"
+        );
     }
 
     #[test]

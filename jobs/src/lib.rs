@@ -14,6 +14,7 @@ pub mod applier;
 pub mod client;
 pub mod compiler;
 pub mod http;
+pub mod logs;
 mod random;
 pub mod scripts;
 pub mod spec;

@@ -3,10 +3,14 @@
 //! `platform` never depends on `agent`, `mbus` or `jobs`; the agent wires it in.
 #![forbid(unsafe_code)]
 
+pub mod arp;
 pub mod cgroup;
 pub mod datadir;
+pub mod dns;
 pub mod files;
 pub mod firewall;
 pub mod mountinfo;
+pub mod power;
 pub mod settings_source;
+pub mod users;
 pub mod vitals;
