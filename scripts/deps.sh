@@ -19,6 +19,15 @@ have make || need+=(make)
 have openssl || need+=(openssl)
 # curl is the deploy benchmark's measure of the limit (curl | tar) and of upstream's pipeline.
 have curl || need+=(curl)
+# Persistent disks: sfdisk (fdisk), parted, growpart (cloud-guest-utils), mkfs.xfs and
+# xfs_growfs (xfsprogs), mke2fs and resize2fs (e2fsprogs); the disk tests set an xattr (attr).
+have sfdisk || need+=(fdisk)
+have parted || need+=(parted)
+have growpart || need+=(cloud-guest-utils)
+have mkfs.xfs || need+=(xfsprogs)
+have mke2fs || need+=(e2fsprogs)
+have setfattr || need+=(attr)
+have losetup || need+=(util-linux)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

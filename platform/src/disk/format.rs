@@ -1,6 +1,6 @@
 //! File systems on the persistent partition: probing (`blkid -p`), making one (upstream's
-//! `mke2fs -t ext4 -j [-E lazy_itable_init=1]` or `mkfs.xfs`), growing one (`resize2fs -f`,
-//! `xfs_growfs`).
+//! `mke2fs -t ext4 -j [-E lazy_itable_init=1]` or `mkfs.xfs`), growing one (`e2fsck` +
+//! `resize2fs`, `xfs_growfs`).
 //!
 //! **A partition that holds any file system is never formatted.** Upstream skips ext4 and xfs
 //! only; here any signature blkid knows (a swap area, btrfs, a LUKS header…) stops the format
@@ -101,8 +101,25 @@ pub fn format_if_blank(tools: &Tools, part: &Path, fs: FileSystem) -> Result<boo
     Ok(true)
 }
 
-/// Grows the file system on `part`, which is mounted on `mount_point`, to its partition.
-pub fn grow_filesystem(tools: &Tools, part: &Path, mount_point: &Path) -> Result<(), DiskError> {
+/// Grows an ext4 file system on `part`, which is not mounted, to its partition: `e2fsck -f -p`
+/// (resize2fs insists on a fresh check; `-p` makes only the repairs that are always safe, and
+/// anything more is an error), then `resize2fs`. Offline, because an online grow needs
+/// `CAP_SYS_RESOURCE`, which containers often lack; upstream grows online. Returns whether the
+/// partition held ext4 (xfs only grows mounted: [`grow_mounted`]).
+pub fn grow_unmounted(tools: &Tools, part: &Path) -> Result<bool, DiskError> {
+    if probe(tools, part)?.as_deref() != Some("ext4") {
+        return Ok(false);
+    }
+    let p = part.to_string_lossy();
+    // Exit 1: errors were corrected, the file system is fine now.
+    tools.run_accepting(Tool::E2fsck, &["-f", "-p", &p], None, &[1])?;
+    tools.run(Tool::Resize2fs, &[&p])?;
+    Ok(true)
+}
+
+/// Grows the file system on `part`, mounted on `mount_point`, to its partition (upstream's
+/// `resize2fs -f <part>` / `xfs_growfs`).
+pub fn grow_mounted(tools: &Tools, part: &Path, mount_point: &Path) -> Result<(), DiskError> {
     match probe(tools, part)?.as_deref() {
         Some("ext4") => {
             tools.run(Tool::Resize2fs, &["-f", &part.to_string_lossy()])?;

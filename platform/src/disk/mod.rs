@@ -282,8 +282,14 @@ impl Disks {
         let mount_point = self.choose_mount_point(&source)?;
         done.mount_point = mount_point.clone();
         let table = mounts::read_mounts()?;
-        if mounts::mounted_at(&table, &mount_point).is_some_and(|m| mounts::is_mount_of(m, &source))
-        {
+        let already = mounts::mounted_at(&table, &mount_point)
+            .is_some_and(|m| mounts::is_mount_of(m, &source));
+        let mut grow_after_mount = plan == Plan::Grow;
+        if plan == Plan::Grow && !already && format::grow_unmounted(&self.tools, source.path())? {
+            grow_after_mount = false;
+            done.grown = true;
+        }
+        if already {
             done.already = true;
         } else {
             if !mount_point.exists() {
@@ -302,8 +308,8 @@ impl Disks {
                 bind,
             )?;
         }
-        if plan == Plan::Grow {
-            format::grow_filesystem(&self.tools, source.path(), &mount_point)?;
+        if grow_after_mount {
+            format::grow_mounted(&self.tools, source.path(), &mount_point)?;
             done.grown = true;
         }
         store::write_managed(&self.cfg.base, &s.id)?;

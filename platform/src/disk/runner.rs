@@ -30,6 +30,8 @@ pub enum Tool {
     MkfsXfs,
     /// e2fsprogs `resize2fs`.
     Resize2fs,
+    /// e2fsprogs `e2fsck` (the check `resize2fs` requires before an offline grow).
+    E2fsck,
     /// xfsprogs `xfs_growfs`.
     XfsGrowfs,
     /// util-linux `mount`.
@@ -43,7 +45,8 @@ pub enum Tool {
 }
 
 impl Tool {
-    const ALL: [Tool; 13] = [
+    const ALL: [Tool; 14] = [
+        Tool::E2fsck,
         Tool::Sfdisk,
         Tool::Parted,
         Tool::Growpart,
@@ -70,6 +73,7 @@ impl Tool {
             Tool::Mke2fs => "mke2fs",
             Tool::MkfsXfs => "mkfs.xfs",
             Tool::Resize2fs => "resize2fs",
+            Tool::E2fsck => "e2fsck",
             Tool::XfsGrowfs => "xfs_growfs",
             Tool::Mount => "mount",
             Tool::Umount => "umount",
