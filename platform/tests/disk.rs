@@ -167,6 +167,23 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // Unmount what is mounted from this device or its partition first, so that the
+        // detach is immediate (a busy loop device would only be marked for auto-clear).
+        let ours = [rdev_of_opt(&self.dev), rdev_of_opt(&self.part())];
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut mps: Vec<String> = text
+            .lines()
+            .filter(|l| {
+                ours.iter()
+                    .flatten()
+                    .any(|d| l.split(' ').nth(2) == Some(d.as_str()))
+            })
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .collect();
+        mps.reverse();
+        for mp in mps {
+            let _ = Command::new("umount").args(["-l", &mp]).status();
+        }
         let _ = Command::new("losetup").args(["-d", &self.path()]).status();
         let _ = fs::remove_file(&self.file);
     }
@@ -197,6 +214,15 @@ fn has_table(dev: &str) -> bool {
         .unwrap()
         .status
         .success()
+}
+
+fn rdev_of_opt(p: &Path) -> Option<String> {
+    let r = fs::metadata(p).ok()?.rdev();
+    Some(format!(
+        "{}:{}",
+        nix::sys::stat::major(r),
+        nix::sys::stat::minor(r)
+    ))
 }
 
 fn rdev_of(p: &Path) -> String {
@@ -808,6 +834,40 @@ fn unknown_cids_and_hostile_hints_are_clear_errors_that_change_nothing() {
             settings.env = env_ok;
             assert!(disks.mount_disk("disk-s", &settings).unwrap().formatted);
             assert_eq!(disks.list_disk(&settings).unwrap(), vec!["disk-s"]);
+        },
+    );
+}
+
+#[test]
+fn a_migration_that_cannot_finish_leaves_the_old_store_in_place_and_writable() {
+    in_private_mount_ns(
+        "a_migration_that_cannot_finish_leaves_the_old_store_in_place_and_writable",
+        || {
+            let base = Base::new("migrate-full");
+            let old = Loop::new(&base, "old", 200);
+            // Too small for what the old disk holds.
+            let new = Loop::new(&base, "new", 64);
+            let disks = Disks::new(base.config());
+            disks
+                .add_persistent_disk("disk-old", &json!(old.path()), &DiskEnv::default())
+                .unwrap();
+            disks
+                .add_persistent_disk("disk-new", &json!(new.path()), &DiskEnv::default())
+                .unwrap();
+            disks.mount_disk("disk-old", &no_settings()).unwrap();
+            fs::write(base.store().join("big"), vec![7u8; 70 * MIB as usize]).unwrap();
+            disks.mount_disk("disk-new", &no_settings()).unwrap();
+            let e = disks.migrate_disk().unwrap_err().to_string();
+            assert!(e.contains("cp -a") && e.contains("No space left"), "{e}");
+            assert_eq!(mount_source_dev(&base.store()), Some(rdev_of(&old.part())));
+            assert_eq!(
+                fs::metadata(base.store().join("big")).unwrap().len(),
+                70 * MIB
+            );
+            fs::write(base.store().join("still-writable"), "yes").unwrap();
+            let mut listed = disks.list_disk(&no_settings()).unwrap();
+            listed.sort();
+            assert_eq!(listed, vec!["disk-new", "disk-old"]);
         },
     );
 }

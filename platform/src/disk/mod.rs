@@ -11,6 +11,9 @@
 //! `<base>/bosh/persistent_disk_hints.json` and `managed_disk_settings.json` are described in
 //! [`store`].
 //!
+//! The methods block (they run programs and wait for devices): an async caller runs them on
+//! a blocking thread. `Disks` is `Send + Sync`; share it in an `Arc`.
+//!
 //! Guarantees: a partition that holds a file system is never formatted; a disk whose layout
 //! is not one partition (or none) is never repartitioned; a hint can only name a block device
 //! under `/dev` (or, with `BindMountPersistentDisk`, a directory); bad hints or files are
@@ -401,7 +404,16 @@ impl Disks {
         if !self.cfg.resolver.bind_mount {
             mounts::remount_read_only(&self.tools, &store)?;
         }
-        migrate::copy_tree(&self.tools, &store, &target)?;
+        if let Err(e) = migrate::copy_tree(&self.tools, &store, &target) {
+            // The old disk is still the store: make it writable again, so a failed migration
+            // leaves the instance as it was (upstream leaves it read-only).
+            if !self.cfg.resolver.bind_mount {
+                let _ = self
+                    .tools
+                    .run(Tool::Mount, &["-o", "remount,rw", &store.to_string_lossy()]);
+            }
+            return Err(e);
+        }
         mounts::unmount(
             &self.tools,
             &store,

@@ -22,7 +22,7 @@ use super::{DiskError, DiskSettings};
 /// Which resolver upstream's `Platform.Linux.DevicePathResolutionType` names.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Resolution {
-    /// `""` and anything unknown: the hint's path.
+    /// `""` (upstream's default): the hint's path.
     #[default]
     Identity,
     /// `"virtio"`.
@@ -30,8 +30,9 @@ pub enum Resolution {
 }
 
 impl Resolution {
-    /// From the agent.json value. `scsi` and `iscsi` are not implemented: an error, so the
-    /// agent can say so at start instead of resolving wrongly.
+    /// From the agent.json value. `scsi`, `iscsi` and anything unknown are an error (upstream
+    /// falls back to identity for unknown values): resolving a scsi disk by its path could pick
+    /// the wrong disk, so the agent should say so at start instead.
     pub fn from_config(value: &str) -> Result<Resolution, DiskError> {
         match value {
             "" | "identity" => Ok(Resolution::Identity),
