@@ -27,19 +27,19 @@ pub enum Resolution {
     Identity,
     /// `"virtio"`.
     Virtio,
+    /// A type this agent does not implement (`scsi`, `iscsi`, …). The agent still starts;
+    /// `list_disk` sees no such disk mounted and `mount_disk` fails saying why: resolving a
+    /// scsi disk by its path (upstream's fallback for unknown values) could pick the wrong disk.
+    Unsupported(String),
 }
 
 impl Resolution {
-    /// From the agent.json value. `scsi`, `iscsi` and anything unknown are an error (upstream
-    /// falls back to identity for unknown values): resolving a scsi disk by its path could pick
-    /// the wrong disk, so the agent should say so at start instead.
-    pub fn from_config(value: &str) -> Result<Resolution, DiskError> {
+    /// From the agent.json value.
+    pub fn from_config(value: &str) -> Resolution {
         match value {
-            "" | "identity" => Ok(Resolution::Identity),
-            "virtio" => Ok(Resolution::Virtio),
-            other => Err(DiskError::Unsupported(format!(
-                "DevicePathResolutionType {other:?} is not supported by this agent (identity and virtio are)"
-            ))),
+            "" | "identity" => Resolution::Identity,
+            "virtio" => Resolution::Virtio,
+            other => Resolution::Unsupported(other.to_string()),
         }
     }
 }
@@ -254,6 +254,14 @@ pub fn resolve(
     s: &DiskSettings,
     wait: Wait,
 ) -> Result<Option<PathBuf>, DiskError> {
+    if let Resolution::Unsupported(kind) = &cfg.resolution {
+        if wait == Wait::Once {
+            return Ok(None);
+        }
+        return Err(DiskError::Unsupported(format!(
+            "DevicePathResolutionType {kind:?} is not supported by this agent (identity and virtio are)"
+        )));
+    }
     if cfg.resolution == Resolution::Virtio
         && let Some(real) = by_id(cfg, tools, s, wait)?
     {
@@ -357,17 +365,18 @@ mod tests {
     }
 
     #[test]
-    fn unknown_resolution_types_are_refused() {
-        assert_eq!(Resolution::from_config("").unwrap(), Resolution::Identity);
-        assert_eq!(
-            Resolution::from_config("virtio").unwrap(),
-            Resolution::Virtio
-        );
-        assert!(
-            Resolution::from_config("scsi")
-                .unwrap_err()
-                .to_string()
-                .contains("scsi")
-        );
+    fn unknown_resolution_types_fail_at_mount_only() {
+        assert_eq!(Resolution::from_config(""), Resolution::Identity);
+        assert_eq!(Resolution::from_config("virtio"), Resolution::Virtio);
+        let cfg = ResolverConfig {
+            resolution: Resolution::from_config("scsi"),
+            ..ResolverConfig::default()
+        };
+        let s = DiskSettings::from_hint("c", &serde_json::json!({"id": "1"}), &DiskEnv::default())
+            .unwrap();
+        let tools = Tools::find();
+        assert!(resolve(&cfg, &tools, &s, Wait::Once).unwrap().is_none());
+        let e = resolve_required(&cfg, &tools, &s).unwrap_err().to_string();
+        assert!(e.contains("\"scsi\" is not supported"), "{e}");
     }
 }
