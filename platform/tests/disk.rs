@@ -389,6 +389,24 @@ fn a_disk_that_holds_a_file_system_is_mounted_never_formatted() {
             );
             disks.unmount_disk("disk-a", &no_settings()).unwrap();
 
+            // Mounted elsewhere by someone else: refused, not mounted twice.
+            run(
+                "mount",
+                &[&disk.part().to_string_lossy(), &scratch.to_string_lossy()],
+            );
+            let e = disks
+                .mount_disk("disk-a", &no_settings())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("is already mounted to") && e.contains("scratch"),
+                "{e}"
+            );
+            assert_eq!(mount_source_dev(&base.store()), None);
+            let u = disks.unmount_disk("disk-a", &no_settings()).unwrap();
+            assert!(u.unmounted);
+            assert_eq!(u.value()["message"], json!(u.message));
+
             // A file system on the whole device (no table) is refused, and left as it was.
             let whole = Loop::new(&base, "whole", 120);
             run(
@@ -502,6 +520,21 @@ fn migration_to_a_bigger_disk_keeps_owners_modes_xattrs_holes_and_links() {
             let mut listed = disks.list_disk(&no_settings()).unwrap();
             listed.sort();
             assert_eq!(listed, vec!["disk-new", "disk-old"]);
+
+            // A third disk has nowhere to go, and is left blank.
+            let third = Loop::new(&base, "third", 120);
+            disks
+                .add_persistent_disk("disk-3", &json!(third.path()), &DiskEnv::default())
+                .unwrap();
+            let e = disks
+                .mount_disk("disk-3", &no_settings())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("is already mounted to") && e.contains("store_migration_target"),
+                "{e}"
+            );
+            assert!(!has_table(&third.path()));
 
             disks.migrate_disk().unwrap();
             assert_eq!(mount_source_dev(&store), Some(rdev_of(&new.part())));

@@ -122,6 +122,13 @@ pub struct Unmounted {
     pub message: String,
 }
 
+impl Unmounted {
+    /// The value the director gets: `{"message": …}`.
+    pub fn value(&self) -> Value {
+        serde_json::json!({ "message": self.message })
+    }
+}
+
 /// The persistent disk service (see the module documentation).
 #[derive(Debug)]
 pub struct Disks {
@@ -245,8 +252,12 @@ impl Disks {
         let device = resolve::resolve_required(&self.cfg.resolver, &self.tools, s)?;
         let bind = self.cfg.resolver.bind_mount;
         let preformatted = self.cfg.use_preformatted || (bind && device.is_dir());
+        // Where it goes is settled before anything on the disk changes: a disk that cannot be
+        // mounted (both mount points taken, or mounted elsewhere) is left untouched.
+        let source = self.source_for(&device);
+        let mount_point = self.choose_mount_point(&source)?;
         let mut done = Mounted {
-            mount_point: PathBuf::new(),
+            mount_point: mount_point.clone(),
             partitioned: false,
             formatted: false,
             grown: false,
@@ -281,9 +292,6 @@ impl Disks {
             partition::settle_partition(&self.tools, &device, &part, self.cfg.partition_wait)?;
             done.formatted = format::format_if_blank(&self.tools, &part, fs)?;
         }
-        let source = self.source_for(&device);
-        let mount_point = self.choose_mount_point(&source)?;
-        done.mount_point = mount_point.clone();
         let table = mounts::read_mounts()?;
         let already = mounts::mounted_at(&table, &mount_point)
             .is_some_and(|m| mounts::is_mount_of(m, &source));
