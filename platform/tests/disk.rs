@@ -791,6 +791,17 @@ fn unknown_cids_and_hostile_hints_are_clear_errors_that_change_nothing() {
                     .to_string();
                 assert!(e.contains(word), "{path}: {e}");
             }
+            // The last refused hint is still stored: list and unmount count it as not mounted.
+            disks
+                .add_persistent_disk("disk-h", &json!("/etc/passwd"), &DiskEnv::default())
+                .unwrap();
+            assert!(disks.list_disk(&no_settings()).unwrap().is_empty());
+            assert!(
+                !disks
+                    .unmount_disk("disk-h", &no_settings())
+                    .unwrap()
+                    .unmounted
+            );
             assert_eq!(fs::read(&outside).unwrap(), vec![0u8; 4096]);
             assert!(
                 !base
@@ -814,23 +825,24 @@ fn unknown_cids_and_hostile_hints_are_clear_errors_that_change_nothing() {
                 );
             }
             assert_eq!(fs::read(&hints).unwrap(), before);
+            let disk = Loop::new(&base, "p", 120);
             let env = DiskEnv {
                 filesystem: "btrfs".into(),
                 ..DiskEnv::default()
             };
             disks
-                .add_persistent_disk("disk-f", &json!("/dev/sdzz8"), &env)
+                .add_persistent_disk("disk-f", &json!(disk.path()), &env)
                 .unwrap();
             let e = disks
                 .mount_disk("disk-f", &no_settings())
                 .unwrap_err()
                 .to_string();
             assert_eq!(e, "The filesystem type \"btrfs\" is not supported");
+            assert!(!has_table(&disk.path()));
             let env = DiskEnv {
                 partitioner: "fdisk".into(),
                 ..DiskEnv::default()
             };
-            let disk = Loop::new(&base, "p", 120);
             disks
                 .add_persistent_disk("disk-p", &json!(disk.path()), &env)
                 .unwrap();

@@ -213,11 +213,18 @@ impl Disks {
         }
     }
 
+    /// The disk's source as it is now, without waiting. A hint this agent refuses to follow
+    /// (a path outside `/dev`, …) names nothing the agent could have mounted: not mounted,
+    /// so that one bad hint cannot make `list_disk` (fatal for the director) fail.
     fn current_source(&self, s: &DiskSettings) -> Result<Option<Source>, DiskError> {
-        Ok(
-            resolve::resolve(&self.cfg.resolver, &self.tools, s, Wait::Once)?
-                .map(|d| self.source_for(&d)),
-        )
+        match resolve::resolve(&self.cfg.resolver, &self.tools, s, Wait::Once) {
+            Ok(found) => Ok(found.map(|d| self.source_for(&d))),
+            Err(e @ DiskError::BadDevicePath { .. }) => {
+                tracing::warn!(cid = %s.id, error = %e, "disk counted as not mounted");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `list_disk`: the cids (sorted) whose partition (or device, or directory) is mounted.
@@ -248,7 +255,6 @@ impl Disks {
     }
 
     fn mount_locked(&self, s: &DiskSettings) -> Result<Mounted, DiskError> {
-        let fs = FileSystem::from_setting(&s.filesystem)?;
         let device = resolve::resolve_required(&self.cfg.resolver, &self.tools, s)?;
         let bind = self.cfg.resolver.bind_mount;
         let preformatted = self.cfg.use_preformatted || (bind && device.is_dir());
@@ -265,6 +271,7 @@ impl Disks {
         };
         let mut plan = Plan::Keep;
         if !preformatted {
+            let fs = FileSystem::from_setting(&s.filesystem)?;
             let table = partition::read_table(&self.tools, &device)?;
             let whole_fs = match &table {
                 Some(t) if !t.partitions.is_empty() => None,
