@@ -24,6 +24,13 @@ have curl || need+=(curl)
 have mke2fs || need+=(e2fsprogs)
 have losetup || need+=(mount)
 have eject || need+=(eject)
+# Persistent disks: sfdisk (fdisk), parted, growpart (cloud-guest-utils), mkfs.xfs and
+# xfs_growfs (xfsprogs), resize2fs (e2fsprogs); the disk tests set an xattr (attr).
+have sfdisk || need+=(fdisk)
+have parted || need+=(parted)
+have growpart || need+=(cloud-guest-utils)
+have mkfs.xfs || need+=(xfsprogs)
+have setfattr || need+=(attr)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

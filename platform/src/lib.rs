@@ -1,4 +1,4 @@
-//! Talking to this Linux box: cgroup detection and the agent's nftables firewall.
+//! Talking to this Linux box: cgroup detection, the agent's nftables firewall and persistent disks.
 //!
 //! `platform` never depends on `agent`, `mbus` or `jobs`; the agent wires it in.
 #![forbid(unsafe_code)]
@@ -6,6 +6,7 @@
 pub mod arp;
 pub mod cgroup;
 pub mod datadir;
+pub mod disk;
 pub mod dns;
 pub mod files;
 pub mod firewall;
