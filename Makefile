@@ -1,7 +1,7 @@
 # The verbs people type. All of them run as root on Debian 12 and install what they need.
 CARGO ?= cargo
 
-.PHONY: deps build test demo demo-firewall bench lint install clean
+.PHONY: deps build test demo demo-firewall bench fuzz lint install clean
 
 deps:
 	@bash scripts/deps.sh
@@ -34,6 +34,11 @@ bench: deps
 	./target/release/bench
 	./target/release/bench-runtime
 	./target/release/bench-deploy
+
+# Coverage-guided fuzzing of the parsers, the renderer and the archive reader, FUZZ_SECONDS
+# each (default 60); installs cargo-fuzz on first use (see scripts/fuzz.sh).
+fuzz: deps
+	bash scripts/fuzz.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
