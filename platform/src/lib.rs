@@ -1,4 +1,5 @@
-//! Talking to this Linux box: cgroup detection, the agent's nftables firewall and persistent disks.
+//! Talking to this Linux box: cgroups, the agent's nftables firewall, persistent disks, ssh
+//! users, DNS records, ARP, power, settings sources of the IaaS, vitals.
 //!
 //! `platform` never depends on `agent`, `mbus` or `jobs`; the agent wires it in.
 #![forbid(unsafe_code)]
