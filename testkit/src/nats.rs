@@ -6,9 +6,9 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result, io_ctx, require_binary, wait_for};
+use crate::error::{Error, Result, io_ctx, require_binary};
 use crate::pki::Pki;
 use crate::process::{Exec, Place, Proc};
 use crate::tempdir::TempDir;
@@ -135,6 +135,20 @@ impl NatsServer {
         place: &Place,
         tmp: Option<TempDir>,
     ) -> Result<Self> {
+        let mut s = Self::start_owning_unstarted(pki, config, dir, label, place)?;
+        s._tmp = tmp;
+        s.spawn()?;
+        s.wait_ready(Duration::from_millis(20))?;
+        Ok(s)
+    }
+
+    fn start_owning_unstarted(
+        pki: &Pki,
+        config: &NatsConfig,
+        dir: &Path,
+        label: &str,
+        place: &Place,
+    ) -> Result<Self> {
         require_binary(Path::new(NATS_SERVER), "nats-server")?;
         fs::create_dir_all(dir).map_err(io_ctx(format!("creating {}", dir.display())))?;
         let leaf = pki.server(&config.cn)?;
@@ -147,23 +161,41 @@ impl NatsServer {
         write("server.pem", &leaf.cert_pem)?;
         write("server.key", &leaf.key_pem)?;
         let conf = write("nats.conf", &config.render(dir))?;
-        let mut s = NatsServer {
+        Ok(NatsServer {
             label: label.to_string(),
             addr: config.listen,
             conf,
             dir: dir.to_path_buf(),
             place: place.clone(),
             proc: None,
-            _tmp: tmp,
-        };
-        s.spawn()?;
-        Ok(s)
+            _tmp: None,
+        })
     }
 
-    fn spawn(&mut self) -> Result<()> {
+    /// Writes the files as [`NatsServer::start`] does, without starting the server (for a
+    /// benchmark that times [`NatsServer::spawn`] and [`NatsServer::wait_ready`]).
+    pub fn prepare(
+        pki: &Pki,
+        config: &NatsConfig,
+        dir: &Path,
+        label: &str,
+        place: &Place,
+    ) -> Result<Self> {
+        Self::start_owning_unstarted(pki, config, dir, label, place)
+    }
+
+    /// Starts the server with a fresh log file, without waiting for it; an error when it is
+    /// already running.
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.proc.is_some() {
+            return Err(Error(format!(
+                "nats-server {} is already running",
+                self.label
+            )));
+        }
         let n = fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let log = self.dir.join(format!("nats-{n}.log"));
-        let mut p = Exec::new([
+        let p = Exec::new([
             Path::new(NATS_SERVER).as_os_str(),
             "-c".as_ref(),
             self.conf.as_os_str(),
@@ -171,18 +203,40 @@ impl NatsServer {
         .place(&self.place)
         .log(&log)
         .spawn()?;
-        let label = &self.label;
-        wait_for(&format!("nats-server {label} ready"), START_TIMEOUT, || {
-            if let Some(st) = p.try_status()? {
-                return Err(Error(format!(
-                    "nats-server {label} exited ({st}): {}",
-                    p.log_text()
-                )));
-            }
-            Ok(p.log_text().contains("Server is ready").then_some(()))
-        })?;
         self.proc = Some(p);
         Ok(())
+    }
+
+    /// Waits (checking every `poll`) until the running server's log says "Server is ready";
+    /// returns the instant it saw that. An error when the server exits first, is not running,
+    /// or is not ready within [`START_TIMEOUT`].
+    pub fn wait_ready(&mut self, poll: Duration) -> Result<Instant> {
+        let label = &self.label;
+        let p = self
+            .proc
+            .as_mut()
+            .ok_or_else(|| Error(format!("nats-server {label} is not running")))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let text = p.log_text();
+            if text.contains("Server is ready") {
+                return Ok(Instant::now());
+            }
+            if let Some(st) = p.try_status()? {
+                return Err(Error(format!("nats-server {label} exited ({st}): {text}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error(format!(
+                    "nats-server {label} not ready within {START_TIMEOUT:?}: {text}"
+                )));
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// Whether the server was started and not stopped.
+    pub fn running(&self) -> bool {
+        self.proc.is_some()
     }
 
     /// The client listen address.
@@ -195,20 +249,35 @@ impl NatsServer {
         &self.label
     }
 
-    /// Stops the server (SIGTERM; its clients see their connections close). Stopping a
-    /// stopped server does nothing.
-    pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(10))
-                .map_err(|e| Error(format!("stopping nats-server {}: {e}", self.label)))?;
+    /// Stops the server (SIGTERM; its clients see their connections close) and returns the
+    /// instant it had exited (checked every millisecond, for benchmarks). Stopping a stopped
+    /// server does nothing.
+    pub fn stop(&mut self) -> Result<Instant> {
+        let Some(mut p) = self.proc.take() else {
+            return Ok(Instant::now());
+        };
+        p.signal(nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if p.try_status()?.is_some() {
+                return Ok(Instant::now());
+            }
+            if Instant::now() >= deadline {
+                // Dropping `p` kills it by pid.
+                return Err(Error(format!(
+                    "nats-server {} did not stop in 10 s",
+                    self.label
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(())
     }
 
     /// Starts it again with the same configuration (same address and certificate).
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;
-        self.spawn()
+        self.spawn()?;
+        self.wait_ready(Duration::from_millis(20)).map(drop)
     }
 
     /// What the running server has logged.
