@@ -25,7 +25,8 @@
 //! test), [`netns`], [`cgroup`], [`sandbox`] (the world of one test), [`nft`] (reading the
 //! agent's table), [`probe`] (connection attempts from a cgroup as a uid), [`agent`] (the
 //! agent process), [`monit`], [`nats`] (nats-server, dnsmasq and the director in the
-//! sandbox) and [`dav`] (testkit's nginx blobstore).
+//! sandbox), [`dav`] (testkit's nginx blobstore) and [`bench`] (what the benchmark binaries
+//! share).
 #![forbid(unsafe_code)]
 
 pub mod agent;

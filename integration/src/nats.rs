@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use crate::{Agent, CgroupDir, Exec, READY_TIMEOUT, Sandbox, wait_for};
 use serde_json::{Value, json};
-use testkit::Place;
 pub use testkit::director::{InNetns, Received};
 pub use testkit::dns::DNSMASQ;
 pub use testkit::nats::{Cluster, NATS_SERVER, PASSWORD as NATS_PASSWORD, USER as NATS_USER};
@@ -110,10 +109,7 @@ impl NatsServer {
             cluster,
             extra: extra.to_string(),
         };
-        let place = Place {
-            netns: Some(sb.netns().file().to_path_buf()),
-            cgroup: Some(sb.cgroup("nats").expect("nats cgroup").path().to_path_buf()),
-        };
+        let place = sb.place("nats").expect("nats cgroup");
         let dir = sb.dir().join(format!("nats-{label}"));
         NatsServer(
             testkit::nats::NatsServer::start(pki, &config, &dir, label, &place)
@@ -153,10 +149,7 @@ pub struct Dns(testkit::dns::Dns);
 
 impl Dns {
     pub fn start(sb: &Sandbox, name: &str, ip: IpAddr) -> Self {
-        let place = Place {
-            netns: Some(sb.netns().file().to_path_buf()),
-            cgroup: Some(sb.cgroup("dns").expect("dns cgroup").path().to_path_buf()),
-        };
+        let place = sb.place("dns").expect("dns cgroup");
         let dns = testkit::dns::Dns::start(
             &sb.dir().join("dns"),
             addr("127.0.0.1:53"),

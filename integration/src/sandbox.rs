@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use testkit::io_ctx;
+use testkit::{Place, io_ctx};
 
 use crate::{Cgroup, CgroupDir, Exec, Netns, Result, TempDir, Tools, check_prerequisites};
 
@@ -104,6 +104,14 @@ impl Sandbox {
     /// Creates (if needed) the cgroup `name` below the sandbox's cgroup.
     pub fn cgroup(&self, name: &str) -> Result<CgroupDir> {
         self.cgroup.child(name)
+    }
+
+    /// Where a helper's processes run: this sandbox's namespace and cgroup `name` (created).
+    pub fn place(&self, name: &str) -> Result<Place> {
+        Ok(Place {
+            netns: Some(self.netns.file().to_path_buf()),
+            cgroup: Some(self.cgroup(name)?.path().to_path_buf()),
+        })
     }
 
     /// A fresh log file path in the sandbox directory.

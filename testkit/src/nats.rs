@@ -115,34 +115,28 @@ impl NatsServer {
         label: &str,
         place: &Place,
     ) -> Result<Self> {
-        Self::start_owning(pki, config, dir, label, place, None)
+        Self::prepare(pki, config, dir, label, place)?.started()
     }
 
     /// [`NatsServer::start`] in a temporary directory of its own, in this process's network
     /// namespace and cgroup.
     pub fn start_temp(pki: &Pki, config: &NatsConfig) -> Result<Self> {
         let tmp = TempDir::new("testkit-nats")?;
-        let dir = tmp.path().to_path_buf();
         let label = config.listen.to_string();
-        Self::start_owning(pki, config, &dir, &label, &Place::default(), Some(tmp))
+        let mut s = Self::prepare(pki, config, tmp.path(), &label, &Place::default())?;
+        s._tmp = Some(tmp);
+        s.started()
     }
 
-    fn start_owning(
-        pki: &Pki,
-        config: &NatsConfig,
-        dir: &Path,
-        label: &str,
-        place: &Place,
-        tmp: Option<TempDir>,
-    ) -> Result<Self> {
-        let mut s = Self::start_owning_unstarted(pki, config, dir, label, place)?;
-        s._tmp = tmp;
-        s.spawn()?;
-        s.wait_ready(Duration::from_millis(20))?;
-        Ok(s)
+    fn started(mut self) -> Result<Self> {
+        self.spawn()?;
+        self.wait_ready(Duration::from_millis(20))?;
+        Ok(self)
     }
 
-    fn start_owning_unstarted(
+    /// Writes the files as [`NatsServer::start`] does, without starting the server (for a
+    /// benchmark that times [`NatsServer::spawn`] and [`NatsServer::wait_ready`]).
+    pub fn prepare(
         pki: &Pki,
         config: &NatsConfig,
         dir: &Path,
@@ -170,18 +164,6 @@ impl NatsServer {
             proc: None,
             _tmp: None,
         })
-    }
-
-    /// Writes the files as [`NatsServer::start`] does, without starting the server (for a
-    /// benchmark that times [`NatsServer::spawn`] and [`NatsServer::wait_ready`]).
-    pub fn prepare(
-        pki: &Pki,
-        config: &NatsConfig,
-        dir: &Path,
-        label: &str,
-        place: &Place,
-    ) -> Result<Self> {
-        Self::start_owning_unstarted(pki, config, dir, label, place)
     }
 
     /// Starts the server with a fresh log file, without waiting for it; an error when it is

@@ -45,11 +45,19 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// `Ok` when running as root; otherwise an error saying why the benchmark needs it.
-pub fn require_root(why: &str) -> Res<()> {
-    if nix::unistd::geteuid().is_root() {
-        Ok(())
-    } else {
-        Err(format!("run as root: {why}"))
+/// What a benchmark needs before it starts: root (`why` says what for), each of `binaries`
+/// (path, Debian package), the sandbox's prerequisites and the release binaries under test.
+pub fn prerequisites(why: &str, binaries: &[(&str, &str)]) -> Res<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(format!("run as root: {why}"));
     }
+    for (bin, pkg) in binaries {
+        if !std::path::Path::new(bin).is_file() {
+            return Err(format!("{bin} is missing (apt-get install {pkg})"));
+        }
+    }
+    crate::check_prerequisites().map_err(|e| e.to_string())?;
+    crate::Tools::get()
+        .map_err(|e| format!("{e} (build with `cargo build --release -p cli -p integration`)"))?;
+    Ok(())
 }

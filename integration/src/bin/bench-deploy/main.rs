@@ -56,7 +56,7 @@ use integration::bench::cleanup::{
 };
 use integration::bench::procfs::{RssSampler, children_cpu_ms, mb, status_kb as proc_status_kb};
 use integration::bench::stats::{list, median, sorted};
-use integration::bench::{Res, env_num, first_line_of, require_root, tail};
+use integration::bench::{Res, env_num, first_line_of, tail};
 use integration::dav::DavServer;
 use integration::monit::Monit;
 use integration::nats::{Director, NATS_CN, NatsServer, Pki, agent_exec_with, nats_url, settings};
@@ -125,21 +125,15 @@ fn knobs() -> Res<Knobs> {
 }
 
 fn prerequisites() -> Res<()> {
-    require_root("it creates a network namespace and cgroups")?;
-    for (bin, pkg) in [
-        (integration::nats::NATS_SERVER, "nats-server"),
-        (integration::monit::MONIT_BIN, "monit"),
-        ("/usr/bin/curl", "curl"),
-    ] {
-        if !Path::new(bin).is_file() {
-            return Err(format!("{bin} is missing (apt-get install {pkg})"));
-        }
-    }
     integration::dav::check_nginx().map_err(|e| e.to_string())?;
-    integration::check_prerequisites().map_err(|e| e.to_string())?;
-    integration::Tools::get()
-        .map_err(|e| format!("{e} (build with `cargo build --release -p cli -p integration`)"))?;
-    Ok(())
+    integration::bench::prerequisites(
+        "it creates a network namespace and cgroups",
+        &[
+            (integration::nats::NATS_SERVER, "nats-server"),
+            (integration::monit::MONIT_BIN, "monit"),
+            ("/usr/bin/curl", "curl"),
+        ],
+    )
 }
 
 fn run() -> Res<()> {

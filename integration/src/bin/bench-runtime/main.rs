@@ -35,7 +35,7 @@ mod starts;
 mod steady;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ use futures_util::StreamExt;
 use integration::bench::cleanup::{Guarded, install_hooks};
 use integration::bench::procfs::{cpu_ms, mem, sched_ms};
 use integration::bench::stats::{med_range, ms, pct, sorted};
-use integration::bench::{Res, env_num, first_line_of, require_root, tail};
+use integration::bench::{Res, env_num, first_line_of, tail};
 use integration::nats::{
     AGENT_ID, DIRECTOR_NAME, DNSMASQ, Dns, InNetns, NATS_CN, NATS_SERVER, Pki, SandboxDns,
     nats_url, settings,
@@ -163,16 +163,10 @@ fn knobs() -> Res<Knobs> {
 }
 
 fn prerequisites() -> Res<()> {
-    require_root("it creates network namespaces and cgroups and runs the agent's firewall")?;
-    for (bin, pkg) in [(NATS_SERVER, "nats-server"), (DNSMASQ, "dnsmasq")] {
-        if !Path::new(bin).is_file() {
-            return Err(format!("{bin} is missing (apt-get install {pkg})"));
-        }
-    }
-    integration::check_prerequisites().map_err(|e| e.to_string())?;
-    integration::Tools::get()
-        .map_err(|e| format!("{e} (build with `cargo build --release -p cli -p integration`)"))?;
-    Ok(())
+    integration::bench::prerequisites(
+        "it creates network namespaces and cgroups and runs the agent's firewall",
+        &[(NATS_SERVER, "nats-server"), (DNSMASQ, "dnsmasq")],
+    )
 }
 
 fn run() -> Res<()> {

@@ -4,7 +4,6 @@
 use super::*;
 
 use integration::nats::Cluster;
-use testkit::Place;
 use testkit::nats::{NatsConfig, NatsServer};
 
 /// A nats-server in the sandbox (cgroup `nats`), configured but not started by [`Server::new`].
@@ -32,10 +31,7 @@ impl Server {
             cluster: cluster.map(|(listen, routes)| Cluster { listen, routes }),
             extra: String::new(),
         };
-        let place = Place {
-            netns: Some(sb.netns().file().to_path_buf()),
-            cgroup: Some(sb.cgroup("nats")?.path().to_path_buf()),
-        };
+        let place = sb.place("nats")?;
         let dir = sb.dir().join(format!("nats-{label}"));
         Ok(Server {
             server: NatsServer::prepare(pki, &config, &dir, label, &place)?,
