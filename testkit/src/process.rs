@@ -468,3 +468,49 @@ impl Drop for Proc {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_captured_and_a_hung_command_is_killed_at_its_timeout() -> Result<()> {
+        let out = Exec::new(["sh", "-c", "echo out; echo err >&2; exit 3"])
+            .env("X", "1")
+            .output(Duration::from_secs(10))?;
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+        let e = Exec::new(["sleep", "30"])
+            .output(Duration::from_millis(200))
+            .expect_err("sleep 30 must time out");
+        assert!(e.0.contains("did not finish within"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_dropped_proc_is_killed_by_pid_and_reaped() -> Result<()> {
+        let p = Exec::new(["sleep", "30"]).spawn()?;
+        let pid = p.pid();
+        assert!(alive(pid));
+        drop(p);
+        assert!(!alive(pid), "pid {pid} still alive after drop");
+        Ok(())
+    }
+
+    #[test]
+    fn terminate_ends_a_process_and_its_log_is_kept() -> Result<()> {
+        let dir = crate::TempDir::new("testkit-proc")?;
+        let log = dir.join("p.log");
+        let mut p = Exec::new(["sh", "-c", "echo started; exec sleep 30"])
+            .log(&log)
+            .spawn()?;
+        wait_for("the log line", Duration::from_secs(10), || {
+            Ok(p.log_text().contains("started").then_some(()))
+        })?;
+        let st = p.terminate(Duration::from_secs(10))?;
+        assert!(!st.success());
+        assert_eq!(p.log_path(), Some(log.as_path()));
+        Ok(())
+    }
+}

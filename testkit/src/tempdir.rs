@@ -58,3 +58,22 @@ impl Drop for TempDir {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_names_and_removal_on_drop() -> Result<()> {
+        let a = TempDir::new("testkit-t")?;
+        let b = TempDir::new("testkit-t")?;
+        assert_ne!(a.path(), b.path());
+        fs::write(a.join("f"), "x").map_err(crate::io_ctx("writing"))?;
+        fs::create_dir(a.join("d")).map_err(crate::io_ctx("mkdir"))?;
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "{} left behind", path.display());
+        assert!(b.path().is_dir());
+        Ok(())
+    }
+}
