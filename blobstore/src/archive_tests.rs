@@ -3,8 +3,8 @@
 //! write `..` or absolute names, which is exactly what these tests need).
 
 use super::*;
-use crate::test_util::TestDir;
 use std::os::unix::fs::MetadataExt;
+use testkit::TempDir;
 
 const MTIME: u64 = 1_600_000_000;
 
@@ -56,12 +56,12 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 /// A sandbox `<tmp>/box` holding `dest`, so that anything written beside `dest` shows.
 struct Sandbox {
-    tmp: TestDir,
+    tmp: TempDir,
 }
 
 impl Sandbox {
     fn new() -> Self {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         fs::create_dir(tmp.path().join("box")).unwrap();
         fs::create_dir(tmp.path().join("box/dest")).unwrap();
         Sandbox { tmp }
@@ -187,7 +187,7 @@ fn refused(members: &[Vec<u8>], select: &Select, check: impl Fn(&ArchiveError) -
 
 #[test]
 fn absolute_paths_are_refused() {
-    let sb = TestDir::new();
+    let sb = TempDir::new("blobstore-test").unwrap();
     let outside = sb.path().join("pwned");
     let abs = outside.to_str().unwrap().to_string();
     refused(
@@ -335,7 +335,7 @@ fn writing_through_a_symlink_is_refused() {
 
 #[test]
 fn hostile_hard_links_are_refused() {
-    let tmp = TestDir::new();
+    let tmp = TempDir::new("blobstore-test").unwrap();
     let abs = tmp.path().join("etc-passwd");
     fs::write(&abs, b"secret").unwrap();
     let abs = abs.to_str().unwrap().to_string();
@@ -496,7 +496,7 @@ fn pack_dir_round_trips_and_hashes_what_it_wrote() {
     let src = Sandbox::new();
     unpack(&legit()[..], &src.dest(), &Select::All).unwrap();
     for gz in [true, false] {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let out = tmp.path().join("out.tgz");
         let d = pack_dir(&src.dest(), &out, gz).unwrap();
         assert_eq!(d.algorithm, Algorithm::Sha1);
@@ -516,7 +516,7 @@ fn pack_dir_round_trips_and_hashes_what_it_wrote() {
 
 #[test]
 fn pack_dir_of_a_missing_dir_leaves_no_file() {
-    let tmp = TestDir::new();
+    let tmp = TempDir::new("blobstore-test").unwrap();
     let out = tmp.path().join("out.tgz");
     assert!(pack_dir(&tmp.path().join("missing"), &out, true).is_err());
     assert!(!out.exists());

@@ -356,29 +356,29 @@ impl Blobs {
 mod tests {
     use super::*;
     use crate::digest::{Algorithm, Digest};
-    use crate::test_util::TestDir;
+    use testkit::TempDir;
 
     /// A tgz of `dir` holding `files`.
     fn tgz(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let src = TestDir::new();
+        let src = TempDir::new("blobstore-test").unwrap();
         for (name, data) in files {
             let p = src.path().join(name);
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, data).unwrap();
         }
-        let out = TestDir::new();
+        let out = TempDir::new("blobstore-test").unwrap();
         let path = out.path().join("a.tgz");
         archive::pack_dir(src.path(), &path, true).unwrap();
         fs::read(path).unwrap()
     }
 
     struct Fixture {
-        tmp: TestDir,
+        tmp: TempDir,
         blobs: Blobs,
     }
 
     fn fixture() -> Fixture {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let store = tmp.path().join("store");
         fs::create_dir(&store).unwrap();
         let blobs = Blobs::new(Provider::Local { dir: store }, tmp.path().join("data"));

@@ -16,8 +16,6 @@ pub mod archive;
 pub mod digest;
 pub mod fetch;
 pub mod provider;
-#[cfg(test)]
-mod test_util;
 
 pub use archive::{ArchiveError, Select, Unpacked, pack_dir};
 pub use digest::{Algorithm, Digest, DigestError, Hasher, HashingReader, MultiDigest};

@@ -1037,9 +1037,9 @@ fn is_executable(p: &Path) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::test_util::TestDir;
     use serde_json::json;
     use std::os::unix::fs::MetadataExt;
+    use testkit::TempDir;
 
     #[test]
     fn ids() {
@@ -1103,7 +1103,7 @@ mod tests {
 
     #[test]
     fn local_put_and_open() {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let store = tmp.path().join("store");
         let p = Provider::Local { dir: store.clone() };
         let src = tmp.path().join("src");
@@ -1312,7 +1312,7 @@ mod tests {
     #[test]
     fn dav_put_sends_the_length() {
         let (endpoint, server) = http_server(vec![(201, "")]);
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let f = tmp.path().join("f");
         fs::write(&f, b"hello\n").unwrap();
         let d = dav_at(&endpoint, 1).put(&f, "abc").unwrap();
@@ -1502,7 +1502,7 @@ mod tests {
 
     #[test]
     fn external_config_and_lookup() {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let bin = tmp.path().join("bin");
         fs::create_dir(&bin).unwrap();
         let cmd = bin.join("bosh-blobstore-s3");

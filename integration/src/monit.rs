@@ -32,19 +32,18 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use testkit::monit::{ControlFile, MonitDaemon};
+use testkit::{Place, io_ctx as io_err, signal_pid};
 
-use crate::{COMMAND_TIMEOUT, CgroupDir, Error, Proc, Result, Sandbox, describe, wait_for};
+use crate::{CgroupDir, Error, Result, Sandbox, describe, wait_for};
 
-/// The monit binary (Debian package `monit`).
-pub const MONIT_BIN: &str = "/usr/bin/monit";
+pub use testkit::alive;
+pub use testkit::monit::{MONIT_BIN, START_TIMEOUT};
 /// The sample job's service name.
 pub const SAMPLE: &str = "sample";
 /// The group the agent supervises.
 pub const GROUP: &str = "vcap";
-/// How long monit may take to answer its CLI after being started.
-pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A monit for one sandbox; see the module documentation.
 #[derive(Debug)]
@@ -58,11 +57,7 @@ pub struct Monit {
     cli_cgroup: CgroupDir,
     user: String,
     password: String,
-    proc: Option<Proc>,
-}
-
-fn io_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error(format!("{what}: {e}"))
+    daemon: Option<MonitDaemon>,
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<()> {
@@ -80,17 +75,6 @@ fn random_hex(bytes: usize) -> Result<String> {
         .and_then(|mut f| f.read_exact(&mut buf))
         .map_err(io_err("reading /dev/urandom"))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Whether `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 const SAMPLE_SCRIPT: &str = "#!/bin/sh
@@ -122,12 +106,7 @@ impl Monit {
     /// [`Monit::prepare`] with `extra` appended to the control file (more checks). `@DIR@` in
     /// it stands for the sample directory.
     pub fn prepare_with(sb: &Sandbox, extra: &str) -> Result<Self> {
-        if !Path::new(MONIT_BIN).is_file() {
-            return Err(Error(format!(
-                "{MONIT_BIN} is required and does not exist (apt-get install monit); the test \
-                 fails rather than skips"
-            )));
-        }
+        testkit::require_binary(Path::new(MONIT_BIN), "monit")?;
         let base = sb.dir().join("base");
         let run_dir = sb.dir().join("monit");
         let sample_dir = sb.dir().join("sample");
@@ -155,28 +134,26 @@ impl Monit {
             &SAMPLE_SCRIPT.replace("@DIR@", &sd),
             0o755,
         )?;
-        let rd = run_dir.display().to_string();
         let control_file = base.join("bosh").join("etc").join("monitrc");
-        let text = format!(
-            "set daemon 1\n\
-             set httpd port 2822 and use address 127.0.0.1\n  allow cleartext {user_file}\n\
-             set pidfile {rd}/monit.pid\n\
-             set statefile {rd}/monit.state\n\
-             set idfile {rd}/monit.id\n\
-             set logfile {rd}/monit.log\n\
-             set eventqueue basedir {rd}/events slots 100\n\
-             set mailserver 127.0.0.1 port 2825\n\
-             set alert agent@local\n\
-             set mail-format {{\n  from: monit@localhost\n  subject: Monit Alert\n  \
-             message: Service: $SERVICE\nEvent: $EVENT\nAction: $ACTION\nDate: $DATE\n\
-             Description: $DESCRIPTION\n}}\n\n\
-             check process {SAMPLE} with pidfile {sd}/sample.pid\n  \
-             start program \"{sd}/sample.sh start\" with timeout 5 seconds\n  \
-             stop program \"{sd}/sample.sh stop\"\n  group {GROUP}\n{extra}\n",
-            user_file = user_file.display(),
-            extra = extra.replace("@DIR@", &sd),
-        );
-        write_file(&control_file, &text, 0o600)?;
+        let rd = run_dir.display();
+        ControlFile {
+            port: 2822,
+            user_file: user_file.clone(),
+            run_dir: run_dir.clone(),
+            body: format!(
+                "set eventqueue basedir {rd}/events slots 100\n\
+                 set mailserver 127.0.0.1 port 2825\n\
+                 set alert agent@local\n\
+                 set mail-format {{\n  from: monit@localhost\n  subject: Monit Alert\n  \
+                 message: Service: $SERVICE\nEvent: $EVENT\nAction: $ACTION\nDate: $DATE\n\
+                 Description: $DESCRIPTION\n}}\n\n\
+                 check process {SAMPLE} with pidfile {sd}/sample.pid\n  \
+                 start program \"{sd}/sample.sh start\" with timeout 5 seconds\n  \
+                 stop program \"{sd}/sample.sh stop\"\n  group {GROUP}\n{extra}\n",
+                extra = extra.replace("@DIR@", &sd),
+            ),
+        }
+        .write(&control_file)?;
         Ok(Monit {
             base,
             control_file,
@@ -187,40 +164,37 @@ impl Monit {
             cli_cgroup: sb.cgroup("monit-cli")?,
             user,
             password,
-            proc: None,
+            daemon: None,
         })
     }
 
     /// Starts `monit -I -c <control file>` in the namespace and its cgroup, and waits until
     /// its CLI gets an answer from the daemon (`monit summary`).
     pub fn start(&mut self) -> Result<()> {
-        if self.proc.is_some() {
+        if self.daemon.is_some() {
             return Err(Error("monit is already running".into()));
         }
-        let log = self.run_dir.join("monit.out");
-        let proc = crate::Exec::new([
-            Path::new(MONIT_BIN).as_os_str(),
-            "-I".as_ref(),
-            "-c".as_ref(),
-            self.control_file.as_os_str(),
-        ])
-        .netns(&self.netns)
-        .cgroup(&self.cgroup)
-        .log(&log)
-        .spawn()?;
-        self.proc = Some(proc);
-        let mut last = String::new();
-        let res = wait_for("monit's CLI to reach the daemon", START_TIMEOUT, || {
-            if let Some(p) = self.proc.as_mut()
-                && let Some(st) = p.try_status()?
-            {
-                return Err(Error(format!("monit exited ({st}): {}", p.log_text())));
+        let daemon = MonitDaemon::start(
+            Path::new(MONIT_BIN),
+            &self.control_file,
+            &self.place(&self.cgroup),
+            &self.place(&self.cli_cgroup),
+            &self.run_dir.join("monit.out"),
+        );
+        match daemon {
+            Ok(d) => {
+                self.daemon = Some(d);
+                Ok(())
             }
-            let out = self.cli(&["summary"])?;
-            last = describe(&out);
-            Ok(out.status.success().then_some(()))
-        });
-        res.map_err(|e| Error(format!("{e}; last `monit summary`: {last}\n{}", self.log())))
+            Err(e) => Err(Error(format!("{e}\n{}", self.log()))),
+        }
+    }
+
+    fn place(&self, cg: &CgroupDir) -> Place {
+        Place {
+            netns: Some(self.netns.clone()),
+            cgroup: Some(cg.path().to_path_buf()),
+        }
     }
 
     /// Runs `monit -c <control file> <args>` as root in the namespace, from a cgroup of its
@@ -231,16 +205,12 @@ impl Monit {
 
     /// [`Monit::cli`] from cgroup `cg`.
     pub fn cli_in(&self, cg: &CgroupDir, args: &[&str]) -> Result<Output> {
-        let mut argv: Vec<&std::ffi::OsStr> = vec![
-            Path::new(MONIT_BIN).as_os_str(),
-            "-c".as_ref(),
-            self.control_file.as_os_str(),
-        ];
-        argv.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        crate::Exec::new(argv)
-            .netns(&self.netns)
-            .cgroup(cg)
-            .output(COMMAND_TIMEOUT)
+        testkit::monit::cli(
+            Path::new(MONIT_BIN),
+            &self.control_file,
+            &self.place(cg),
+            args,
+        )
     }
 
     /// `monit status <service>` as `(key, value)` lines (`status`, `monitoring status`, `pid`…).
@@ -300,13 +270,17 @@ impl Monit {
 
     /// Monit's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
+        self.daemon.as_ref().map(MonitDaemon::pid)
     }
 
     /// Monit's log file and its stdout/stderr.
     pub fn log(&self) -> String {
         let file = fs::read_to_string(self.run_dir.join("monit.log")).unwrap_or_default();
-        let out = self.proc.as_ref().map(Proc::log_text).unwrap_or_default();
+        let out = self
+            .daemon
+            .as_ref()
+            .map(MonitDaemon::output_text)
+            .unwrap_or_default();
         format!("monit.log:\n{file}\nmonit stdout/stderr:\n{out}")
     }
 
@@ -360,10 +334,9 @@ impl Monit {
     /// Stops monit (SIGTERM, then SIGKILL by drop if it lingers) and kills by pid what its
     /// jobs left in its cgroup.
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take()
-            && p.terminate(Duration::from_secs(5)).is_err()
-        {
-            drop(p);
+        if let Some(d) = self.daemon.take() {
+            // On a timeout the daemon is dropped, which kills it by pid.
+            let _ = d.stop(Duration::from_secs(5));
         }
         self.kill_leftovers();
     }
@@ -383,18 +356,13 @@ impl Monit {
     }
 }
 
-fn signal_pid(pid: u32, sig: Signal) -> Result<()> {
-    let raw = i32::try_from(pid).map_err(|_| Error(format!("pid {pid} out of range")))?;
-    kill(Pid::from_raw(raw), sig).map_err(|e| Error(format!("kill -{sig} {pid}: {e}")))
-}
-
 impl Drop for Monit {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- monit ----\n{}\n---- end of monit ----", self.log());
         }
-        // Proc's drop kills monit by pid (SIGKILL) and reaps it.
-        drop(self.proc.take());
+        // The daemon's drop kills monit by pid (SIGKILL) and reaps it.
+        drop(self.daemon.take());
         self.kill_leftovers();
     }
 }

@@ -1,57 +1,37 @@
-//! Real parts for the NATS firewall tests, all inside one [`Sandbox`]'s network namespace: a
-//! throwaway PKI (rcgen), `nats-server` processes with TLS `verify: true` and user/password
-//! auth, a dnsmasq serving the director's name on 127.0.0.1:53, a director client, and
-//! helpers to start the agent with a settings.json and to read the NATS sets.
+//! Real parts for the NATS firewall tests, all inside one [`Sandbox`]'s network namespace:
+//! testkit's PKI, `nats-server` (TLS `verify: true`, user/password auth) in cgroup `nats`, a
+//! dnsmasq serving the director's name on 127.0.0.1:53 in cgroup `dns`, a director client,
+//! and helpers to start the agent with a settings.json and to read the NATS sets.
 //!
 //! The director client runs in this test process, on a thread of its own that has entered
-//! the sandbox's network namespace (`setns`, which moves only the calling thread): its
-//! sockets live in the namespace but belong to the test process's cgroup, never to the
-//! agent's. It dials the nats-server on an address the agent does not dial (127.0.0.3), so
-//! the NATS firewall, which guards exactly the agent's (address, port) pairs, leaves it alone.
+//! the sandbox's network namespace (testkit's [`InNetns`]): its sockets live in the namespace
+//! but belong to the test process's cgroup, never to the agent's. It dials the nats-server on
+//! an address the agent does not dial (127.0.0.3), so the NATS firewall, which guards exactly
+//! the agent's (address, port) pairs, leaves it alone.
 //!
-//! Every process is a harness [`Proc`] (killed by pid on drop); every file lives in the
-//! sandbox directory.
+//! The types here are testkit's, placed in the sandbox; their constructors and the waits a
+//! test cannot go on without panic with testkit's error (the tests' convenience), the rest
+//! return it.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::ops::{Deref, DerefMut};
 use std::sync::mpsc as std_mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{Agent, CgroupDir, Exec, Proc, READY_TIMEOUT, Sandbox, wait_for};
-use futures_util::StreamExt;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use crate::{Agent, CgroupDir, Exec, READY_TIMEOUT, Sandbox, wait_for};
 use serde_json::{Value, json};
+pub use testkit::director::{InNetns, Received};
+pub use testkit::dns::DNSMASQ;
+pub use testkit::nats::{Cluster, NATS_SERVER, PASSWORD as NATS_PASSWORD, USER as NATS_USER};
+pub use testkit::pki::Leaf;
 
-pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
-pub const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 /// The CN upstream's rule accepts (`*.nats.bosh-internal`).
 pub const NATS_CN: &str = "default.nats.bosh-internal";
-pub const NATS_USER: &str = "nats";
-pub const NATS_PASSWORD: &str = "s3cr3t-pw";
 pub const AGENT_ID: &str = "a1";
 /// The director's name, served by the test's dnsmasq.
 pub const DIRECTOR_NAME: &str = "director.bosh";
 /// Where the director client dials: a loopback address no agent URL names.
 pub const DIRECTOR_SIDE: &str = "127.0.0.3:4222";
-
-/// Fails (never skips) when a binary the test needs is missing.
-pub fn require_binary(path: &str) {
-    let name = Path::new(path)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    assert!(
-        Path::new(path).is_file(),
-        "{path} is required by this test and does not exist (apt-get install {name}); \
-         the test fails rather than skips"
-    );
-}
 
 pub fn addr(s: &str) -> SocketAddr {
     s.parse()
@@ -59,86 +39,44 @@ pub fn addr(s: &str) -> SocketAddr {
 }
 
 pub fn nats_url(host_port: &str) -> String {
-    format!("nats://{NATS_USER}:{NATS_PASSWORD}@{host_port}")
+    testkit::nats::url(host_port)
 }
 
 // ---------------------------------------------------------------------------------------------
 // PKI
 
-/// A CA and the leaf certificates it signs, as PEM.
-pub struct Pki {
-    pub ca_pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, PEM.
-#[derive(Clone)]
-pub struct Leaf {
-    pub cert_pem: String,
-    pub key_pem: String,
-}
+/// testkit's [`testkit::pki::Pki`], panicking on failure.
+pub struct Pki(testkit::pki::Pki);
 
 impl Pki {
+    /// A fresh CA named `name`.
     pub fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = params.self_signed(&key).expect("self-signed CA");
-        Pki {
-            ca_pem: ca.pem(),
-            issuer: Issuer::new(params, key),
-        }
+        Pki(testkit::pki::Pki::new(name).unwrap_or_else(|e| panic!("test CA {name}: {e}")))
     }
 
-    /// A server certificate whose only name is its CN (as a DNS SAN, no IP SAN): dialling by
-    /// address works only through upstream's CN rule.
+    /// See [`testkit::pki::Pki::server`].
     pub fn server(&self, cn: &str) -> Leaf {
-        self.leaf(
-            cn,
-            vec![cn.to_string()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
+        self.0.server(cn).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// See [`testkit::pki::Pki::client`].
     pub fn client(&self, cn: &str) -> Leaf {
-        self.leaf(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
+        self.0.client(cn).unwrap_or_else(|e| panic!("{e}"))
     }
+}
 
-    fn leaf(&self, cn: &str, sans: Vec<String>, eku: ExtendedKeyUsagePurpose) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let mut params = CertificateParams::new(sans).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![eku];
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+impl Deref for Pki {
+    type Target = testkit::pki::Pki;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // nats-server
 
-/// A route to other servers (`cluster { listen, routes }`), so that a director on one server
-/// reaches an agent on another.
-#[derive(Clone)]
-pub struct Cluster {
-    pub listen: String,
-    pub routes: Vec<String>,
-}
-
-/// A nats-server in the sandbox's namespace (cgroup `nats`), TLS `verify: true`.
-pub struct NatsServer {
-    pub label: String,
-    conf: PathBuf,
-    cgroup: CgroupDir,
-    netns: PathBuf,
-    dir: PathBuf,
-    proc: Option<Proc>,
-}
+/// A nats-server in the sandbox's namespace (cgroup `nats`, files in `<sandbox>/nats-<label>`).
+pub struct NatsServer(testkit::nats::NatsServer);
 
 impl NatsServer {
     /// Starts a server listening on `listen` with a certificate for `cn` from `pki`, and
@@ -165,267 +103,89 @@ impl NatsServer {
         cluster: Option<Cluster>,
         extra: &str,
     ) -> Self {
-        require_binary(NATS_SERVER);
+        let config = testkit::nats::NatsConfig {
+            listen: addr(listen),
+            cn: cn.to_string(),
+            cluster,
+            extra: extra.to_string(),
+        };
+        let place = sb.place("nats").expect("nats cgroup");
         let dir = sb.dir().join(format!("nats-{label}"));
-        std::fs::create_dir_all(&dir).expect("nats dir");
-        let leaf = pki.server(cn);
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).expect("write nats file");
-            p
-        };
-        let ca = write("ca.pem", &pki.ca_pem);
-        let cert = write("server.pem", &leaf.cert_pem);
-        let key = write("server.key", &leaf.key_pem);
-        let mut conf = format!(
-            "listen: \"{listen}\"\n\
-             authorization {{ user: \"{NATS_USER}\", password: \"{NATS_PASSWORD}\" }}\n\
-             tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\n",
-            cert.display(),
-            key.display(),
-            ca.display()
-        );
-        if let Some(c) = cluster {
-            let routes: Vec<String> = c
-                .routes
-                .iter()
-                .map(|r| format!("\"nats-route://{r}\""))
-                .collect();
-            conf.push_str(&format!(
-                "cluster {{\n  name: \"bosh\"\n  listen: \"{}\"\n  no_advertise: true\n  routes: [{}]\n}}\n",
-                c.listen,
-                routes.join(", ")
-            ));
-        }
-        if !extra.is_empty() {
-            conf.push_str(extra);
-            conf.push('\n');
-        }
-        let conf = write("nats.conf", &conf);
-        let mut s = NatsServer {
-            label: label.to_string(),
-            conf,
-            cgroup: sb.cgroup("nats").expect("nats cgroup"),
-            netns: sb.netns().file().to_path_buf(),
-            dir,
-            proc: None,
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("nats-{n}.log"));
-        let argv = [
-            NATS_SERVER.to_string(),
-            "-c".to_string(),
-            self.conf.display().to_string(),
-        ];
-        let mut p = crate::Exec::new(argv)
-            .netns(&self.netns)
-            .cgroup(&self.cgroup)
-            .log(&log)
-            .spawn()
-            .expect("spawn nats-server");
-        let label = self.label.clone();
-        wait_for(
-            &format!("nats-server {label} ready"),
-            Duration::from_secs(10),
-            || {
-                if let Some(st) = p.try_status()? {
-                    return Err(crate::Error(format!(
-                        "nats-server {label} exited ({st}): {}",
-                        p.log_text()
-                    )));
-                }
-                Ok(p.log_text().contains("Server is ready").then_some(()))
-            },
+        NatsServer(
+            testkit::nats::NatsServer::start(pki, &config, &dir, label, &place)
+                .unwrap_or_else(|e| panic!("{e}")),
         )
-        .unwrap_or_else(|e| panic!("{e}"));
-        self.proc = Some(p);
     }
 
     /// Stops the server (SIGTERM; its clients see their connections close).
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("stopping nats-server {}: {e}", self.label));
-        }
+        self.0.stop().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Starts it again with the same configuration.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    pub fn log(&self) -> String {
-        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+        self.0.restart().unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!(
-                "---- nats-server {} log (tail) ----\n{}\n----",
-                self.label,
-                tail.join("\n")
-            );
-        }
+impl Deref for NatsServer {
+    type Target = testkit::nats::NatsServer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for NatsServer {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // dnsmasq
 
-/// dnsmasq on 127.0.0.1:53 inside the sandbox: no upstream, no /etc/hosts, no cache; names
-/// come from a hosts directory it watches (inotify), so re-pointing a name is a file write.
-pub struct Dns {
-    hosts_dir: PathBuf,
-    proc: Option<Proc>,
-}
+/// dnsmasq on 127.0.0.1:53 inside the sandbox (cgroup `dns`), see [`testkit::dns::Dns`].
+pub struct Dns(testkit::dns::Dns);
 
 impl Dns {
     pub fn start(sb: &Sandbox, name: &str, ip: IpAddr) -> Self {
-        require_binary(DNSMASQ);
-        let dir = sb.dir().join("dns");
-        let hosts_dir = dir.join("hosts.d");
-        std::fs::create_dir_all(&hosts_dir).expect("dns dir");
-        let dns = Dns {
-            hosts_dir,
-            proc: None,
-        };
-        dns.point(name, ip);
-        let argv: Vec<String> = vec![
-            DNSMASQ.into(),
-            "--keep-in-foreground".into(),
-            "--conf-file=/dev/null".into(),
-            "--no-resolv".into(),
-            "--no-hosts".into(),
-            "--listen-address=127.0.0.1".into(),
-            "--bind-interfaces".into(),
-            "--port=53".into(),
-            "--cache-size=0".into(),
-            "--local-ttl=0".into(),
-            "--user=root".into(),
-            "--log-facility=-".into(),
-            format!("--hostsdir={}", dns.hosts_dir.display()),
-            format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
-        ];
-        let cg = sb.cgroup("dns").expect("dns cgroup");
-        let proc = sb
-            .exec(&argv)
-            .cgroup(&cg)
-            .log(&dir.join("dnsmasq.log"))
-            .spawn()
-            .expect("spawn dnsmasq");
-        Dns {
-            proc: Some(proc),
-            ..dns
-        }
+        let place = sb.place("dns").expect("dns cgroup");
+        let dns = testkit::dns::Dns::start(
+            &sb.dir().join("dns"),
+            addr("127.0.0.1:53"),
+            &place,
+            name,
+            ip,
+        );
+        Dns(dns.unwrap_or_else(|e| panic!("{e}")))
     }
 
-    /// Re-points `name` (written beside and renamed in, so dnsmasq never reads half a file).
+    /// Re-points `name`.
     pub fn point(&self, name: &str, ip: IpAddr) {
-        let tmp = self.hosts_dir.with_extension("tmp");
-        std::fs::write(&tmp, format!("{ip} {name}\n")).expect("write hosts record");
-        std::fs::rename(&tmp, self.hosts_dir.join("names")).expect("rename hosts record");
+        self.0.point(name, ip).unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(10)).expect("stop dnsmasq");
-        }
+        self.0.stop().expect("stop dnsmasq");
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// A thread inside the sandbox's network namespace
+// DNS answers from inside the sandbox
 
-type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
-/// A thread that has entered the namespace and drives a current-thread tokio runtime; jobs
-/// run one after the other on it, and everything spawned by them keeps running in between.
-pub struct InNetns {
-    tx: Option<tokio::sync::mpsc::UnboundedSender<Job>>,
-    thread: Option<JoinHandle<()>>,
+/// Asking the sandbox's dnsmasq (127.0.0.1:53) from an [`InNetns`] thread, with the agent's
+/// own fresh resolver.
+pub trait SandboxDns {
+    /// The addresses answered for `name`; `Err` with the reason when there is no answer.
+    fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String>;
+    /// Waits until dnsmasq answers exactly `ip` for `name`; panics after 10 s.
+    fn wait_answer(&self, name: &str, ip: IpAddr);
 }
 
-impl InNetns {
-    pub fn new(netns: &Path) -> Self {
-        let file = std::fs::File::open(netns)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", netns.display()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
-        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<(), String>>();
-        let thread = std::thread::spawn(move || {
-            let entered = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("setns: {e}"));
-            let rt = entered.and_then(|()| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| format!("tokio runtime: {e}"))
-            });
-            let rt = match rt {
-                Ok(rt) => {
-                    let _ = ready_tx.send(Ok(()));
-                    rt
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                while let Some(job) = rx.recv().await {
-                    job().await;
-                }
-            });
-        });
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("cannot enter the sandbox's network namespace: {e}"),
-            Err(e) => panic!("the namespace thread did not start: {e}"),
-        }
-        InNetns {
-            tx: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Runs `f()` on the namespace thread, bounded by `limit`.
-    pub fn run<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, String>
-    where
-        T: Send + 'static,
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        let (rtx, rrx) = std_mpsc::channel();
-        let job: Job = Box::new(move || {
-            Box::pin(async move {
-                let r = tokio::time::timeout(limit, f()).await;
-                let _ = rtx.send(r.map_err(|_| format!("timed out after {limit:?}")));
-            })
-        });
-        self.tx
-            .as_ref()
-            .ok_or("namespace thread gone")?
-            .send(job)
-            .map_err(|_| "namespace thread gone".to_string())?;
-        rrx.recv_timeout(limit + Duration::from_secs(10))
-            .map_err(|e| format!("namespace thread: {e}"))?
-    }
-
-    /// The addresses dnsmasq (127.0.0.1:53) answers for `name`, asked with the agent's own
-    /// fresh resolver; `Err` with the reason when it does not answer.
-    pub fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+impl SandboxDns for InNetns {
+    fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         let url = format!("nats://{name}:4222");
-        self.run(Duration::from_secs(5), move || async move {
+        self.try_run(Duration::from_secs(5), move || async move {
             let server = match mbus::parse_mbus_url(&url).map_err(|e| e.to_string())? {
                 mbus::MbusUrl::Server(s) => s,
                 other => return Err(format!("{other:?}")),
@@ -437,11 +197,11 @@ impl InNetns {
                 return Err(f.reason.clone());
             }
             Ok(got.endpoints().iter().map(SocketAddr::ip).collect())
-        })?
+        })
+        .map_err(String::from)
     }
 
-    /// Waits until dnsmasq answers exactly `ip` for `name`.
-    pub fn wait_answer(&self, name: &str, ip: IpAddr) {
+    fn wait_answer(&self, name: &str, ip: IpAddr) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let got = self.lookup(name);
@@ -457,300 +217,63 @@ impl InNetns {
     }
 }
 
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// A thread inside the sandbox's network namespace; panics when it cannot start.
+pub fn in_netns(sb: &Sandbox) -> InNetns {
+    InNetns::new(sb.netns().file()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The director
 
-/// A director: its own mTLS NATS client (another client certificate from the same CA),
-/// connected from outside the agent's cgroup to [`DIRECTOR_SIDE`] or another address.
-pub struct Director {
-    client: async_nats::Client,
-    ns: InNetns,
+/// The options of a director that dials `to` in the sandbox as `name`: a client certificate
+/// from `pki`, the server checked with the agent's own TLS rules (upstream's CN rule).
+pub fn director_options(pki: &Pki, name: &str, to: &str) -> testkit::director::DirectorOptions {
+    let leaf = pki.client(name);
+    let cert = mbus::CertKeyPair {
+        ca: pki.ca_pem.clone(),
+        certificate: leaf.cert_pem,
+        private_key: leaf.key_pem,
+        origin: "director",
+    };
+    testkit::director::DirectorOptions {
+        url: format!("tls://{to}"),
+        tls: mbus::tls::client_config(&cert).unwrap_or_else(|e| panic!("director TLS: {e}")),
+        user: NATS_USER.into(),
+        password: NATS_PASSWORD.into(),
+        agent_id: AGENT_ID.into(),
+        connect_for: Duration::from_secs(10),
+    }
 }
+
+/// testkit's director, connected from outside the agent's cgroup to [`DIRECTOR_SIDE`] or
+/// another address of the sandbox.
+pub struct Director(testkit::director::Director);
 
 impl Director {
     /// Connects (retrying for up to 10 s: a just-started cluster may still be forming).
     pub fn connect(sb: &Sandbox, pki: &Pki, to: &str) -> Self {
-        let ns = InNetns::new(sb.netns().file());
-        let leaf = pki.client("director");
-        let cert = mbus::CertKeyPair {
-            ca: pki.ca_pem.clone(),
-            certificate: leaf.cert_pem,
-            private_key: leaf.key_pem,
-            origin: "director",
-        };
-        let url = format!("tls://{to}");
-        let client = ns
-            .run(Duration::from_secs(15), move || async move {
-                let tls = mbus::tls::client_config(&cert).map_err(|e| e.to_string())?;
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    let res = async_nats::ConnectOptions::new()
-                        .require_tls(true)
-                        .tls_client_config(tls.clone())
-                        .user_and_password(NATS_USER.into(), NATS_PASSWORD.into())
-                        .ignore_discovered_servers()
-                        .connection_timeout(Duration::from_secs(2))
-                        .connect(url.clone())
-                        .await;
-                    match res {
-                        Ok(c) => return Ok(c),
-                        Err(e) if Instant::now() >= deadline => {
-                            return Err(format!("director cannot connect to {url}: {e}"));
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            })
-            .and_then(|r| r)
-            .unwrap_or_else(|e| panic!("{e}"));
-        Director { client, ns }
-    }
-
-    /// The director's namespace thread (for DNS lookups from inside the sandbox).
-    pub fn ns(&self) -> &InNetns {
-        &self.ns
-    }
-
-    /// Sends `{"method": method, …}` to `agent.<AGENT_ID>` with a fresh `reply_to`, re-sending
-    /// every `resend` (NATS is at most once; a request sent while the agent is between
-    /// connections is lost), until a reply arrives or `limit` passes.
-    pub fn request_every(
-        &self,
-        method: &str,
-        limit: Duration,
-        resend: Duration,
-    ) -> Result<Value, String> {
-        let client = self.client.clone();
-        let method = method.to_string();
-        self.ns
-            .run(limit + Duration::from_secs(1), move || async move {
-                let reply_to = format!(
-                    "director.{}",
-                    client.new_inbox().trim_start_matches("_INBOX.")
-                );
-                let mut replies = client
-                    .subscribe(reply_to.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                client.flush().await.map_err(|e| e.to_string())?;
-                let body =
-                    json!({"method": method, "arguments": [], "reply_to": reply_to, "protocol": 3});
-                let deadline = tokio::time::Instant::now() + limit;
-                loop {
-                    client
-                        .publish(format!("agent.{AGENT_ID}"), body.to_string().into())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let window =
-                        resend.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-                    if let Ok(Some(msg)) = tokio::time::timeout(window, replies.next()).await {
-                        return serde_json::from_slice::<Value>(&msg.payload).map_err(|e| {
-                            format!(
-                                "reply is not JSON ({e}): {:?}",
-                                String::from_utf8_lossy(&msg.payload)
-                            )
-                        });
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(format!("no reply to {method} within {limit:?}"));
-                    }
-                }
-            })
-            .and_then(|r| r)
-    }
-
-    /// [`Director::request_every`] re-sending every 100 ms.
-    pub fn request(&self, method: &str, limit: Duration) -> Result<Value, String> {
-        self.request_every(method, limit, Duration::from_millis(100))
+        let opts = director_options(pki, "director", to);
+        Director(
+            testkit::director::Director::connect(Some(sb.netns().file()), opts)
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     /// Pings until `{"value":"pong"}` comes back; returns how long it took. Panics otherwise.
     pub fn wait_pong(&self, limit: Duration) -> Duration {
-        let t0 = Instant::now();
-        match self.request("ping", limit) {
-            Ok(v) if v == json!({"value": "pong"}) => t0.elapsed(),
-            Ok(v) => panic!("ping answered with {v}"),
-            Err(e) => panic!("the agent did not answer ping: {e}"),
-        }
+        self.0.wait_pong(limit).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// The director's NATS client, for work of a test's own on [`Director::ns`] (sockets made
-    /// there live in the sandbox's namespace).
-    pub fn client(&self) -> async_nats::Client {
-        self.client.clone()
-    }
-
-    /// A fresh `director.<nuid>` subject for `reply_to`.
-    pub fn reply_subject(&self) -> String {
-        format!(
-            "director.{}",
-            self.client.new_inbox().trim_start_matches("_INBOX.")
-        )
-    }
-
-    /// Subscribes to `subject` (wildcards allowed, e.g. `hm.agent.>`); every message is
-    /// forwarded to the returned channel, stamped with the time it arrived. The subscription
-    /// is in place (the server has processed it) when this returns, and lives until the receiver is
-    /// dropped and one more message arrives, or until the director is dropped.
+    /// See [`testkit::director::Director::subscribe`]; panics when it cannot subscribe.
     pub fn subscribe(&self, subject: &str) -> std_mpsc::Receiver<Received> {
-        let client = self.client.clone();
-        let subject = subject.to_string();
-        let (tx, rx) = std_mpsc::channel();
-        self.ns
-            .run(Duration::from_secs(10), move || async move {
-                let mut sub = client
-                    .subscribe(subject.clone())
-                    .await
-                    .map_err(|e| format!("subscribe {subject}: {e}"))?;
-                // `flush` only proves the SUB left the socket; a message the agent publishes
-                // on its own connection could still reach the server first. A message to
-                // ourselves is ordered after the SUB on this connection: once it is back, the
-                // subscription is in place.
-                let inbox = client.new_inbox();
-                let mut echo = client
-                    .subscribe(inbox.clone())
-                    .await
-                    .map_err(|e| format!("subscribe {inbox}: {e}"))?;
-                client
-                    .publish(inbox, Vec::new().into())
-                    .await
-                    .map_err(|e| format!("round trip after subscribing to {subject}: {e}"))?;
-                echo.next()
-                    .await
-                    .ok_or_else(|| format!("no round trip after subscribing to {subject}"))?;
-                drop(echo);
-                tokio::spawn(async move {
-                    while let Some(msg) = sub.next().await {
-                        let got = Received {
-                            subject: msg.subject.to_string(),
-                            payload: msg.payload.to_vec(),
-                            at: Instant::now(),
-                        };
-                        if tx.send(got).is_err() {
-                            break;
-                        }
-                    }
-                });
-                Ok::<(), String>(())
-            })
-            .and_then(|r| r)
-            .unwrap_or_else(|e| panic!("{e}"));
-        rx
-    }
-
-    /// Sends `{"method","arguments","reply_to","protocol"}` to `agent.<AGENT_ID>` once and
-    /// returns the parsed reply, or an error when none arrives within `limit`.
-    pub fn call(
-        &self,
-        method: &str,
-        arguments: Value,
-        protocol: i64,
-        limit: Duration,
-    ) -> Result<Value, String> {
-        let reply_to = self.reply_subject();
-        let body = json!({"method": method, "arguments": arguments, "reply_to": reply_to,
-                          "protocol": protocol});
-        let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-        match self.publish_raw(bytes, &reply_to, limit)? {
-            Some(reply) => serde_json::from_slice(&reply).map_err(|e| {
-                format!(
-                    "reply to {method} is not JSON ({e}): {:?}",
-                    String::from_utf8_lossy(&reply)
-                )
-            }),
-            None => Err(format!("no reply to {method} within {limit:?}")),
-        }
-    }
-
-    /// An asynchronous action as the director runs it: the request, then `get_task` every
-    /// 100 ms until the task is no longer running; returns the final reply. A synchronous
-    /// answer (no `agent_task_id`) is returned as it is.
-    pub fn task(&self, method: &str, arguments: Value, limit: Duration) -> Result<Value, String> {
-        let first = self.call(method, arguments, 3, Duration::from_secs(10))?;
-        let Some(id) = first["value"]["agent_task_id"].as_str().map(str::to_string) else {
-            return Ok(first);
-        };
-        let deadline = Instant::now() + limit;
-        loop {
-            let r = self.call("get_task", json!([id]), 3, Duration::from_secs(10))?;
-            if r["value"]["state"] != "running" || r["value"]["agent_task_id"] != id.as_str() {
-                return Ok(r);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{method} task {id} still running after {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Publishes `body` verbatim (any bytes) to `agent.<AGENT_ID>` while listening on
-    /// `reply_to`; returns the first message there within `wait`, or `None`.
-    pub fn publish_raw(
-        &self,
-        body: Vec<u8>,
-        reply_to: &str,
-        wait: Duration,
-    ) -> Result<Option<Vec<u8>>, String> {
-        let client = self.client.clone();
-        let reply_to = reply_to.to_string();
-        self.ns
-            .run(wait + Duration::from_secs(5), move || async move {
-                let mut replies = client
-                    .subscribe(reply_to)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                client.flush().await.map_err(|e| e.to_string())?;
-                client
-                    .publish(format!("agent.{AGENT_ID}"), body.into())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                client.flush().await.map_err(|e| e.to_string())?;
-                Ok(tokio::time::timeout(wait, replies.next())
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|m| m.payload.to_vec()))
-            })
-            .and_then(|r| r)
-    }
-
-    /// One ping, sent once: whether `{"value":"pong"}` came back within `limit`.
-    pub fn ping_once(&self, limit: Duration) -> bool {
-        matches!(
-            self.request_every("ping", limit, limit),
-            Ok(v) if v == json!({"value": "pong"})
-        )
+        self.0.subscribe(subject).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-/// A message received by a [`Director::subscribe`] subscription.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub subject: String,
-    pub payload: Vec<u8>,
-    /// When the director's thread took it from the connection.
-    pub at: Instant,
-}
-
-impl Received {
-    /// The payload as JSON.
-    pub fn json(&self) -> Result<Value, String> {
-        serde_json::from_slice(&self.payload).map_err(|e| {
-            format!(
-                "{} payload is not JSON ({e}): {:?}",
-                self.subject,
-                String::from_utf8_lossy(&self.payload)
-            )
-        })
+impl Deref for Director {
+    type Target = testkit::director::Director;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 

@@ -36,7 +36,7 @@ fn dav_provider(dav: &DavServer, user: &str, password: &str, ca: &str) -> Provid
 
 /// A tgz like the director's: `./`-prefixed entries, made by the system's tar.
 fn tgz(files: &[(&str, &str)]) -> Vec<u8> {
-    let src = TempDir::new().unwrap();
+    let src = TempDir::new("bosh-agent-test").unwrap();
     for (name, text) in files {
         let p = src.path().join(name);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -47,7 +47,7 @@ fn tgz(files: &[(&str, &str)]) -> Vec<u8> {
         fs::Permissions::from_mode(0o750),
     )
     .unwrap();
-    let out = TempDir::new().unwrap();
+    let out = TempDir::new("bosh-agent-test").unwrap();
     let file = out.path().join("a.tgz");
     let st = std::process::Command::new("tar")
         .arg("-czf")
@@ -67,7 +67,7 @@ struct Agent {
 }
 
 fn agent(provider: Provider) -> Agent {
-    let tmp = TempDir::new().unwrap();
+    let tmp = TempDir::new("bosh-agent-test").unwrap();
     let blobs = Blobs::new(provider, tmp.path().join("data"));
     Agent { tmp, blobs }
 }
@@ -330,7 +330,7 @@ esac
 
 #[test]
 fn external_cli_delegation() {
-    let tmp = TempDir::new().unwrap();
+    let tmp = TempDir::new("bosh-agent-test").unwrap();
     let bin = tmp.path().join("bin");
     fs::create_dir(&bin).unwrap();
     let stub = bin.join("bosh-blobstore-stub");
@@ -435,7 +435,7 @@ struct SmallFs {
 
 impl SmallFs {
     fn mount(size: &str) -> SmallFs {
-        let tmp = TempDir::new().unwrap();
+        let tmp = TempDir::new("bosh-agent-test").unwrap();
         let dir = tmp.path().join("small");
         fs::create_dir(&dir).unwrap();
         let out = std::process::Command::new("mount")
@@ -474,7 +474,7 @@ fn no_space_left_removes_the_partial_unpack() {
     let (user, password) = dav.write_user();
     let provider = dav_provider(&dav, user, password, dav.ca_pem());
     let small = SmallFs::mount("256k");
-    let data = TempDir::new().unwrap();
+    let data = TempDir::new("bosh-agent-test").unwrap();
     let blobs = Blobs::new(provider, data.path());
     let d = MultiDigest::parse(&Digest::of(Algorithm::Sha1, &blob).hex).unwrap();
     let dest = small.dir.join("pkg");

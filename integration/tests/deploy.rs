@@ -178,7 +178,7 @@ fn is_uuid(s: &str) -> bool {
 }
 
 fn hash(cmd: &str, bytes: &[u8]) -> String {
-    let dir = integration::TempDir::new().unwrap();
+    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     let f = dir.path().join("blob");
     fs::write(&f, bytes).unwrap();
     let out = Command::new(cmd).arg(&f).output().unwrap();
@@ -200,7 +200,7 @@ fn sha256(bytes: &[u8]) -> String {
 /// A `.tgz` of `files` (path, contents, mode), made with the system's tar; `prefix` is put
 /// before every path (`./` for the director's blobstore archives).
 fn tgz(files: &[(&str, String, u32)], prefix: &str) -> Vec<u8> {
-    let dir = integration::TempDir::new().unwrap();
+    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     let root = dir.path().join("root");
     for (path, body, mode) in files {
         let p = root.join(path);
@@ -225,7 +225,7 @@ fn tgz(files: &[(&str, String, u32)], prefix: &str) -> Vec<u8> {
 /// A templates archive of job `web` with an entry that climbs out of its target
 /// (`web/../../../../evil`), made by GNU tar's name transform.
 fn hostile_templates() -> Vec<u8> {
-    let dir = integration::TempDir::new().unwrap();
+    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     let root = dir.path().join("root");
     fs::create_dir_all(root.join("web")).unwrap();
     fs::write(root.join("web/monit"), "check process x\n").unwrap();
@@ -251,7 +251,7 @@ fn hostile_templates() -> Vec<u8> {
 
 /// A `.tgz` holding one file `name` with `body` (binary).
 fn tgz_bytes(name: &str, body: &[u8]) -> Vec<u8> {
-    let dir = integration::TempDir::new().unwrap();
+    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     fs::create_dir_all(dir.path().join("root")).unwrap();
     fs::write(dir.path().join("root").join(name), body).unwrap();
     let out = dir.path().join("out.tgz");

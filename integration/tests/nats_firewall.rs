@@ -465,7 +465,7 @@ fn dns_down_at_start_is_retried_until_the_name_resolves() {
 
 /// Whether a lookup of the director's name fails now (dnsmasq gone).
 fn director_lookup_fails(sb: &Sandbox) -> bool {
-    let ns = integration::nats::InNetns::new(sb.netns().file());
+    let ns = integration::nats::in_netns(sb);
     ns.lookup(DIRECTOR_NAME).is_err()
 }
 

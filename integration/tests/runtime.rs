@@ -1064,7 +1064,7 @@ fn send_mail(director: &Director, body: &str) -> Result<(), String> {
     let body = body.to_string();
     director
         .ns()
-        .run(Duration::from_secs(10), move || async move {
+        .try_run(Duration::from_secs(10), move || async move {
             use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
             let stream = tokio::net::TcpStream::connect("127.0.0.1:2825")
                 .await
@@ -1104,7 +1104,7 @@ fn send_mail(director: &Director, body: &str) -> Result<(), String> {
             wr.write_all(b"QUIT\r\n").await.map_err(|e| e.to_string())?;
             expect("221").await
         })
-        .and_then(|r| r)
+        .map_err(String::from)
 }
 
 #[test]

@@ -600,7 +600,7 @@ mod tests {
 
     #[tokio::test]
     async fn setup_writes_once_then_keeps_the_file() {
-        let dir = crate::testutil::TempDir::new("setup-user");
+        let dir = testkit::TempDir::new("jobs-unit-setup-user").unwrap();
         let first = setup_monit_user(dir.path()).await.unwrap();
         assert_eq!(first.user, "vcap");
         assert_eq!(first.password.len(), 32);

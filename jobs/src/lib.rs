@@ -20,8 +20,6 @@ pub mod scripts;
 pub mod spec;
 pub mod status;
 pub mod supervisor;
-#[cfg(test)]
-mod testutil;
 
 pub use applier::{Applier, ApplyError, DEFAULT_PARALLEL, Layout, bundle_hash};
 pub use client::{

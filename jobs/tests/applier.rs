@@ -44,7 +44,7 @@ struct Vm {
 
 impl Vm {
     fn new(tag: &str) -> Self {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(tag).unwrap();
         let root = dir.path().to_path_buf();
         let base = root.join("vcap");
         let store = root.join("store");

@@ -28,7 +28,7 @@ fn fast() -> DrainOptions {
 
 #[tokio::test]
 async fn run_script_reports_failures_like_upstream_and_logs_output() {
-    let dir = TempDir::new("run-script");
+    let dir = TempDir::new("run-script").unwrap();
     let base = dir.path();
     script(
         base,
@@ -99,7 +99,7 @@ async fn run_script_reports_failures_like_upstream_and_logs_output() {
 
 #[tokio::test]
 async fn run_script_runs_jobs_in_parallel_and_succeeds() {
-    let dir = TempDir::new("run-parallel");
+    let dir = TempDir::new("run-parallel").unwrap();
     let base = dir.path();
     for job in ["a", "b", "c"] {
         script(base, job, "post-deploy", "#!/bin/sh\nsleep 1\n");
@@ -143,7 +143,7 @@ fn polling_drain(base: &Path, job: &str, answers: &[&str]) {
 
 #[tokio::test]
 async fn drain_polls_while_negative_then_finishes() {
-    let dir = TempDir::new("drain-poll");
+    let dir = TempDir::new("drain-poll").unwrap();
     let base = dir.path();
     polling_drain(base, "web", &["-1", " -1\n", "0"]);
     polling_drain(base, "worker", &["2"]);
@@ -193,7 +193,7 @@ async fn drain_polls_while_negative_then_finishes() {
 
 #[tokio::test]
 async fn drain_output_must_be_a_signed_integer() {
-    let dir = TempDir::new("drain-bad");
+    let dir = TempDir::new("drain-bad").unwrap();
     let base = dir.path();
     script(
         base,
@@ -226,7 +226,7 @@ async fn drain_output_must_be_a_signed_integer() {
 
 #[tokio::test]
 async fn cancel_terminates_a_long_drain_and_its_children() {
-    let dir = TempDir::new("drain-cancel");
+    let dir = TempDir::new("drain-cancel").unwrap();
     let base = dir.path();
     let d = base.join("jobs/slow");
     script(
@@ -313,7 +313,7 @@ async fn cancel_terminates_a_long_drain_and_its_children() {
 
 #[tokio::test]
 async fn cancel_interrupts_the_wait_after_an_answer() {
-    let dir = TempDir::new("drain-cancel-wait");
+    let dir = TempDir::new("drain-cancel-wait").unwrap();
     let base = dir.path();
     // Asks for a 600-unit wait (30 s with the test unit).
     script(base, "web", "drain", "#!/bin/sh\necho 600\n");

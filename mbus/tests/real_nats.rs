@@ -31,7 +31,7 @@ async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T
 }
 
 fn config(pki: &Pki, urls: &[String]) -> mbus::MbusConfig {
-    let cert = pki.agent_cert();
+    let cert = agent_cert(pki);
     let settings = json!({
         "agent_id": AGENT_ID,
         "mbus": "nats://unused.invalid:4222",
@@ -69,7 +69,7 @@ fn spawn_responder(bus: Bus, mut requests: mbus::Requests) -> tokio::task::JoinH
 
 /// A director: its own mTLS client (other client cert, same CA) straight to one server.
 async fn director(pki: &Pki, addr: SocketAddr) -> async_nats::Client {
-    let leaf = pki.client("director");
+    let leaf = pki.client("director").unwrap();
     let tls = mbus::tls::client_config(&mbus::CertKeyPair {
         ca: pki.ca_pem.clone(),
         certificate: leaf.cert_pem,
@@ -77,13 +77,16 @@ async fn director(pki: &Pki, addr: SocketAddr) -> async_nats::Client {
         origin: "director",
     })
     .unwrap();
-    async_nats::ConnectOptions::new()
-        .require_tls(true)
-        .tls_client_config(tls)
-        .user_and_password(USER.into(), PASSWORD.into())
-        .connect(format!("tls://{addr}"))
-        .await
-        .unwrap()
+    let opts = testkit::director::DirectorOptions {
+        url: format!("tls://{addr}"),
+        tls,
+        user: USER.into(),
+        password: PASSWORD.into(),
+        agent_id: AGENT_ID.into(),
+        // One attempt: the server is up before any director dials it.
+        connect_for: Duration::ZERO,
+    };
+    testkit::director::connect(&opts).await.unwrap()
 }
 
 /// Returns once the server has processed everything this client sent before (its SUBs
@@ -152,27 +155,27 @@ fn url_for(host: &str, port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_heartbeat_and_hook_before_first_attempt() {
-    let pki = Pki::new();
+    let pki = pki();
     let port = free_port(&[lo(1)]);
-    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
-    let dns = Dns::start(NATS_NAME, lo(1));
-    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let server = nats(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
+    let dns = dns(NATS_NAME, lo(1));
+    wait_answer(&dns, NATS_NAME, lo(1)).await;
     let hook = Arc::new(RecordingHook::default());
     let config = config(&pki, &[url_for(NATS_NAME, port)]);
-    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr()))).unwrap();
     let responder = spawn_responder(bus.clone(), requests);
 
-    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    wait_connected_to(&bus, server.addr(), Duration::from_secs(10)).await;
     let plans = hook.plans();
     assert_eq!(plans[0].attempt, 1);
     assert_eq!(
         plans[0].endpoints,
-        [server.addr],
+        [server.addr()],
         "hook saw the resolved endpoint"
     );
     assert!(plans[0].failed.is_empty());
 
-    let director = director(&pki, server.addr).await;
+    let director = director(&pki, server.addr()).await;
     ping_agent(&director).await;
 
     let mut heartbeats = director
@@ -205,20 +208,20 @@ async fn request_reply_heartbeat_and_hook_before_first_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_a_re_pointed_name() {
-    let pki = Pki::new();
+    let pki = pki();
     let port = free_port(&[lo(1), lo(2)]);
     let mut servers = [
-        NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port)),
-        NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(2), port)),
+        nats(&pki, NATS_NAME, SocketAddr::new(lo(1), port)),
+        nats(&pki, NATS_NAME, SocketAddr::new(lo(2), port)),
     ];
-    let dns = Dns::start(NATS_NAME, lo(1));
-    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let dns = dns(NATS_NAME, lo(1));
+    wait_answer(&dns, NATS_NAME, lo(1)).await;
     let hook = Arc::new(RecordingHook::default());
     let config = config(&pki, &[url_for(NATS_NAME, port)]);
-    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr()))).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
-    wait_connected_to(&bus, servers[0].addr, Duration::from_secs(10)).await;
-    ping_agent(&director(&pki, servers[0].addr).await).await;
+    wait_connected_to(&bus, servers[0].addr(), Duration::from_secs(10)).await;
+    ping_agent(&director(&pki, servers[0].addr()).await).await;
 
     // Several rounds, alternating: re-point the name, then stop the server in use.
     let mut subscribed = Vec::new();
@@ -227,19 +230,19 @@ async fn failover_to_a_re_pointed_name() {
     for round in 0..4 {
         let (old, new) = if round % 2 == 0 { (0, 1) } else { (1, 0) };
         if round >= 1 {
-            servers[new].restart(); // it was stopped in the previous round
+            servers[new].restart().unwrap(); // it was stopped in the previous round
         }
-        let new_addr = servers[new].addr;
+        let new_addr = servers[new].addr();
         let director = director(&pki, new_addr).await; // the new server accepts connections
-        dns.write_record(NATS_NAME, new_addr.ip());
-        dns.wait_answer(NATS_NAME, new_addr.ip()).await;
+        dns.point(NATS_NAME, new_addr.ip()).unwrap();
+        wait_answer(&dns, NATS_NAME, new_addr.ip()).await;
         let plans_before = hook.plans().len();
         // A director connection normally lasts long; one that ended within the backoff's
         // `stable_after` would (on purpose) not reset the backoff. Measure the normal case.
         tokio::time::sleep(stable_at.saturating_duration_since(Instant::now())).await;
 
         let t0 = Instant::now();
-        servers[old].stop();
+        servers[old].stop().unwrap();
         let t_sub = wait_connected_to(&bus, new_addr, Duration::from_secs(10)).await;
         let t_reply = t0.elapsed() + ping_agent(&director).await;
         stable_at = Instant::now() + BusOptions::default().backoff.stable_after;
@@ -267,21 +270,21 @@ async fn failover_to_a_re_pointed_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_unreachable_during_reconnect_keeps_old_endpoints_and_retries() {
-    let pki = Pki::new();
+    let pki = pki();
     let port = free_port(&[lo(1)]);
-    let mut server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
-    let mut dns = Dns::start(NATS_NAME, lo(1));
-    dns.wait_answer(NATS_NAME, lo(1)).await;
+    let mut server = nats(&pki, NATS_NAME, SocketAddr::new(lo(1), port));
+    let mut dns = dns(NATS_NAME, lo(1));
+    wait_answer(&dns, NATS_NAME, lo(1)).await;
     let hook = Arc::new(RecordingHook::default());
     let config = config(&pki, &[url_for(NATS_NAME, port)]);
-    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr()))).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
-    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
+    wait_connected_to(&bus, server.addr(), Duration::from_secs(10)).await;
     let stats = bus.stats();
     let plans_before = hook.plans().len();
 
-    dns.stop();
-    server.stop();
+    dns.stop().unwrap();
+    server.stop().unwrap();
     let t0 = Instant::now();
     wait_until(Duration::from_secs(15), "3 attempts without DNS", || {
         hook.plans().len() >= plans_before + 3
@@ -294,29 +297,29 @@ async fn dns_unreachable_during_reconnect_keeps_old_endpoints_and_retries() {
         assert_eq!(plan.failed.len(), 1, "hook told of the failure: {plan:?}");
         assert_eq!(plan.failed[0].host, NATS_NAME);
         assert!(!plan.failed[0].reason.is_empty());
-        assert_eq!(plan.failed[0].carried_over, [server.addr]);
+        assert_eq!(plan.failed[0].carried_over, [server.addr()]);
         assert_eq!(
             plan.endpoints,
-            [server.addr],
+            [server.addr()],
             "previous endpoints kept, never empty"
         );
     }
     assert!(matches!(bus.state(), ConnectionState::Connecting { .. }));
 
     // The director comes back at the old address while DNS is still down.
-    server.restart();
-    let t = wait_connected_to(&bus, server.addr, Duration::from_secs(15)).await;
-    ping_agent(&director(&pki, server.addr).await).await;
+    server.restart().unwrap();
+    let t = wait_connected_to(&bus, server.addr(), Duration::from_secs(15)).await;
+    ping_agent(&director(&pki, server.addr()).await).await;
     eprintln!("re-subscribed {t:?} after the server came back (DNS still down)");
     assert!(stats.snapshot().resolve_failures >= 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_first_url_live_second_and_failing_hook() {
-    let pki = Pki::new();
+    let pki = pki();
     let dead = SocketAddr::new(lo(1), free_port(&[lo(1)]));
     let live_port = free_port(&[lo(2)]);
-    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(2), live_port));
+    let server = nats(&pki, NATS_NAME, SocketAddr::new(lo(2), live_port));
     let hook = Arc::new(RecordingHook::default());
     hook.fail.store(true, Ordering::SeqCst);
     let urls = [
@@ -327,10 +330,10 @@ async fn dead_first_url_live_second_and_failing_hook() {
     let (bus, requests) = Bus::connect(&config, hook.clone(), options(None)).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
 
-    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
-    ping_agent(&director(&pki, server.addr).await).await;
+    wait_connected_to(&bus, server.addr(), Duration::from_secs(10)).await;
+    ping_agent(&director(&pki, server.addr()).await).await;
     let plans = hook.plans();
-    assert_eq!(plans[0].endpoints, [dead, server.addr]);
+    assert_eq!(plans[0].endpoints, [dead, server.addr()]);
     let stats = bus.stats().snapshot();
     assert!(stats.connect_failures >= 1, "{stats:?}");
     let err = stats.last_error.unwrap();
@@ -346,9 +349,9 @@ async fn dead_first_url_live_second_and_failing_hook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_cn_mismatch_is_reported_and_retried() {
-    let pki = Pki::new();
+    let pki = pki();
     let port = free_port(&[lo(1)]);
-    let server = NatsServer::start(&pki, "evil.example.com", SocketAddr::new(lo(1), port));
+    let server = nats(&pki, "evil.example.com", SocketAddr::new(lo(1), port));
     let hook = Arc::new(RecordingHook::default());
     let config = config(&pki, &[url_for("127.0.0.1", port)]);
     let (bus, _requests) = Bus::connect(&config, hook.clone(), options(None)).unwrap();
@@ -362,7 +365,7 @@ async fn server_cn_mismatch_is_reported_and_retried() {
         err.contains("CommonName \"evil.example.com\" does not match"),
         "error names the CN seen: {err}"
     );
-    assert!(err.contains(&server.addr.to_string()), "{err}");
+    assert!(err.contains(&server.addr().to_string()), "{err}");
     assert_eq!(stats.connects(), 0);
     assert!(hook.plans().len() >= 3, "hook runs before every retry");
     assert!(matches!(bus.state(), ConnectionState::Connecting { .. }));
@@ -370,7 +373,7 @@ async fn server_cn_mismatch_is_reported_and_retried() {
 
 #[tokio::test]
 async fn unusable_settings_are_refused_with_the_field_named() {
-    let pki = Pki::new();
+    let pki = pki();
     let mut config = config(&pki, &[url_for("127.0.0.1", 4222)]);
     config.cert.private_key = String::new();
     let err = Bus::connect(&config, Arc::new(mbus::NoHook), options(None)).unwrap_err();
@@ -397,9 +400,9 @@ async fn unusable_settings_are_refused_with_the_field_named() {
 /// each preceded by a hook call. Also checks that reconnect cycles leak no tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_hooked_dials_reach_the_server_and_no_task_leaks() {
-    let pki = Pki::new();
-    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(lo(1), free_port(&[lo(1)])));
-    let proxy = CutProxy::start(SocketAddr::new(lo(3), free_port(&[lo(3)])), server.addr);
+    let pki = pki();
+    let server = nats(&pki, NATS_NAME, SocketAddr::new(lo(1), free_port(&[lo(1)])));
+    let proxy = CutProxy::start(SocketAddr::new(lo(3), free_port(&[lo(3)])), server.addr());
     let hook = Arc::new(RecordingHook::default());
     let config = config(&pki, &[url_for("127.0.0.3", proxy.addr.port())]);
     let options = BusOptions {
@@ -412,7 +415,7 @@ async fn only_hooked_dials_reach_the_server_and_no_task_leaks() {
     };
     let (bus, requests) = Bus::connect(&config, hook.clone(), options).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
-    let director = director(&pki, server.addr).await;
+    let director = director(&pki, server.addr()).await;
     wait_connected_to(&bus, proxy.addr, Duration::from_secs(10)).await;
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut tasks_after = Vec::new();
@@ -449,18 +452,18 @@ async fn only_hooked_dials_reach_the_server_and_no_task_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_answer_is_dialled_with_the_cn_rule() {
-    let pki = Pki::new();
+    let pki = pki();
     let v6: IpAddr = "::1".parse().unwrap();
-    let server = NatsServer::start(&pki, NATS_NAME, SocketAddr::new(v6, free_port(&[v6])));
-    let dns = Dns::start(NATS_NAME, v6);
-    dns.wait_answer(NATS_NAME, v6).await;
+    let server = nats(&pki, NATS_NAME, SocketAddr::new(v6, free_port(&[v6])));
+    let dns = dns(NATS_NAME, v6);
+    wait_answer(&dns, NATS_NAME, v6).await;
     let hook = Arc::new(RecordingHook::default());
-    let config = config(&pki, &[url_for(NATS_NAME, server.addr.port())]);
-    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr))).unwrap();
+    let config = config(&pki, &[url_for(NATS_NAME, server.addr().port())]);
+    let (bus, requests) = Bus::connect(&config, hook.clone(), options(Some(dns.addr()))).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
-    wait_connected_to(&bus, server.addr, Duration::from_secs(10)).await;
-    assert_eq!(hook.plans()[0].endpoints, [server.addr]);
-    ping_agent(&director(&pki, server.addr).await).await;
+    wait_connected_to(&bus, server.addr(), Duration::from_secs(10)).await;
+    assert_eq!(hook.plans()[0].endpoints, [server.addr()]);
+    ping_agent(&director(&pki, server.addr()).await).await;
 }
 
 /// Waits until a message published through `from` reaches a subscription on `to` (the route
@@ -482,7 +485,7 @@ async fn wait_routed(from: &async_nats::Client, to: &async_nats::Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
-    let pki = Pki::new();
+    let pki = pki();
     let (ip_a, ip_b) = (lo(1), lo(2));
     let port = free_port(&[ip_a, ip_b]);
     let route_port = loop {
@@ -495,14 +498,14 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
         SocketAddr::new(ip_a, route_port),
         SocketAddr::new(ip_b, route_port),
     );
-    let mut server_a = NatsServer::start_clustered(
+    let mut server_a = nats_clustered(
         &pki,
         NATS_NAME,
         SocketAddr::new(ip_a, port),
         route_a,
         &[route_b],
     );
-    let server_b = NatsServer::start_clustered(
+    let server_b = nats_clustered(
         &pki,
         NATS_NAME,
         SocketAddr::new(ip_b, port),
@@ -513,9 +516,9 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     let config_b = config(&pki, &[url_for(&ip_b.to_string(), port)]);
     let (bus, requests) = Bus::connect(&config_a, Arc::new(mbus::NoHook), options(None)).unwrap();
     let _responder = spawn_responder(bus.clone(), requests);
-    wait_connected_to(&bus, server_a.addr, Duration::from_secs(10)).await;
-    let director_a = director(&pki, server_a.addr).await;
-    let director_b = director(&pki, server_b.addr).await;
+    wait_connected_to(&bus, server_a.addr(), Duration::from_secs(10)).await;
+    let director_a = director(&pki, server_a.addr()).await;
+    let director_b = director(&pki, server_b.addr()).await;
     wait_routed(&director_a, &director_b).await;
     wait_routed(&director_b, &director_a).await;
     ping_agent(&director_a).await;
@@ -548,7 +551,7 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     .await;
     ping_agent(&director_a).await;
     assert!(
-        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_a.addr)
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_a.addr())
     );
     assert_eq!(stats.connects(), 1, "no reconnect so far");
 
@@ -587,7 +590,7 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     }
     assert!(bus.reconfigure(&config_b).unwrap());
     let switching = async {
-        wait_connected_to(&bus, server_b.addr, Duration::from_secs(15)).await;
+        wait_connected_to(&bus, server_b.addr(), Duration::from_secs(15)).await;
     };
     tokio::pin!(switching);
     let mut switched = false;
@@ -628,10 +631,10 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     );
 
     // Now on B: A can go away, and a director on B is answered.
-    server_a.stop();
+    server_a.stop().unwrap();
     ping_agent(&director_b).await;
     assert!(
-        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr)
+        matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr())
     );
     assert!(!bus.reconfigure(&config_b).unwrap());
     bus.shutdown().await;

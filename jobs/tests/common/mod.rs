@@ -1,42 +1,15 @@
-//! Shared helpers for the real-part tests: temp dirs, a real monit started on a free loopback
-//! port, bounded waits.
+//! Shared helpers for the real-part tests: a real monit (testkit's) on a free loopback port
+//! with this crate's client and supervisor, scripts, bounded waits.
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use jobs::{ClientOptions, JobSupervisor, MonitCli, MonitClient, RetryPolicy, SupervisorOptions};
-
-/// A fresh directory, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "jobs-it-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use testkit::TempDir;
+use testkit::monit::{ControlFile, MonitDaemon};
 
 /// Writes an executable file.
 pub fn write_script(path: &Path, body: &str) {
@@ -64,26 +37,10 @@ where
     }
 }
 
-/// The monit binary: `$JOBS_TEST_MONIT` or `/usr/bin/monit`. A missing monit fails the test.
+/// The monit binary (testkit's: `$TESTKIT_MONIT` or `/usr/bin/monit`). A missing monit fails
+/// the test.
 pub fn monit_binary() -> PathBuf {
-    let path = std::env::var_os("JOBS_TEST_MONIT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/monit"));
-    assert!(
-        path.is_file(),
-        "these tests need a real monit at {} (Debian package `monit`; set JOBS_TEST_MONIT to \
-         use another path)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::monit::monit_binary().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A real monit (`monit -I -c <rc>`) serving HTTP on a free loopback port, with the agent's
@@ -93,7 +50,7 @@ pub struct RealMonit {
     pub base: PathBuf,
     pub rc: PathBuf,
     pub port: u16,
-    child: Child,
+    daemon: Option<MonitDaemon>,
 }
 
 impl RealMonit {
@@ -102,41 +59,32 @@ impl RealMonit {
     /// replaced by the temp dir.
     pub async fn start(tag: &str, checks: &str, scripts: &[(&str, &str)]) -> Self {
         let binary = monit_binary();
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(&format!("jobs-it-{tag}")).unwrap();
         for (name, body) in scripts {
             let body = body.replace("@DIR@", &dir.path().display().to_string());
             write_script(&dir.path().join(name), &body);
         }
         let base = dir.path().join("base");
         jobs::setup_monit_user(&base).await.unwrap();
-        let port = free_port();
-        let d = dir.path().display().to_string();
+        let port = testkit::net::free_port(&[[127, 0, 0, 1].into()]).unwrap();
         let rc = dir.path().join("monitrc");
-        let text = format!(
-            "set daemon 1\n\
-             set httpd port {port} and use address 127.0.0.1\n  allow cleartext {user}\n\
-             set pidfile {d}/monit.pid\nset statefile {d}/monit.state\nset idfile {d}/monit.id\n\
-             set logfile {d}/monit.log\n{checks}",
-            user = jobs::monit_user_path(&base).display(),
-            checks = checks.replace("@DIR@", &d),
-        );
-        std::fs::write(&rc, text).unwrap();
-        std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let child = Command::new(&binary)
-            .arg("-I")
-            .arg("-c")
-            .arg(&rc)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        ControlFile {
+            port,
+            user_file: jobs::monit_user_path(&base),
+            run_dir: dir.path().to_path_buf(),
+            body: checks.replace("@DIR@", &dir.path().display().to_string()),
+        }
+        .write(&rc)
+        .unwrap();
+        let here = testkit::Place::default();
+        let daemon = MonitDaemon::start(&binary, &rc, &here, &here, &dir.path().join("monit.out"))
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let monit = Self {
             dir,
             base,
             rc,
             port,
-            child,
+            daemon: Some(daemon),
         };
         let client = monit.client().await;
         wait_for("monit's HTTP API", Duration::from_secs(10), || async {
@@ -199,8 +147,8 @@ impl RealMonit {
 
 impl Drop for RealMonit {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Monit first (by pid), so that it cannot restart what is killed next.
+        drop(self.daemon.take());
         // Processes the jobs started, recorded in their pid files.
         if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
             for entry in entries.flatten() {
@@ -223,13 +171,7 @@ impl Drop for RealMonit {
 
 /// Whether a process with this pid exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    u32::try_from(pid).is_ok_and(testkit::alive)
 }
 
 /// Polls `check` every 50 ms until it is true, or panics after `limit` naming `what`.

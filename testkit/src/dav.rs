@@ -4,7 +4,7 @@
 //! two-hex-digit object location), on 127.0.0.1 with a free port.
 //!
 //! ```no_run
-//! use integration::dav::DavServer;
+//! use testkit::dav::DavServer;
 //! let dav = DavServer::start().expect("nginx");
 //! dav.put_blob("some-id", b"bytes").expect("blob stored");
 //! let (user, password) = dav.write_user();
@@ -18,16 +18,19 @@
 //! if it does not exit.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::nats::Pki;
-use crate::{
-    COMMAND_TIMEOUT, Error, Exec, Proc, Result, TempDir, describe, run_with_timeout, wait_for,
-};
+use crate::error::{Error, Result, io_ctx as io_err, wait_for};
+use crate::pki::Pki;
+use crate::process::{Exec, Proc, describe, run_with_timeout};
+use crate::tempdir::TempDir;
+
+/// Upper bound for `nginx -V` and `openssl passwd`.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Debian's nginx (package `nginx`, built `--with-http_dav_module`).
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -48,10 +51,6 @@ pub struct DavServer {
     read_password: String,
     write_password: String,
     proc: Option<Proc>,
-}
-
-fn io_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error(format!("{what}: {e}"))
 }
 
 fn write(path: &Path, text: &str, mode: u32) -> Result<()> {
@@ -112,11 +111,6 @@ fn random_password() -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding 127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(io_err("local_addr"))?.port())
-}
-
 impl DavServer {
     /// Starts nginx with a fresh CA, certificate (for the IP 127.0.0.1), users and store, in
     /// this process's network namespace.
@@ -132,13 +126,13 @@ impl DavServer {
 
     fn start_with(netns: Option<&Path>) -> Result<Self> {
         check_nginx()?;
-        let dir = TempDir::new()?;
+        let dir = TempDir::new("testkit-dav")?;
         let d = dir.path();
         for sub in ["store", "tmp", "logs"] {
             fs::create_dir(d.join(sub)).map_err(io_err(format!("mkdir {sub}")))?;
         }
-        let pki = Pki::new("blobstore test CA");
-        let leaf = pki.server("127.0.0.1");
+        let pki = Pki::new("blobstore test CA")?;
+        let leaf = pki.server("127.0.0.1")?;
         write(&d.join("server.pem"), &leaf.cert_pem, 0o644)?;
         write(&d.join("server.key"), &leaf.key_pem, 0o600)?;
         let read_password = random_password()?;
@@ -152,7 +146,7 @@ impl DavServer {
         write(&d.join("write.htpasswd"), &agent_line, 0o644)?;
         let port = match netns {
             Some(_) => 25250,
-            None => free_port()?,
+            None => crate::net::free_port(&[[127, 0, 0, 1].into()])?,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let p = d.display();
@@ -274,8 +268,13 @@ http {{
 
     /// Where blob `id` is stored: `<store>/<first two hex of sha1(id)>/<id>`.
     pub fn object_path(&self, id: &str) -> PathBuf {
-        let sha1 = blobstore::Digest::of(blobstore::Algorithm::Sha1, id.as_bytes());
-        self.dir.path().join("store").join(&sha1.hex[..2]).join(id)
+        use sha1::Digest as _;
+        let first = sha1::Sha1::digest(id.as_bytes())[0];
+        self.dir
+            .path()
+            .join("store")
+            .join(format!("{first:02x}"))
+            .join(id)
     }
 
     /// Stores blob `id` directly in the store (as the director would have).
