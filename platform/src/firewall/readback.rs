@@ -544,6 +544,7 @@ mod tests {
 
     fn desired(level: u32, allow_root: bool, eps: &[&str]) -> DesiredState {
         DesiredState {
+            workload: Default::default(),
             identity: Identity::Cgroup {
                 path: crate::cgroup::NftCgroupPath::new("unified/exp1").unwrap(),
                 level,
