@@ -330,3 +330,7 @@ pub fn render_selftest_cleanup() -> String {
 #[cfg(test)]
 #[path = "render_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "render_workload_tests.rs"]
+mod workload_tests;
