@@ -241,3 +241,86 @@ impl PolicyConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::cgroup::NftCgroupPath;
+
+    fn id(path: &str) -> Result<Identity, String> {
+        Ok(Identity::Cgroup {
+            path: NftCgroupPath::new(path).map_err(|e| e.to_string())?,
+            level: crate::cgroup::depth(path),
+        })
+    }
+
+    fn build(json: &str) -> Result<WorkloadPolicy, PolicyError> {
+        let c: PolicyConfig = serde_json::from_str(json).unwrap();
+        c.build(&mut |p| id(p), Identity::Uid {
+            uid: 0,
+            reason: "monit's cgroup unknown".into(),
+        })
+    }
+
+    #[test]
+    fn absent_keys_mean_no_policies() {
+        assert_eq!(build("{}").unwrap(), WorkloadPolicy::default());
+        // Unrelated keys of the same object are ignored (the agent flattens this in).
+        assert_eq!(
+            build(r#"{"MonitAllowRoot": false}"#).unwrap(),
+            WorkloadPolicy::default()
+        );
+    }
+
+    #[test]
+    fn a_full_configuration_builds() {
+        let w = build(
+            r#"{"EgressDeny":[{"Destination":"10.0.0.0/8","Except":[{"Protocol":"tcp","Ports":"1000-2000"},{"Protocol":"UDP","Ports":53}]}],
+                "EgressAction":"reject","DenyCloudMetadata":true,"EgressAllowCgroups":["system.slice/cpi.service"],
+                "IngressAllow":[{"Protocol":"tcp","Ports":"22"},{"Protocol":"udp","Ports":"53","Sources":["10.0.0.0/8"]}],
+                "IngressAllowICMP":false,"IngressCtInvalid":"allow-list","GuardLocalhost":true,"GuardAlertListener":true}"#,
+        )
+        .unwrap();
+        let EgressPolicy::Enabled(eg) = &w.egress else {
+            panic!("egress off")
+        };
+        assert_eq!(eg.action, EgressAction::Reject);
+        assert_eq!(eg.sets.deny[0].len(), 4);
+        assert_eq!(eg.allowed.len(), 1);
+        let IngressPolicy::Enabled(ing) = &w.ingress else {
+            panic!("ingress off")
+        };
+        assert!(!ing.allow_icmp);
+        assert_eq!(ing.ct_invalid, CtInvalid::AllowList);
+        assert!(ing.sets.allows(Proto::Tcp, 22, None));
+        assert!(w.localhost_guard);
+        assert!(matches!(w.alert_listener, AlertListenerPolicy::Guarded { .. }));
+        // An empty allow-list is a list: only the prologue lets traffic in.
+        let w = build(r#"{"IngressAllow":[]}"#).unwrap();
+        assert!(matches!(w.ingress, IngressPolicy::Enabled(_)));
+        // Only the cloud endpoints.
+        let w = build(r#"{"DenyCloudMetadata":true}"#).unwrap();
+        assert!(matches!(w.egress, EgressPolicy::Enabled(_)));
+    }
+
+    #[test]
+    fn an_invalid_value_is_named_with_its_key() {
+        for (json, key, value) in [
+            (r#"{"EgressDeny":[{"Destination":"10.0.0.0/8"},{"Destination":"10.0.0.300/32"}]}"#, "EgressDeny[1].Destination", "10.0.0.300/32"),
+            (r#"{"EgressDeny":[{"Destination":"10.1.0.0/8"}]}"#, "EgressDeny[0].Destination", "10.1.0.0/8"),
+            (r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"icmp","Ports":"1"}]}]}"#, "EgressDeny[0].Except[0].Protocol", "icmp"),
+            (r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"tcp","Ports":"70000"}]}]}"#, "EgressDeny[0].Except[0].Ports", "70000"),
+            (r#"{"EgressAction":"tarpit"}"#, "EgressAction", "tarpit"),
+            (r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"9-1"}]}"#, "IngressAllow[0].Ports", "9-1"),
+            (r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"22","Sources":["nowhere"]}]}"#, "IngressAllow[0].Sources[0]", "nowhere"),
+            (r#"{"IngressAllow":[],"IngressCtInvalid":"accept"}"#, "IngressCtInvalid", "accept"),
+            (r#"{"EgressDeny":[{"Destination":"1.2.3.4"}],"EgressAllowCgroups":["a/../b"]}"#, "EgressAllowCgroups[0]", "a/../b"),
+        ] {
+            let e = build(json).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_str()), (key, value), "{json}");
+            let text = e.to_string();
+            assert!(text.contains(key) && text.contains(value), "{text}");
+        }
+    }
+}

@@ -310,6 +310,29 @@ fn every_workload_script_is_accepted_by_nft_check_and_by_the_kernel() {
                 "{name} ({how}): nft -f: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            // What the kernel lists back conforms to the state it was rendered from.
+            let listing = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                crate::firewall::readback::conforms(
+                    &crate::firewall::readback::snapshot(&listing),
+                    st
+                ),
+                Ok(()),
+                "{name} ({how}): {listing}"
+            );
+            // And not to another policy.
+            let other = DesiredState {
+                workload: WorkloadPolicy::default(),
+                ..st.clone()
+            };
+            assert!(
+                crate::firewall::readback::conforms(
+                    &crate::firewall::readback::snapshot(&listing),
+                    &other
+                )
+                .is_err(),
+                "{name}"
+            );
         }
     }
     // Applied twice (a rebuild over itself), then switched off with leftovers removed.
