@@ -245,7 +245,7 @@ impl fmt::Display for AddrRange {
         let full = self.first == 0 && self.last == self.family.max();
         let prefix = match size {
             _ if full => Some(0),
-            Some(n) if n.is_power_of_two() && self.first % n == 0 => {
+            Some(n) if n.is_power_of_two() && self.first.is_multiple_of(n) => {
                 Some(self.family.bits() - n.trailing_zeros())
             }
             _ => None,
@@ -291,9 +291,15 @@ impl PortSet {
     /// The ranges, protocol by protocol.
     pub fn iter(&self) -> impl Iterator<Item = (Proto, PortRange)> + '_ {
         Proto::ALL.into_iter().flat_map(move |p| {
-            self.ranges[p.index()]
-                .iter()
-                .map(move |(a, b)| (p, PortRange { first: *a, last: *b }))
+            self.ranges[p.index()].iter().map(move |(a, b)| {
+                (
+                    p,
+                    PortRange {
+                        first: *a,
+                        last: *b,
+                    },
+                )
+            })
         })
     }
 
@@ -398,7 +404,9 @@ fn sweep(
         };
         let mut it = active.iter();
         let Some(first) = it.next() else { continue };
-        let ports = it.fold(items[*first].2.clone(), |acc, i| combine(&acc, &items[*i].2));
+        let ports = it.fold(items[*first].2.clone(), |acc, i| {
+            combine(&acc, &items[*i].2)
+        });
         match out.last_mut() {
             Some((r, p)) if r.last.checked_add(1) == Some(point) && *p == ports => r.last = last,
             _ => out.push((

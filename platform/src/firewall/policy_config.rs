@@ -120,8 +120,8 @@ fn bad(key: String, value: &str, reason: String) -> PolicyError {
 }
 
 fn ports(key: &str, p: &PortsConfig) -> Result<(Proto, PortRange), PolicyError> {
-    let proto = Proto::parse(&p.protocol)
-        .map_err(|r| bad(format!("{key}.Protocol"), &p.protocol, r))?;
+    let proto =
+        Proto::parse(&p.protocol).map_err(|r| bad(format!("{key}.Protocol"), &p.protocol, r))?;
     let text = p.ports.text();
     let range = PortRange::parse(&text).map_err(|r| bad(format!("{key}.Ports"), &text, r))?;
     Ok((proto, range))
@@ -257,10 +257,13 @@ mod tests {
 
     fn build(json: &str) -> Result<WorkloadPolicy, PolicyError> {
         let c: PolicyConfig = serde_json::from_str(json).unwrap();
-        c.build(&mut |p| id(p), Identity::Uid {
-            uid: 0,
-            reason: "monit's cgroup unknown".into(),
-        })
+        c.build(
+            &mut |p| id(p),
+            Identity::Uid {
+                uid: 0,
+                reason: "monit's cgroup unknown".into(),
+            },
+        )
     }
 
     #[test]
@@ -295,7 +298,10 @@ mod tests {
         assert_eq!(ing.ct_invalid, CtInvalid::AllowList);
         assert!(ing.sets.allows(Proto::Tcp, 22, None));
         assert!(w.localhost_guard);
-        assert!(matches!(w.alert_listener, AlertListenerPolicy::Guarded { .. }));
+        assert!(matches!(
+            w.alert_listener,
+            AlertListenerPolicy::Guarded { .. }
+        ));
         // An empty allow-list is a list: only the prologue lets traffic in.
         let w = build(r#"{"IngressAllow":[]}"#).unwrap();
         assert!(matches!(w.ingress, IngressPolicy::Enabled(_)));
@@ -307,15 +313,47 @@ mod tests {
     #[test]
     fn an_invalid_value_is_named_with_its_key() {
         for (json, key, value) in [
-            (r#"{"EgressDeny":[{"Destination":"10.0.0.0/8"},{"Destination":"10.0.0.300/32"}]}"#, "EgressDeny[1].Destination", "10.0.0.300/32"),
-            (r#"{"EgressDeny":[{"Destination":"10.1.0.0/8"}]}"#, "EgressDeny[0].Destination", "10.1.0.0/8"),
-            (r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"icmp","Ports":"1"}]}]}"#, "EgressDeny[0].Except[0].Protocol", "icmp"),
-            (r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"tcp","Ports":"70000"}]}]}"#, "EgressDeny[0].Except[0].Ports", "70000"),
+            (
+                r#"{"EgressDeny":[{"Destination":"10.0.0.0/8"},{"Destination":"10.0.0.300/32"}]}"#,
+                "EgressDeny[1].Destination",
+                "10.0.0.300/32",
+            ),
+            (
+                r#"{"EgressDeny":[{"Destination":"10.1.0.0/8"}]}"#,
+                "EgressDeny[0].Destination",
+                "10.1.0.0/8",
+            ),
+            (
+                r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"icmp","Ports":"1"}]}]}"#,
+                "EgressDeny[0].Except[0].Protocol",
+                "icmp",
+            ),
+            (
+                r#"{"EgressDeny":[{"Destination":"1.2.3.4","Except":[{"Protocol":"tcp","Ports":"70000"}]}]}"#,
+                "EgressDeny[0].Except[0].Ports",
+                "70000",
+            ),
             (r#"{"EgressAction":"tarpit"}"#, "EgressAction", "tarpit"),
-            (r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"9-1"}]}"#, "IngressAllow[0].Ports", "9-1"),
-            (r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"22","Sources":["nowhere"]}]}"#, "IngressAllow[0].Sources[0]", "nowhere"),
-            (r#"{"IngressAllow":[],"IngressCtInvalid":"accept"}"#, "IngressCtInvalid", "accept"),
-            (r#"{"EgressDeny":[{"Destination":"1.2.3.4"}],"EgressAllowCgroups":["a/../b"]}"#, "EgressAllowCgroups[0]", "a/../b"),
+            (
+                r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"9-1"}]}"#,
+                "IngressAllow[0].Ports",
+                "9-1",
+            ),
+            (
+                r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"22","Sources":["nowhere"]}]}"#,
+                "IngressAllow[0].Sources[0]",
+                "nowhere",
+            ),
+            (
+                r#"{"IngressAllow":[],"IngressCtInvalid":"accept"}"#,
+                "IngressCtInvalid",
+                "accept",
+            ),
+            (
+                r#"{"EgressDeny":[{"Destination":"1.2.3.4"}],"EgressAllowCgroups":["a/../b"]}"#,
+                "EgressAllowCgroups[0]",
+                "a/../b",
+            ),
         ] {
             let e = build(json).unwrap_err();
             assert_eq!((e.key.as_str(), e.value.as_str()), (key, value), "{json}");

@@ -65,7 +65,10 @@ fn cidrs_parse_canonically_and_refuse_host_bits() {
     assert_eq!(cidr("169.254.169.254").to_string(), "169.254.169.254/32");
     assert_eq!(cidr("fd00:ec2::254").to_string(), "fd00:ec2::254/128");
     assert_eq!(cidr("2001:db8::/32").to_string(), "2001:db8::/32");
-    assert_eq!(cidr("0.0.0.0/0").range(), (Family::V4, 0, u128::from(u32::MAX)));
+    assert_eq!(
+        cidr("0.0.0.0/0").range(),
+        (Family::V4, 0, u128::from(u32::MAX))
+    );
     assert_eq!(cidr("::/0").range(), (Family::V6, 0, u128::MAX));
     // IPv4-mapped IPv6 leaves the host as IPv4.
     assert_eq!(cidr("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
@@ -99,8 +102,14 @@ fn ranges_print_as_nft_prints_them() {
         first,
         last,
     };
-    assert_eq!(r(Family::V4, 0x0a00_0000, 0x0a00_0000).to_string(), "10.0.0.0");
-    assert_eq!(r(Family::V4, 0x0a00_0000, 0x0aff_ffff).to_string(), "10.0.0.0/8");
+    assert_eq!(
+        r(Family::V4, 0x0a00_0000, 0x0a00_0000).to_string(),
+        "10.0.0.0"
+    );
+    assert_eq!(
+        r(Family::V4, 0x0a00_0000, 0x0aff_ffff).to_string(),
+        "10.0.0.0/8"
+    );
     assert_eq!(
         r(Family::V4, 0x0a00_0000, 0x0a00_02ff).to_string(),
         "10.0.0.0-10.0.2.255"
@@ -110,7 +119,10 @@ fn ranges_print_as_nft_prints_them() {
         r(Family::V4, 0x0a00_0100, 0x0a00_02ff).to_string(),
         "10.0.1.0-10.0.2.255"
     );
-    assert_eq!(r(Family::V4, 0, u128::from(u32::MAX)).to_string(), "0.0.0.0/0");
+    assert_eq!(
+        r(Family::V4, 0, u128::from(u32::MAX)).to_string(),
+        "0.0.0.0/0"
+    );
     assert_eq!(r(Family::V6, 0, u128::MAX).to_string(), "::/0");
     assert_eq!(r(Family::V6, 1 << 127, u128::MAX).to_string(), "8000::/1");
 }
@@ -122,7 +134,10 @@ fn merge_joins_overlapping_and_adjacent() {
     assert_eq!(merge(vec![(1u16, 3), (5, 9)]), vec![(1, 3), (5, 9)]);
     assert_eq!(merge(vec![(1u16, 10), (2, 3)]), vec![(1, 10)]);
     assert_eq!(merge(vec![(1u16, 65535), (65535, 65535)]), vec![(1, 65535)]);
-    assert_eq!(merge(vec![(0u128, u128::MAX), (5, 6)]), vec![(0, u128::MAX)]);
+    assert_eq!(
+        merge(vec![(0u128, u128::MAX), (5, 6)]),
+        vec![(0, u128::MAX)]
+    );
 }
 
 #[test]
@@ -169,7 +184,11 @@ fn egress_exceptions_hold_only_where_every_covering_entry_excepts() {
     // Except ranges merge within an entry.
     let s = EgressSets::compile(&[entry(
         "1.2.3.4",
-        &[(Proto::Tcp, "1-10"), (Proto::Tcp, "11-20"), (Proto::Tcp, "5")],
+        &[
+            (Proto::Tcp, "1-10"),
+            (Proto::Tcp, "11-20"),
+            (Proto::Tcp, "5"),
+        ],
     )]);
     assert_eq!(except(&s, 0), ["1.2.3.4 . tcp . 1-20"]);
     // Entries with equal exceptions side by side join.
@@ -197,7 +216,10 @@ fn cloud_metadata_entries_are_the_five_endpoints_with_dns_and_ntp_open() {
     // Never a blanket link-local range: bosh-dns and AWS time sync stay reachable.
     for ip in ["169.254.0.2", "169.254.169.123"] {
         let v = u128::from(u32::from(ip.parse::<std::net::Ipv4Addr>().unwrap()));
-        assert!(!sets.deny[0].iter().any(|r| r.first <= v && v <= r.last), "{ip}");
+        assert!(
+            !sets.deny[0].iter().any(|r| r.first <= v && v <= r.last),
+            "{ip}"
+        );
     }
 }
 
@@ -282,7 +304,13 @@ fn lockout_refuses_a_list_without_the_ssh_port() {
 #[test]
 fn sshd_ports_from_config() {
     assert_eq!(sshd_ports(""), vec![22]);
-    assert_eq!(sshd_ports("# Port 2222\nPasswordAuthentication no\n"), vec![22]);
-    assert_eq!(sshd_ports("Port 2222\nport 22\nPort 2222\n"), vec![22, 2222]);
+    assert_eq!(
+        sshd_ports("# Port 2222\nPasswordAuthentication no\n"),
+        vec![22]
+    );
+    assert_eq!(
+        sshd_ports("Port 2222\nport 22\nPort 2222\n"),
+        vec![22, 2222]
+    );
     assert_eq!(sshd_ports("Port nope\n"), vec![22]);
 }

@@ -10,9 +10,9 @@ use super::{
     ALERTS_CHAIN, ALERTS_GUARD_CHAIN, ALLOW_MARK, DesiredState, EGRESS_CHAIN, EGRESS_DENY_V4,
     EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN,
     EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN, FirewallError,
-    INGRESS_CHAIN, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, LOCALHOST_CHAIN, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN,
-    MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN,
-    NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
+    INGRESS_CHAIN, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity, JOB_COMMENT_PREFIX,
+    LOCALHOST_CHAIN, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy,
+    NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
 };
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
@@ -298,10 +298,11 @@ pub fn rendered_workload(script: &str) -> RenderedWorkload {
                     .split_once('{')
                     .and_then(|(_, l)| l.rsplit_once('}'))
                     .map_or("", |(l, _)| l);
-                out.sets
-                    .entry(name.to_string())
-                    .or_default()
-                    .extend(list.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()));
+                out.sets.entry(name.to_string()).or_default().extend(
+                    list.split(',')
+                        .map(|x| x.trim().to_string())
+                        .filter(|x| !x.is_empty()),
+                );
             }
             _ => {}
         }
@@ -336,7 +337,12 @@ pub struct LiveJobRule {
 
 /// Parses `bosh-monit-access:<key>[ cgid=<n>]`.
 pub fn parse_job_comment(comment: &str) -> Option<(String, Option<u64>)> {
-    let rest = comment.strip_prefix(JOB_COMMENT_PREFIX)?;
+    parse_job_comment_with(JOB_COMMENT_PREFIX, comment)
+}
+
+/// Parses `<prefix><key>[ cgid=<n>]` (the monit and metadata job rules share the format).
+pub fn parse_job_comment_with(prefix: &str, comment: &str) -> Option<(String, Option<u64>)> {
+    let rest = comment.strip_prefix(prefix)?;
     match rest.rsplit_once(" cgid=") {
         Some((key, id)) => Some((key.to_string(), id.parse().ok())),
         None => Some((rest.to_string(), None)),
@@ -345,23 +351,32 @@ pub fn parse_job_comment(comment: &str) -> Option<(String, Option<u64>)> {
 
 /// The rules of `monit_access_jobs` in a chain (or table) listing, in chain order.
 pub fn job_rules(listing: &Value) -> Result<Vec<LiveJobRule>, FirewallError> {
+    job_rules_in(listing, MONIT_JOBS_CHAIN, JOB_COMMENT_PREFIX)
+}
+
+/// The job rules of `chain` whose comments use `prefix`, in chain order.
+pub fn job_rules_in(
+    listing: &Value,
+    chain: &str,
+    prefix: &str,
+) -> Result<Vec<LiveJobRule>, FirewallError> {
     let mut out = Vec::new();
     for obj in objects(listing)? {
         let Some(r) = obj.get("rule") else { continue };
-        if str_field(r, "chain") != MONIT_JOBS_CHAIN {
+        if str_field(r, "chain") != chain {
             continue;
         }
         let handle =
             r.get("handle")
                 .and_then(Value::as_u64)
                 .ok_or_else(|| FirewallError::Parse {
-                    context: format!("rule of {MONIT_JOBS_CHAIN}"),
+                    context: format!("rule of {chain}"),
                     detail: "rule without a handle".into(),
                 })?;
         let comment = r.get("comment").and_then(Value::as_str).map(str::to_string);
         let (key, cgid) = comment
             .as_deref()
-            .and_then(parse_job_comment)
+            .and_then(|c| parse_job_comment_with(prefix, c))
             .map_or((None, None), |(k, c)| (Some(k), c));
         let (mut cgroup, mut uid) = (None, None);
         for e in r

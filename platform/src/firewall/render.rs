@@ -20,9 +20,9 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use super::{
-    ALLOW_MARK, DesiredState, EGRESS_JOBS_CHAIN, Identity, JobRule, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN,
-    MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy,
-    SELFTEST_CHAIN, TABLE,
+    ALLOW_MARK, DesiredState, EGRESS_JOBS_CHAIN, Identity, JobRule, MONIT_CHAIN, MONIT_GUARD_CHAIN,
+    MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4,
+    NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN, TABLE,
 };
 use crate::cgroup::NftCgroupPath;
 

@@ -27,10 +27,10 @@ use super::super::policy::{
 };
 use super::super::{
     ALERTS_CHAIN, ALERTS_COUNTER, ALERTS_GUARD_CHAIN, ALERTS_PORT, EGRESS_CHAIN, EGRESS_COUNTER,
-    EGRESS_DENY_V4, EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6,
-    EGRESS_FORWARD_CHAIN, EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN,
-    INGRESS_CHAIN, INGRESS_COUNTER, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity,
-    LOCALHOST_CHAIN, LOCALHOST_COUNTER,
+    EGRESS_DENY_V4, EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN,
+    EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN, INGRESS_CHAIN,
+    INGRESS_COUNTER, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity, LOCALHOST_CHAIN,
+    LOCALHOST_COUNTER,
 };
 use super::{Rebuild, identity_match, not_a_syn_rule};
 
@@ -63,9 +63,14 @@ impl Leftovers {
                 || listing.contains(&format!("\tcounter {name} {{"))
         };
         Leftovers {
-            egress: [EGRESS_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_DENY_V4, EGRESS_COUNTER]
-                .iter()
-                .any(|n| has(n)),
+            egress: [
+                EGRESS_CHAIN,
+                EGRESS_GUARD_CHAIN,
+                EGRESS_DENY_V4,
+                EGRESS_COUNTER,
+            ]
+            .iter()
+            .any(|n| has(n)),
             ingress: [INGRESS_CHAIN, INGRESS_PORTS, INGRESS_COUNTER]
                 .iter()
                 .any(|n| has(n)),
@@ -206,21 +211,26 @@ fn render_egress(
     }
     let _ = writeln!(s, "add chain {t} {EGRESS_JOBS_CHAIN}");
     let verdict = |s: &mut String, chain: &str| match eg.action {
-        EgressAction::Drop => rule(s, t, chain, &format!("counter name \"{EGRESS_COUNTER}\" drop")),
+        EgressAction::Drop => rule(
+            s,
+            t,
+            chain,
+            &format!("counter name \"{EGRESS_COUNTER}\" drop"),
+        ),
         EgressAction::Reject => {
             rule(
                 s,
                 t,
                 chain,
-                &format!("meta l4proto tcp counter name \"{EGRESS_COUNTER}\" reject with tcp reset"),
+                &format!(
+                    "meta l4proto tcp counter name \"{EGRESS_COUNTER}\" reject with tcp reset"
+                ),
             );
             rule(
                 s,
                 t,
                 chain,
-                &format!(
-                    "counter name \"{EGRESS_COUNTER}\" reject with icmpx admin-prohibited"
-                ),
+                &format!("counter name \"{EGRESS_COUNTER}\" reject with icmpx admin-prohibited"),
             );
         }
     };
@@ -257,7 +267,12 @@ fn render_egress(
             &format!("{} accept comment \"allowed\"", identity_match(id)),
         );
     }
-    rule(s, t, EGRESS_GUARD_CHAIN, &format!("jump {EGRESS_JOBS_CHAIN}"));
+    rule(
+        s,
+        t,
+        EGRESS_GUARD_CHAIN,
+        &format!("jump {EGRESS_JOBS_CHAIN}"),
+    );
     verdict(s, EGRESS_GUARD_CHAIN);
     // Forwarded packets have no local socket: only replies and exceptions pass.
     r.empty_chain(s, EGRESS_FORWARD_GUARD_CHAIN);
@@ -268,8 +283,18 @@ fn render_egress(
         (EGRESS_FORWARD_CHAIN, FORWARD, EGRESS_FORWARD_GUARD_CHAIN),
     ] {
         let _ = writeln!(s, "add chain {t} {chain} {{ {hook} }}");
-        rule(s, t, chain, &format!("ip daddr @{EGRESS_DENY_V4} jump {guard}"));
-        rule(s, t, chain, &format!("ip6 daddr @{EGRESS_DENY_V6} jump {guard}"));
+        rule(
+            s,
+            t,
+            chain,
+            &format!("ip daddr @{EGRESS_DENY_V4} jump {guard}"),
+        );
+        rule(
+            s,
+            t,
+            chain,
+            &format!("ip6 daddr @{EGRESS_DENY_V6} jump {guard}"),
+        );
     }
 }
 
@@ -336,7 +361,12 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
         c,
         "meta l4proto ipv6-icmp icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } ip6 hoplimit 255 accept",
     );
-    rule(s, t, c, "meta l4proto ipv6-icmp icmpv6 type packet-too-big accept");
+    rule(
+        s,
+        t,
+        c,
+        "meta l4proto ipv6-icmp icmpv6 type packet-too-big accept",
+    );
     rule(
         s,
         t,
@@ -344,9 +374,24 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
         "meta l4proto ipv6-icmp icmpv6 type mld-listener-query ip6 saddr fe80::/10 accept",
     );
     // DHCP replies: the lease must renew.
-    rule(s, t, c, "meta nfproto ipv4 udp sport 67 udp dport 68 accept");
-    rule(s, t, c, "meta nfproto ipv6 udp sport 547 udp dport 546 accept");
-    rule(s, t, c, &format!("meta l4proto . th dport @{INGRESS_PORTS} accept"));
+    rule(
+        s,
+        t,
+        c,
+        "meta nfproto ipv4 udp sport 67 udp dport 68 accept",
+    );
+    rule(
+        s,
+        t,
+        c,
+        "meta nfproto ipv6 udp sport 547 udp dport 546 accept",
+    );
+    rule(
+        s,
+        t,
+        c,
+        &format!("meta l4proto . th dport @{INGRESS_PORTS} accept"),
+    );
     rule(
         s,
         t,
@@ -434,5 +479,10 @@ fn render_alerts(
         c,
         &format!("tcp dport {ALERTS_PORT} ip daddr 127.0.0.1 jump {g}"),
     );
-    rule(s, t, c, &format!("tcp dport {ALERTS_PORT} ip6 daddr ::1 jump {g}"));
+    rule(
+        s,
+        t,
+        c,
+        &format!("tcp dport {ALERTS_PORT} ip6 daddr ::1 jump {g}"),
+    );
 }

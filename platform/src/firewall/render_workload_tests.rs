@@ -1,11 +1,11 @@
 #![allow(clippy::unwrap_used)]
 use super::*;
+use crate::firewall::policy::Cidr;
 use crate::firewall::policy::{
     AlertListenerPolicy, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets,
     Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
     cloud_metadata_entries,
 };
-use crate::firewall::policy::Cidr;
 
 fn cg(path: &str, level: u32) -> Identity {
     Identity::Cgroup {
@@ -115,9 +115,7 @@ pub(crate) fn workload_states(agent: Identity, job: Identity) -> Vec<(&'static s
             "localhost-alerts.nft",
             base(WorkloadPolicy {
                 localhost_guard: true,
-                alert_listener: AlertListenerPolicy::Guarded {
-                    monit: job.clone(),
-                },
+                alert_listener: AlertListenerPolicy::Guarded { monit: job.clone() },
                 ..Default::default()
             }),
         ),
@@ -169,7 +167,10 @@ fn switched_off_policies_are_removed_only_when_left_over() {
         ..all.clone()
     };
     // Nothing left over: exactly today's script.
-    assert_eq!(render_ruleset_removing(&off, Leftovers::none()), render_ruleset(&off));
+    assert_eq!(
+        render_ruleset_removing(&off, Leftovers::none()),
+        render_ruleset(&off)
+    );
     let removing = render_ruleset_removing(&off, left);
     golden("workload-removed.nft", &removing);
     for obj in [
@@ -198,7 +199,10 @@ fn workload_rules_use_meta_l4proto_and_named_counters() {
         let script = render_ruleset(&st);
         assert!(!script.contains("ip protocol"), "{name}");
         assert!(!script.contains("auto-merge"), "{name}");
-        for line in script.lines().filter(|l| l.contains(" drop") || l.contains(" reject")) {
+        for line in script
+            .lines()
+            .filter(|l| l.contains(" drop") || l.contains(" reject"))
+        {
             if line.contains("monit_guard") || line.contains("nats_guard") {
                 continue;
             }
@@ -342,11 +346,18 @@ fn every_workload_script_is_accepted_by_nft_check_and_by_the_kernel() {
         ..all.clone()
     };
     let twice = format!("{}{}", render_ruleset_fresh(all), render_ruleset(all));
-    let removing = render_ruleset_removing(&off, Leftovers::in_listing(&{
-        let out = in_fresh_netns("nft -f - && nft list table inet bosh_agent", &twice);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }));
+    let removing = render_ruleset_removing(
+        &off,
+        Leftovers::in_listing(&{
+            let out = in_fresh_netns("nft -f - && nft list table inet bosh_agent", &twice);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }),
+    );
     // Written to a file so the two transactions run in the same namespace.
     let dir = std::env::temp_dir().join(format!("wl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -359,7 +370,11 @@ fn every_workload_script_is_accepted_by_nft_check_and_by_the_kernel() {
         &removing,
     );
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let left = String::from_utf8_lossy(&out.stdout);
     assert_eq!(Leftovers::in_listing(&left), Leftovers::none(), "{left}");
     assert!(left.contains("chain egress_access_jobs"), "{left}");

@@ -198,7 +198,12 @@ pub fn ensure_bridge_netfilter(
             .arg("br_netfilter")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| fail(format!("running {} br_netfilter: {e}", paths.modprobe.display())))?;
+            .map_err(|e| {
+                fail(format!(
+                    "running {} br_netfilter: {e}",
+                    paths.modprobe.display()
+                ))
+            })?;
         if !out.status.success() {
             return Err(fail(format!(
                 "{} br_netfilter failed: {}",
@@ -220,7 +225,10 @@ pub fn ensure_bridge_netfilter(
         }
         fs::write(&p, "1\n").map_err(|e| fail(format!("writing 1 to {}: {e}", p.display())))?;
         if !read()? {
-            return Err(fail(format!("{} reads back 0 after writing 1", p.display())));
+            return Err(fail(format!(
+                "{} reads back 0 after writing 1",
+                p.display()
+            )));
         }
         switched_on = true;
     }
@@ -273,7 +281,10 @@ mod tests {
         assert!(!parse_conntrack("0", "262144").unwrap().warn);
         assert!(parse_conntrack("1", "0").unwrap().warn);
         let e = parse_conntrack("many", "1000").unwrap_err();
-        assert!(e.contains("nf_conntrack_count") && e.contains("many"), "{e}");
+        assert!(
+            e.contains("nf_conntrack_count") && e.contains("many"),
+            "{e}"
+        );
         assert!(parse_conntrack("1", "-3").is_err());
     }
 
@@ -330,11 +341,17 @@ mod tests {
             proc_sys_bridge: d.join("bridge"),
             modprobe: PathBuf::from("/bin/false"),
         };
-        assert_eq!(ensure_bridge_netfilter(&paths), Ok(BridgeNetfilter::NoBridge));
+        assert_eq!(
+            ensure_bridge_netfilter(&paths),
+            Ok(BridgeNetfilter::NoBridge)
+        );
         fs::create_dir_all(net.join("br0/bridge")).unwrap();
         let e = ensure_bridge_netfilter(&paths).unwrap_err();
         assert_eq!(e.bridges, vec!["br0".to_string()]);
-        assert!(e.to_string().contains("bypasses the egress deny list"), "{e}");
+        assert!(
+            e.to_string().contains("bypasses the egress deny list"),
+            "{e}"
+        );
         // Sysctls at 0 are switched on and read back.
         fs::create_dir_all(d.join("bridge")).unwrap();
         for n in BRIDGE_SYSCTLS {
