@@ -16,7 +16,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use integration::{
@@ -179,26 +179,12 @@ impl World {
         // The metadata service: HTTP on 80, DNS on 53 (udp and tcp).
         let np = w.netprobe.clone();
         let pp = w.pktprobe.clone();
-        w.listen(
-            &w.meta.file().to_path_buf(),
-            &np,
-            &["listen", "169.254.169.254:80"],
-        );
-        w.listen(
-            &w.meta.file().to_path_buf(),
-            &np,
-            &["listen", "169.254.169.254:53"],
-        );
-        w.listen(
-            &w.meta.file().to_path_buf(),
-            &pp,
-            &["udp-echo", "169.254.169.254:53"],
-        );
-        w.listen(
-            &w.peer.file().to_path_buf(),
-            &np,
-            &["listen", "10.7.0.3:80"],
-        );
+        let meta = w.meta.file().to_path_buf();
+        let peer = w.peer.file().to_path_buf();
+        w.listen(&meta, &np, &["listen", "169.254.169.254:80"]);
+        w.listen(&meta, &np, &["listen", "169.254.169.254:53"]);
+        w.listen(&meta, &pp, &["udp-echo", "169.254.169.254:53"]);
+        w.listen(&peer, &np, &["listen", "10.7.0.3:80"]);
         w
     }
 
@@ -692,5 +678,4 @@ fn drift_in_the_new_chains_is_seen_and_repaired_by_a_rebuild() {
         w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
         TIMED_OUT
     );
-    let _ = (&w.meta, &w.peer, &w.container, Command::new("true"));
 }

@@ -271,7 +271,9 @@ fn inner() -> Res<()> {
     reset()?;
     let udp: Vec<f64> = udp.into_iter().map(median).collect();
     let tcp: Vec<f64> = tcp.into_iter().map(median).collect();
-    println!("unrelated traffic           UDP pkt/s   ratio/floor ratio/1    TCP conn/s  ratio/floor ratio/1");
+    println!(
+        "unrelated traffic           UDP pkt/s   ratio/floor ratio/1    TCP conn/s  ratio/floor ratio/1"
+    );
     for (i, (name, _)) in conditions.iter().enumerate() {
         println!(
             "{name:<27} {:>10.0}  {:>10.3} {:>8.3}  {:>10.0}  {:>10.3} {:>8.3}",
@@ -293,7 +295,12 @@ fn inner() -> Res<()> {
     let pid = peer.id().to_string();
     let ns = format!("/proc/{pid}/ns/net");
     let result = (|| -> Res<()> {
-        run("ip", &["link", "add", "b0", "type", "veth", "peer", "name", "b1", "netns", &pid])?;
+        run(
+            "ip",
+            &[
+                "link", "add", "b0", "type", "veth", "peer", "name", "b1", "netns", &pid,
+            ],
+        )?;
         run("ip", &["addr", "add", &format!("{SERVER}/24"), "dev", "b0"])?;
         run("ip", &["link", "set", "b0", "up"])?;
         for args in [
@@ -306,7 +313,11 @@ fn inner() -> Res<()> {
             let refs: Vec<&str> = a.iter().map(String::as_str).collect();
             run("nsenter", &refs)?;
         }
-        serve(format!("{SERVER}:{TCP_PORT}").parse().map_err(|e| format!("{e}"))?)?;
+        serve(
+            format!("{SERVER}:{TCP_PORT}")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+        )?;
         let _sink = UdpSocket::bind(format!("{SERVER}:{UDP_PORT}"))
             .map_err(|e| format!("udp sink: {e}"))?;
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -334,7 +345,9 @@ fn inner() -> Res<()> {
                     ));
                 }
                 let text = String::from_utf8_lossy(&out.stdout);
-                let mut it = text.split_whitespace().filter_map(|w| w.parse::<f64>().ok());
+                let mut it = text
+                    .split_whitespace()
+                    .filter_map(|w| w.parse::<f64>().ok());
                 t[i].push(it.next().unwrap_or(0.0));
                 u[i].push(it.next().unwrap_or(0.0));
             }
@@ -390,11 +403,15 @@ fn client(args: &[String]) -> Res<()> {
     let secs: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let _ = CLIENT;
     let t = tcp_rate(
-        format!("{SERVER}:{TCP_PORT}").parse().map_err(|e| format!("{e}"))?,
+        format!("{SERVER}:{TCP_PORT}")
+            .parse()
+            .map_err(|e| format!("{e}"))?,
         secs,
     )?;
     let u = udp_rate(
-        format!("{SERVER}:{UDP_PORT}").parse().map_err(|e| format!("{e}"))?,
+        format!("{SERVER}:{UDP_PORT}")
+            .parse()
+            .map_err(|e| format!("{e}"))?,
         secs,
     )?;
     println!("{t} {u}");

@@ -379,3 +379,21 @@ fn every_workload_script_is_accepted_by_nft_check_and_by_the_kernel() {
     assert_eq!(Leftovers::in_listing(&left), Leftovers::none(), "{left}");
     assert!(left.contains("chain egress_access_jobs"), "{left}");
 }
+
+#[test]
+fn the_kernel_capability_probe_passes_here_and_changes_nothing() {
+    let probe = crate::firewall::status::capability_probe();
+    let out = in_fresh_netns("nft -c -f - && nft list ruleset", &probe);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "a check left something behind");
+    // A failing nft is reported with its message, not swallowed.
+    let e = crate::firewall::status::check_kernel(&crate::firewall::nft::Nft::with_binary(
+        "/bin/false",
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("nft check failed"), "{e}");
+}
