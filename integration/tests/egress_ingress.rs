@@ -68,11 +68,28 @@ fn sh(ns: &Netns, cmd: &str) {
     ok(&out, cmd);
 }
 
+/// A process that holds `ns`, returned only once it is inside (its `/proc/<pid>/ns/net` is the
+/// namespace's inode): before that, its pid would name the host's namespace, and an
+/// interface moved "into" it would land on the host.
 fn holder(ns: &Netns) -> Proc {
-    Exec::new(["sleep", "3600"])
+    use std::os::unix::fs::MetadataExt;
+    let p = Exec::new(["sleep", "3600"])
         .netns(ns.file())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let want = std::fs::metadata(ns.file()).unwrap().ino();
+    let link = format!("/proc/{}/ns/net", p.pid());
+    wait_for(
+        "holder inside its namespace",
+        Duration::from_secs(10),
+        || {
+            Ok(std::fs::metadata(&link)
+                .is_ok_and(|m| m.ino() == want)
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    p
 }
 
 /// The cgroup as `socket cgroupv2` matches it: its nft path and its depth below the v2 root.
@@ -120,10 +137,11 @@ impl World {
                  ip link add v-peer type veth peer name eth0 netns {p}
                  ip link set v-ctr master br0; ip link set v-peer master br0
                  ip addr add 10.9.0.1/24 dev v-out; ip addr add fd09::1/64 dev v-out nodad
-                 ip addr add 10.8.0.1/24 dev v-meta
+                 ip addr add 10.8.0.1/24 dev v-meta; ip addr add fd08::1/64 dev v-meta nodad
                  ip addr add 10.7.0.1/24 dev br0
                  for d in v-out v-meta br0 v-ctr v-peer; do ip link set $d up; done
                  ip route add {METADATA}/32 via 10.8.0.2
+                 ip -6 route add fd00:ec2::254/128 via fd08::2
                  sysctl -qw net.ipv4.ip_forward=1",
                 o = pid(0),
                 m = pid(1),
@@ -141,6 +159,8 @@ impl World {
             &format!(
                 "ip addr add 10.8.0.2/24 dev eth0; ip link set eth0 up
                  ip addr add {METADATA}/32 dev eth0
+                 ip addr add fd08::2/64 dev eth0 nodad; ip addr add fd00:ec2::254/128 dev eth0 nodad
+                 ip -6 route add default via fd08::1
                  ip route add default via 10.8.0.1"
             ),
         );
@@ -185,6 +205,7 @@ impl World {
         w.listen(&meta, &np, &["listen", "169.254.169.254:53"]);
         w.listen(&meta, &pp, &["udp-echo", "169.254.169.254:53"]);
         w.listen(&peer, &np, &["listen", "10.7.0.3:80"]);
+        w.listen(&meta, &np, &["listen", "[fd00:ec2::254]:80"]);
         w
     }
 
@@ -678,4 +699,78 @@ fn drift_in_the_new_chains_is_seen_and_repaired_by_a_rebuild() {
         w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
         TIMED_OUT
     );
+}
+
+#[test]
+fn firewall_allow_metadata_adds_prunes_and_covers_ipv6() {
+    use platform::firewall::jobs::{
+        AllowOutcome, allow_metadata, metadata_comment, prune_metadata_rules,
+    };
+    use platform::firewall::nft::Nft;
+    let w = World::new();
+    let st = w.desired(r#"{"DenyCloudMetadata": true}"#);
+    w.apply(&render_ruleset(&st));
+    // IPv6: the AWS IPv6 endpoint is denied to workloads, open to the agent.
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.workload), "[fd00:ec2::254]:80"),
+        TIMED_OUT
+    );
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.agent), "[fd00:ec2::254]:80"),
+        CONNECTED
+    );
+    assert_eq!(w.tcp(&w.vm, Some(&w.job), "[fd00:ec2::254]:80"), TIMED_OUT);
+
+    // The real `allow_metadata` (netlink listing, lock, one nft run), from a thread that
+    // entered the VM's network namespace: nft and netlink then talk to the VM's table.
+    let gone = w.cg.child("gone").unwrap();
+    let run_dir = w.dir.path().join("run");
+    let vm_ns = w.vm.file().to_path_buf();
+    let (job, gone_cg) = (w.job.clone(), gone.clone());
+    let outcomes = std::thread::spawn(move || {
+        let f = std::fs::File::open(&vm_ns).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let nft = Nft::default();
+        let rule = |cg: &CgroupDir, key: &str| JobRule {
+            identity: identity(cg),
+            comment: metadata_comment(key, Some(cg.inode().unwrap())).unwrap(),
+        };
+        let inode = job.inode().unwrap();
+        let first = allow_metadata(&nft, &run_dir, &rule(&job, "job"), "job", Some(inode)).unwrap();
+        let again = allow_metadata(&nft, &run_dir, &rule(&job, "job"), "job", Some(inode)).unwrap();
+        let g = gone_cg.inode().unwrap();
+        allow_metadata(&nft, &run_dir, &rule(&gone_cg, "gone"), "gone", Some(g)).unwrap();
+        gone_cg.remove().unwrap();
+        let pruned = prune_metadata_rules(&nft, &run_dir).unwrap();
+        (first, again, pruned)
+    })
+    .join()
+    .unwrap();
+    assert!(
+        matches!(outcomes.0, AllowOutcome::Added { .. }),
+        "{:?}",
+        outcomes.0
+    );
+    assert!(
+        matches!(
+            outcomes.1,
+            AllowOutcome::AlreadyAllowed { duplicates: 0, .. }
+        ),
+        "{:?}",
+        outcomes.1
+    );
+    assert_eq!(outcomes.2, 1, "the rule of the removed cgroup is pruned");
+    let jobs = w.list(
+        &w.vm,
+        &["list", "chain", "inet", "bosh_agent", "egress_access_jobs"],
+    );
+    assert_eq!(jobs.matches("bosh-metadata-access:").count(), 1, "{jobs}");
+    assert_eq!(w.tcp(&w.vm, Some(&w.job), "[fd00:ec2::254]:80"), CONNECTED);
+    assert_eq!(w.tcp(&w.vm, Some(&w.job), "169.254.169.254:80"), CONNECTED);
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
+        TIMED_OUT
+    );
+    // The job rule is the jobs': the agent's read-back ignores it.
+    assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
 }

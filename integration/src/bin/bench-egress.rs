@@ -291,8 +291,22 @@ fn inner() -> Res<()> {
         .args(["--net", "sleep", "3600"])
         .spawn()
         .map_err(|e| format!("unshare: {e}"))?;
-    std::thread::sleep(Duration::from_millis(200));
     let pid = peer.id().to_string();
+    // Wait until the child has its own namespace: before that its pid names ours.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::metadata("/proc/self/ns/net")
+            .map_err(|e| format!("ns: {e}"))?
+            .ino();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(format!("/proc/{pid}/ns/net")).map_or(true, |m| m.ino() == ours) {
+            if Instant::now() > deadline {
+                let _ = peer.kill();
+                return Err("the peer namespace did not appear".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     let ns = format!("/proc/{pid}/ns/net");
     let result = (|| -> Res<()> {
         run(
