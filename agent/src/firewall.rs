@@ -120,6 +120,7 @@ impl Firewall {
             nft,
             run_dir,
             desired: DesiredState {
+                workload: Default::default(),
                 identity: est.identity,
                 monit,
                 nats,

@@ -170,6 +170,7 @@ fn inner(args: &[String]) -> Res<()> {
     let nats64v: Vec<SocketAddr> = nats64.iter().copied().collect();
     let ours = |nats: NatsPolicy| {
         render_ruleset(&DesiredState {
+            workload: Default::default(),
             identity: identity.clone(),
             monit: MonitPolicy::Enabled { allow_root: true },
             nats,
@@ -341,6 +342,7 @@ impl Drop for CgroupDirs {
 fn allow_bench(cg: &Path, identity: &Identity) -> Res<()> {
     let runs = 30;
     nft(&render_ruleset(&DesiredState {
+        workload: Default::default(),
         identity: identity.clone(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Disabled,

@@ -7,12 +7,18 @@ use std::path::Path;
 
 use super::netlink;
 use super::nft::{FirewallLock, Nft};
-use super::readback::{self, ForeignJobRule, LiveJobRule, job_rules, parse_job_comment};
-use super::render::{render_delete_job_rule, render_job_rule};
+use super::readback::{
+    self, ForeignJobRule, LiveJobRule, job_rules, job_rules_in, parse_job_comment,
+    parse_job_comment_with,
+};
+use super::render::{
+    render_delete_job_rule, render_delete_metadata_job_rule, render_job_rule,
+    render_metadata_job_rule,
+};
 use super::state::RuntimeState;
 use super::{
-    Comment, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule, MAX_COMMENT_LEN,
-    MONIT_JOBS_CHAIN,
+    Comment, EGRESS_JOBS_CHAIN, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule,
+    MAX_COMMENT_LEN, METADATA_COMMENT_PREFIX, MONIT_JOBS_CHAIN,
 };
 use crate::cgroup::{self, CgroupPlacement};
 
@@ -409,6 +415,153 @@ pub fn reconcile_jobs_chain(
         out.failed = Some(e);
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// `firewall-allow metadata`: the same mechanics on the egress jobs chain.
+
+/// The comment of a `firewall-allow metadata` rule: `bosh-metadata-access:<key>[ cgid=<n>]`.
+pub fn metadata_comment(key: &str, cgid: Option<u64>) -> Result<Comment, super::UnsafeValue> {
+    match cgid {
+        Some(id) => Comment::new(&format!("{METADATA_COMMENT_PREFIX}{key} cgid={id}")),
+        None => Comment::new(&format!("{METADATA_COMMENT_PREFIX}{key}")),
+    }
+}
+
+/// The caller's metadata rule: the identity [`caller_rule`] found, with the metadata comment.
+pub fn metadata_rule(
+    monit_rule: JobRule,
+    key: &str,
+    cgid: Option<u64>,
+) -> Result<JobRule, FirewallError> {
+    Ok(JobRule {
+        identity: monit_rule.identity,
+        comment: metadata_comment(key, cgid)?,
+    })
+}
+
+fn live_metadata_rules(nft: &Nft) -> Result<Option<Vec<LiveJobRule>>, FirewallError> {
+    match netlink::chain_rules(super::TABLE, EGRESS_JOBS_CHAIN) {
+        Ok(rules) => Ok(rules.map(|rules| {
+            rules
+                .into_iter()
+                .map(|r| {
+                    let (key, cgid) = r
+                        .comment
+                        .as_deref()
+                        .and_then(|c| parse_job_comment_with(METADATA_COMMENT_PREFIX, c))
+                        .map_or((None, None), |(k, c)| (Some(k), c));
+                    LiveJobRule {
+                        handle: r.handle,
+                        comment: r.comment,
+                        key,
+                        cgid,
+                        cgroup: None,
+                        uid: None,
+                    }
+                })
+                .collect()
+        })),
+        Err(e) => {
+            tracing::debug!(error = %e, "netlink listing failed; asking nft");
+            nft.list_chain(EGRESS_JOBS_CHAIN)?
+                .map(|l| job_rules_in(&l, EGRESS_JOBS_CHAIN, METADATA_COMMENT_PREFIX))
+                .transpose()
+        }
+    }
+}
+
+/// Allows the caller's identity through the egress deny list (`firewall-allow metadata`),
+/// with the guarantees of [`plan_allow`], under the firewall lock. Answers
+/// [`AllowOutcome::NotInstalled`] when there is no egress jobs chain (no deny list).
+pub fn allow_metadata(
+    nft: &Nft,
+    run_dir: &Path,
+    rule: &JobRule,
+    key: &str,
+    cgid: Option<u64>,
+) -> Result<AllowOutcome, FirewallError> {
+    let _lock = match FirewallLock::acquire(run_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            return match live_metadata_rules(nft)? {
+                None => Ok(AllowOutcome::NotInstalled),
+                Some(_) => Err(e),
+            };
+        }
+    };
+    let Some(live) = live_metadata_rules(nft)? else {
+        return Ok(AllowOutcome::NotInstalled);
+    };
+    let ancestors = match &rule.identity {
+        Identity::Cgroup { path, .. } => ancestor_inodes(path.as_str()),
+        Identity::Uid { .. } => HashSet::new(),
+    };
+    let mut existing: Option<HashSet<u64>> = None;
+    let mut walk_failed = false;
+    let mut exists = |id: u64| {
+        let set = existing.get_or_insert_with(|| {
+            cgroup::hierarchy_inodes().unwrap_or_else(|_| {
+                walk_failed = true;
+                HashSet::new()
+            })
+        });
+        walk_failed || set.contains(&id)
+    };
+    let plan = plan_allow(&live, key, cgid, &ancestors, &mut exists);
+    if let Some(handle) = plan.covered_by {
+        let comment = live
+            .iter()
+            .find(|r| r.handle == handle)
+            .and_then(|r| r.comment.clone())
+            .unwrap_or_default();
+        return Ok(AllowOutcome::CoveredByAncestor { comment });
+    }
+    let mut script: String = plan
+        .delete
+        .iter()
+        .map(|h| render_delete_metadata_job_rule(*h))
+        .collect();
+    let text = render_metadata_job_rule(rule);
+    if plan.add {
+        script.push_str(&text);
+    }
+    if !script.is_empty() {
+        nft.apply(&script)?;
+    }
+    let rule = text.trim_end().to_string();
+    Ok(if plan.add {
+        AllowOutcome::Added {
+            rule,
+            replaced: plan.delete.len(),
+        }
+    } else {
+        AllowOutcome::AlreadyAllowed {
+            rule,
+            duplicates: plan.delete.len(),
+        }
+    })
+}
+
+/// Deletes, in one transaction under the lock, the metadata job rules whose cgroup is gone
+/// (rules without a recorded cgroup id are kept). Returns how many were deleted.
+pub fn prune_metadata_rules(nft: &Nft, run_dir: &Path) -> Result<usize, FirewallError> {
+    let _lock = FirewallLock::acquire(run_dir)?;
+    let Some(live) = live_metadata_rules(nft)? else {
+        return Ok(0);
+    };
+    if !live.iter().any(|r| r.cgid.is_some()) {
+        return Ok(0);
+    }
+    let stale = stale_rules(&live, &cgroup::hierarchy_inodes()?);
+    let script: String = stale
+        .iter()
+        .map(|h| render_delete_metadata_job_rule(*h))
+        .collect();
+    if !script.is_empty() {
+        nft.apply(&script)?;
+    }
+    Ok(stale.len())
 }
 
 #[cfg(test)]

@@ -8,10 +8,13 @@
 pub mod jobs;
 pub mod netlink;
 pub mod nft;
+pub mod policy;
+pub mod policy_config;
 pub mod readback;
 pub mod render;
 pub mod selftest;
 pub mod state;
+pub mod status;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -37,6 +40,51 @@ pub const NATS_SET_V4: &str = "nats_v4";
 pub const NATS_SET_V6: &str = "nats_v6";
 /// Transient chain of the cgroup self-test.
 pub const SELFTEST_CHAIN: &str = "selftest";
+/// Base chain of the egress deny list on locally generated traffic (hook output).
+pub const EGRESS_CHAIN: &str = "egress_output";
+/// Base chain of the egress deny list on forwarded traffic (hook forward, before SNAT).
+pub const EGRESS_FORWARD_CHAIN: &str = "egress_forward";
+/// Regular chain reached by local packets to a denied range: who may pass.
+pub const EGRESS_GUARD_CHAIN: &str = "egress_guard";
+/// Regular chain reached by forwarded packets to a denied range.
+pub const EGRESS_FORWARD_GUARD_CHAIN: &str = "egress_forward_guard";
+/// Regular chain holding `firewall-allow metadata` job rules; created when the egress list is
+/// on, never flushed.
+pub const EGRESS_JOBS_CHAIN: &str = "egress_access_jobs";
+/// Denied destinations (interval sets).
+pub const EGRESS_DENY_V4: &str = "egress_deny_v4";
+/// IPv6 counterpart of [`EGRESS_DENY_V4`].
+pub const EGRESS_DENY_V6: &str = "egress_deny_v6";
+/// Excepted `address . protocol . port` (concatenated interval sets).
+pub const EGRESS_EXCEPT_V4: &str = "egress_except_v4";
+/// IPv6 counterpart of [`EGRESS_EXCEPT_V4`].
+pub const EGRESS_EXCEPT_V6: &str = "egress_except_v6";
+/// Named counter of packets the egress list denied.
+pub const EGRESS_COUNTER: &str = "egress_denied";
+/// Base chain of the ingress allow-list (hook input, priority filter: after conntrack).
+pub const INGRESS_CHAIN: &str = "ingress_filter";
+/// Ports open to every source: `protocol . port`.
+pub const INGRESS_PORTS: &str = "ingress_ports";
+/// Ports open to some sources: `address . protocol . port`.
+pub const INGRESS_SRC_V4: &str = "ingress_src_v4";
+/// IPv6 counterpart of [`INGRESS_SRC_V4`].
+pub const INGRESS_SRC_V6: &str = "ingress_src_v6";
+/// Named counter of inbound packets the allow-list dropped.
+pub const INGRESS_COUNTER: &str = "ingress_dropped";
+/// Base chain of the localhost guard (hook input).
+pub const LOCALHOST_CHAIN: &str = "localhost_guard";
+/// Named counter of the localhost guard.
+pub const LOCALHOST_COUNTER: &str = "localhost_dropped";
+/// Base chain guarding the agent's alert listener (hook output).
+pub const ALERTS_CHAIN: &str = "alerts_access";
+/// Regular chain reached only by packets addressed to the alert listener.
+pub const ALERTS_GUARD_CHAIN: &str = "alerts_guard";
+/// Named counter of connection attempts to the alert listener that were refused.
+pub const ALERTS_COUNTER: &str = "alerts_dropped";
+/// The agent's monit-alert listener port (upstream's, on 127.0.0.1).
+pub const ALERTS_PORT: u16 = 2825;
+/// Comment prefix of `firewall-allow metadata` job rules.
+pub const METADATA_COMMENT_PREFIX: &str = "bosh-metadata-access:";
 /// Mark set on every packet the agent's table accepts, so that the stemcell's table
 /// (`inet bosh_firewall`) lets it through.
 pub const ALLOW_MARK: u32 = 0xb054;
@@ -95,6 +143,9 @@ pub struct DesiredState {
     pub identity: Identity,
     pub monit: MonitPolicy,
     pub nats: NatsPolicy,
+    /// Egress deny list, ingress allow-list, localhost guard, alert listener: all off by
+    /// default, and then the script is exactly what it is without them.
+    pub workload: policy::WorkloadPolicy,
 }
 
 /// A comment that is safe inside a double-quoted nft string and fits nft's 128-byte limit.

@@ -36,14 +36,26 @@ impl Nft {
     /// Applies `script` as one transaction with `nft -f -`: all of it takes effect or none.
     /// The error carries nft's own message.
     pub fn apply(&self, script: &str) -> Result<(), FirewallError> {
+        self.run_script(&["-f", "-"], "apply", script)
+    }
+
+    /// Checks `script` with `nft --check -f -`: the kernel validates the transaction (and
+    /// loads the modules its expressions need) and then aborts it, so nothing changes. Hook
+    /// restrictions are checked only at a real commit.
+    pub fn check(&self, script: &str) -> Result<(), FirewallError> {
+        self.run_script(&["--check", "-f", "-"], "check", script)
+    }
+
+    fn run_script(&self, args: &[&str], action: &str, script: &str) -> Result<(), FirewallError> {
+        let words = args.join(" ");
         let mut child = Command::new(&self.bin)
-            .args(["-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|source| FirewallError::Spawn {
-                cmd: self.describe("-f -"),
+                cmd: self.describe(&words),
                 source,
             })?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -53,14 +65,14 @@ impl Nft {
         let out = child
             .wait_with_output()
             .map_err(|source| FirewallError::Spawn {
-                cmd: self.describe("-f -"),
+                cmd: self.describe(&words),
                 source,
             })?;
         if out.status.success() {
             Ok(())
         } else {
             Err(FirewallError::Nft {
-                action: "apply".into(),
+                action: action.into(),
                 code: out.status.code(),
                 stderr: one_line(&out.stderr),
             })

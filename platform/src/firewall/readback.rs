@@ -7,9 +7,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use super::{
-    ALLOW_MARK, DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN,
-    MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN,
-    NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
+    ALERTS_CHAIN, ALERTS_GUARD_CHAIN, ALLOW_MARK, DesiredState, EGRESS_CHAIN, EGRESS_DENY_V4,
+    EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN,
+    EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN, FirewallError,
+    INGRESS_CHAIN, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity, JOB_COMMENT_PREFIX,
+    LOCALHOST_CHAIN, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy,
+    NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
 };
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
@@ -65,7 +68,13 @@ pub fn snapshot(listing: &str) -> Value {
 /// apply is only trusted as the drift reference if it conforms: a change made in between
 /// (a chain, rule or element removed, another level) is then repaired, not adopted. Pure.
 pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> {
-    let mut want: BTreeMap<&str, usize> = BTreeMap::new();
+    let script = super::render::render_ruleset(desired);
+    let workload = rendered_workload(&script);
+    let mut want: BTreeMap<&str, usize> = workload
+        .chains
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
     if let MonitPolicy::Enabled { allow_root } = desired.monit {
         want.insert(MONIT_CHAIN, 3);
         want.insert(MONIT_GUARD_CHAIN, if allow_root { 5 } else { 4 });
@@ -126,7 +135,43 @@ pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> 
         })
         .unwrap_or(Some(Vec::new()));
     let live = live.ok_or("a NATS set element is not `address . port`")?;
-    let set_names: Vec<&String> = sets.map(|s| s.keys().collect()).unwrap_or_default();
+    let set_names: Vec<&String> = sets
+        .map(|s| {
+            s.keys()
+                .filter(|n| *n == NATS_SET_V4 || *n == NATS_SET_V6)
+                .collect()
+        })
+        .unwrap_or_default();
+    let live_workload: BTreeMap<&str, Vec<String>> = sets
+        .map(|s| {
+            s.iter()
+                .filter(|(n, _)| WORKLOAD_SETS.contains(&n.as_str()))
+                .map(|(n, v)| {
+                    let e = v
+                        .get("elements")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (n.as_str(), e)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let want_workload: BTreeMap<&str, Vec<String>> = workload
+        .sets
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    if live_workload != want_workload {
+        return Err(format!(
+            "workload sets {live_workload:?}, expected {want_workload:?}"
+        ));
+    }
     match endpoints {
         Some(eps) => {
             if set_names.len() != 2 {
@@ -179,7 +224,93 @@ fn canonical_set(body: &[String]) -> Value {
 }
 
 fn skip_chain(name: &str) -> bool {
-    name == MONIT_JOBS_CHAIN || name == SELFTEST_CHAIN
+    name == MONIT_JOBS_CHAIN || name == SELFTEST_CHAIN || name == EGRESS_JOBS_CHAIN
+}
+
+/// The chains of the workload policies (the jobs chain is the jobs').
+pub const WORKLOAD_CHAINS: [&str; 8] = [
+    EGRESS_CHAIN,
+    EGRESS_FORWARD_CHAIN,
+    EGRESS_GUARD_CHAIN,
+    EGRESS_FORWARD_GUARD_CHAIN,
+    INGRESS_CHAIN,
+    LOCALHOST_CHAIN,
+    ALERTS_CHAIN,
+    ALERTS_GUARD_CHAIN,
+];
+
+/// The sets of the workload policies.
+pub const WORKLOAD_SETS: [&str; 7] = [
+    EGRESS_DENY_V4,
+    EGRESS_DENY_V6,
+    EGRESS_EXCEPT_V4,
+    EGRESS_EXCEPT_V6,
+    INGRESS_PORTS,
+    INGRESS_SRC_V4,
+    INGRESS_SRC_V6,
+];
+
+/// What a rendered script puts in the workload chains and sets: each chain's number of
+/// listing lines (its rules, plus the hook line of a base chain) and each set's elements,
+/// sorted as [`snapshot`] sorts them. Derived from the script, so the expectation cannot
+/// drift from the renderer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RenderedWorkload {
+    pub chains: BTreeMap<String, usize>,
+    pub sets: BTreeMap<String, Vec<String>>,
+}
+
+/// Reads [`RenderedWorkload`] off a script of [`super::render`]. Pure.
+pub fn rendered_workload(script: &str) -> RenderedWorkload {
+    let prefix = format!("inet {} ", super::TABLE);
+    let mut out = RenderedWorkload::default();
+    for line in script.lines() {
+        let Some((verb, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((kind, rest)) = rest.split_once(' ') else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix(&prefix) else {
+            continue;
+        };
+        let name = rest.split(' ').next().unwrap_or("");
+        match (verb, kind) {
+            ("add", "chain") if WORKLOAD_CHAINS.contains(&name) => {
+                let n = usize::from(rest.contains(" hook "));
+                let e = out.chains.entry(name.to_string()).or_insert(0);
+                *e = (*e).max(n);
+            }
+            ("delete", "chain") => {
+                out.chains.remove(name);
+            }
+            ("add", "rule") if WORKLOAD_CHAINS.contains(&name) => {
+                *out.chains.entry(name.to_string()).or_insert(0) += 1;
+            }
+            ("add", "set") if WORKLOAD_SETS.contains(&name) => {
+                out.sets.entry(name.to_string()).or_default();
+            }
+            ("delete", "set") => {
+                out.sets.remove(name);
+            }
+            ("add", "element") if WORKLOAD_SETS.contains(&name) => {
+                let list = rest
+                    .split_once('{')
+                    .and_then(|(_, l)| l.rsplit_once('}'))
+                    .map_or("", |(l, _)| l);
+                out.sets.entry(name.to_string()).or_default().extend(
+                    list.split(',')
+                        .map(|x| x.trim().to_string())
+                        .filter(|x| !x.is_empty()),
+                );
+            }
+            _ => {}
+        }
+    }
+    for v in out.sets.values_mut() {
+        v.sort();
+    }
+    out
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
@@ -206,7 +337,12 @@ pub struct LiveJobRule {
 
 /// Parses `bosh-monit-access:<key>[ cgid=<n>]`.
 pub fn parse_job_comment(comment: &str) -> Option<(String, Option<u64>)> {
-    let rest = comment.strip_prefix(JOB_COMMENT_PREFIX)?;
+    parse_job_comment_with(JOB_COMMENT_PREFIX, comment)
+}
+
+/// Parses `<prefix><key>[ cgid=<n>]` (the monit and metadata job rules share the format).
+pub fn parse_job_comment_with(prefix: &str, comment: &str) -> Option<(String, Option<u64>)> {
+    let rest = comment.strip_prefix(prefix)?;
     match rest.rsplit_once(" cgid=") {
         Some((key, id)) => Some((key.to_string(), id.parse().ok())),
         None => Some((rest.to_string(), None)),
@@ -215,23 +351,32 @@ pub fn parse_job_comment(comment: &str) -> Option<(String, Option<u64>)> {
 
 /// The rules of `monit_access_jobs` in a chain (or table) listing, in chain order.
 pub fn job_rules(listing: &Value) -> Result<Vec<LiveJobRule>, FirewallError> {
+    job_rules_in(listing, MONIT_JOBS_CHAIN, JOB_COMMENT_PREFIX)
+}
+
+/// The job rules of `chain` whose comments use `prefix`, in chain order.
+pub fn job_rules_in(
+    listing: &Value,
+    chain: &str,
+    prefix: &str,
+) -> Result<Vec<LiveJobRule>, FirewallError> {
     let mut out = Vec::new();
     for obj in objects(listing)? {
         let Some(r) = obj.get("rule") else { continue };
-        if str_field(r, "chain") != MONIT_JOBS_CHAIN {
+        if str_field(r, "chain") != chain {
             continue;
         }
         let handle =
             r.get("handle")
                 .and_then(Value::as_u64)
                 .ok_or_else(|| FirewallError::Parse {
-                    context: format!("rule of {MONIT_JOBS_CHAIN}"),
+                    context: format!("rule of {chain}"),
                     detail: "rule without a handle".into(),
                 })?;
         let comment = r.get("comment").and_then(Value::as_str).map(str::to_string);
         let (key, cgid) = comment
             .as_deref()
-            .and_then(parse_job_comment)
+            .and_then(|c| parse_job_comment_with(prefix, c))
             .map_or((None, None), |(k, c)| (Some(k), c));
         let (mut cgroup, mut uid) = (None, None);
         for e in r
@@ -544,6 +689,7 @@ mod tests {
 
     fn desired(level: u32, allow_root: bool, eps: &[&str]) -> DesiredState {
         DesiredState {
+            workload: Default::default(),
             identity: Identity::Cgroup {
                 path: crate::cgroup::NftCgroupPath::new("unified/exp1").unwrap(),
                 level,

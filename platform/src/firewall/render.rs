@@ -20,11 +20,15 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use super::{
-    ALLOW_MARK, DesiredState, Identity, JobRule, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN,
-    MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy,
-    SELFTEST_CHAIN, TABLE,
+    ALLOW_MARK, DesiredState, EGRESS_JOBS_CHAIN, Identity, JobRule, MONIT_CHAIN, MONIT_GUARD_CHAIN,
+    MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4,
+    NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN, TABLE,
 };
 use crate::cgroup::NftCgroupPath;
+
+#[path = "render_workload.rs"]
+mod workload;
+pub use workload::Leftovers;
 
 const HOOK: &str = "type filter hook output priority filter - 1; policy accept;";
 
@@ -53,7 +57,14 @@ fn not_a_syn_rule(t: &str, chain: &str) -> String {
 /// Renders the whole desired state as one script. Job rules in `monit_access_jobs` are never
 /// touched: the chain is added if missing and otherwise left as it is.
 pub fn render_ruleset(state: &DesiredState) -> String {
-    render(state, false)
+    render(state, false, Leftovers::none())
+}
+
+/// [`render_ruleset`] that also removes the objects of workload policies that are switched
+/// off but still in the live table (`leftovers`, from [`Leftovers::in_listing`]). With
+/// nothing left over it is byte-identical to [`render_ruleset`].
+pub fn render_ruleset_removing(state: &DesiredState, leftovers: Leftovers) -> String {
+    render(state, false, leftovers)
 }
 
 /// The same state for a host where the table does not exist (a first boot): objects are only
@@ -62,10 +73,10 @@ pub fn render_ruleset(state: &DesiredState) -> String {
 /// appeared after all — the transaction then changes nothing and the caller falls back to
 /// [`render_ruleset`].
 pub fn render_ruleset_fresh(state: &DesiredState) -> String {
-    render(state, true)
+    render(state, true, Leftovers::none())
 }
 
-fn render(state: &DesiredState, fresh: bool) -> String {
+fn render(state: &DesiredState, fresh: bool, leftovers: Leftovers) -> String {
     let mut s = String::with_capacity(2048);
     let t = format!("inet {TABLE}");
     let verb = if fresh { "create" } else { "add" };
@@ -74,6 +85,7 @@ fn render(state: &DesiredState, fresh: bool) -> String {
     let r = Rebuild { t: &t, fresh };
     render_monit(&mut s, &r, &state.identity, state.monit);
     render_nats(&mut s, &r, &state.identity, &state.nats);
+    workload::render_workload(&mut s, &r, &state.identity, &state.workload, leftovers);
     // A self-test interrupted by a crash must not leave its chain behind.
     r.remove_chain(&mut s, SELFTEST_CHAIN);
     s
@@ -257,6 +269,20 @@ pub fn render_job_rule(rule: &JobRule) -> String {
     )
 }
 
+/// One `firewall-allow metadata` job rule: accept the job's packets to a denied range.
+pub fn render_metadata_job_rule(rule: &JobRule) -> String {
+    format!(
+        "add rule inet {TABLE} {EGRESS_JOBS_CHAIN} {} accept comment \"{}\"\n",
+        identity_match(&rule.identity),
+        rule.comment.as_str()
+    )
+}
+
+/// Deletes a rule of the egress jobs chain by its kernel handle.
+pub fn render_delete_metadata_job_rule(handle: u64) -> String {
+    format!("delete rule inet {TABLE} {EGRESS_JOBS_CHAIN} handle {handle}\n")
+}
+
 /// Deletes a rule of the jobs chain by its kernel handle.
 pub fn render_delete_job_rule(handle: u64) -> String {
     format!("delete rule inet {TABLE} {MONIT_JOBS_CHAIN} handle {handle}\n")
@@ -304,3 +330,7 @@ pub fn render_selftest_cleanup() -> String {
 #[cfg(test)]
 #[path = "render_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "render_workload_tests.rs"]
+mod workload_tests;

@@ -33,6 +33,7 @@ fn eps(list: &[&str]) -> BTreeSet<SocketAddr> {
 #[test]
 fn monit_only_cgroup_identity_golden() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Disabled,
@@ -43,6 +44,7 @@ fn monit_only_cgroup_identity_golden() {
 #[test]
 fn monit_without_root_and_uid_identity_golden() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: Identity::Uid {
             uid: 0,
             reason: "v1 only".into(),
@@ -56,6 +58,7 @@ fn monit_without_root_and_uid_identity_golden() {
 #[test]
 fn monit_disabled_and_nats_enabled_golden() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Disabled,
         nats: NatsPolicy::Enabled {
@@ -68,6 +71,7 @@ fn monit_disabled_and_nats_enabled_golden() {
 #[test]
 fn fresh_table_golden_only_creates() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Enabled {
@@ -97,6 +101,7 @@ fn fresh_table_golden_only_creates() {
     assert_eq!(rules(&fresh), rules(&render_ruleset(&st)));
     // Disabled policies create nothing at all in a fresh table.
     let none = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Disabled,
         nats: NatsPolicy::Disabled,
@@ -110,6 +115,7 @@ fn fresh_table_golden_only_creates() {
 #[test]
 fn rendering_is_deterministic_and_order_independent() {
     let a = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Enabled {
@@ -117,6 +123,7 @@ fn rendering_is_deterministic_and_order_independent() {
         },
     };
     let b = DesiredState {
+        workload: Default::default(),
         nats: NatsPolicy::Enabled {
             endpoints: eps(&["10.0.0.5:4222", "10.0.0.6:4222"]),
         },
@@ -129,6 +136,7 @@ fn rendering_is_deterministic_and_order_independent() {
 #[test]
 fn every_accept_marks_and_no_rule_uses_conntrack() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Enabled {
@@ -155,6 +163,7 @@ fn every_accept_marks_and_no_rule_uses_conntrack() {
 #[test]
 fn rebuilt_chains_are_deleted_and_recreated_in_the_same_script() {
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Enabled { allow_root: true },
         nats: NatsPolicy::Disabled,
@@ -173,6 +182,7 @@ fn a_thousand_endpoints_render_in_chunks_of_one_script() {
         .map(|i| SocketAddr::from(([10, 1, (i / 256) as u8, (i % 256) as u8], 4222)))
         .collect();
     let st = DesiredState {
+        workload: Default::default(),
         identity: cg(),
         monit: MonitPolicy::Disabled,
         nats: NatsPolicy::Enabled { endpoints },

@@ -1,0 +1,399 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::firewall::policy::Cidr;
+use crate::firewall::policy::{
+    AlertListenerPolicy, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets,
+    Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
+    cloud_metadata_entries,
+};
+
+fn cg(path: &str, level: u32) -> Identity {
+    Identity::Cgroup {
+        path: NftCgroupPath::new(path).unwrap(),
+        level,
+    }
+}
+
+fn golden(name: &str, got: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, got).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(got, want, "golden file {name} differs");
+}
+
+/// The states whose scripts are golden (and which `platform/tests/nft_check.rs` feeds to
+/// `nft --check` with an identity that exists on the test host).
+pub(crate) fn workload_states(agent: Identity, job: Identity) -> Vec<(&'static str, DesiredState)> {
+    let mut egress_entries = cloud_metadata_entries();
+    egress_entries.push(EgressEntry {
+        destination: Cidr::parse("10.0.0.0/8").unwrap(),
+        except: vec![(Proto::Tcp, PortRange::parse("1000-2000").unwrap())],
+    });
+    egress_entries.push(EgressEntry {
+        destination: Cidr::parse("2001:db8::/32").unwrap(),
+        except: vec![],
+    });
+    let egress = |action| {
+        EgressPolicy::Enabled(Egress {
+            sets: EgressSets::compile(&egress_entries),
+            action,
+            allowed: vec![job.clone()],
+        })
+    };
+    let ingress_entries = vec![
+        IngressEntry {
+            proto: Proto::Tcp,
+            ports: PortRange::single(22),
+            sources: vec![],
+        },
+        IngressEntry {
+            proto: Proto::Tcp,
+            ports: PortRange::parse("8000-8999").unwrap(),
+            sources: vec![],
+        },
+        IngressEntry {
+            proto: Proto::Udp,
+            ports: PortRange::single(53),
+            sources: vec![
+                Cidr::parse("10.0.0.0/8").unwrap(),
+                Cidr::parse("fd00::/8").unwrap(),
+            ],
+        },
+    ];
+    let ingress = |allow_icmp, ct_invalid| {
+        IngressPolicy::Enabled(Ingress {
+            sets: IngressSets::compile(&ingress_entries),
+            allow_icmp,
+            ct_invalid,
+        })
+    };
+    let base = |workload| DesiredState {
+        identity: agent.clone(),
+        monit: MonitPolicy::Enabled { allow_root: true },
+        nats: NatsPolicy::Disabled,
+        workload,
+    };
+    vec![
+        (
+            "egress-drop.nft",
+            base(WorkloadPolicy {
+                egress: egress(EgressAction::Drop),
+                ..Default::default()
+            }),
+        ),
+        (
+            "egress-reject.nft",
+            base(WorkloadPolicy {
+                egress: egress(EgressAction::Reject),
+                ..Default::default()
+            }),
+        ),
+        (
+            "ingress.nft",
+            base(WorkloadPolicy {
+                ingress: ingress(true, CtInvalid::Drop),
+                ..Default::default()
+            }),
+        ),
+        (
+            "ingress-noicmp-invalid-allowlist.nft",
+            base(WorkloadPolicy {
+                ingress: ingress(false, CtInvalid::AllowList),
+                ..Default::default()
+            }),
+        ),
+        (
+            "localhost-alerts.nft",
+            base(WorkloadPolicy {
+                localhost_guard: true,
+                alert_listener: AlertListenerPolicy::Guarded { monit: job.clone() },
+                ..Default::default()
+            }),
+        ),
+        (
+            "workload-all.nft",
+            base(WorkloadPolicy {
+                egress: egress(EgressAction::Drop),
+                ingress: ingress(true, CtInvalid::Drop),
+                localhost_guard: true,
+                alert_listener: AlertListenerPolicy::Guarded { monit: job },
+            }),
+        ),
+    ]
+}
+
+fn states() -> Vec<(&'static str, DesiredState)> {
+    workload_states(
+        cg("unified/system.slice/bosh-agent.service", 2),
+        cg("unified/system.slice/runit.service", 2),
+    )
+}
+
+#[test]
+fn workload_goldens() {
+    for (name, st) in states() {
+        golden(name, &render_ruleset(&st));
+        golden(&format!("fresh-{name}"), &render_ruleset_fresh(&st));
+    }
+}
+
+#[test]
+fn switched_off_policies_are_removed_only_when_left_over() {
+    let (_, all) = states().pop().unwrap();
+    let script = render_ruleset(&all);
+    let left = Leftovers::in_listing(
+        "table inet bosh_agent {\n\tchain egress_output {\n\t}\n\tset ingress_ports {\n\t}\n\tcounter localhost_dropped {\n\t}\n\tchain alerts_guard {\n\t}\n}\n",
+    );
+    assert_eq!(
+        left,
+        Leftovers {
+            egress: true,
+            ingress: true,
+            localhost_guard: true,
+            alert_listener: true
+        }
+    );
+    let off = DesiredState {
+        workload: WorkloadPolicy::default(),
+        ..all.clone()
+    };
+    // Nothing left over: exactly today's script.
+    assert_eq!(
+        render_ruleset_removing(&off, Leftovers::none()),
+        render_ruleset(&off)
+    );
+    let removing = render_ruleset_removing(&off, left);
+    golden("workload-removed.nft", &removing);
+    for obj in [
+        "chain inet bosh_agent egress_output",
+        "chain inet bosh_agent egress_forward_guard",
+        "set inet bosh_agent egress_deny_v4",
+        "counter inet bosh_agent egress_denied",
+        "chain inet bosh_agent ingress_filter",
+        "set inet bosh_agent ingress_src_v6",
+        "chain inet bosh_agent localhost_guard",
+        "chain inet bosh_agent alerts_guard",
+        "counter inet bosh_agent alerts_dropped",
+    ] {
+        assert!(removing.contains(&format!("delete {obj}")), "{obj}");
+    }
+    // The job rules of `firewall-allow metadata` are never deleted by a rebuild.
+    assert!(!removing.contains("delete chain inet bosh_agent egress_access_jobs"));
+    assert!(!script.contains("flush chain inet bosh_agent egress_access_jobs"));
+    // A removed entry leaves no element behind: sets are flushed and refilled.
+    assert!(script.contains("flush set inet bosh_agent egress_deny_v4\n"));
+}
+
+#[test]
+fn workload_rules_use_meta_l4proto_and_named_counters() {
+    for (name, st) in states() {
+        let script = render_ruleset(&st);
+        assert!(!script.contains("ip protocol"), "{name}");
+        assert!(!script.contains("auto-merge"), "{name}");
+        for line in script
+            .lines()
+            .filter(|l| l.contains(" drop") || l.contains(" reject"))
+        {
+            if line.contains("monit_guard") || line.contains("nats_guard") {
+                continue;
+            }
+            assert!(line.contains("counter name \""), "{name}: uncounted {line}");
+        }
+    }
+}
+
+#[test]
+fn workload_chain_priorities_are_after_conntrack() {
+    for (name, st) in states() {
+        for line in render_ruleset(&st).lines().filter(|l| l.contains(" hook ")) {
+            assert!(
+                line.contains("priority filter;") || line.contains("priority filter - 1;"),
+                "{name}: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ten_thousand_ranges_render_in_chunks_of_one_transaction() {
+    let entries: Vec<EgressEntry> = (0..10_000u32)
+        .map(|i| EgressEntry {
+            destination: Cidr::parse(&format!(
+                "{}/24",
+                std::net::Ipv4Addr::from(0x0a00_0000 + i * 512)
+            ))
+            .unwrap(),
+            except: vec![],
+        })
+        .collect();
+    let st = DesiredState {
+        identity: cg("a", 1),
+        monit: MonitPolicy::Disabled,
+        nats: NatsPolicy::Disabled,
+        workload: WorkloadPolicy {
+            egress: EgressPolicy::Enabled(Egress {
+                sets: EgressSets::compile(&entries),
+                action: EgressAction::Drop,
+                allowed: vec![],
+            }),
+            ..Default::default()
+        },
+    };
+    let script = render_ruleset(&st);
+    let lines = script
+        .lines()
+        .filter(|l| l.starts_with("add element inet bosh_agent egress_deny_v4"))
+        .count();
+    assert_eq!(lines, 10_000usize.div_ceil(256));
+}
+
+#[test]
+fn metadata_job_rules() {
+    let rule = JobRule {
+        identity: cg("unified/system.slice/x.scope", 3),
+        comment: crate::firewall::Comment::new("bosh-metadata-access:x cgid=7").unwrap(),
+    };
+    assert_eq!(
+        render_metadata_job_rule(&rule),
+        "add rule inet bosh_agent egress_access_jobs socket cgroupv2 level 3 \"unified/system.slice/x.scope\" accept comment \"bosh-metadata-access:x cgid=7\"\n"
+    );
+    assert_eq!(
+        render_delete_metadata_job_rule(9),
+        "delete rule inet bosh_agent egress_access_jobs handle 9\n"
+    );
+}
+
+/// Runs `sh -c <cmd>` in a fresh network namespace with `script` on stdin. Fails (never
+/// skips) where namespaces or nft are not available.
+fn in_fresh_netns(cmd: &str, script: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("unshare")
+        .args(["--net", "sh", "-c", cmd])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare must exist (util-linux) and the test must run as root");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn every_workload_script_is_accepted_by_nft_check_and_by_the_kernel() {
+    // A cgroup path that exists on any host (nft resolves it at load time).
+    let states = workload_states(cg("", 1), cg("", 1));
+    for (name, st) in &states {
+        for (how, script) in [
+            ("idempotent", render_ruleset(st)),
+            ("fresh", render_ruleset_fresh(st)),
+        ] {
+            let out = in_fresh_netns("nft -c -f - && echo checked", &script);
+            assert!(
+                out.status.success() && out.stdout.starts_with(b"checked"),
+                "{name} ({how}): nft -c: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Hook restrictions (socket, fib) are checked only at a real commit.
+            let out = in_fresh_netns("nft -f - && nft list table inet bosh_agent", &script);
+            assert!(
+                out.status.success(),
+                "{name} ({how}): nft -f: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // What the kernel lists back conforms to the state it was rendered from.
+            let listing = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                crate::firewall::readback::conforms(
+                    &crate::firewall::readback::snapshot(&listing),
+                    st
+                ),
+                Ok(()),
+                "{name} ({how}): {listing}"
+            );
+            // And not to another policy.
+            let other = DesiredState {
+                workload: WorkloadPolicy::default(),
+                ..st.clone()
+            };
+            assert!(
+                crate::firewall::readback::conforms(
+                    &crate::firewall::readback::snapshot(&listing),
+                    &other
+                )
+                .is_err(),
+                "{name}"
+            );
+        }
+    }
+    // Applied twice (a rebuild over itself), then switched off with leftovers removed.
+    let (_, all) = states.last().unwrap();
+    let off = DesiredState {
+        workload: WorkloadPolicy::default(),
+        ..all.clone()
+    };
+    let twice = format!("{}{}", render_ruleset_fresh(all), render_ruleset(all));
+    let removing = render_ruleset_removing(
+        &off,
+        Leftovers::in_listing(&{
+            let out = in_fresh_netns("nft -f - && nft list table inet bosh_agent", &twice);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }),
+    );
+    // Written to a file so the two transactions run in the same namespace.
+    let dir = std::env::temp_dir().join(format!("wl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("all.nft"), render_ruleset(all)).unwrap();
+    let out = in_fresh_netns(
+        &format!(
+            "nft -f {} && nft -f - && nft list table inet bosh_agent",
+            dir.join("all.nft").display()
+        ),
+        &removing,
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(Leftovers::in_listing(&left), Leftovers::none(), "{left}");
+    assert!(left.contains("chain egress_access_jobs"), "{left}");
+}
+
+#[test]
+fn the_kernel_capability_probe_passes_here_and_changes_nothing() {
+    let probe = crate::firewall::status::capability_probe();
+    let out = in_fresh_netns("nft -c -f - && nft list ruleset", &probe);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "a check left something behind");
+    // A failing nft is reported with its message, not swallowed.
+    let e = crate::firewall::status::check_kernel(&crate::firewall::nft::Nft::with_binary(
+        "/bin/false",
+    ))
+    .unwrap_err();
+    assert!(e.to_string().contains("nft check failed"), "{e}");
+}
