@@ -1441,7 +1441,7 @@ mod tests {
         assert!(seen[0].is_none(), "the server never saw a complete body");
 
         // Local: nothing is left in the store.
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let store = tmp.path().join("store");
         let p = Provider::Local { dir: store.clone() };
         let e = p
@@ -1453,7 +1453,7 @@ mod tests {
 
     #[test]
     fn local_and_external_put_stream() {
-        let tmp = TestDir::new();
+        let tmp = TempDir::new("blobstore-test").unwrap();
         let store = tmp.path().join("store");
         let p = Provider::Local { dir: store.clone() };
         let d = p

@@ -113,7 +113,7 @@ impl World {
             "{} missing: cargo build -p integration",
             pktprobe.display()
         );
-        let dir = TempDir::new().unwrap();
+        let dir = TempDir::new("egress").unwrap();
         let ns = |n: &str| Netns::create(&dir.path().join(n)).unwrap();
         let (vm, outside, meta, container, peer) = (
             ns("vm"),

@@ -22,7 +22,7 @@ fn write(path: &Path, text: &str) {
 /// Unpacks `bytes` with the system's tar; returns the files below the result, sorted, with
 /// their contents.
 fn untar(bytes: &[u8]) -> Vec<(String, String)> {
-    let dir = TempDir::new().unwrap();
+    let dir = TempDir::new("logs").unwrap();
     let tgz = dir.path().join("logs.tgz");
     fs::write(&tgz, bytes).unwrap();
     let out = dir.path().join("out");
@@ -64,7 +64,7 @@ struct Setup {
 fn setup() -> Setup {
     let dav =
         DavServer::start().unwrap_or_else(|e| panic!("starting nginx as the DAV blobstore: {e}"));
-    let tmp = TempDir::new().unwrap();
+    let tmp = TempDir::new("logs-tmp").unwrap();
     let provider = Provider::from_settings(
         &dav.agent_blobstore(),
         &ProviderEnv::new(tmp.path().join("base")),

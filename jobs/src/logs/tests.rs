@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::testutil::TempDir;
+use testkit::TempDir;
 use blobstore::{Algorithm, Digest, Provider};
 use std::os::unix::fs::{PermissionsExt, symlink};
 
@@ -18,7 +18,7 @@ fn write(path: &Path, text: &str) {
 /// job: nginx/{access,error}.log, a.txt, deep/x/y.log, .hidden, links out; agent: current;
 /// system: syslog; a secret outside every log directory.
 fn fixture() -> Fixture {
-    let tmp = TempDir::new("logs");
+    let tmp = TempDir::new("logs").unwrap();
     let base = tmp.path().join("base");
     let dirs = LogDirs {
         job: base.join("sys/log"),
