@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use super::netlink;
-use super::nft::{FirewallLock, Nft};
+use super::nft::{FirewallLock, LockWait, Nft};
+use super::table::KernelTable;
 use super::readback::{self, ForeignJobRule, LiveJobRule, job_rules, parse_job_comment};
 use super::render::{render_delete_job_rule, render_job_rule};
 use super::state::RuntimeState;
@@ -203,7 +204,7 @@ pub fn caller_rule(
             None,
         ))
     };
-    if let Some(st) = agent.filter(|s| s.mode == "uid") {
+    if let Some(st) = agent.filter(|s| s.mode == super::state::Mode::Uid) {
         return uid_rule(format!(
             "the agent uses the uid fallback ({})",
             st.fallback_reason.as_deref().unwrap_or("reason unknown")
@@ -373,12 +374,13 @@ pub struct JobsChainReconciled {
 /// fallback matches. The chain is never flushed: job rules, the agent's and the Go agent's,
 /// keep their handles. The listing is nft's JSON, which, unlike the netlink reader, gives
 /// the expressions the judgement needs.
-pub fn reconcile_jobs_chain(
-    nft: &Nft,
+pub fn reconcile_jobs_chain<T: KernelTable + ?Sized>(
+    nft: &T,
     run_dir: &Path,
+    wait: LockWait,
     vcap_uid: Option<u32>,
 ) -> Result<JobsChainReconciled, FirewallError> {
-    let _lock = FirewallLock::acquire(run_dir)?;
+    let _lock = FirewallLock::acquire_within(run_dir, wait)?;
     let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
         return Ok(JobsChainReconciled::default());
     };

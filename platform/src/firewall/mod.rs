@@ -11,7 +11,9 @@ pub mod nft;
 pub mod readback;
 pub mod render;
 pub mod selftest;
+pub mod shape;
 pub mod state;
+pub mod table;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -187,4 +189,11 @@ pub enum FirewallError {
     NotInstalled,
     #[error("cgroup matching does not work here and no fallback is possible: {0}")]
     NoIdentity(String),
+    #[error(
+        "the firewall lock {path} is still held by another process after {waited_secs} s; giving up for now"
+    )]
+    LockTimeout {
+        path: std::path::PathBuf,
+        waited_secs: u64,
+    },
 }

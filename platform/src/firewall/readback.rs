@@ -3,13 +3,13 @@
 
 use serde_json::{Map, Value, json};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use super::shape::TableShape;
 use super::{
-    ALLOW_MARK, DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_CHAIN,
-    MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy, NATS_CHAIN, NATS_GUARD_CHAIN,
-    NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
+    ALLOW_MARK, DesiredState, FirewallError, Identity, JOB_COMMENT_PREFIX, MONIT_JOBS_CHAIN,
+    MONIT_PORT, SELFTEST_CHAIN,
 };
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
@@ -59,25 +59,19 @@ pub fn snapshot(listing: &str) -> Value {
     json!({"chains": chains, "sets": sets})
 }
 
-/// Checks that a snapshot has the shape `desired` renders to: exactly the agent's chains, each
-/// with its number of lines, the agent's own rules matching its identity (cgroup level or uid),
-/// and exactly the desired NATS endpoints in the sets. A read-back taken some time after the
-/// apply is only trusted as the drift reference if it conforms: a change made in between
-/// (a chain, rule or element removed, another level) is then repaired, not adopted. Pure.
+/// Checks that a snapshot has the shape `desired` renders to ([`TableShape::of`], the
+/// renderer's own script interpreted): exactly the chains it leaves, each with as many lines,
+/// the agent's own rules (`comment "bosh-agent"`) matching its identity (cgroup level or uid),
+/// and exactly its sets with their elements. A read-back taken some time after the apply is
+/// only trusted as the drift reference if it conforms: a change made in between (a chain,
+/// rule or element removed, another level) is then repaired, not adopted. Pure.
 pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> {
-    let mut want: BTreeMap<&str, usize> = BTreeMap::new();
-    if let MonitPolicy::Enabled { allow_root } = desired.monit {
-        want.insert(MONIT_CHAIN, 3);
-        want.insert(MONIT_GUARD_CHAIN, if allow_root { 5 } else { 4 });
-    }
-    let endpoints = match &desired.nats {
-        NatsPolicy::Enabled { endpoints } => {
-            want.insert(NATS_CHAIN, 3);
-            want.insert(NATS_GUARD_CHAIN, 3);
-            Some(endpoints)
-        }
-        NatsPolicy::Disabled => None,
-    };
+    let shape =
+        TableShape::of(desired).map_err(|e| format!("the desired state does not render: {e}"))?;
+    let want: BTreeMap<&str, usize> = shape
+        .agent_chains()
+        .map(|(n, c)| (n.as_str(), c.lines()))
+        .collect();
     let chains = snapshot
         .get("chains")
         .and_then(Value::as_object)
@@ -95,56 +89,51 @@ pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> 
         Identity::Cgroup { level, .. } => format!("socket cgroupv2 level {level} "),
         Identity::Uid { uid, .. } => format!("meta skuid {uid} "),
     };
-    for chain in [MONIT_GUARD_CHAIN, NATS_GUARD_CHAIN] {
-        let Some(lines) = chains.get(chain).and_then(Value::as_array) else {
-            continue;
-        };
-        let ok = lines
-            .iter()
+    const OWN: &str = "comment \"bosh-agent\"";
+    for (chain, c) in shape.agent_chains() {
+        let expected = c.rules.iter().filter(|(_, r)| r.ends_with(OWN)).count();
+        let lines = chains.get(chain).and_then(Value::as_array);
+        let found = lines
+            .into_iter()
+            .flatten()
             .filter_map(Value::as_str)
-            .any(|l| l.starts_with(&own) && l.ends_with("comment \"bosh-agent\""));
-        if !ok {
+            .filter(|l| l.starts_with(&own) && l.ends_with(OWN))
+            .count();
+        if found != expected {
             return Err(format!(
-                "{chain} has no rule `{own}… comment \"bosh-agent\"`"
+                "{chain} has {found} rules `{own}… {OWN}`, expected {expected}"
             ));
         }
     }
     let sets = snapshot.get("sets").and_then(Value::as_object);
-    let live: Option<Vec<SocketAddr>> = sets
-        .map(|sets| {
-            sets.iter()
-                .filter(|(name, _)| *name == NATS_SET_V4 || *name == NATS_SET_V6)
-                .flat_map(|(_, set)| {
-                    set.get("elements")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .map(parse_element)
-                })
-                .collect::<Option<Vec<_>>>()
-        })
-        .unwrap_or(Some(Vec::new()));
-    let live = live.ok_or("a NATS set element is not `address . port`")?;
-    let set_names: Vec<&String> = sets.map(|s| s.keys().collect()).unwrap_or_default();
-    match endpoints {
-        Some(eps) => {
-            if set_names.len() != 2 {
-                return Err(format!(
-                    "NATS sets {set_names:?}, expected {NATS_SET_V4} and {NATS_SET_V6}"
-                ));
-            }
-            let live: std::collections::BTreeSet<SocketAddr> = live.into_iter().collect();
-            if &live != eps {
-                return Err(format!("NATS endpoints {live:?}, expected {eps:?}"));
-            }
-        }
-        None if !set_names.is_empty() => {
+    let set_names: BTreeSet<&str> = sets
+        .map(|s| s.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let want_sets: BTreeSet<&str> = shape.sets.keys().map(String::as_str).collect();
+    if set_names != want_sets {
+        return Err(format!("sets {set_names:?}, expected {want_sets:?}"));
+    }
+    for (name, set) in &shape.sets {
+        let live = sets
+            .and_then(|s| s.get(name))
+            .and_then(|s| s.get("elements"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|e| e.as_str().and_then(parse_element))
+            .collect::<Option<BTreeSet<SocketAddr>>>()
+            .ok_or_else(|| format!("an element of set {name} is not `address . port`"))?;
+        let expected = set
+            .elements
+            .iter()
+            .map(|e| parse_element(e))
+            .collect::<Option<BTreeSet<SocketAddr>>>()
+            .ok_or_else(|| format!("the renderer wrote an element of {name} that is not `address . port`"))?;
+        if live != expected {
             return Err(format!(
-                "NATS sets {set_names:?} while the NATS firewall is disabled"
+                "{name} holds {live:?}, expected {expected:?}"
             ));
         }
-        None => {}
     }
     Ok(())
 }
@@ -537,6 +526,7 @@ pub fn foreign_job_rules(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::firewall::{MonitPolicy, NatsPolicy};
 
     /// nft 1.0.6's text listing of `render_ruleset_fresh` (monit with root, NATS with two
     /// endpoints, cgroup level 2), captured from a real table.
