@@ -7,10 +7,10 @@ use std::path::Path;
 
 use super::netlink;
 use super::nft::{FirewallLock, LockWait, Nft};
-use super::table::KernelTable;
 use super::readback::{self, ForeignJobRule, LiveJobRule, job_rules, parse_job_comment};
 use super::render::{render_delete_job_rule, render_job_rule};
 use super::state::RuntimeState;
+use super::table::KernelTable;
 use super::{
     Comment, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule, MAX_COMMENT_LEN,
     MONIT_JOBS_CHAIN,

@@ -128,11 +128,11 @@ pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> 
             .iter()
             .map(|e| parse_element(e))
             .collect::<Option<BTreeSet<SocketAddr>>>()
-            .ok_or_else(|| format!("the renderer wrote an element of {name} that is not `address . port`"))?;
+            .ok_or_else(|| {
+                format!("the renderer wrote an element of {name} that is not `address . port`")
+            })?;
         if live != expected {
-            return Err(format!(
-                "{name} holds {live:?}, expected {expected:?}"
-            ));
+            return Err(format!("{name} holds {live:?}, expected {expected:?}"));
         }
     }
     Ok(())

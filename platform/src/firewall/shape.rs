@@ -350,7 +350,10 @@ mod tests {
         let a = TableShape::of(d).unwrap();
         let b = TableShape::of(d).unwrap();
         let snap = crate::firewall::readback::snapshot(&a.listing().unwrap());
-        assert_eq!(snap, crate::firewall::readback::snapshot(&b.listing().unwrap()));
+        assert_eq!(
+            snap,
+            crate::firewall::readback::snapshot(&b.listing().unwrap())
+        );
         assert_eq!(crate::firewall::readback::conforms(&snap, d), Ok(()));
         assert_eq!(TableShape::default().listing(), None);
     }

@@ -206,7 +206,10 @@ mod tests {
         assert_eq!(v["nats"], "enabled");
         let back: RuntimeState = serde_json::from_value(v).unwrap();
         assert_eq!(back, st);
-        assert_eq!(MonitState::RootAllowed.to_string(), "enabled (root allowed)");
+        assert_eq!(
+            MonitState::RootAllowed.to_string(),
+            "enabled (root allowed)"
+        );
     }
 
     #[test]

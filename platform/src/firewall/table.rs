@@ -154,8 +154,10 @@ impl KernelTable for FakeTable {
                 let comment = rule
                     .rsplit_once("comment \"")
                     .and_then(|(_, c)| c.strip_suffix('"'));
-                objects.push(json!({"rule": {"family": "inet", "table": TABLE, "chain": chain,
-                    "handle": handle, "comment": comment, "expr": []}}));
+                objects.push(
+                    json!({"rule": {"family": "inet", "table": TABLE, "chain": chain,
+                    "handle": handle, "comment": comment, "expr": []}}),
+                );
             }
         }
         Ok(Some(json!({ "nftables": objects })))
