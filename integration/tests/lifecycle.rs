@@ -110,11 +110,10 @@ fn a_held_firewall_lock_never_stops_ping_or_get_task() {
     })
     .unwrap();
     let lock = w.sb.run_dir().join("firewall.lock");
-    let mut holder = w
-        .sb
-        .exec(["flock", lock.to_str().unwrap(), "sleep", "30"])
-        .spawn()
-        .unwrap();
+    let mut holder =
+        w.sb.exec(["flock", lock.to_str().unwrap(), "sleep", "30"])
+            .spawn()
+            .unwrap();
     // Held once the file is locked by flock(1): a non-blocking attempt of our own fails.
     integration::wait_for("flock to hold the firewall lock", REPLY_LIMIT, || {
         let out = std::process::Command::new("flock")
@@ -135,7 +134,10 @@ fn a_held_firewall_lock_never_stops_ping_or_get_task() {
         polls += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(holder.try_status().unwrap().is_none(), "the lock was held throughout");
+    assert!(
+        holder.try_status().unwrap().is_none(),
+        "the lock was held throughout"
+    );
     eprintln!("while the lock was held: {pings} pings and {polls} get_task answered");
     let log = w.agent.log();
     assert!(
@@ -174,7 +176,9 @@ fn spec_with_jobs(jobs: &[&str]) -> Value {
 #[test]
 fn sigterm_during_a_drain_stops_it_names_it_and_keeps_the_firewall() {
     let mut w = world("lc-drain", true);
-    let r = w.director.task("apply", json!([spec_with_jobs(&["slow"])]), REPLY_LIMIT * 3);
+    let r = w
+        .director
+        .task("apply", json!([spec_with_jobs(&["slow"])]), REPLY_LIMIT * 3);
     assert_eq!(r.unwrap(), json!({"value": "applied"}));
     let pidfile = w.sb.dir().join("drain.pid");
     let termfile = w.sb.dir().join("drain.term");
@@ -292,7 +296,10 @@ fn sigterm_while_a_reply_is_being_prepared_still_delivers_it() {
     let v: Value = serde_json::from_slice(&reply).unwrap();
     assert_eq!(v["value"]["agent_id"], AGENT_ID, "{v}");
     assert!(v["value"]["job_state"].is_string(), "{v}");
-    assert!(got_reply > sent_signal, "the reply was still in flight at SIGTERM");
+    assert!(
+        got_reply > sent_signal,
+        "the reply was still in flight at SIGTERM"
+    );
     let status = w
         .agent
         .wait_exit(Duration::from_secs(GRACE_SECONDS + 10))
@@ -300,6 +307,9 @@ fn sigterm_while_a_reply_is_being_prepared_still_delivers_it() {
     let log = w.agent.log();
     assert!(status.success(), "exit status {status}\n{log}");
     let stopping = log.find("stopping").unwrap_or_else(|| panic!("{log}"));
-    assert!(log[stopping..].contains("stopped; the firewall stays in place"), "{log}");
+    assert!(
+        log[stopping..].contains("stopped; the firewall stays in place"),
+        "{log}"
+    );
     assert!(w.sb.agent_table_present().unwrap());
 }

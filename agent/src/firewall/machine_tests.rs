@@ -249,3 +249,35 @@ fn nats_endpoints_are_added_then_the_stale_ones_removed_after_the_dial() {
     assert_eq!(fw.state().repairs, 0);
     assert!(!fw.reconcile().unwrap().repaired);
 }
+
+#[tokio::test]
+async fn the_task_reads_back_and_reconciles_without_anyone_sending_commands() {
+    let (table, dir) = (FakeTable::new(), run_dir("task"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    let health = fw.watch_health();
+    let (mut task, handle) = super::FirewallTask::new(fw, std::time::Duration::from_millis(20));
+    task.read_back_after(std::time::Duration::ZERO);
+    drop(handle);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(task.run(stop.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    table.tamper(|t| {
+        t.chains.get_mut(MONIT_GUARD_CHAIN).unwrap().rules.pop();
+    });
+    let mut health = health;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        health.wait_for(|h| h.repairs == 1),
+    )
+    .await
+    .expect("the drift is repaired by the task's own timer")
+    .unwrap();
+    stop.cancel();
+    let fw = running
+        .await
+        .unwrap()
+        .expect("the state machine comes back");
+    assert!(!fw.state().readback_pending);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+}

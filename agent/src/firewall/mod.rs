@@ -165,12 +165,15 @@ impl<T: KernelTable> FirewallTask<T> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut read_back = self.read_back_after.map(|d| start + d);
         let mut after_dial: Option<Instant> = None;
+        // Without a hook (no bus, or the NATS firewall off) nothing sends commands: the
+        // timers keep running.
+        let mut commands_open = true;
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                cmd = self.rx.recv() => match cmd {
-                    None => break,
+                cmd = self.rx.recv(), if commands_open => match cmd {
+                    None => commands_open = false,
                     Some(Command::Protect { endpoints, reply }) => {
                         let res = self
                             .blocking(move |fw| {

@@ -373,7 +373,7 @@ pub struct JobsChainReconciled {
 /// there would open monit to every process). `vcap_uid` is the uid the documented uid
 /// fallback matches. The chain is never flushed: job rules, the agent's and the Go agent's,
 /// keep their handles. The listing is nft's JSON, which, unlike the netlink reader, gives
-/// the expressions the judgement needs.
+/// the expressions the judgement needs. The lock is waited for at most `wait.bound`.
 pub fn reconcile_jobs_chain<T: KernelTable + ?Sized>(
     nft: &T,
     run_dir: &Path,
