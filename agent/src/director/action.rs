@@ -150,8 +150,8 @@ impl Action {
                     ));
                 }
                 // A spec that cannot be installed fails at once, not in its task.
-                if m == "prepare" || super::actions::deploy::has_configuration(&spec) {
-                    super::actions::deploy::parse_spec(&spec).map_err(|e| failed(e.into()))?;
+                if m == "prepare" || super::checks::has_configuration(&spec) {
+                    super::checks::parse_spec(&spec).map_err(|e| failed(e.into()))?;
                 }
                 if m == "apply" {
                     Action::Apply { spec }
@@ -211,7 +211,7 @@ impl Action {
             }
             "update_settings" => {
                 let new = args.first(1).map_err(failed)?;
-                super::actions::update_settings::check(&new)
+                super::checks::check_update_settings(&new)
                     .map_err(|e| failed(e.to_string().into()))?;
                 Action::UpdateSettings { new }
             }

@@ -5,6 +5,8 @@
 
 pub mod action;
 pub mod actions;
+pub mod checks;
+pub mod mbus_fallback;
 pub mod protocol;
 pub mod spec;
 pub mod tasks;
@@ -19,8 +21,8 @@ pub use action::{Action, ActionError, Failure};
 use protocol::{Request, Response};
 
 use crate::firewall::Health;
-use crate::lifecycle::mbus_fallback::Candidates;
 use crate::settings::Settings;
+use mbus_fallback::Candidates;
 
 /// What actions need: paths, the settings, the task table, the job supervisor, the bus.
 pub struct Context {

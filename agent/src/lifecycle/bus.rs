@@ -9,8 +9,8 @@ use mbus::{MbusConfig, ResolverSource};
 use serde_json::Value;
 use tracing::{error, info, warn};
 
-use super::mbus_fallback::{self, Candidate, Candidates};
 use crate::director::actions::update_settings::last_connected_path;
+use crate::director::mbus_fallback::{self, Candidate, Candidates};
 use crate::settings::Settings;
 
 /// What the bus starts on, with its fallbacks.
@@ -79,22 +79,6 @@ pub fn plan(
     }
     let candidates = Candidates::new(base_dir, doc, list);
     Ok(BusPlan { cfg, candidates })
-}
-
-/// The checks `Bus::connect` makes (a dialable URL, usable certificate material), applied to
-/// a configuration before it is preferred.
-pub fn usable(cfg: Result<MbusConfig, mbus::SettingsError>) -> Result<MbusConfig, String> {
-    let cfg = cfg.map_err(|e| e.to_string())?;
-    if cfg.servers.is_empty() {
-        let rejected: Vec<String> = cfg.rejected.iter().map(ToString::to_string).collect();
-        return Err(if rejected.is_empty() {
-            "no dialable mbus URL".into()
-        } else {
-            format!("no dialable mbus URL (rejected: {})", rejected.join("; "))
-        });
-    }
-    mbus::tls::client_config(&cfg.cert).map_err(|e| e.to_string())?;
-    Ok(cfg)
 }
 
 /// `BOSH_AGENT_RESOLV_CONF` / `BOSH_AGENT_HOSTS` point resolution at other files (tests use

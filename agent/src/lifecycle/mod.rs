@@ -16,7 +16,6 @@
 //! stays installed: it protects monit while the agent is down.
 
 pub mod bus;
-pub mod mbus_fallback;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use crate::config::AgentConfig;
-use crate::director::{self, Context, protocol, spec, tasks::Tasks};
+use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks::Tasks};
 use crate::firewall::{Firewall, FirewallHandle, FirewallTask, hook::FirewallHook};
 use crate::settings::{self, Settings};
 use crate::{AgentError, RunOptions, alerts, heartbeat};
@@ -134,8 +133,8 @@ impl App {
         );
         // After a restart, the applied spec says how many jobs monit should be running.
         if let Ok(spec) = spec::read_spec(&base_dir)
-            && director::actions::deploy::has_configuration(&spec)
-            && let Ok(typed) = director::actions::deploy::parse_spec(&spec)
+            && director::checks::has_configuration(&spec)
+            && let Ok(typed) = director::checks::parse_spec(&spec)
         {
             supervisor.set_expected_jobs(typed.jobs().len());
         }

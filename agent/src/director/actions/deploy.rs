@@ -12,12 +12,13 @@ use std::sync::Arc;
 use base64::Engine as _;
 use blobstore::provider::ProviderEnv;
 use blobstore::{Blobs, Digest, MultiDigest, Provider};
-use jobs::{Applier, ApplySpec, CompileLimits, CompileRequest};
+use jobs::{Applier, CompileLimits, CompileRequest};
 use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::director::Context;
 use crate::director::action::CompileArgs;
+use crate::director::checks::{has_configuration, parse_spec};
 use crate::director::spec::{read_spec, spec_path, write_json};
 use crate::director::tasks::TaskResult;
 use crate::settings::Settings;
@@ -58,20 +59,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| format!("worker failed: {e}"))?
-}
-
-/// Parses the director's apply spec for the applier; the error names the field.
-pub fn parse_spec(spec: &Value) -> Result<ApplySpec, String> {
-    ApplySpec::from_json(spec).map_err(|e| e.to_string())
-}
-
-/// Whether `spec` asks for the full applier (a non-empty `configuration_hash`). A partial
-/// spec (the director's first apply, before templates are rendered) is only persisted, and
-/// is not checked further than being an object, as upstream.
-pub fn has_configuration(spec: &Value) -> bool {
-    spec.get("configuration_hash")
-        .and_then(Value::as_str)
-        .is_some_and(|h| !h.is_empty())
 }
 
 /// `prepare [spec]`: installs, without enabling, every job and package not installed yet.

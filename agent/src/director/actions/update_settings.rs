@@ -14,8 +14,9 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use crate::director::Context;
+use crate::director::checks::UpdateError;
+use crate::director::mbus_fallback;
 use crate::director::tasks::TaskResult;
-use crate::lifecycle::mbus_fallback;
 use crate::settings::Settings;
 
 /// `update_settings`: everything is validated before anything is written (a refused update
@@ -101,27 +102,6 @@ pub struct Merged {
     pub blobstores_changed: bool,
 }
 
-/// Why an `update_settings` argument is refused. Nothing has been written when one is
-/// returned.
-#[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
-    #[error("update_settings argument must be a JSON object, got {0}")]
-    NotAnObject(String),
-    #[error("update_settings field {field} must be {expected}")]
-    WrongType {
-        field: &'static str,
-        expected: &'static str,
-    },
-    #[error("Updating mbus: {0}; nothing was changed")]
-    Mbus(String),
-    #[error("Fetching disk settings: {0}")]
-    Disk(String),
-    #[error("Updating trusted certificates: {0}")]
-    Certs(String),
-    #[error("Saving update settings: {0}")]
-    Save(String),
-}
-
 fn is_empty_value(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) => true,
@@ -130,46 +110,6 @@ fn is_empty_value(v: Option<&Value>) -> bool {
         Some(Value::String(s)) => s.is_empty(),
         Some(_) => false,
     }
-}
-
-/// Checks the fields' types, so that a malformed update fails before anything is written.
-pub fn check(new: &Value) -> Result<(), UpdateError> {
-    let Some(obj) = new.as_object() else {
-        let mut shown = new.to_string();
-        if shown.len() > 64 {
-            let mut cut = 64;
-            while !shown.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            shown.truncate(cut);
-            shown.push('…');
-        }
-        return Err(UpdateError::NotAnObject(shown));
-    };
-    let wrong = |field, expected| Err(UpdateError::WrongType { field, expected });
-    match obj.get("trusted_certs") {
-        None | Some(Value::Null | Value::String(_)) => {}
-        Some(_) => return wrong("trusted_certs", "a string"),
-    }
-    match obj.get("mbus") {
-        None | Some(Value::Null | Value::Object(_)) => {}
-        Some(_) => return wrong("mbus", "an object"),
-    }
-    match obj.get("blobstores") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(a)) if a.iter().all(Value::is_object) => {}
-        Some(_) => return wrong("blobstores", "an array of objects"),
-    }
-    match obj.get("disk_associations") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(a))
-            if a.iter().all(|d| {
-                d.get("name").and_then(Value::as_str).is_some()
-                    && d.get("cid").and_then(Value::as_str).is_some()
-            }) => {}
-        Some(_) => return wrong("disk_associations", "an array of {name, cid}"),
-    }
-    Ok(())
 }
 
 /// Upstream's merge of `new` into `existing` (see the module documentation). Pure.
@@ -382,6 +322,7 @@ pub fn associate_disks(settings: &Settings, base: &Path, assoc: &Value) -> Resul
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::director::checks::check_update_settings as check;
 
     fn cert(n: u8) -> Value {
         json!({"ca": format!("ca{n}"), "certificate": format!("c{n}"), "private_key": format!("k{n}")})
