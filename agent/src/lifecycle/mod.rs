@@ -258,11 +258,15 @@ impl App {
             spawn(
                 "heartbeats",
                 info_span!("heartbeat"),
-                Box::pin(heartbeat::send(
-                    ctx.clone(),
-                    b.clone(),
-                    Duration::from_secs(linux.heartbeat_interval_seconds.unwrap_or(30).max(1)),
+                // Stopped mid-collection too: asking an absent monit is retried for seconds.
+                Box::pin(stoppable(
                     stop.clone(),
+                    heartbeat::send(
+                        ctx.clone(),
+                        b.clone(),
+                        Duration::from_secs(linux.heartbeat_interval_seconds.unwrap_or(30).max(1)),
+                        stop.clone(),
+                    ),
                 )),
             );
             let ips = ctx.settings.ips();
