@@ -37,6 +37,10 @@ pub struct LinuxOptions {
     pub firewall: FirewallOptions,
     /// Ours: seconds between heartbeats (upstream's fixed 30).
     pub heartbeat_interval_seconds: Option<u64>,
+    /// Ours: at SIGTERM, how long requests and tasks in flight may take to finish before the
+    /// agent exits anyway (default 30).
+    #[serde(rename = "ShutdownGraceSeconds")]
+    pub shutdown_grace_seconds: Option<u64>,
 }
 
 /// `Platform.Linux.Firewall` (keys of this agent, not upstream's).
@@ -143,6 +147,10 @@ impl AgentConfig {
             (
                 "Platform.Linux.HeartbeatIntervalSeconds",
                 linux.heartbeat_interval_seconds,
+            ),
+            (
+                "Platform.Linux.ShutdownGraceSeconds",
+                linux.shutdown_grace_seconds,
             ),
         ];
         for (key, value) in durations {
@@ -257,6 +265,7 @@ mod tests {
         for key in [
             r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":N}}}}"#,
             r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":N}}}"#,
+            r#"{"Platform":{"Linux":{"ShutdownGraceSeconds":N}}}"#,
         ] {
             for n in [0, u64::MAX] {
                 let e = parse(&key.replace('N', &n.to_string()))
@@ -264,6 +273,8 @@ mod tests {
                     .to_string();
                 let name = if key.contains("Reconcile") {
                     "Platform.Linux.Firewall.ReconcileIntervalSeconds"
+                } else if key.contains("Shutdown") {
+                    "Platform.Linux.ShutdownGraceSeconds"
                 } else {
                     "Platform.Linux.HeartbeatIntervalSeconds"
                 };

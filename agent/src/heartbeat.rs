@@ -2,11 +2,39 @@
 //! `<base>/instance/health.json`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use mbus::{Bus, ConnectionState, Target, Topic};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
-use crate::actions::{read_spec, vitals};
-use crate::dispatch::Context;
+use crate::director::Context;
+use crate::director::actions::state::vitals;
+use crate::director::spec::read_spec;
+
+/// Sends a heartbeat as soon as the bus is connected, then every `every`, until `stop`.
+pub async fn send(ctx: Arc<Context>, bus: Bus, every: Duration, stop: CancellationToken) {
+    let mut state = bus.watch_state();
+    tokio::select! {
+        () = stop.cancelled() => return,
+        _ = state.wait_for(|s| matches!(s, ConnectionState::Connected { .. })) => {}
+    }
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let hb = collect(&ctx).await;
+        let bytes = serde_json::to_vec(&hb).unwrap_or_default();
+        if let Err(e) = bus
+            .publish_to(Target::HealthMonitor, Topic::Heartbeat, bytes.into())
+            .await
+        {
+            tracing::warn!(error = %e, "heartbeat not sent");
+        }
+    }
+}
 
 /// Builds the heartbeat payload from the spec, the job state and the vitals. Pure.
 pub fn payload(
@@ -41,7 +69,8 @@ pub async fn collect(ctx: &Arc<Context>) -> Value {
     let mut hb = payload(&spec, state.as_str(), v, processes);
     // A key upstream's health monitor ignores: the firewall's health, so a degraded firewall
     // is visible in every heartbeat.
-    hb["firewall"] = crate::firewall::report(&platform::firewall::nft::run_dir());
+    let health = ctx.firewall.borrow().clone();
+    hb["firewall"] = serde_json::to_value(health).unwrap_or(Value::Null);
     hb
 }
 

@@ -1,12 +1,145 @@
 //! settings.json: fetched from the sources of agent.json (`File` is the one this agent reads),
 //! cached to `<base>/bosh/settings.json`, with upstream's fallback to the cache when the source
-//! fails. Kept as raw JSON here: each subsystem reads its part (mbus reads `mbus`/`env.bosh.mbus`).
+//! fails, and parsed once into [`Settings`]. The mbus part (`mbus`, `env.bosh.mbus`) is the
+//! `mbus` crate's to read, from [`Settings::document`].
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::{info, warn};
+
+/// settings.json, parsed: the parts the agent reads. A part of the wrong shape is logged
+/// (naming it) and read as empty, as the agent always has: one odd field does not cut the VM
+/// off its director.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// `agent_id`: the subject `agent.<id>` (checked by the mbus configuration).
+    #[serde(deserialize_with = "lenient")]
+    pub agent_id: String,
+    /// `blobstore`: the oldest place of the blobstore's settings (provider-specific options).
+    #[serde(deserialize_with = "lenient")]
+    pub blobstore: Option<serde_json::Map<String, Value>>,
+    /// `networks`, by name.
+    #[serde(deserialize_with = "lenient")]
+    pub networks: BTreeMap<String, Network>,
+    /// `disks`.
+    #[serde(deserialize_with = "lenient")]
+    pub disks: Disks,
+    /// `env`.
+    #[serde(deserialize_with = "lenient")]
+    pub env: Env,
+    /// `vm`.
+    #[serde(deserialize_with = "lenient")]
+    pub vm: Vm,
+    /// The whole document, for the mbus configuration.
+    #[serde(skip)]
+    document: Value,
+}
+
+/// One network of `networks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Network {
+    /// `manual`, `dynamic` or `vip`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub ip: Option<String>,
+    pub netmask: Option<String>,
+    pub gateway: Option<String>,
+}
+
+/// `disks`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Disks {
+    /// `persistent`: disk cid → its device path, or an object with `path`.
+    pub persistent: BTreeMap<String, Value>,
+}
+
+/// `env`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Env {
+    pub bosh: EnvBosh,
+}
+
+/// `env.bosh`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct EnvBosh {
+    /// `env.bosh.blobstores`: the blobstore's settings, first one used.
+    #[serde(deserialize_with = "lenient")]
+    pub blobstores: Vec<Value>,
+    /// `env.bosh.parallel`: blobs fetched at once.
+    #[serde(deserialize_with = "lenient")]
+    pub parallel: Option<u64>,
+}
+
+/// `vm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct Vm {
+    pub name: String,
+}
+
+/// A part of the wrong shape reads as its default (logged).
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned + Default,
+{
+    let v = Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(T::default());
+    }
+    Ok(serde_json::from_value(v.clone()).unwrap_or_else(|e| {
+        warn!(error = %e, value = %shorten(&v), "ignoring a settings field of the wrong shape");
+        T::default()
+    }))
+}
+
+fn shorten(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 64 {
+        let mut cut = 64;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+impl Settings {
+    /// Parses a settings document (a JSON object).
+    pub fn parse(doc: &Value) -> Result<Settings, String> {
+        if !doc.is_object() {
+            return Err("settings must be a JSON object".into());
+        }
+        let mut s: Settings = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+        s.document = doc.clone();
+        Ok(s)
+    }
+
+    /// The document as read (for the mbus configuration).
+    pub fn document(&self) -> &Value {
+        &self.document
+    }
+
+    /// The VM's addresses (`networks.*.ip`), for alerts.
+    pub fn ips(&self) -> Vec<String> {
+        self.networks
+            .values()
+            .filter_map(|n| n.ip.clone())
+            .collect()
+    }
+}
 
 use crate::config::AgentConfig;
 
@@ -15,6 +148,8 @@ use crate::config::AgentConfig;
 pub enum SettingsError {
     #[error("agent config has no settings source of type File (Infrastructure.Settings.Sources)")]
     NoSource,
+    #[error("settings cannot be used: {0}")]
+    Unusable(String),
     #[error(
         "settings from {source_path} failed ({source_error}) and the cache {cache} failed too ({cache_error})"
     )]
@@ -120,7 +255,13 @@ pub fn read_settings(path: &Path) -> Result<Value, String> {
 
 /// Loads settings: the first `File` source that parses wins and is cached; if none does, the
 /// cache is used (as upstream does when the infrastructure is unreachable).
-pub fn load(config: &AgentConfig, base_dir: &Path) -> Result<Value, SettingsError> {
+pub fn load(config: &AgentConfig, base_dir: &Path) -> Result<Settings, SettingsError> {
+    let doc = load_document(config, base_dir)?;
+    Settings::parse(&doc).map_err(SettingsError::Unusable)
+}
+
+/// [`load`]'s document, before parsing.
+fn load_document(config: &AgentConfig, base_dir: &Path) -> Result<Value, SettingsError> {
     let sources: Vec<&str> = config
         .infrastructure
         .settings
@@ -199,11 +340,11 @@ mod tests {
         fs::write(&src, r#"{"agent_id":"a-1","mbus":"nats://10.0.0.6:4222"}"#).unwrap();
         let base = d.join("base");
         let v = load(&config(&src), &base).unwrap();
-        assert_eq!(v["agent_id"], "a-1");
+        assert_eq!(v.agent_id, "a-1");
         assert!(cache_path(&base).exists());
         fs::remove_file(&src).unwrap();
         let v = load(&config(&src), &base).unwrap();
-        assert_eq!(v["agent_id"], "a-1");
+        assert_eq!(v.agent_id, "a-1");
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -239,6 +380,31 @@ mod tests {
         assert!(!bosh.join("spec.json.tmp").exists());
         assert!(!bosh.join(".spec.json.1.ab.tmp").exists());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn parts_are_typed_and_a_part_of_the_wrong_shape_reads_as_empty() {
+        let s = Settings::parse(&serde_json::json!({
+            "agent_id": "a-1", "vm": {"name": "vm-1"},
+            "networks": {"d": {"type": "manual", "ip": "10.0.0.9"}, "e": {"ip": "10.0.0.10"}},
+            "disks": {"persistent": {"disk-1": "/dev/sdc"}},
+            "env": {"bosh": {"parallel": 3, "blobstores": [{"provider": "dav"}]}},
+            "blobstore": {"provider": "local"}}))
+        .unwrap();
+        assert_eq!(s.agent_id, "a-1");
+        assert_eq!(s.vm.name, "vm-1");
+        assert_eq!(s.ips(), vec!["10.0.0.9", "10.0.0.10"]);
+        assert_eq!(s.networks["d"].kind.as_deref(), Some("manual"));
+        assert_eq!(s.env.bosh.parallel, Some(3));
+        assert_eq!(s.env.bosh.blobstores.len(), 1);
+        assert_eq!(s.document()["agent_id"], "a-1");
+        let odd = Settings::parse(&serde_json::json!({
+            "agent_id": "a-1", "vm": [], "networks": 5, "env": {"bosh": {"parallel": "x"}}}))
+        .unwrap();
+        assert_eq!(odd.vm.name, "");
+        assert!(odd.networks.is_empty());
+        assert_eq!(odd.env.bosh.parallel, None);
+        assert!(Settings::parse(&serde_json::json!([])).is_err());
     }
 
     #[test]

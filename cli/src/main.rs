@@ -163,7 +163,7 @@ where
 }
 
 fn firewall_allow(service: &str) -> ExitCode {
-    match agent::commands::firewall_allow(service, &run_dir()) {
+    match agent::firewall::commands::firewall_allow(service, &run_dir()) {
         Ok(AllowOutcome::Added { rule, replaced }) => {
             println!("monit access granted ({replaced} stale rule(s) replaced): {rule}");
             ExitCode::SUCCESS
@@ -192,7 +192,7 @@ fn firewall_allow(service: &str) -> ExitCode {
 }
 
 fn status(json: bool) -> ExitCode {
-    match agent::commands::firewall_status(&run_dir()) {
+    match agent::firewall::commands::firewall_status(&run_dir()) {
         Ok(s) => {
             if json {
                 match serde_json::to_string_pretty(&s) {

@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use testkit::TempDir;
 use blobstore::{Algorithm, Digest, Provider};
 use std::os::unix::fs::{PermissionsExt, symlink};
+use testkit::TempDir;
 
 struct Fixture {
     tmp: TempDir,

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use super::netlink;
-use super::nft::{FirewallLock, Nft};
+use super::nft::{FirewallLock, LockWait, Nft};
 use super::readback::{
     self, ForeignJobRule, LiveJobRule, job_rules, job_rules_in, parse_job_comment,
     parse_job_comment_with,
@@ -16,6 +16,7 @@ use super::render::{
     render_metadata_job_rule,
 };
 use super::state::RuntimeState;
+use super::table::KernelTable;
 use super::{
     Comment, EGRESS_JOBS_CHAIN, FirewallError, Identity, JOB_COMMENT_PREFIX, JobRule,
     MAX_COMMENT_LEN, METADATA_COMMENT_PREFIX, MONIT_JOBS_CHAIN,
@@ -209,7 +210,7 @@ pub fn caller_rule(
             None,
         ))
     };
-    if let Some(st) = agent.filter(|s| s.mode == "uid") {
+    if let Some(st) = agent.filter(|s| s.mode == super::state::Mode::Uid) {
         return uid_rule(format!(
             "the agent uses the uid fallback ({})",
             st.fallback_reason.as_deref().unwrap_or("reason unknown")
@@ -378,13 +379,14 @@ pub struct JobsChainReconciled {
 /// there would open monit to every process). `vcap_uid` is the uid the documented uid
 /// fallback matches. The chain is never flushed: job rules, the agent's and the Go agent's,
 /// keep their handles. The listing is nft's JSON, which, unlike the netlink reader, gives
-/// the expressions the judgement needs.
-pub fn reconcile_jobs_chain(
-    nft: &Nft,
+/// the expressions the judgement needs. The lock is waited for at most `wait.bound`.
+pub fn reconcile_jobs_chain<T: KernelTable + ?Sized>(
+    nft: &T,
     run_dir: &Path,
+    wait: LockWait,
     vcap_uid: Option<u32>,
 ) -> Result<JobsChainReconciled, FirewallError> {
-    let _lock = FirewallLock::acquire(run_dir)?;
+    let _lock = FirewallLock::acquire_within(run_dir, wait)?;
     let Some(listing) = nft.list_chain(MONIT_JOBS_CHAIN)? else {
         return Ok(JobsChainReconciled::default());
     };

@@ -217,7 +217,7 @@ fn placement(visible_level: u32) -> CgroupPlacement {
 #[test]
 fn caller_rule_uses_level_plus_the_agents_offset() {
     let st = RuntimeState {
-        mode: "cgroup".into(),
+        mode: crate::firewall::state::Mode::Cgroup,
         level_offset: 3,
         ..Default::default()
     };
@@ -255,7 +255,7 @@ fn uid_fallback_needs_a_vcap_user() {
         Err(FirewallError::NoIdentity(_))
     ));
     let st = RuntimeState {
-        mode: "uid".into(),
+        mode: crate::firewall::state::Mode::Uid,
         fallback_reason: Some("x".into()),
         ..Default::default()
     };

@@ -13,8 +13,10 @@ pub mod policy_config;
 pub mod readback;
 pub mod render;
 pub mod selftest;
+pub mod shape;
 pub mod state;
 pub mod status;
+pub mod table;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -238,4 +240,11 @@ pub enum FirewallError {
     NotInstalled,
     #[error("cgroup matching does not work here and no fallback is possible: {0}")]
     NoIdentity(String),
+    #[error(
+        "the firewall lock {path} is still held by another process after {waited_secs} s; giving up for now"
+    )]
+    LockTimeout {
+        path: std::path::PathBuf,
+        waited_secs: u64,
+    },
 }

@@ -6,6 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -218,9 +219,32 @@ pub struct FirewallLock {
     _lock: nix::fcntl::Flock<File>,
 }
 
+/// How long a holder of the firewall lock may keep the agent waiting, and how often the wait
+/// is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    /// Give up with [`FirewallError::LockTimeout`] after this long.
+    pub bound: Duration,
+    /// Warn (naming the lock file and the time waited) this often while waiting.
+    pub warn_every: Duration,
+}
+
+impl Default for LockWait {
+    /// Warn every 15 s, give up after 5 minutes: `firewall-allow` holds the lock for
+    /// milliseconds, so a holder this slow is hung, and the caller retries later.
+    fn default() -> Self {
+        LockWait {
+            bound: Duration::from_secs(300),
+            warn_every: Duration::from_secs(15),
+        }
+    }
+}
+
+/// How often a bounded wait tries the lock again.
+const LOCK_POLL: Duration = Duration::from_millis(20);
+
 impl FirewallLock {
-    /// Blocks until the lock in `dir` is held.
-    pub fn acquire(dir: &Path) -> Result<Self, FirewallError> {
+    fn open(dir: &Path) -> Result<(PathBuf, File), FirewallError> {
         let io = |path: PathBuf| move |source| FirewallError::Io { path, source };
         fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
         let path = dir.join("firewall.lock");
@@ -230,6 +254,13 @@ impl FirewallLock {
             .write(true)
             .open(&path)
             .map_err(io(path.clone()))?;
+        Ok((path, file))
+    }
+
+    /// Blocks until the lock in `dir` is held (the one-shot commands: their caller bounds
+    /// them).
+    pub fn acquire(dir: &Path) -> Result<Self, FirewallError> {
+        let (path, file) = Self::open(dir)?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, errno)| FirewallError::Io {
                 path,
@@ -238,11 +269,67 @@ impl FirewallLock {
         )?;
         Ok(FirewallLock { _lock: lock })
     }
+
+    /// Takes the lock in `dir`, waiting at most `wait.bound`; warns every `wait.warn_every`
+    /// while another process holds it. Blocks the calling thread (run it off the async
+    /// runtime).
+    pub fn acquire_within(dir: &Path, wait: LockWait) -> Result<Self, FirewallError> {
+        let (path, mut file) = Self::open(dir)?;
+        let start = Instant::now();
+        let mut next_warning = wait.warn_every;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => {
+                    if start.elapsed() >= wait.warn_every {
+                        tracing::info!(lock = %path.display(), waited_secs = start.elapsed().as_secs(), "firewall lock taken after waiting");
+                    }
+                    return Ok(FirewallLock { _lock: lock });
+                }
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) => file = f,
+                Err((_, errno)) => {
+                    return Err(FirewallError::Io {
+                        path,
+                        source: errno.into(),
+                    });
+                }
+            }
+            let waited = start.elapsed();
+            if waited >= wait.bound {
+                return Err(FirewallError::LockTimeout {
+                    path,
+                    waited_secs: waited.as_secs(),
+                });
+            }
+            if waited >= next_warning {
+                tracing::warn!(lock = %path.display(), waited_secs = waited.as_secs(), bound_secs = wait.bound.as_secs(), "waiting for the firewall lock held by another process");
+                next_warning += wait.warn_every;
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_waited_for_within_the_bound_then_refused() {
+        let dir = std::env::temp_dir().join(format!("fw-lock-{}", std::process::id()));
+        let held = FirewallLock::acquire(&dir).unwrap();
+        let wait = LockWait {
+            bound: Duration::from_millis(200),
+            warn_every: Duration::from_millis(50),
+        };
+        let e = FirewallLock::acquire_within(&dir, wait).err().unwrap();
+        assert!(matches!(e, FirewallError::LockTimeout { .. }), "{e}");
+        assert!(e.to_string().contains("firewall.lock"), "{e}");
+        drop(held);
+        let again = FirewallLock::acquire_within(&dir, wait).unwrap();
+        drop(again);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn nft_errors_become_one_line_without_markers() {

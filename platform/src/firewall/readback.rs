@@ -3,16 +3,13 @@
 
 use serde_json::{Map, Value, json};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use super::shape::TableShape;
 use super::{
-    ALERTS_CHAIN, ALERTS_GUARD_CHAIN, ALLOW_MARK, DesiredState, EGRESS_CHAIN, EGRESS_DENY_V4,
-    EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN,
-    EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN, FirewallError,
-    INGRESS_CHAIN, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity, JOB_COMMENT_PREFIX,
-    LOCALHOST_CHAIN, MONIT_CHAIN, MONIT_GUARD_CHAIN, MONIT_JOBS_CHAIN, MONIT_PORT, MonitPolicy,
-    NATS_CHAIN, NATS_GUARD_CHAIN, NATS_SET_V4, NATS_SET_V6, NatsPolicy, SELFTEST_CHAIN,
+    ALLOW_MARK, DesiredState, EGRESS_JOBS_CHAIN, FirewallError, Identity, JOB_COMMENT_PREFIX,
+    MONIT_JOBS_CHAIN, MONIT_PORT, SELFTEST_CHAIN,
 };
 
 /// The objects of an `nft -j list` answer (`{"nftables": [...]}`).
@@ -62,31 +59,19 @@ pub fn snapshot(listing: &str) -> Value {
     json!({"chains": chains, "sets": sets})
 }
 
-/// Checks that a snapshot has the shape `desired` renders to: exactly the agent's chains, each
-/// with its number of lines, the agent's own rules matching its identity (cgroup level or uid),
-/// and exactly the desired NATS endpoints in the sets. A read-back taken some time after the
-/// apply is only trusted as the drift reference if it conforms: a change made in between
-/// (a chain, rule or element removed, another level) is then repaired, not adopted. Pure.
+/// Checks that a snapshot has the shape `desired` renders to ([`TableShape::of`], the
+/// renderer's own script interpreted): exactly the chains it leaves, each with as many lines,
+/// the agent's own rules (`comment "bosh-agent"`) matching its identity (cgroup level or uid),
+/// and exactly its sets with their elements. A read-back taken some time after the apply is
+/// only trusted as the drift reference if it conforms: a change made in between (a chain,
+/// rule or element removed, another level) is then repaired, not adopted. Pure.
 pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> {
-    let script = super::render::render_ruleset(desired);
-    let workload = rendered_workload(&script);
-    let mut want: BTreeMap<&str, usize> = workload
-        .chains
-        .iter()
-        .map(|(k, v)| (k.as_str(), *v))
+    let shape =
+        TableShape::of(desired).map_err(|e| format!("the desired state does not render: {e}"))?;
+    let want: BTreeMap<&str, usize> = shape
+        .agent_chains()
+        .map(|(n, c)| (n.as_str(), c.lines()))
         .collect();
-    if let MonitPolicy::Enabled { allow_root } = desired.monit {
-        want.insert(MONIT_CHAIN, 3);
-        want.insert(MONIT_GUARD_CHAIN, if allow_root { 5 } else { 4 });
-    }
-    let endpoints = match &desired.nats {
-        NatsPolicy::Enabled { endpoints } => {
-            want.insert(NATS_CHAIN, 3);
-            want.insert(NATS_GUARD_CHAIN, 3);
-            Some(endpoints)
-        }
-        NatsPolicy::Disabled => None,
-    };
     let chains = snapshot
         .get("chains")
         .and_then(Value::as_object)
@@ -104,94 +89,54 @@ pub fn conforms(snapshot: &Value, desired: &DesiredState) -> Result<(), String> 
         Identity::Cgroup { level, .. } => format!("socket cgroupv2 level {level} "),
         Identity::Uid { uid, .. } => format!("meta skuid {uid} "),
     };
-    for chain in [MONIT_GUARD_CHAIN, NATS_GUARD_CHAIN] {
-        let Some(lines) = chains.get(chain).and_then(Value::as_array) else {
-            continue;
-        };
-        let ok = lines
-            .iter()
+    const OWN: &str = "comment \"bosh-agent\"";
+    for (chain, c) in shape.agent_chains() {
+        let expected = c.rules.iter().filter(|(_, r)| r.ends_with(OWN)).count();
+        let lines = chains.get(chain).and_then(Value::as_array);
+        let found = lines
+            .into_iter()
+            .flatten()
             .filter_map(Value::as_str)
-            .any(|l| l.starts_with(&own) && l.ends_with("comment \"bosh-agent\""));
-        if !ok {
+            .filter(|l| l.starts_with(&own) && l.ends_with(OWN))
+            .count();
+        if found != expected {
             return Err(format!(
-                "{chain} has no rule `{own}… comment \"bosh-agent\"`"
+                "{chain} has {found} rules `{own}… {OWN}`, expected {expected}"
             ));
         }
     }
     let sets = snapshot.get("sets").and_then(Value::as_object);
-    let live: Option<Vec<SocketAddr>> = sets
-        .map(|sets| {
-            sets.iter()
-                .filter(|(name, _)| *name == NATS_SET_V4 || *name == NATS_SET_V6)
-                .flat_map(|(_, set)| {
-                    set.get("elements")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .map(parse_element)
-                })
-                .collect::<Option<Vec<_>>>()
-        })
-        .unwrap_or(Some(Vec::new()));
-    let live = live.ok_or("a NATS set element is not `address . port`")?;
-    let set_names: Vec<&String> = sets
-        .map(|s| {
-            s.keys()
-                .filter(|n| *n == NATS_SET_V4 || *n == NATS_SET_V6)
-                .collect()
-        })
+    let set_names: BTreeSet<&str> = sets
+        .map(|s| s.keys().map(String::as_str).collect())
         .unwrap_or_default();
-    let live_workload: BTreeMap<&str, Vec<String>> = sets
-        .map(|s| {
-            s.iter()
-                .filter(|(n, _)| WORKLOAD_SETS.contains(&n.as_str()))
-                .map(|(n, v)| {
-                    let e = v
-                        .get("elements")
-                        .and_then(Value::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(Value::as_str)
-                                .map(str::to_string)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    (n.as_str(), e)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let want_workload: BTreeMap<&str, Vec<String>> = workload
-        .sets
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    if live_workload != want_workload {
-        return Err(format!(
-            "workload sets {live_workload:?}, expected {want_workload:?}"
-        ));
+    let want_sets: BTreeSet<&str> = shape.sets.keys().map(String::as_str).collect();
+    if set_names != want_sets {
+        return Err(format!("sets {set_names:?}, expected {want_sets:?}"));
     }
-    match endpoints {
-        Some(eps) => {
-            if set_names.len() != 2 {
-                return Err(format!(
-                    "NATS sets {set_names:?}, expected {NATS_SET_V4} and {NATS_SET_V6}"
-                ));
-            }
-            let live: std::collections::BTreeSet<SocketAddr> = live.into_iter().collect();
-            if &live != eps {
-                return Err(format!("NATS endpoints {live:?}, expected {eps:?}"));
-            }
+    for (name, set) in &shape.sets {
+        let live = sets
+            .and_then(|s| s.get(name))
+            .and_then(|s| s.get("elements"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|e| e.as_str().map(canonical_element))
+            .collect::<Option<BTreeSet<String>>>()
+            .ok_or_else(|| format!("an element of set {name} is not a string"))?;
+        let expected: BTreeSet<String> =
+            set.elements.iter().map(|e| canonical_element(e)).collect();
+        if live != expected {
+            return Err(format!("{name} holds {live:?}, expected {expected:?}"));
         }
-        None if !set_names.is_empty() => {
-            return Err(format!(
-                "NATS sets {set_names:?} while the NATS firewall is disabled"
-            ));
-        }
-        None => {}
     }
     Ok(())
+}
+
+/// An element as compared: `address . port` in one spelling (nft prints IPv6 addresses its
+/// own way), anything else (ranges, prefixes, concatenations) as written, which is how nft
+/// lists back what the renderer wrote.
+fn canonical_element(e: &str) -> String {
+    parse_element(e).map_or_else(|| e.trim().to_string(), |a| a.to_string())
 }
 
 /// `10.0.0.5 . 4222` or `2001:db8::1 . 4222`.
@@ -225,92 +170,6 @@ fn canonical_set(body: &[String]) -> Value {
 
 fn skip_chain(name: &str) -> bool {
     name == MONIT_JOBS_CHAIN || name == SELFTEST_CHAIN || name == EGRESS_JOBS_CHAIN
-}
-
-/// The chains of the workload policies (the jobs chain is the jobs').
-pub const WORKLOAD_CHAINS: [&str; 8] = [
-    EGRESS_CHAIN,
-    EGRESS_FORWARD_CHAIN,
-    EGRESS_GUARD_CHAIN,
-    EGRESS_FORWARD_GUARD_CHAIN,
-    INGRESS_CHAIN,
-    LOCALHOST_CHAIN,
-    ALERTS_CHAIN,
-    ALERTS_GUARD_CHAIN,
-];
-
-/// The sets of the workload policies.
-pub const WORKLOAD_SETS: [&str; 7] = [
-    EGRESS_DENY_V4,
-    EGRESS_DENY_V6,
-    EGRESS_EXCEPT_V4,
-    EGRESS_EXCEPT_V6,
-    INGRESS_PORTS,
-    INGRESS_SRC_V4,
-    INGRESS_SRC_V6,
-];
-
-/// What a rendered script puts in the workload chains and sets: each chain's number of
-/// listing lines (its rules, plus the hook line of a base chain) and each set's elements,
-/// sorted as [`snapshot`] sorts them. Derived from the script, so the expectation cannot
-/// drift from the renderer.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RenderedWorkload {
-    pub chains: BTreeMap<String, usize>,
-    pub sets: BTreeMap<String, Vec<String>>,
-}
-
-/// Reads [`RenderedWorkload`] off a script of [`super::render`]. Pure.
-pub fn rendered_workload(script: &str) -> RenderedWorkload {
-    let prefix = format!("inet {} ", super::TABLE);
-    let mut out = RenderedWorkload::default();
-    for line in script.lines() {
-        let Some((verb, rest)) = line.split_once(' ') else {
-            continue;
-        };
-        let Some((kind, rest)) = rest.split_once(' ') else {
-            continue;
-        };
-        let Some(rest) = rest.strip_prefix(&prefix) else {
-            continue;
-        };
-        let name = rest.split(' ').next().unwrap_or("");
-        match (verb, kind) {
-            ("add", "chain") if WORKLOAD_CHAINS.contains(&name) => {
-                let n = usize::from(rest.contains(" hook "));
-                let e = out.chains.entry(name.to_string()).or_insert(0);
-                *e = (*e).max(n);
-            }
-            ("delete", "chain") => {
-                out.chains.remove(name);
-            }
-            ("add", "rule") if WORKLOAD_CHAINS.contains(&name) => {
-                *out.chains.entry(name.to_string()).or_insert(0) += 1;
-            }
-            ("add", "set") if WORKLOAD_SETS.contains(&name) => {
-                out.sets.entry(name.to_string()).or_default();
-            }
-            ("delete", "set") => {
-                out.sets.remove(name);
-            }
-            ("add", "element") if WORKLOAD_SETS.contains(&name) => {
-                let list = rest
-                    .split_once('{')
-                    .and_then(|(_, l)| l.rsplit_once('}'))
-                    .map_or("", |(l, _)| l);
-                out.sets.entry(name.to_string()).or_default().extend(
-                    list.split(',')
-                        .map(|x| x.trim().to_string())
-                        .filter(|x| !x.is_empty()),
-                );
-            }
-            _ => {}
-        }
-    }
-    for v in out.sets.values_mut() {
-        v.sort();
-    }
-    out
 }
 
 fn str_field<'a>(v: &'a Value, key: &str) -> &'a str {
@@ -682,6 +541,7 @@ pub fn foreign_job_rules(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::firewall::{MonitPolicy, NatsPolicy};
 
     /// nft 1.0.6's text listing of `render_ruleset_fresh` (monit with root, NATS with two
     /// endpoints, cgroup level 2), captured from a real table.

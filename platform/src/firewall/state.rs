@@ -18,8 +18,8 @@ pub const STATE_FILE: &str = "firewall.json";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RuntimeState {
-    /// `cgroup` or `uid`.
-    pub mode: String,
+    /// How the agent identifies itself in its rules.
+    pub mode: Mode,
     /// Human description of the identity (e.g. "cgroup v2 at level 3 (unified/a/b)").
     pub identity: String,
     /// Why the uid fallback is in use, if it is.
@@ -34,12 +34,12 @@ pub struct RuntimeState {
     pub layout: String,
     /// Whether the agent is in a nested cgroup namespace.
     pub namespaced: bool,
-    /// `enabled (root allowed)`, `enabled (root refused)` or `disabled`.
-    pub monit: String,
+    /// The monit policy.
+    pub monit: MonitState,
     /// Protected endpoints, as `addr:port` strings.
     pub protected: Vec<String>,
-    /// `disabled` or `enabled`.
-    pub nats: String,
+    /// The NATS policy.
+    pub nats: NatsState,
     /// The NATS endpoints of the desired state (`addr:port`): a restarted agent keeps
     /// protecting them until its first resolution says otherwise.
     pub nats_endpoints: Vec<String>,
@@ -70,6 +70,83 @@ pub struct RuntimeState {
     pub nats_bus: Option<Value>,
     /// Pid of the agent that wrote this file.
     pub agent_pid: u32,
+}
+
+/// How the agent identifies itself: `cgroup` (proved by the self-test) or `uid` (the fallback).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Cgroup,
+    Uid,
+}
+
+/// The monit policy as the state file records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitState {
+    /// `UseMonitIptablesFirewall`: the stemcell guards monit; no monit chain.
+    #[default]
+    #[serde(rename = "disabled")]
+    Disabled,
+    /// Guarded; any root process may pass.
+    #[serde(rename = "enabled (root allowed)")]
+    RootAllowed,
+    /// Guarded; root processes are refused like any other.
+    #[serde(rename = "enabled (root refused)")]
+    RootRefused,
+}
+
+impl MonitState {
+    /// The state of a policy.
+    pub fn of(p: super::MonitPolicy) -> Self {
+        match p {
+            super::MonitPolicy::Disabled => MonitState::Disabled,
+            super::MonitPolicy::Enabled { allow_root: true } => MonitState::RootAllowed,
+            super::MonitPolicy::Enabled { allow_root: false } => MonitState::RootRefused,
+        }
+    }
+
+    /// Whether the agent guards monit (its jobs chain is reached by packets to monit).
+    pub fn guarded(self) -> bool {
+        self != MonitState::Disabled
+    }
+}
+
+/// The NATS policy as the state file records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatsState {
+    #[default]
+    Disabled,
+    Enabled,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Cgroup => "cgroup",
+            Mode::Uid => "uid",
+        })
+    }
+}
+
+impl std::fmt::Display for MonitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MonitState::Disabled => "disabled",
+            MonitState::RootAllowed => "enabled (root allowed)",
+            MonitState::RootRefused => "enabled (root refused)",
+        })
+    }
+}
+
+impl std::fmt::Display for NatsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatsState::Disabled => "disabled",
+            NatsState::Enabled => "enabled",
+        })
+    }
 }
 
 /// Path of the state file in `dir`.
@@ -114,6 +191,26 @@ pub fn write(dir: &Path, state: &RuntimeState) -> Result<(), FirewallError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn typed_fields_keep_the_files_strings() {
+        let st = RuntimeState {
+            mode: Mode::Uid,
+            monit: MonitState::RootRefused,
+            nats: NatsState::Enabled,
+            ..RuntimeState::default()
+        };
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["mode"], "uid");
+        assert_eq!(v["monit"], "enabled (root refused)");
+        assert_eq!(v["nats"], "enabled");
+        let back: RuntimeState = serde_json::from_value(v).unwrap();
+        assert_eq!(back, st);
+        assert_eq!(
+            MonitState::RootAllowed.to_string(),
+            "enabled (root allowed)"
+        );
+    }
 
     #[test]
     fn a_corrupt_state_file_is_named_and_nft_is_not_blamed() {

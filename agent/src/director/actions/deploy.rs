@@ -6,37 +6,38 @@
 //! `update_settings.blobstores[0]`, else `env.bosh.blobstores[0]`, else `blobstore`. So a
 //! blobstore changed by `update_settings` is used from the next action on, without a restart.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use base64::Engine as _;
 use blobstore::provider::ProviderEnv;
 use blobstore::{Blobs, Digest, MultiDigest, Provider};
-use jobs::{Applier, ApplySpec, CompileLimits, CompileRequest};
+use jobs::{Applier, CompileLimits, CompileRequest};
 use serde_json::{Map, Value, json};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Context;
+use crate::director::Context;
+use crate::director::action::CompileArgs;
+use crate::director::checks::{has_configuration, parse_spec};
+use crate::director::spec::{read_spec, spec_path, write_json};
+use crate::director::tasks::TaskResult;
+use crate::settings::Settings;
 
 /// The blobstore object the settings in force name (see the module documentation).
-pub fn blobstore_settings(settings: &Value, update_settings: &Value) -> Option<Value> {
-    let first = |v: Option<&Value>| {
-        v.and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .filter(|b| b.is_object())
-            .cloned()
-    };
-    first(update_settings.get("blobstores"))
-        .or_else(|| first(settings.pointer("/env/bosh/blobstores")))
-        .or_else(|| settings.get("blobstore").filter(|b| b.is_object()).cloned())
+pub fn blobstore_settings(settings: &Settings, update_settings: &Value) -> Option<Value> {
+    let first =
+        |v: Option<&Vec<Value>>| v.and_then(|a| a.first()).filter(|b| b.is_object()).cloned();
+    first(update_settings.get("blobstores").and_then(Value::as_array))
+        .or_else(|| first(Some(&settings.env.bosh.blobstores)))
+        .or_else(|| settings.blobstore.clone().map(Value::Object))
 }
 
 /// `env.bosh.parallel`: how many blobs one `prepare`/`apply` fetches at once (default 5).
-pub fn parallel(settings: &Value) -> usize {
+pub fn parallel(settings: &Settings) -> usize {
     settings
-        .pointer("/env/bosh/parallel")
-        .and_then(Value::as_u64)
+        .env
+        .bosh
+        .parallel
         .filter(|n| (1..=64).contains(n))
         .map_or(jobs::DEFAULT_PARALLEL, |n| n as usize)
 }
@@ -44,7 +45,7 @@ pub fn parallel(settings: &Value) -> usize {
 /// The blob layer for the settings in force (`update_settings.json` re-read, so that a
 /// changed blobstore is used without a restart).
 pub fn blobs(ctx: &Context) -> Result<Blobs, String> {
-    let update = crate::update_settings::load(&ctx.base_dir).unwrap_or_else(|_| json!({}));
+    let update = super::update_settings::load(&ctx.base_dir).unwrap_or_else(|_| json!({}));
     let cfg = blobstore_settings(&ctx.settings, &update)
         .ok_or("no blobstore in the settings (update_settings.blobstores, env.bosh.blobstores or blobstore)")?;
     let provider = Provider::from_settings(&cfg, &ProviderEnv::new(&ctx.base_dir))
@@ -60,22 +61,8 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("worker failed: {e}"))?
 }
 
-/// Parses the director's apply spec for the applier; the error names the field.
-pub fn parse_spec(spec: &Value) -> Result<ApplySpec, String> {
-    ApplySpec::from_json(spec).map_err(|e| e.to_string())
-}
-
-/// Whether `spec` asks for the full applier (a non-empty `configuration_hash`). A partial
-/// spec (the director's first apply, before templates are rendered) is only persisted, and
-/// is not checked further than being an object, as upstream.
-pub fn has_configuration(spec: &Value) -> bool {
-    spec.get("configuration_hash")
-        .and_then(Value::as_str)
-        .is_some_and(|h| !h.is_empty())
-}
-
 /// `prepare [spec]`: installs, without enabling, every job and package not installed yet.
-pub async fn prepare(ctx: Arc<Context>, spec: Value) -> Result<Value, String> {
+pub async fn prepare(ctx: Arc<Context>, spec: Value) -> TaskResult {
     let typed = parse_spec(&spec)?;
     let blobs = blobs(&ctx)?;
     let base = ctx.base_dir.clone();
@@ -92,7 +79,7 @@ pub async fn prepare(ctx: Arc<Context>, spec: Value) -> Result<Value, String> {
 
 /// Fills `ip`, `netmask` and `gateway` of the spec's dynamic networks from the settings'
 /// networks of the same name (upstream's `PopulateDHCPNetworks`).
-pub fn fill_dynamic_networks(spec: &mut Value, settings: &Value) {
+pub fn fill_dynamic_networks(spec: &mut Value, settings: &Settings) {
     let Some(nets) = spec.get_mut("networks").and_then(Value::as_object_mut) else {
         return;
     };
@@ -100,22 +87,22 @@ pub fn fill_dynamic_networks(spec: &mut Value, settings: &Value) {
         if net.get("type").and_then(Value::as_str) != Some("dynamic") {
             continue;
         }
-        let Some(from) = settings.pointer(&format!("/networks/{}", escape_pointer(name))) else {
+        let Some(from) = settings.networks.get(name) else {
             continue;
         };
         let Some(obj) = net.as_object_mut() else {
             continue;
         };
-        for key in ["ip", "netmask", "gateway"] {
-            if let Some(v) = from.get(key) {
-                obj.insert(key.into(), v.clone());
+        for (key, v) in [
+            ("ip", &from.ip),
+            ("netmask", &from.netmask),
+            ("gateway", &from.gateway),
+        ] {
+            if let Some(v) = v {
+                obj.insert(key.into(), Value::String(v.clone()));
             }
         }
     }
-}
-
-fn escape_pointer(s: &str) -> String {
-    s.replace('~', "~0").replace('/', "~1")
 }
 
 /// `<base>/instance/{id,az,name,deployment}` (0644, the directory 0755), as upstream.
@@ -149,7 +136,7 @@ fn write_instance_files(base: &Path, spec: &Value) -> Result<(), String> {
 /// the spec's jobs and packages, monit job files reset) and a confirmed monit reload; always,
 /// dynamic networks filled, the spec persisted and the instance files written. Nothing is
 /// persisted when installing fails: the previous version stays enabled and recorded.
-pub async fn apply(ctx: Arc<Context>, mut spec: Value) -> Result<Value, String> {
+pub async fn apply(ctx: Arc<Context>, mut spec: Value) -> TaskResult {
     fill_dynamic_networks(&mut spec, &ctx.settings);
     if has_configuration(&spec) {
         let typed = parse_spec(&spec)?;
@@ -172,7 +159,7 @@ pub async fn apply(ctx: Arc<Context>, mut spec: Value) -> Result<Value, String> 
                 .map_err(|e| format!("Reloading monit: {e}"))?;
         }
     }
-    crate::actions::write_json(&crate::actions::spec_path(&ctx.base_dir), &spec)?;
+    write_json(&spec_path(&ctx.base_dir), &spec)?;
     write_instance_files(&ctx.base_dir, &spec)?;
     Ok(json!("applied"))
 }
@@ -180,8 +167,8 @@ pub async fn apply(ctx: Arc<Context>, mut spec: Value) -> Result<Value, String> 
 /// `start`'s first half (upstream's `ConfigureJobs`): the applied spec's monit files copied to
 /// `<base>/monit/job`, then monit reloaded and the reload confirmed. A spec without jobs
 /// changes nothing.
-pub async fn configure_jobs(ctx: &Arc<Context>) -> Result<(), String> {
-    let spec = crate::actions::read_spec(&ctx.base_dir)?;
+pub async fn configure_jobs(ctx: &Context) -> Result<(), String> {
+    let spec = read_spec(&ctx.base_dir)?;
     if !has_configuration(&spec) {
         return Ok(());
     }
@@ -204,55 +191,36 @@ pub async fn configure_jobs(ctx: &Arc<Context>) -> Result<(), String> {
         .map_err(|e| format!("Reloading monit: {e}"))
 }
 
-/// `compile_package [blob_id, digest, name, version, deps]`.
+/// `compile_package [blob_id, digest, name, version, deps]`; `cancel` kills the packaging
+/// script's process group.
 pub async fn compile_package(
     ctx: Arc<Context>,
-    args: Vec<Value>,
-    mut cancel: watch::Receiver<bool>,
-) -> Result<Value, String> {
-    let s = |i: usize| -> Result<String, String> {
-        match args.get(i) {
-            Some(Value::String(v)) => Ok(v.clone()),
-            Some(other) => Err(format!("argument {} must be a string, got {other}", i + 1)),
-            None => Err(format!(
-                "Not enough arguments, expected 5, got {}",
-                args.len()
-            )),
-        }
-    };
-    let deps: BTreeMap<String, jobs::spec::PackageRef> = match args.get(4) {
-        None | Some(Value::Null) => BTreeMap::new(),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| format!("compile_package dependencies: {e}"))?,
-    };
+    args: CompileArgs,
+    cancel: CancellationToken,
+) -> TaskResult {
     let request = CompileRequest {
-        blob_id: s(0)?,
-        digest: s(1)?,
-        name: s(2)?,
-        version: s(3)?,
-        deps,
+        blob_id: args.blob_id,
+        digest: args.digest,
+        name: args.name,
+        version: args.version,
+        deps: args.deps,
     };
     let blobs = blobs(&ctx)?;
     let base = ctx.base_dir.clone();
-    let limits = CompileLimits::default();
-    let token = limits.cancel.clone();
-    let watcher = tokio::spawn(async move {
-        if cancel.wait_for(|c| *c).await.is_ok() {
-            token.cancel();
-        }
-    });
-    let res = blocking(move || {
+    let limits = CompileLimits {
+        cancel,
+        ..CompileLimits::default()
+    };
+    let up = blocking(move || {
         jobs::compile_package(&blobs, &base, &request, &limits).map_err(|e| e.to_string())
     })
-    .await;
-    watcher.abort();
-    let up = res?;
+    .await?;
     Ok(json!({"result": {"blobstore_id": up.blobstore_id, "sha1": up.sha1}}))
 }
 
 /// `upload_blob [{blob_id, checksum, payload}]`: the base64 payload verified against the
 /// checksum and written to `<base>/data/sensitive_blobs/<blob_id>` (0640). Value: the id.
-pub async fn upload_blob(ctx: Arc<Context>, arg: Value) -> Result<Value, String> {
+pub async fn upload_blob(ctx: Arc<Context>, arg: Value) -> TaskResult {
     let obj: Map<String, Value> = arg
         .as_object()
         .cloned()
@@ -282,6 +250,7 @@ pub async fn upload_blob(ctx: Arc<Context>, arg: Value) -> Result<Value, String>
         Ok(json!(id))
     })
     .await
+    .map_err(Into::into)
 }
 
 #[cfg(test)]
@@ -291,8 +260,9 @@ mod tests {
 
     #[test]
     fn blobstore_precedence_is_upstreams() {
-        let s = json!({"blobstore": {"provider": "local"},
-            "env": {"bosh": {"blobstores": [{"provider": "dav"}]}}});
+        let settings = |v: Value| Settings::parse(&v).unwrap();
+        let s = settings(json!({"blobstore": {"provider": "local"},
+            "env": {"bosh": {"blobstores": [{"provider": "dav"}]}}}));
         assert_eq!(
             blobstore_settings(&s, &json!({"blobstores": [{"provider": "s3"}]})).unwrap()["provider"],
             "s3"
@@ -302,21 +272,26 @@ mod tests {
             "dav"
         );
         assert_eq!(
-            blobstore_settings(&json!({"blobstore": {"provider": "local"}}), &json!({})).unwrap()["provider"],
+            blobstore_settings(
+                &settings(json!({"blobstore": {"provider": "local"}})),
+                &json!({})
+            )
+            .unwrap()["provider"],
             "local"
         );
         assert_eq!(
-            blobstore_settings(&json!({}), &json!({"blobstores": []})),
+            blobstore_settings(&settings(json!({})), &json!({"blobstores": []})),
             None
         );
     }
 
     #[test]
     fn parallel_defaults_to_five_and_is_bounded() {
-        assert_eq!(parallel(&json!({})), 5);
-        assert_eq!(parallel(&json!({"env": {"bosh": {"parallel": 2}}})), 2);
-        assert_eq!(parallel(&json!({"env": {"bosh": {"parallel": 0}}})), 5);
-        assert_eq!(parallel(&json!({"env": {"bosh": {"parallel": 100000}}})), 5);
+        let p = |v: Value| parallel(&Settings::parse(&v).unwrap());
+        assert_eq!(p(json!({})), 5);
+        assert_eq!(p(json!({"env": {"bosh": {"parallel": 2}}})), 2);
+        assert_eq!(p(json!({"env": {"bosh": {"parallel": 0}}})), 5);
+        assert_eq!(p(json!({"env": {"bosh": {"parallel": 100000}}})), 5);
     }
 
     #[test]
@@ -327,7 +302,7 @@ mod tests {
         let settings = json!({"networks": {
             "dyn": {"type": "dynamic", "ip": "10.1.0.7", "netmask": "255.255.0.0", "gateway": "10.1.0.1"},
             "man": {"ip": "10.9.9.9"}}});
-        fill_dynamic_networks(&mut spec, &settings);
+        fill_dynamic_networks(&mut spec, &Settings::parse(&settings).unwrap());
         assert_eq!(spec["networks"]["dyn"]["ip"], "10.1.0.7");
         assert_eq!(spec["networks"]["dyn"]["gateway"], "10.1.0.1");
         assert_eq!(spec["networks"]["dyn"]["default"], json!(["dns"]));

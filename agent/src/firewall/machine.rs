@@ -1,6 +1,9 @@
-//! The agent's side of the firewall: establish identity once, apply the desired state in one
+//! The firewall state machine: establish identity once, apply the desired state in one
 //! transaction, keep the live table as desired (repair drift, prune stale job rules), and
-//! publish what it did in the runtime state file.
+//! record what it did (the runtime state file for the one-shot commands, the typed health for
+//! heartbeats, `get_state` and alerts). It talks to the kernel only through [`KernelTable`],
+//! so it runs over the in-memory [`platform::firewall::table::FakeTable`] in unit tests. Its
+//! calls block (nft, the lock): the firewall task runs them off the async runtime.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -8,21 +11,27 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use platform::cgroup::{self, CgroupPlacement, Layout};
-use platform::firewall::nft::{FirewallLock, Nft};
-use platform::firewall::render::{render_nats_additions, render_ruleset, render_ruleset_fresh};
-use platform::firewall::state::{self, RuntimeState};
+use platform::firewall::nft::{FirewallLock, LockWait, Nft};
+use platform::firewall::render::{render_ruleset, render_ruleset_fresh};
+use platform::firewall::state::{self, Mode, MonitState, NatsState, RuntimeState};
+use platform::firewall::table::KernelTable;
 use platform::firewall::{
-    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NATS_SET_V4, NATS_SET_V6,
-    NatsPolicy, TABLE, jobs, netlink, readback, selftest,
+    DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, TABLE, jobs,
+    netlink, readback, selftest,
 };
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use super::health::Health;
 use crate::config::LinuxOptions;
 
 /// Owns the table `inet bosh_agent` for the agent's lifetime.
-pub struct Firewall {
-    nft: Nft,
+pub struct Firewall<T: KernelTable = Nft> {
+    table: T,
     run_dir: PathBuf,
+    lock_wait: LockWait,
+    /// Where the health is published after every change of the state.
+    health: watch::Sender<Health>,
     desired: DesiredState,
     /// The idempotent script of the state the live table was last brought to: equal state
     /// renders byte-identical scripts, so an equal script means there is nothing to do.
@@ -51,7 +60,7 @@ pub struct Reconciled {
     pub pruned: usize,
 }
 
-impl Firewall {
+impl Firewall<Nft> {
     /// Establishes the agent's identity (cgroup, proved by a self-test, or the uid fallback
     /// with its reason) and builds the desired state from agent.json. Lists the live table
     /// while the self-test runs, for the first [`Firewall::apply`]. Applies nothing.
@@ -76,6 +85,35 @@ impl Firewall {
             });
             (est, live)
         });
+        Firewall::from_established(opts, nft, run_dir, &placement, est, live)
+    }
+}
+
+impl<T: KernelTable> Firewall<T> {
+    /// [`Firewall::establish`] with the identity already established and the live table
+    /// listed from `table` (tests: over a [`platform::firewall::table::FakeTable`]).
+    pub fn with_identity(
+        opts: &LinuxOptions,
+        table: T,
+        run_dir: PathBuf,
+        est: selftest::Established,
+    ) -> Self {
+        let live = match table.table_exists() {
+            Ok(false) => Ok(None),
+            _ => table.list_table_text(),
+        };
+        let placement = Err(cgroup::CgroupError::NoCgroup2(Layout::None));
+        Firewall::from_established(opts, table, run_dir, &placement, est, live)
+    }
+
+    fn from_established(
+        opts: &LinuxOptions,
+        table: T,
+        run_dir: PathBuf,
+        placement: &Result<CgroupPlacement, cgroup::CgroupError>,
+        est: selftest::Established,
+        live: Result<Option<String>, FirewallError>,
+    ) -> Self {
         match &est.identity {
             Identity::Cgroup { path, level } => {
                 info!(%path, level, "cgroup matching proved by self-test")
@@ -103,7 +141,9 @@ impl Firewall {
             NatsPolicy::Enabled {
                 endpoints: previous
                     .as_ref()
-                    .filter(|p| live.as_ref().is_ok_and(Option::is_some) && p.nats == "enabled")
+                    .filter(|p| {
+                        live.as_ref().is_ok_and(Option::is_some) && p.nats == NatsState::Enabled
+                    })
                     .map(|p| {
                         p.nats_endpoints
                             .iter()
@@ -115,10 +155,13 @@ impl Firewall {
         } else {
             NatsPolicy::Disabled
         };
-        let state = initial_state(&placement, &est, monit, &nats);
+        let state = initial_state(placement, &est, monit, &nats);
+        let (health, _) = watch::channel(Health::of(&state));
         Firewall {
-            nft,
+            table,
             run_dir,
+            lock_wait: LockWait::default(),
+            health,
             desired: DesiredState {
                 workload: Default::default(),
                 identity: est.identity,
@@ -132,6 +175,30 @@ impl Firewall {
             state,
             vcap_uid: vcap_uid(),
         }
+    }
+
+    /// How long the firewall lock is waited for (and how often the wait is logged).
+    pub fn set_lock_wait(&mut self, wait: LockWait) {
+        self.lock_wait = wait;
+    }
+
+    /// The health, as it changes: published after every change of the state.
+    pub fn watch_health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
+    }
+
+    /// What the state file says (and `firewall status` shows).
+    pub fn state(&self) -> &RuntimeState {
+        &self.state
+    }
+
+    /// The table the state machine drives.
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
+    fn lock(&self) -> Result<FirewallLock, FirewallError> {
+        FirewallLock::acquire_within(&self.run_dir, self.lock_wait)
     }
 
     /// The desired state.
@@ -163,14 +230,9 @@ impl Firewall {
             return Ok(self.readback_due);
         }
         if !added.is_empty() {
-            let res = FirewallLock::acquire(&self.run_dir).and_then(|_lock| {
-                // In-process netlink: one transaction, flat in the number of endpoints; `nft`
-                // (~10 µs of parsing per element plus its start-up) where netlink cannot.
-                netlink::add_endpoints(TABLE, NATS_SET_V4, NATS_SET_V6, &added).or_else(|e| {
-                    info!(error = %e, "adding NATS endpoints over netlink failed; using nft");
-                    self.nft.apply(&render_nats_additions(&added))
-                })
-            });
+            let res = self
+                .lock()
+                .and_then(|_lock| self.table.add_endpoints(&added));
             if let Err(e) = res {
                 warn!(error = %e, "adding NATS endpoints failed; rebuilding the whole table");
                 self.last_script = None;
@@ -217,8 +279,7 @@ impl Firewall {
             match start.live {
                 Ok(None) => {
                     let fresh = render_ruleset_fresh(&self.desired);
-                    let res = FirewallLock::acquire(&self.run_dir)
-                        .and_then(|_lock| self.nft.apply(&fresh));
+                    let res = self.lock().and_then(|_lock| self.table.apply(&fresh));
                     match res {
                         Ok(()) => {
                             self.applied(script, None);
@@ -277,8 +338,8 @@ impl Firewall {
             return Ok(());
         }
         let listing = {
-            let _lock = FirewallLock::acquire(&self.run_dir)?;
-            self.nft.list_table_text()?
+            let _lock = self.lock()?;
+            self.table.list_table_text()?
         };
         self.readback_due = false;
         self.state.readback_pending = false;
@@ -303,11 +364,11 @@ impl Firewall {
         let desired = &self.desired;
         let mut repaired = false;
         let res = (|| -> Result<serde_json::Value, FirewallError> {
-            let _lock = FirewallLock::acquire(&self.run_dir)?;
-            self.nft.apply(&script)?;
+            let _lock = self.lock()?;
+            self.table.apply(&script)?;
             let snapshot =
                 |l: Option<String>| l.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
-            let first = snapshot(self.nft.list_table_text()?);
+            let first = snapshot(self.table.list_table_text()?);
             // The reference for drift must be what this apply made: a change slipped in
             // between the apply and the listing is undone once (bounded: no loop), not adopted.
             match readback::conforms(&first, desired) {
@@ -315,8 +376,8 @@ impl Firewall {
                 Err(why) => {
                     warn!(%why, "the table changed right after the apply; applying again");
                     repaired = true;
-                    self.nft.apply(&script)?;
-                    Ok(snapshot(self.nft.list_table_text()?))
+                    self.table.apply(&script)?;
+                    Ok(snapshot(self.table.list_table_text()?))
                 }
             }
         })();
@@ -343,7 +404,10 @@ impl Firewall {
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
         self.read_back_if_due()?;
-        let live = self.nft.list_table_text()?.map(|l| readback::snapshot(&l));
+        let live = self
+            .table
+            .list_table_text()?
+            .map(|l| readback::snapshot(&l));
         if self.pending_rebuild {
             // The fast path added endpoints; the exact rebuild is due, not a repair.
             self.apply()?;
@@ -359,7 +423,12 @@ impl Firewall {
         }
         if matches!(self.desired.monit, MonitPolicy::Enabled { .. }) {
             let had_foreign = !self.state.foreign_job_rules.is_empty();
-            let jobs = jobs::reconcile_jobs_chain(&self.nft, &self.run_dir, self.vcap_uid)?;
+            let jobs = jobs::reconcile_jobs_chain(
+                &self.table,
+                &self.run_dir,
+                self.lock_wait,
+                self.vcap_uid,
+            )?;
             out.pruned = jobs.pruned;
             if out.pruned > 0 {
                 info!(count = out.pruned, "pruned job rules whose cgroup is gone");
@@ -400,10 +469,20 @@ impl Firewall {
         }
     }
 
-    fn write_state(&self) {
+    /// Writes the state file and publishes the health.
+    pub fn write_state(&self) {
         if let Err(e) = state::write(&self.run_dir, &self.state) {
             warn!(error = %e, "cannot write the firewall state file");
         }
+        let health = Health::of(&self.state);
+        self.health.send_if_modified(|h| {
+            if *h == health {
+                false
+            } else {
+                *h = health;
+                true
+            }
+        });
     }
 }
 
@@ -440,15 +519,17 @@ fn initial_state(
     nats: &NatsPolicy,
 ) -> RuntimeState {
     let (mode, reason, path, level) = match &est.identity {
-        Identity::Cgroup { path, level } => ("cgroup", None, Some(path.to_string()), Some(*level)),
-        Identity::Uid { reason, .. } => ("uid", Some(reason.clone()), None, None),
+        Identity::Cgroup { path, level } => {
+            (Mode::Cgroup, None, Some(path.to_string()), Some(*level))
+        }
+        Identity::Uid { reason, .. } => (Mode::Uid, Some(reason.clone()), None, None),
     };
     let (layout, namespaced) = match placement {
         Ok(p) => (p.layout, p.namespaced),
         Err(_) => (cgroup::detect_layout(), false),
     };
     RuntimeState {
-        mode: mode.into(),
+        mode,
         identity: est.identity.to_string(),
         fallback_reason: reason,
         cgroup_path: path,
@@ -456,14 +537,10 @@ fn initial_state(
         level_offset: est.level_offset,
         layout: layout_name(layout).into(),
         namespaced,
-        monit: match monit {
-            MonitPolicy::Disabled => "disabled".into(),
-            MonitPolicy::Enabled { allow_root: true } => "enabled (root allowed)".into(),
-            MonitPolicy::Enabled { allow_root: false } => "enabled (root refused)".into(),
-        },
+        monit: MonitState::of(monit),
         nats: match nats {
-            NatsPolicy::Disabled => "disabled".into(),
-            NatsPolicy::Enabled { .. } => "enabled".into(),
+            NatsPolicy::Disabled => NatsState::Disabled,
+            NatsPolicy::Enabled { .. } => NatsState::Enabled,
         },
         agent_pid: std::process::id(),
         ..RuntimeState::default()
@@ -484,148 +561,4 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// The firewall's health as heartbeats and `get_state` report it, under the key `firewall`
-/// (upstream directors ignore keys they do not know), read from the state file the agent keeps
-/// in `run_dir`. `degraded` is true when the agent runs in the uid fallback, when its last
-/// apply failed, or when there is no state at all; `problems` says why, one line each.
-pub fn report(run_dir: &std::path::Path) -> serde_json::Value {
-    match state::read(run_dir) {
-        Ok(Some(st)) => report_of(&st),
-        Ok(None) => serde_json::json!({
-            "degraded": true,
-            "problems": ["no firewall state: the firewall was never installed"],
-        }),
-        Err(e) => serde_json::json!({
-            "degraded": true,
-            "problems": [format!("firewall state unreadable: {e}")],
-        }),
-    }
-}
-
-/// [`report`] of a state. Pure.
-pub fn report_of(st: &RuntimeState) -> serde_json::Value {
-    let mut problems = Vec::new();
-    if st.mode == "uid" {
-        problems.push(format!(
-            "cgroup matching unavailable, uid fallback: {}",
-            st.fallback_reason.as_deref().unwrap_or("reason unknown")
-        ));
-    }
-    if let Some(e) = &st.last_error {
-        problems.push(format!("the last firewall change failed: {e}"));
-    }
-    for f in &st.foreign_job_rules {
-        problems.push(format!(
-            "monit_access_jobs holds a rule that is not a job rule and could not be removed: {f}"
-        ));
-    }
-    serde_json::json!({
-        "degraded": !problems.is_empty(),
-        "problems": problems,
-        "mode": st.mode,
-        "identity": st.identity,
-        "monit": st.monit,
-        "nats": st.nats,
-        "repairs": st.repairs,
-        "foreign_removed": st.foreign_removed,
-    })
-}
-
-/// The alert for a degraded firewall (upstream's alert shape, on `hm.agent.alert.<id>`), or
-/// `None` when it is healthy. A failed change is critical (2); the uid fallback alone, which
-/// still protects, is a warning (4). Pure.
-pub fn degraded_alert(report: &serde_json::Value, now_unix: i64) -> Option<serde_json::Value> {
-    if report.get("degraded").and_then(serde_json::Value::as_bool) != Some(true) {
-        return None;
-    }
-    let problems: Vec<&str> = report
-        .get("problems")
-        .and_then(serde_json::Value::as_array)
-        .map(|p| p.iter().filter_map(serde_json::Value::as_str).collect())
-        .unwrap_or_default();
-    let failed = problems.iter().any(|p| !p.starts_with("cgroup matching"));
-    Some(serde_json::json!({
-        "id": format!("bosh-agent-firewall-{now_unix}-{}", std::process::id()),
-        "severity": if failed { 2 } else { 4 },
-        "title": "bosh-agent firewall - degraded - alert",
-        "summary": problems.join("; "),
-        "created_at": now_unix,
-    }))
-}
-
-#[cfg(test)]
-mod report_tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn a_healthy_state_reports_no_problem_and_no_alert() {
-        let st = RuntimeState {
-            mode: "cgroup".into(),
-            identity: "cgroup v2 at level 2 (unified/a)".into(),
-            ..RuntimeState::default()
-        };
-        let r = report_of(&st);
-        assert_eq!(r["degraded"], false);
-        assert_eq!(r["problems"], serde_json::json!([]));
-        assert_eq!(degraded_alert(&r, 1), None);
-    }
-
-    #[test]
-    fn fallback_warns_and_a_failed_change_is_critical() {
-        let fallback = RuntimeState {
-            mode: "uid".into(),
-            fallback_reason: Some("v1 only".into()),
-            ..RuntimeState::default()
-        };
-        let r = report_of(&fallback);
-        assert_eq!(r["degraded"], true);
-        let a = degraded_alert(&r, 1_700_000_000).unwrap();
-        assert_eq!(a["severity"], 4);
-        assert_eq!(a["created_at"], 1_700_000_000);
-        assert!(a["summary"].as_str().unwrap().contains("v1 only"));
-        let failed = RuntimeState {
-            mode: "cgroup".into(),
-            last_error: Some("nft: Error: Could not process rule".into()),
-            ..RuntimeState::default()
-        };
-        let a = degraded_alert(&report_of(&failed), 5).unwrap();
-        assert_eq!(a["severity"], 2);
-        assert!(
-            a["summary"]
-                .as_str()
-                .unwrap()
-                .contains("Could not process rule")
-        );
-        for key in ["id", "severity", "title", "summary", "created_at"] {
-            assert!(a.get(key).is_some(), "upstream's alert has {key}");
-        }
-    }
-
-    #[test]
-    fn a_foreign_job_rule_that_could_not_be_removed_is_critical() {
-        let st = RuntimeState {
-            mode: "cgroup".into(),
-            foreign_job_rules: vec![readback::ForeignJobRule {
-                handle: 7,
-                comment: None,
-                why: "it lets every process through".into(),
-            }],
-            ..RuntimeState::default()
-        };
-        let r = report_of(&st);
-        assert_eq!(r["degraded"], true);
-        let a = degraded_alert(&r, 1).unwrap();
-        assert_eq!(a["severity"], 2);
-        assert!(a["summary"].as_str().unwrap().contains("handle 7"), "{a}");
-    }
-
-    #[test]
-    fn a_missing_state_is_degraded() {
-        let dir = std::env::temp_dir().join(format!("fw-report-{}", std::process::id()));
-        let r = report(&dir);
-        assert_eq!(r["degraded"], true);
-    }
 }

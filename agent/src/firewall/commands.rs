@@ -62,7 +62,7 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         return Err(AllowError::NotRoot(euid));
     }
     let agent = state::read(run_dir).ok().flatten();
-    if agent.as_ref().is_some_and(|a| a.monit == "disabled") {
+    if agent.as_ref().is_some_and(|a| !a.monit.guarded()) {
         // UseMonitIptablesFirewall: nothing jumps to the jobs chain, so a rule there would
         // open nothing; the stemcell's own rules decide.
         return Ok(AllowOutcome::NotInstalled);
@@ -129,7 +129,7 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
     // Where the agent guards monit, every rule its jobs chain holds is reached by packets to
     // monit: one that is not a job rule may open it to everyone.
     let foreign_job_rules = match (&jobs_listing, &agent) {
-        (Some(l), Some(a)) if a.monit != "disabled" => {
+        (Some(l), Some(a)) if a.monit.guarded() => {
             readback::foreign_job_rules(l, crate::firewall::vcap_uid())?
         }
         _ => Vec::new(),

@@ -13,6 +13,73 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::director::Context;
+use crate::director::checks::UpdateError;
+use crate::director::mbus_fallback;
+use crate::director::tasks::TaskResult;
+use crate::settings::Settings;
+
+/// `update_settings`: everything is validated before anything is written (a refused update
+/// changes nothing); then disks are associated, trusted certificates installed, the merged
+/// document persisted, and a changed mbus switched live, make-before-break (upstream restarts
+/// the agent instead). The mbus that last connected stays recorded beside it, so an mbus that
+/// never connects cannot lock the agent out after a restart.
+pub async fn run(ctx: &Context, new: Value) -> TaskResult {
+    let existing = load(&ctx.base_dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "the persisted update_settings are unusable; merging into none");
+        json!({})
+    });
+    let merged = merge(&existing, &new);
+    let newest = if merged.mbus_changed {
+        let c = mbus_fallback::candidate(
+            ctx.settings.document(),
+            Some(&merged.doc),
+            "update_settings",
+        )
+        .map_err(|e| UpdateError::Mbus(e).to_string())?;
+        for r in &c.cfg.rejected {
+            tracing::error!(error = %r, "mbus URL rejected");
+        }
+        Some(c)
+    } else {
+        None
+    };
+    associate_disks(
+        &ctx.settings,
+        &ctx.base_dir,
+        new.get("disk_associations").unwrap_or(&Value::Null),
+    )
+    .map_err(|e| e.to_string())?;
+    let certs = new
+        .get("trusted_certs")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    update_certificates(&CertTarget::from_env(), certs)
+        .await
+        .map_err(|e| e.to_string())?;
+    save(&path(&ctx.base_dir), &merged.doc).map_err(|e| UpdateError::Save(e).to_string())?;
+    if merged.blobstores_changed {
+        tracing::info!("blobstores changed by update_settings; used from the next blob fetch");
+    }
+    let (Some(newest), Some(bus)) = (newest, &ctx.bus) else {
+        return Ok(json!("ok"));
+    };
+    if let Some(c) = &ctx.mbus_candidates {
+        c.prefer(newest.clone());
+    }
+    let changed = bus
+        .reconfigure(&newest.cfg)
+        .map_err(|e| format!("Updating mbus: {e}; the current mbus connection is kept"))?;
+    if changed {
+        tracing::info!(
+            origin = newest.cfg.urls_origin,
+            servers = newest.cfg.servers.len(),
+            "mbus changed by update_settings: switching live"
+        );
+    }
+    Ok(json!("ok"))
+}
+
 /// `<base>/bosh/update_settings.json`.
 pub fn path(base: &Path) -> PathBuf {
     crate::settings::update_settings_path(base)
@@ -35,27 +102,6 @@ pub struct Merged {
     pub blobstores_changed: bool,
 }
 
-/// Why an `update_settings` argument is refused. Nothing has been written when one is
-/// returned.
-#[derive(Debug, thiserror::Error)]
-pub enum UpdateError {
-    #[error("update_settings argument must be a JSON object, got {0}")]
-    NotAnObject(String),
-    #[error("update_settings field {field} must be {expected}")]
-    WrongType {
-        field: &'static str,
-        expected: &'static str,
-    },
-    #[error("Updating mbus: {0}; nothing was changed")]
-    Mbus(String),
-    #[error("Fetching disk settings: {0}")]
-    Disk(String),
-    #[error("Updating trusted certificates: {0}")]
-    Certs(String),
-    #[error("Saving update settings: {0}")]
-    Save(String),
-}
-
 fn is_empty_value(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) => true,
@@ -64,46 +110,6 @@ fn is_empty_value(v: Option<&Value>) -> bool {
         Some(Value::String(s)) => s.is_empty(),
         Some(_) => false,
     }
-}
-
-/// Checks the fields' types, so that a malformed update fails before anything is written.
-pub fn check(new: &Value) -> Result<(), UpdateError> {
-    let Some(obj) = new.as_object() else {
-        let mut shown = new.to_string();
-        if shown.len() > 64 {
-            let mut cut = 64;
-            while !shown.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            shown.truncate(cut);
-            shown.push('…');
-        }
-        return Err(UpdateError::NotAnObject(shown));
-    };
-    let wrong = |field, expected| Err(UpdateError::WrongType { field, expected });
-    match obj.get("trusted_certs") {
-        None | Some(Value::Null | Value::String(_)) => {}
-        Some(_) => return wrong("trusted_certs", "a string"),
-    }
-    match obj.get("mbus") {
-        None | Some(Value::Null | Value::Object(_)) => {}
-        Some(_) => return wrong("mbus", "an object"),
-    }
-    match obj.get("blobstores") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(a)) if a.iter().all(Value::is_object) => {}
-        Some(_) => return wrong("blobstores", "an array of objects"),
-    }
-    match obj.get("disk_associations") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(a))
-            if a.iter().all(|d| {
-                d.get("name").and_then(Value::as_str).is_some()
-                    && d.get("cid").and_then(Value::as_str).is_some()
-            }) => {}
-        Some(_) => return wrong("disk_associations", "an array of {name, cid}"),
-    }
-    Ok(())
 }
 
 /// Upstream's merge of `new` into `existing` (see the module documentation). Pure.
@@ -257,7 +263,7 @@ pub async fn update_certificates(target: &CertTarget, bundle: &str) -> Result<()
 }
 
 /// The device path the settings or the hints file give for a persistent disk `cid`.
-fn disk_path(settings: &Value, base: &Path, cid: &str) -> Option<String> {
+fn disk_path(settings: &Settings, base: &Path, cid: &str) -> Option<String> {
     let from = |v: &Value| -> Option<String> {
         match v {
             Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -269,11 +275,7 @@ fn disk_path(settings: &Value, base: &Path, cid: &str) -> Option<String> {
             _ => None,
         }
     };
-    if let Some(p) = settings
-        .pointer("/disks/persistent")
-        .and_then(|p| p.get(cid))
-        .and_then(from)
-    {
+    if let Some(p) = settings.disks.persistent.get(cid).and_then(from) {
         return Some(p);
     }
     let hints = fs::read(base.join("bosh").join("persistent_disk_hints.json")).ok()?;
@@ -282,7 +284,7 @@ fn disk_path(settings: &Value, base: &Path, cid: &str) -> Option<String> {
 }
 
 /// Links `<base>/instance/disks/<name>` to each associated disk's device.
-pub fn associate_disks(settings: &Value, base: &Path, assoc: &Value) -> Result<(), UpdateError> {
+pub fn associate_disks(settings: &Settings, base: &Path, assoc: &Value) -> Result<(), UpdateError> {
     let Some(list) = assoc.as_array() else {
         return Ok(());
     };
@@ -320,6 +322,7 @@ pub fn associate_disks(settings: &Value, base: &Path, assoc: &Value) -> Result<(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::director::checks::check_update_settings as check;
 
     fn cert(n: u8) -> Value {
         json!({"ca": format!("ca{n}"), "certificate": format!("c{n}"), "private_key": format!("k{n}")})
@@ -443,7 +446,9 @@ mod tests {
     fn associations_link_to_the_disk_path() {
         let d = std::env::temp_dir().join(format!("agent-assoc-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
-        let settings = json!({"disks": {"persistent": {"disk-1": {"path": "/dev/sdc"}}}});
+        let settings =
+            Settings::parse(&json!({"disks": {"persistent": {"disk-1": {"path": "/dev/sdc"}}}}))
+                .unwrap();
         associate_disks(&settings, &d, &json!([{"name": "data", "cid": "disk-1"}])).unwrap();
         assert_eq!(
             fs::read_link(d.join("instance/disks/data")).unwrap(),

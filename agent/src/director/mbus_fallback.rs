@@ -17,7 +17,7 @@ use mbus::{Bus, ConnectionState, MbusConfig};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::update_settings::{last_connected_path, save};
+use crate::director::actions::update_settings::{last_connected_path, save};
 
 /// One configuration the bus may use: the document it came from (`{"mbus": …}`, or `None`
 /// for the settings alone) and the configuration built from it.
@@ -148,7 +148,7 @@ pub fn candidate(
     doc: Option<&Value>,
     origin: &'static str,
 ) -> Result<Candidate, String> {
-    let cfg = crate::usable(mbus::mbus_config(settings, doc))?;
+    let cfg = usable(mbus::mbus_config(settings, doc))?;
     Ok(Candidate {
         origin,
         doc: doc.map(|d| json!({ "mbus": d.get("mbus").cloned().unwrap_or(Value::Null) })),
@@ -157,7 +157,8 @@ pub fn candidate(
 }
 
 /// Watches the bus: records the configuration that connects, and rotates to the next
-/// candidate when the bus stays unconnected for `after`. Runs until the bus stops.
+/// candidate when the bus stays unconnected for `after`. Runs until the bus stops (the
+/// lifecycle stops the bus last).
 pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
     let stats = bus.stats();
     let mut state_rx = bus.watch_state();
@@ -205,4 +206,20 @@ pub async fn supervise(bus: Bus, candidates: Arc<Candidates>, after: Duration) {
         // to the same server with a new certificate changes no state): look again shortly.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The checks `Bus::connect` makes (a dialable URL, usable certificate material), applied to
+/// a configuration before it is preferred.
+pub fn usable(cfg: Result<MbusConfig, mbus::SettingsError>) -> Result<MbusConfig, String> {
+    let cfg = cfg.map_err(|e| e.to_string())?;
+    if cfg.servers.is_empty() {
+        let rejected: Vec<String> = cfg.rejected.iter().map(ToString::to_string).collect();
+        return Err(if rejected.is_empty() {
+            "no dialable mbus URL".into()
+        } else {
+            format!("no dialable mbus URL (rejected: {})", rejected.join("; "))
+        });
+    }
+    mbus::tls::client_config(&cfg.cert).map_err(|e| e.to_string())?;
+    Ok(cfg)
 }

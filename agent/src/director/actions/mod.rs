@@ -1,0 +1,39 @@
+//! The handlers of the director's actions, one arm per [`Action`]: what each does once its
+//! arguments are parsed. Families live in their own files: the agent's own state ([`state`]),
+//! the jobs' lifecycle ([`jobs`]), deploying ([`deploy`]) and `update_settings`
+//! ([`update_settings`]).
+
+pub mod deploy;
+pub mod jobs;
+pub mod state;
+pub mod update_settings;
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::action::Action;
+use super::tasks::TaskResult;
+
+/// Runs `action`. `cancel` is cancelled by `cancel_task` (cancellable actions only) and when
+/// the agent stops.
+pub async fn run(ctx: Arc<Context>, action: Action, cancel: CancellationToken) -> TaskResult {
+    match action {
+        Action::Ping => Ok(json!("pong")),
+        Action::Info => Ok(json!({"api_version": 1})),
+        Action::GetTask { id } => ctx.tasks.get(&id),
+        Action::CancelTask { id } => ctx.tasks.cancel(&id),
+        Action::GetState { full } => state::get_state(&ctx, full).await,
+        Action::Start => jobs::start(&ctx).await,
+        Action::Apply { spec } => deploy::apply(ctx, spec).await,
+        Action::Prepare { spec } => deploy::prepare(ctx, spec).await,
+        Action::CompilePackage(args) => deploy::compile_package(ctx, args, cancel).await,
+        Action::UploadBlob { arg } => deploy::upload_blob(ctx, arg).await,
+        Action::Stop { protocol } => jobs::stop(&ctx, protocol).await,
+        Action::Drain(args) => jobs::drain(&ctx, args, cancel).await,
+        Action::RunScript { name, env } => jobs::run_script(&ctx, &name, &env).await,
+        Action::UpdateSettings { new } => update_settings::run(&ctx, new).await,
+    }
+}

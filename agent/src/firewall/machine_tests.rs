@@ -1,0 +1,283 @@
+//! The firewall state machine over the in-memory table: first boot, a restart with an
+//! unchanged table, drift repaired, a read-back that does not conform, nft failing, and the
+//! uid fallback.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use platform::cgroup::NftCgroupPath;
+use platform::firewall::selftest::Established;
+use platform::firewall::shape::TableShape;
+use platform::firewall::table::FakeTable;
+use platform::firewall::{Identity, MONIT_GUARD_CHAIN, SELFTEST_CHAIN};
+
+use super::{Firewall, Problem};
+use crate::config::LinuxOptions;
+
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_dir(name: &str) -> Dir {
+    let d = std::env::temp_dir().join(format!("fw-machine-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Dir(d)
+}
+
+fn cgroup() -> Established {
+    Established {
+        identity: Identity::Cgroup {
+            path: NftCgroupPath::new("unified/system.slice/bosh-agent.service").unwrap(),
+            level: 2,
+        },
+        level_offset: 0,
+    }
+}
+
+fn machine(table: &FakeTable, dir: &Dir, est: Established) -> Firewall<FakeTable> {
+    Firewall::with_identity(&LinuxOptions::default(), table.clone(), dir.0.clone(), est)
+}
+
+/// The table the desired state renders to, for comparison with the fake's.
+fn desired_shape(fw: &Firewall<FakeTable>) -> TableShape {
+    TableShape::of(fw.desired()).unwrap()
+}
+
+fn rules(t: &TableShape) -> Vec<(String, Vec<String>)> {
+    t.chains
+        .iter()
+        .map(|(n, c)| (n.clone(), c.rules.iter().map(|(_, r)| r.clone()).collect()))
+        .collect()
+}
+
+#[test]
+fn first_boot_creates_the_table_without_deleting_and_reads_it_back() {
+    let (table, dir) = (FakeTable::new(), run_dir("first"));
+    let mut fw = machine(&table, &dir, cgroup());
+    assert!(fw.apply().unwrap(), "nft ran");
+    let applied = table.applied();
+    assert_eq!(applied.len(), 1);
+    assert!(
+        applied[0].starts_with("create table inet bosh_agent"),
+        "{}",
+        applied[0]
+    );
+    assert!(
+        !applied[0].contains("delete "),
+        "a first boot deletes nothing"
+    );
+    assert!(fw.state().readback_pending);
+    fw.read_back_if_due().unwrap();
+    assert!(!fw.state().readback_pending);
+    assert_eq!(fw.state().repairs, 0);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+    assert!(!fw.watch_health().borrow().degraded);
+    // Nothing changed: a reconcile repairs nothing and applies nothing.
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    assert_eq!(table.applied().len(), 1);
+}
+
+#[test]
+fn a_restart_with_an_unchanged_table_applies_nothing() {
+    let (table, dir) = (FakeTable::new(), run_dir("restart"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    let applied_at = fw.state().applied_at;
+    drop(fw);
+    let mut again = machine(&table, &dir, cgroup());
+    assert!(!again.apply().unwrap(), "nothing to apply");
+    assert_eq!(table.applied().len(), 1, "no transaction at all");
+    assert_eq!(again.state().applied_at, applied_at);
+    assert!(!again.state().readback_pending);
+    assert_eq!(again.reconcile().unwrap(), super::Reconciled::default());
+    // Another desired state (root refused) is applied, with the idempotent script.
+    drop(again);
+    let mut opts = LinuxOptions::default();
+    opts.firewall.monit_allow_root = false;
+    let mut other = Firewall::with_identity(&opts, table.clone(), dir.0.clone(), cgroup());
+    assert!(other.apply().unwrap());
+    assert_eq!(table.applied().len(), 2);
+    assert!(
+        table.applied()[1].starts_with("add table"),
+        "{}",
+        table.applied()[1]
+    );
+}
+
+#[test]
+fn drift_is_repaired_and_counted() {
+    let (table, dir) = (FakeTable::new(), run_dir("drift"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    table.tamper(|t| {
+        let guard = t.chains.get_mut(MONIT_GUARD_CHAIN).unwrap();
+        guard.rules.pop();
+    });
+    let out = fw.reconcile().unwrap();
+    assert!(out.repaired);
+    assert_eq!(fw.state().repairs, 1);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+    // A deleted table is drift too.
+    table.tamper(|t| *t = TableShape::default());
+    assert!(fw.reconcile().unwrap().repaired);
+    assert_eq!(fw.state().repairs, 2);
+    assert!(table.shape().present);
+    assert_eq!(fw.watch_health().borrow().repairs, 2);
+}
+
+#[test]
+fn a_read_back_that_does_not_conform_is_repaired_not_adopted() {
+    let (table, dir) = (FakeTable::new(), run_dir("conform"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    // Changed between the apply and its read-back: a chain of the agent's gone.
+    table.tamper(|t| {
+        t.chains.get_mut(MONIT_GUARD_CHAIN).unwrap().rules.clear();
+    });
+    fw.read_back_if_due().unwrap();
+    assert_eq!(fw.state().repairs, 1);
+    assert_eq!(table.applied().len(), 2, "applied again");
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+    // The reference is now the repaired table: nothing more to repair.
+    assert!(!fw.reconcile().unwrap().repaired);
+}
+
+#[test]
+fn an_nft_failure_is_recorded_degraded_and_retried() {
+    let (table, dir) = (FakeTable::new(), run_dir("nft"));
+    let mut fw = machine(&table, &dir, cgroup());
+    table.fail_applies(Some(
+        "Error: Could not process rule: No such file or directory",
+    ));
+    let e = fw.apply().unwrap_err().to_string();
+    assert!(e.contains("Could not process rule"), "{e}");
+    assert!(
+        fw.state()
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("Could not process rule")
+    );
+    let health = fw.watch_health().borrow().clone();
+    assert!(health.degraded);
+    assert!(
+        matches!(health.problems[..], [Problem::ChangeFailed(_)]),
+        "{health:?}"
+    );
+    assert_eq!(health.alert(1).unwrap()["severity"], 2);
+    // The state file says so too, for `firewall status`.
+    let st = platform::firewall::state::read(&dir.0).unwrap().unwrap();
+    assert!(st.last_error.is_some());
+    assert!(!table.shape().present, "nothing half-applied");
+    table.fail_applies(None);
+    fw.reconcile().unwrap();
+    assert_eq!(fw.state().last_error, None);
+    assert!(!fw.watch_health().borrow().degraded);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+}
+
+#[test]
+fn the_uid_fallback_protects_and_is_reported_as_a_warning() {
+    let (table, dir) = (FakeTable::new(), run_dir("uid"));
+    let est = Established {
+        identity: Identity::Uid {
+            uid: 0,
+            reason: "cgroup v1 only".into(),
+        },
+        level_offset: 0,
+    };
+    let mut fw = machine(&table, &dir, est);
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    assert_eq!(fw.state().repairs, 0, "the uid rule conforms");
+    let guard = &table.shape().chains[MONIT_GUARD_CHAIN];
+    assert!(
+        guard
+            .rules
+            .iter()
+            .any(|(_, r)| r.starts_with("meta skuid 0 ") && r.ends_with("comment \"bosh-agent\"")),
+        "{guard:?}"
+    );
+    assert!(!table.shape().chains.contains_key(SELFTEST_CHAIN));
+    let health = fw.watch_health().borrow().clone();
+    assert!(health.degraded);
+    assert_eq!(health.mode, platform::firewall::state::Mode::Uid);
+    let alert = health.alert(1).unwrap();
+    assert_eq!(alert["severity"], 4);
+    assert!(
+        alert["summary"]
+            .as_str()
+            .unwrap()
+            .contains("cgroup v1 only")
+    );
+}
+
+#[test]
+fn nats_endpoints_are_added_then_the_stale_ones_removed_after_the_dial() {
+    let (table, dir) = (FakeTable::new(), run_dir("nats"));
+    let opts = LinuxOptions {
+        enable_nats_firewall: true,
+        ..LinuxOptions::default()
+    };
+    let mut fw = Firewall::with_identity(&opts, table.clone(), dir.0.clone(), cgroup());
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    let a: std::net::SocketAddr = "10.0.0.5:4222".parse().unwrap();
+    let b: std::net::SocketAddr = "10.0.0.6:4222".parse().unwrap();
+    assert!(fw.protect_nats_endpoints([a].into()).unwrap());
+    assert_eq!(
+        table.shape().sets["nats_v4"].elements,
+        vec!["10.0.0.5 . 4222"]
+    );
+    fw.after_dial().unwrap();
+    // Moved: b is added at once, a stays until after the dial.
+    assert!(fw.protect_nats_endpoints([b].into()).unwrap());
+    assert!(fw.rebuild_pending());
+    assert_eq!(table.shape().sets["nats_v4"].elements.len(), 2);
+    fw.after_dial().unwrap();
+    assert_eq!(
+        table.shape().sets["nats_v4"].elements,
+        vec!["10.0.0.6 . 4222"]
+    );
+    assert_eq!(fw.state().repairs, 0);
+    assert!(!fw.reconcile().unwrap().repaired);
+}
+
+#[tokio::test]
+async fn the_task_reads_back_and_reconciles_without_anyone_sending_commands() {
+    let (table, dir) = (FakeTable::new(), run_dir("task"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    let health = fw.watch_health();
+    let (mut task, handle) = super::FirewallTask::new(fw, std::time::Duration::from_millis(20));
+    task.read_back_after(std::time::Duration::ZERO);
+    drop(handle);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(task.run(stop.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    table.tamper(|t| {
+        t.chains.get_mut(MONIT_GUARD_CHAIN).unwrap().rules.pop();
+    });
+    let mut health = health;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        health.wait_for(|h| h.repairs == 1),
+    )
+    .await
+    .expect("the drift is repaired by the task's own timer")
+    .unwrap();
+    stop.cancel();
+    let fw = running
+        .await
+        .unwrap()
+        .expect("the state machine comes back");
+    assert!(!fw.state().readback_pending);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+}

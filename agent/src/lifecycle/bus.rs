@@ -1,0 +1,94 @@
+//! The director link's configuration at start: which mbus configurations the bus may use,
+//! in order (the persisted `update_settings`, the mbus that last connected, the settings
+//! alone), each checked as [`mbus::Bus::connect`] checks it, and how names are resolved.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mbus::{MbusConfig, ResolverSource};
+use serde_json::Value;
+use tracing::{error, info, warn};
+
+use crate::director::actions::update_settings::last_connected_path;
+use crate::director::mbus_fallback::{self, Candidate, Candidates};
+use crate::settings::Settings;
+
+/// What the bus starts on, with its fallbacks.
+pub struct BusPlan {
+    /// The first configuration.
+    pub cfg: MbusConfig,
+    /// Every candidate, for the fallback supervisor and `update_settings`.
+    pub candidates: Arc<Candidates>,
+}
+
+/// The candidates, in order: the persisted `update_settings` (upstream's precedence), the
+/// mbus that last connected (when it differs), and the settings alone (when nothing connected
+/// before). `Err` says why the bus cannot start.
+pub fn plan(
+    settings: &Settings,
+    base_dir: &Path,
+    update_settings: Option<&Value>,
+) -> Result<BusPlan, String> {
+    let doc = settings.document();
+    let mut list: Vec<Candidate> = Vec::new();
+    if let Some(u) = update_settings {
+        match mbus_fallback::candidate(doc, Some(u), "update_settings.json") {
+            Ok(c) => list.push(c),
+            Err(why) => warn!(error = %why, "the persisted update_settings give no usable mbus"),
+        }
+    }
+    let mut have_last = false;
+    let last_path = last_connected_path(base_dir);
+    if let Some(d) = std::fs::read(&last_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    {
+        match mbus_fallback::candidate(doc, Some(&d), "mbus_last_connected.json") {
+            Ok(c) => {
+                have_last = true;
+                if list.iter().all(|x| x.cfg != c.cfg) {
+                    list.push(c);
+                }
+            }
+            Err(why) => {
+                warn!(error = %why, path = %last_path.display(), "the recorded mbus is not usable")
+            }
+        }
+    }
+    match mbus_fallback::candidate(doc, None, "settings") {
+        Ok(c) if !have_last && list.iter().all(|x| x.cfg != c.cfg) => list.push(c),
+        Ok(_) => {}
+        Err(e) if list.is_empty() => return Err(format!("settings have no usable mbus: {e}")),
+        Err(e) => warn!(error = %e, "the settings alone give no usable mbus"),
+    }
+    let Some(cfg) = list.first().map(|c| c.cfg.clone()) else {
+        return Err("no usable mbus configuration".into());
+    };
+    if list.len() > 1 {
+        info!(
+            first = list[0].origin,
+            fallbacks = list.len() - 1,
+            "mbus: starting with the newest configuration, with a fallback"
+        );
+    }
+    for s in &cfg.skipped {
+        info!(url = %s, "https mbus URL skipped (create-env)");
+    }
+    for r in &cfg.rejected {
+        error!(error = %r, "mbus URL rejected");
+    }
+    let candidates = Candidates::new(base_dir, doc, list);
+    Ok(BusPlan { cfg, candidates })
+}
+
+/// `BOSH_AGENT_RESOLV_CONF` / `BOSH_AGENT_HOSTS` point resolution at other files (tests use
+/// them to aim at their own DNS server); by default the system's, re-read every attempt.
+pub fn resolver_source() -> ResolverSource {
+    match std::env::var_os("BOSH_AGENT_RESOLV_CONF") {
+        Some(rc) => ResolverSource::Files {
+            resolv_conf: PathBuf::from(rc),
+            hosts: std::env::var_os("BOSH_AGENT_HOSTS").map(PathBuf::from),
+        },
+        None => ResolverSource::System,
+    }
+}
