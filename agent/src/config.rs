@@ -41,6 +41,19 @@ pub struct LinuxOptions {
     /// agent exits anyway (default 30).
     #[serde(rename = "ShutdownGraceSeconds")]
     pub shutdown_grace_seconds: Option<u64>,
+    /// Upstream key: how persistent disks are found (`""` the hint's path, `virtio`; others
+    /// are accepted and make `mount_disk` fail saying so).
+    pub device_path_resolution_type: String,
+    /// Upstream key (warden): a disk is a directory bind-mounted on the store.
+    pub bind_mount_persistent_disk: bool,
+    /// Upstream key (warden): the disk is mounted as it is, never partitioned or formatted.
+    pub use_preformatted_persistent_disk: bool,
+    /// Upstream keys: a regular expression and its replacement turning a disk id into the
+    /// by-id name the virtio resolver looks for.
+    #[serde(rename = "DiskIDTransformPattern")]
+    pub disk_id_transform_pattern: String,
+    #[serde(rename = "DiskIDTransformReplacement")]
+    pub disk_id_transform_replacement: String,
 }
 
 /// `Platform.Linux.Firewall` (keys of this agent, not upstream's).

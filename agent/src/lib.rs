@@ -42,6 +42,8 @@ pub enum AgentError {
     Supervisor(String),
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Vm(#[from] director::actions::vm::VmPartsError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT: [`App::build`], [`App::spawn`], then the drain.

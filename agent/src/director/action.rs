@@ -47,6 +47,32 @@ pub enum Action {
     },
     /// `update_settings [settings]`; the fields' types are checked.
     UpdateSettings { new: Value },
+    /// `add_persistent_disk [cid, hint]`.
+    AddPersistentDisk { cid: String, hint: Value },
+    /// `remove_persistent_disk [cid]`.
+    RemovePersistentDisk { cid: String },
+    /// `list_disk`: asynchronous from protocol 3, as upstream.
+    ListDisk { protocol: i64 },
+    /// `mount_disk [cid]`.
+    MountDisk { cid: String },
+    /// `unmount_disk [cid]`.
+    UnmountDisk { cid: String },
+    /// `migrate_disk [old, new]` (the arguments are not used, as upstream).
+    MigrateDisk,
+    /// `ssh [setup|cleanup, params]`.
+    Ssh { cmd: String, params: Value },
+    /// `fetch_logs [types, filters]`.
+    FetchLogs { types: String, filters: Vec<String> },
+    /// `sync_dns [blob_id, digest, version]`.
+    SyncDns {
+        blob_id: String,
+        digest: String,
+        version: u64,
+    },
+    /// `delete_arp_entries [{"ips": […]}]`.
+    DeleteArpEntries { arg: Value },
+    /// `shutdown`: powers the VM off.
+    Shutdown,
 }
 
 /// `compile_package`'s arguments.
@@ -215,6 +241,64 @@ impl Action {
                     .map_err(|e| failed(e.to_string().into()))?;
                 Action::UpdateSettings { new }
             }
+            "add_persistent_disk" => {
+                if args.0.len() < 2 {
+                    return Err(failed(args.not_enough(2)));
+                }
+                Action::AddPersistentDisk {
+                    cid: args.string(0, 2).map_err(failed)?,
+                    hint: args.0.get(1).cloned().unwrap_or(Value::Null),
+                }
+            }
+            "remove_persistent_disk" => Action::RemovePersistentDisk {
+                cid: args.string(0, 1).map_err(failed)?,
+            },
+            "list_disk" => Action::ListDisk {
+                protocol: req.protocol,
+            },
+            "mount_disk" => Action::MountDisk {
+                cid: args.string(0, 1).map_err(failed)?,
+            },
+            "unmount_disk" => Action::UnmountDisk {
+                cid: args.string(0, 1).map_err(failed)?,
+            },
+            "migrate_disk" => Action::MigrateDisk,
+            "ssh" => {
+                if args.0.len() < 2 {
+                    return Err(failed(args.not_enough(2)));
+                }
+                Action::Ssh {
+                    cmd: args.string(0, 2).map_err(failed)?,
+                    params: args.0.get(1).cloned().unwrap_or(Value::Null),
+                }
+            }
+            "fetch_logs" => {
+                let types = args.string(0, 2).map_err(failed)?;
+                let filters = match args.0.get(1) {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                        failed(format!("fetch_logs filters must be a list of strings, got {v}").into())
+                    })?,
+                };
+                Action::FetchLogs { types, filters }
+            }
+            "sync_dns" => {
+                if args.0.len() < 3 {
+                    return Err(failed(args.not_enough(3)));
+                }
+                let version = args.0.get(2).and_then(Value::as_u64).ok_or_else(|| {
+                    failed(format!("sync_dns version must be a non-negative integer, got {}", args.0[2]).into())
+                })?;
+                Action::SyncDns {
+                    blob_id: args.string(0, 3).map_err(failed)?,
+                    digest: args.string(1, 3).map_err(failed)?,
+                    version,
+                }
+            }
+            "delete_arp_entries" => Action::DeleteArpEntries {
+                arg: args.first(1).map_err(failed)?,
+            },
+            "shutdown" => Action::Shutdown,
             other => return Err(ActionError::UnknownMessage(other.to_string())),
         };
         Ok(action)
@@ -229,7 +313,12 @@ impl Action {
             | Action::GetTask { .. }
             | Action::CancelTask { .. }
             | Action::GetState { .. }
-            | Action::Start => false,
+            | Action::Start
+            | Action::Ssh { .. }
+            | Action::SyncDns { .. }
+            | Action::DeleteArpEntries { .. }
+            | Action::Shutdown => false,
+            Action::ListDisk { protocol } => *protocol >= 3,
             Action::Apply { .. }
             | Action::Prepare { .. }
             | Action::CompilePackage(_)
@@ -237,7 +326,13 @@ impl Action {
             | Action::Stop { .. }
             | Action::Drain(_)
             | Action::RunScript { .. }
-            | Action::UpdateSettings { .. } => true,
+            | Action::UpdateSettings { .. }
+            | Action::AddPersistentDisk { .. }
+            | Action::RemovePersistentDisk { .. }
+            | Action::MountDisk { .. }
+            | Action::UnmountDisk { .. }
+            | Action::MigrateDisk
+            | Action::FetchLogs { .. } => true,
         }
     }
 
@@ -299,7 +394,7 @@ mod tests {
 
     #[test]
     fn an_unknown_method_is_upstreams_unknown_message() {
-        assert_eq!(err("ssh", json!([])), "unknown message ssh");
+        assert_eq!(err("bogus", json!([])), "unknown message bogus");
         assert_eq!(err("", json!([])), "unknown message ");
     }
 
@@ -364,6 +459,84 @@ mod tests {
             err("compile_package", json!(["a", 2, "c", "d", null])),
             "Action Failed compile_package: argument 2 must be a string, got 2"
         );
+    }
+
+    #[test]
+    fn vm_actions_are_parsed_with_upstreams_counts_and_modes() {
+        let parse = |m: &str, a: Value| Action::parse(&req(m, a));
+        for (m, need) in [
+            ("add_persistent_disk", 2),
+            ("remove_persistent_disk", 1),
+            ("mount_disk", 1),
+            ("unmount_disk", 1),
+            ("ssh", 2),
+            ("fetch_logs", 2),
+            ("sync_dns", 3),
+            ("delete_arp_entries", 1),
+        ] {
+            assert_eq!(
+                err(m, json!([])),
+                format!("Action Failed {m}: Not enough arguments, expected {need}, got 0")
+            );
+        }
+        assert_eq!(
+            parse("add_persistent_disk", json!(["d-1", {"path": "/dev/sdc"}])).unwrap(),
+            Action::AddPersistentDisk {
+                cid: "d-1".into(),
+                hint: json!({"path": "/dev/sdc"})
+            }
+        );
+        assert_eq!(
+            parse("sync_dns", json!(["b", "sha256:00", 7])).unwrap(),
+            Action::SyncDns {
+                blob_id: "b".into(),
+                digest: "sha256:00".into(),
+                version: 7
+            }
+        );
+        assert!(
+            err("sync_dns", json!(["b", "d", -1]))
+                .starts_with("Action Failed sync_dns: sync_dns version must be a non-negative")
+        );
+        assert_eq!(
+            parse("fetch_logs", json!(["job", null])).unwrap(),
+            Action::FetchLogs {
+                types: "job".into(),
+                filters: vec![]
+            }
+        );
+        assert!(
+            err("fetch_logs", json!(["job", [1]]))
+                .starts_with("Action Failed fetch_logs: fetch_logs filters must be a list")
+        );
+        assert_eq!(
+            err("mount_disk", json!([3])),
+            "Action Failed mount_disk: argument 1 must be a string, got 3"
+        );
+        // list_disk is asynchronous from protocol 3, as upstream.
+        let mut r = req("list_disk", json!([]));
+        r.protocol = 2;
+        assert!(!Action::parse(&r).unwrap().is_async());
+        r.protocol = 3;
+        assert!(Action::parse(&r).unwrap().is_async());
+        for a in [
+            parse("ssh", json!(["setup", {}])).unwrap(),
+            parse("sync_dns", json!(["b", "d", 1])).unwrap(),
+            parse("delete_arp_entries", json!([{"ips": []}])).unwrap(),
+            parse("shutdown", json!([])).unwrap(),
+        ] {
+            assert!(!a.is_async(), "{a:?}");
+        }
+        for a in [
+            parse("add_persistent_disk", json!(["d", "/dev/sdc"])).unwrap(),
+            parse("remove_persistent_disk", json!(["d"])).unwrap(),
+            parse("mount_disk", json!(["d"])).unwrap(),
+            parse("unmount_disk", json!(["d"])).unwrap(),
+            parse("migrate_disk", json!(["a", "b"])).unwrap(),
+            parse("fetch_logs", json!(["job", []])).unwrap(),
+        ] {
+            assert!(a.is_async() && !a.is_cancellable(), "{a:?}");
+        }
     }
 
     #[test]

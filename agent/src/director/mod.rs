@@ -40,6 +40,8 @@ pub struct Context {
     pub mbus_candidates: Option<Arc<Candidates>>,
     /// The firewall's health, as the firewall task publishes it.
     pub firewall: watch::Receiver<Health>,
+    /// Disks, ssh users, log directories, DNS records, ARP, power.
+    pub vm: actions::vm::VmParts,
 }
 
 /// Answers one request: the response to send to its `reply_to`.
@@ -134,6 +136,7 @@ mod tests {
             bus: None,
             mbus_candidates: None,
             firewall: health,
+            vm: actions::vm::VmParts::new(&dir, &crate::config::LinuxOptions::default()).unwrap(),
         });
         World { ctx, dir, stop }
     }

@@ -49,6 +49,7 @@ pub struct App {
     supervisor: Arc<jobs::JobSupervisor>,
     bus: Option<bus::BusPlan>,
     grace: Duration,
+    vm: director::actions::vm::VmParts,
 }
 
 impl App {
@@ -85,7 +86,7 @@ impl App {
                 }
             }
         };
-        start_monit(&base_dir, &linux.service_manager).await;
+        let vm = director::actions::vm::VmParts::new(&base_dir, linux)?;
         settings::secure_files(&base_dir);
         // The stemcell layout gets upstream's tmpfs on data/sys/run; another base directory
         // (a sandbox) gets the same tree without mounts.
@@ -99,6 +100,17 @@ impl App {
                 None
             }
         };
+        // The persistent disk is mounted again before monit starts the jobs that use it.
+        if let Some(s) = &settings {
+            let disks = director::actions::vm::disks_of(s);
+            let _span = info_span!("disks").entered();
+            match vm.disks.mount_last_managed_disk(&disks) {
+                Ok(Some(cid)) => info!(%cid, "persistent disk mounted"),
+                Ok(None) => {}
+                Err(e) => error!(error = %e, "mounting the persistent disk failed; jobs that need it will fail"),
+            }
+        }
+        start_monit(&base_dir, &linux.service_manager).await;
         let bus = {
             let _span = info_span!("mbus").entered();
             let plan = match &settings {
@@ -160,6 +172,7 @@ impl App {
             supervisor: Arc::new(supervisor),
             bus,
             grace,
+            vm,
         })
     }
 
@@ -174,6 +187,7 @@ impl App {
             supervisor,
             bus: plan,
             grace,
+            vm,
         } = self;
         let linux = &config.platform.linux;
         let stop = CancellationToken::new();
@@ -239,6 +253,7 @@ impl App {
             bus: bus.as_ref().map(|(b, _, _)| b.clone()),
             mbus_candidates: bus.as_ref().map(|(_, _, c)| c.clone()),
             firewall: firewall_handle.health(),
+            vm,
         });
 
         let mut the_bus = None;

@@ -1,12 +1,13 @@
 //! The handlers of the director's actions, one arm per [`Action`]: what each does once its
 //! arguments are parsed. Families live in their own files: the agent's own state ([`state`]),
-//! the jobs' lifecycle ([`jobs`]), deploying ([`deploy`]) and `update_settings`
-//! ([`update_settings`]).
+//! the jobs' lifecycle ([`jobs`]), deploying ([`deploy`]), `update_settings`
+//! ([`update_settings`]) and the VM itself: disks, ssh, logs, DNS, ARP, power ([`vm`]).
 
 pub mod deploy;
 pub mod jobs;
 pub mod state;
 pub mod update_settings;
+pub mod vm;
 
 use std::sync::Arc;
 
@@ -35,5 +36,20 @@ pub async fn run(ctx: Arc<Context>, action: Action, cancel: CancellationToken) -
         Action::Drain(args) => jobs::drain(&ctx, args, cancel).await,
         Action::RunScript { name, env } => jobs::run_script(&ctx, &name, &env).await,
         Action::UpdateSettings { new } => update_settings::run(&ctx, new).await,
+        Action::AddPersistentDisk { cid, hint } => vm::add_persistent_disk(ctx, cid, hint).await,
+        Action::RemovePersistentDisk { cid } => vm::remove_persistent_disk(ctx, cid).await,
+        Action::ListDisk { .. } => vm::list_disk(ctx).await,
+        Action::MountDisk { cid } => vm::mount_disk(ctx, cid).await,
+        Action::UnmountDisk { cid } => vm::unmount_disk(ctx, cid).await,
+        Action::MigrateDisk => vm::migrate_disk(ctx).await,
+        Action::Ssh { cmd, params } => vm::ssh(ctx, cmd, params).await,
+        Action::FetchLogs { types, filters } => vm::fetch_logs(ctx, types, filters).await,
+        Action::SyncDns {
+            blob_id,
+            digest,
+            version,
+        } => vm::sync_dns(ctx, blob_id, digest, version).await,
+        Action::DeleteArpEntries { arg } => vm::delete_arp_entries(ctx, arg).await,
+        Action::Shutdown => vm::shutdown(ctx).await,
     }
 }
