@@ -66,6 +66,7 @@ pub struct Exec {
     env: Vec<(OsString, OsString)>,
     log: Option<PathBuf>,
     held: bool,
+    binds: Option<Vec<(PathBuf, PathBuf)>>,
 }
 
 impl Exec {
@@ -88,7 +89,16 @@ impl Exec {
             env: Vec::new(),
             log: None,
             held: false,
+            binds: None,
         }
+    }
+
+    /// Runs the program in a private mount namespace (`unshare -m --propagation private`)
+    /// with each `(source, target)` bind-mounted first: what it mounts dies with it, and a
+    /// copy of `/etc` bound over `/etc` keeps the host's accounts untouched.
+    pub fn private_mounts(mut self, binds: &[(PathBuf, PathBuf)]) -> Self {
+        self.binds = Some(binds.to_vec());
+        self
     }
 
     /// Holds the program after the namespace and cgroup placement until [`Proc::release`]:
@@ -191,6 +201,31 @@ impl Exec {
             let mut a = OsString::from("--cgroup=");
             a.push(ns);
             words.extend(["nsenter".into(), a, "--".into()]);
+        }
+        if let Some(binds) = &self.binds {
+            let mut script = String::new();
+            for i in 0..binds.len() {
+                let (a, b) = (2 * i + 1, 2 * i + 2);
+                script.push_str(&format!(
+                    "mount --bind \"${{{a}}}\" \"${{{b}}}\" || exit 1; "
+                ));
+            }
+            script.push_str(&format!("shift {}; exec \"$@\"", 2 * binds.len()));
+            words.extend([
+                "unshare".into(),
+                "-m".into(),
+                "--propagation".into(),
+                "private".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+                "sh".into(),
+            ]);
+            for (src, dst) in binds {
+                words.push(src.clone().into_os_string());
+                words.push(dst.clone().into_os_string());
+            }
         }
         if let Some(uid) = self.uid {
             words.extend([

@@ -277,7 +277,9 @@ impl Action {
                 let filters = match args.0.get(1) {
                     None | Some(Value::Null) => Vec::new(),
                     Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
-                        failed(format!("fetch_logs filters must be a list of strings, got {v}").into())
+                        failed(
+                            format!("fetch_logs filters must be a list of strings, got {v}").into(),
+                        )
                     })?,
                 };
                 Action::FetchLogs { types, filters }
@@ -287,7 +289,13 @@ impl Action {
                     return Err(failed(args.not_enough(3)));
                 }
                 let version = args.0.get(2).and_then(Value::as_u64).ok_or_else(|| {
-                    failed(format!("sync_dns version must be a non-negative integer, got {}", args.0[2]).into())
+                    failed(
+                        format!(
+                            "sync_dns version must be a non-negative integer, got {}",
+                            args.0[2]
+                        )
+                        .into(),
+                    )
                 })?;
                 Action::SyncDns {
                     blob_id: args.string(0, 3).map_err(failed)?,

@@ -107,7 +107,9 @@ impl App {
             match vm.disks.mount_last_managed_disk(&disks) {
                 Ok(Some(cid)) => info!(%cid, "persistent disk mounted"),
                 Ok(None) => {}
-                Err(e) => error!(error = %e, "mounting the persistent disk failed; jobs that need it will fail"),
+                Err(e) => {
+                    error!(error = %e, "mounting the persistent disk failed; jobs that need it will fail")
+                }
             }
         }
         start_monit(&base_dir, &linux.service_manager).await;

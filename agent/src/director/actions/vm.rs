@@ -30,7 +30,11 @@ pub fn disks_of(settings: &crate::settings::Settings) -> SettingsDisks {
     let doc = settings.document();
     let env = &doc["env"];
     let mount_options = match &env["persistent_disk_mount_options"] {
-        Value::Array(a) => a.iter().filter_map(Value::as_str).map(String::from).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(String::from)
+            .collect(),
         _ => Vec::new(),
     };
     SettingsDisks {
@@ -38,7 +42,10 @@ pub fn disks_of(settings: &crate::settings::Settings) -> SettingsDisks {
         env: DiskEnv {
             filesystem: env["persistent_disk_fs"].as_str().unwrap_or("").to_string(),
             mount_options,
-            partitioner: env["persistent_disk_partitioner"].as_str().unwrap_or("").to_string(),
+            partitioner: env["persistent_disk_partitioner"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
         },
     }
 }
@@ -47,7 +54,8 @@ pub fn disks_of(settings: &crate::settings::Settings) -> SettingsDisks {
 pub async fn add_persistent_disk(ctx: Arc<Context>, cid: String, hint: Value) -> TaskResult {
     let env = settings_disks(&ctx).env;
     blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .add_persistent_disk(&cid, &hint, &env)
             .map_err(|e| format!("Saving persistent disk hints: {e}"))
     })
@@ -58,7 +66,8 @@ pub async fn add_persistent_disk(ctx: Arc<Context>, cid: String, hint: Value) ->
 /// `remove_persistent_disk [cid]`.
 pub async fn remove_persistent_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
     blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .remove_persistent_disk(&cid)
             .map_err(|e| format!("Removing persistent disk hints: {e}"))
     })
@@ -70,7 +79,8 @@ pub async fn remove_persistent_disk(ctx: Arc<Context>, cid: String) -> TaskResul
 pub async fn list_disk(ctx: Arc<Context>) -> TaskResult {
     let settings = settings_disks(&ctx);
     let cids = blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .list_disk(&settings)
             .map_err(|e| format!("Refreshing the settings: {e}"))
     })
@@ -82,7 +92,8 @@ pub async fn list_disk(ctx: Arc<Context>) -> TaskResult {
 pub async fn mount_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
     let settings = settings_disks(&ctx);
     blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .mount_disk(&cid, &settings)
             .map_err(|e| format!("Mounting persistent disk: {e}"))
     })
@@ -94,7 +105,8 @@ pub async fn mount_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
 pub async fn unmount_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
     let settings = settings_disks(&ctx);
     let out = blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .unmount_disk(&cid, &settings)
             .map_err(|e| format!("Unmounting persistent disk: {e}"))
     })
@@ -106,7 +118,8 @@ pub async fn unmount_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
 /// disk on the migration target).
 pub async fn migrate_disk(ctx: Arc<Context>) -> TaskResult {
     blocking(move || {
-        ctx.vm.disks
+        ctx.vm
+            .disks
             .migrate_disk()
             .map_err(|e| format!("Migrating persistent disk: {e}"))
     })
@@ -141,7 +154,12 @@ const DNS_BLOB_LIMIT: u64 = 64 << 20;
 
 /// `sync_dns [blob_id, digest, version]`: `"synced"` at once when the records on disk are
 /// this version or newer; otherwise the blob is fetched, verified and written.
-pub async fn sync_dns(ctx: Arc<Context>, blob_id: String, digest: String, version: u64) -> TaskResult {
+pub async fn sync_dns(
+    ctx: Arc<Context>,
+    blob_id: String,
+    digest: String,
+    version: u64,
+) -> TaskResult {
     if ctx.vm.dns.is_synced(version) {
         return Ok(json!("synced"));
     }
@@ -163,8 +181,12 @@ pub async fn sync_dns(ctx: Arc<Context>, blob_id: String, digest: String, versio
 /// `delete_arp_entries [{"ips": […]}]`.
 pub async fn delete_arp_entries(ctx: Arc<Context>, arg: Value) -> TaskResult {
     let neighbours = ctx.vm.neighbours.clone();
-    let out = blocking(move || neighbours.delete_arp_entries(&arg).map_err(|e| e.to_string()))
-        .await?;
+    let out = blocking(move || {
+        neighbours
+            .delete_arp_entries(&arg)
+            .map_err(|e| e.to_string())
+    })
+    .await?;
     for (ip, why) in &out.failed {
         tracing::warn!(%ip, %why, "deleting an ARP entry failed");
     }
@@ -202,7 +224,9 @@ pub struct VmParts {
 
 /// An agent.json value the VM parts cannot use.
 #[derive(Debug, thiserror::Error)]
-#[error("Platform.Linux.DiskIDTransformPattern {pattern:?} is not a valid regular expression: {source}")]
+#[error(
+    "Platform.Linux.DiskIDTransformPattern {pattern:?} is not a valid regular expression: {source}"
+)]
 pub struct VmPartsError {
     pattern: String,
     #[source]
