@@ -86,17 +86,8 @@ pub struct InfrastructureOptions {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, rename_all = "PascalCase")]
 pub struct SettingsOptions {
-    pub sources: Vec<SettingsSource>,
-}
-
-/// One settings source. Only `File` is read by this agent; others are accepted and ignored so
-/// that stemcells' agent.json files load.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(default, rename_all = "PascalCase")]
-pub struct SettingsSource {
-    #[serde(rename = "Type")]
-    pub kind: String,
-    pub settings_path: String,
+    /// Upstream's sources, tried in order (File, HTTP, ConfigDrive, CDROM, InstanceMetadata).
+    pub sources: Vec<platform::settings_source::SourceOptions>,
 }
 
 /// Why agent.json could not be used.
@@ -254,10 +245,10 @@ mod tests {
         assert!(!c.platform.linux.enable_nats_firewall);
         assert!(c.platform.linux.firewall.monit_allow_root);
         assert_eq!(c.platform.linux.firewall.reconcile_interval_seconds, 30);
-        assert_eq!(
-            c.infrastructure.settings.sources[0].settings_path,
-            "/var/vcap/settings.json"
-        );
+        assert!(matches!(
+            &c.infrastructure.settings.sources[0],
+            platform::settings_source::SourceOptions::File(f) if f.settings_path == "/var/vcap/settings.json"
+        ));
     }
 
     #[test]

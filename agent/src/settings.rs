@@ -146,19 +146,14 @@ use crate::config::AgentConfig;
 /// Why no settings could be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("agent config has no settings source of type File (Infrastructure.Settings.Sources)")]
+    #[error(
+        "agent config has no settings source (Infrastructure.Settings.Sources) and there is no cache"
+    )]
     NoSource,
     #[error("settings cannot be used: {0}")]
     Unusable(String),
-    #[error(
-        "settings from {source_path} failed ({source_error}) and the cache {cache} failed too ({cache_error})"
-    )]
-    Unavailable {
-        source_path: String,
-        source_error: String,
-        cache: PathBuf,
-        cache_error: String,
-    },
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Where the cache lives: `<base>/bosh/settings.json`.
@@ -253,8 +248,9 @@ pub fn read_settings(path: &Path) -> Result<Value, String> {
     Ok(v)
 }
 
-/// Loads settings: the first `File` source that parses wins and is cached; if none does, the
-/// cache is used (as upstream does when the infrastructure is unreachable).
+/// Loads settings from agent.json's sources in order (see `platform::settings_source`): the
+/// first that gives a settings document wins and is cached; if none does, the cache is used
+/// (as upstream does when the infrastructure is unreachable).
 pub fn load(config: &AgentConfig, base_dir: &Path) -> Result<Settings, SettingsError> {
     let doc = load_document(config, base_dir)?;
     Settings::parse(&doc).map_err(SettingsError::Unusable)
@@ -262,59 +258,35 @@ pub fn load(config: &AgentConfig, base_dir: &Path) -> Result<Settings, SettingsE
 
 /// [`load`]'s document, before parsing.
 fn load_document(config: &AgentConfig, base_dir: &Path) -> Result<Value, SettingsError> {
-    let sources: Vec<&str> = config
-        .infrastructure
-        .settings
-        .sources
-        .iter()
-        .filter(|s| s.kind == "File" && !s.settings_path.is_empty())
-        .map(|s| s.settings_path.as_str())
-        .collect();
-    let cache = cache_path(base_dir);
-    let mut last = (String::new(), String::from("no File source"));
-    for src in &sources {
-        match read_settings(Path::new(src)) {
-            Ok(v) => {
-                if let Err(e) = write_cache(&cache, &v) {
-                    warn!(cache = %cache.display(), error = %e, "cannot cache settings");
+    use platform::settings_source::{self as ss, LoadError, Origin};
+    let ctx = ss::Context::new(base_dir);
+    match ss::load(&config.infrastructure.settings.sources, &ctx) {
+        Ok(loaded) => {
+            match &loaded.origin {
+                Origin::Source {
+                    index,
+                    kind,
+                    earlier_failures,
+                } => {
+                    info!(source = index, kind, earlier_failures = %earlier_failures, "settings loaded")
                 }
-                info!(source = %src, "settings loaded");
-                return Ok(v);
+                Origin::Cache { path, failures } => {
+                    warn!(cache = %path.display(), failures = %failures, "using cached settings")
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "settings source failed");
-                last = (src.to_string(), e);
-            }
+            Ok(loaded.settings)
         }
+        Err(LoadError::NoSources { .. }) => Err(SettingsError::NoSource),
+        Err(e) => Err(SettingsError::Unavailable(e.to_string())),
     }
-    if sources.is_empty() && !cache.exists() {
-        return Err(SettingsError::NoSource);
-    }
-    match read_settings(&cache) {
-        Ok(v) => {
-            warn!(cache = %cache.display(), "using cached settings");
-            Ok(v)
-        }
-        Err(cache_error) => Err(SettingsError::Unavailable {
-            source_path: last.0,
-            source_error: last.1,
-            cache,
-            cache_error,
-        }),
-    }
-}
-
-fn write_cache(path: &Path, v: &Value) -> Result<(), String> {
-    // Settings carry credentials: readable by root only.
-    let body = serde_json::to_vec(v).map_err(|e| e.to_string())?;
-    platform::files::write_private(path, &body).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{AgentConfig, SettingsSource};
+    use crate::config::AgentConfig;
+    use platform::settings_source::{FileOptions, SourceOptions};
 
     fn tmpdir(name: &str) -> PathBuf {
         let d =
@@ -326,10 +298,10 @@ mod tests {
 
     fn config(path: &Path) -> AgentConfig {
         let mut c = AgentConfig::default();
-        c.infrastructure.settings.sources = vec![SettingsSource {
-            kind: "File".into(),
+        c.infrastructure.settings.sources = vec![SourceOptions::File(FileOptions {
             settings_path: path.display().to_string(),
-        }];
+            ..FileOptions::default()
+        })];
         c
     }
 

@@ -156,8 +156,12 @@ mod tests {
             json!({"value": {"api_version": 1}})
         );
         assert_eq!(
+            call(&w, "run_errand", json!([])).await,
+            json!({"exception": {"message": "unknown message run_errand"}})
+        );
+        assert_eq!(
             call(&w, "ssh", json!(["setup"])).await,
-            json!({"exception": {"message": "unknown message ssh"}})
+            json!({"exception": {"message": "Action Failed ssh: Not enough arguments, expected 2, got 1"}})
         );
         assert_eq!(
             call(&w, "get_task", json!(["nope"])).await,
