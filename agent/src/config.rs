@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use platform::firewall::policy_config::PolicyConfig;
 use serde::Deserialize;
 
 /// The parts of agent.json the agent uses.
@@ -51,6 +52,12 @@ pub struct FirewallOptions {
     pub monit_allow_root: bool,
     /// Seconds between drift checks of the live table.
     pub reconcile_interval_seconds: u64,
+    /// The workload policies (`EgressDeny`, `EgressAction`, `DenyCloudMetadata`,
+    /// `EgressAllowCgroups`, `IngressAllow`, `IngressAllowICMP`, `IngressCtInvalid`,
+    /// `GuardLocalhost`, `GuardAlertListener`), keys of this same object. Parsed here, and
+    /// validated by the firewall (an invalid value refuses the policies, not the start).
+    #[serde(flatten)]
+    pub policies: PolicyConfig,
 }
 
 impl Default for FirewallOptions {
@@ -58,6 +65,7 @@ impl Default for FirewallOptions {
         FirewallOptions {
             monit_allow_root: true,
             reconcile_interval_seconds: 30,
+            policies: PolicyConfig::default(),
         }
     }
 }
