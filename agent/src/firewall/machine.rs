@@ -501,8 +501,11 @@ impl<T: KernelTable> Firewall<T> {
         self.state.readback_pending = false;
         let snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
         // Taken a while after the apply: only trusted as the drift reference if it is what
-        // the apply made; a change in between is repaired, not adopted.
-        if let Err(why) = readback::conforms(&snapshot, &self.desired) {
+        // the apply made; a change in between is repaired, not adopted. (Not with refused
+        // workload policies: their live objects are kept, so the listing cannot conform.)
+        if let Err(why) = readback::conforms(&snapshot, &self.desired)
+            && !self.workload_refused
+        {
             warn!(%why, "the table changed before it was read back; repairing");
             // Counted before the apply, which publishes the state: readers never see the
             // repaired table without its repair.
@@ -520,6 +523,7 @@ impl<T: KernelTable> Firewall<T> {
     /// leftovers and brings the table to `script`'s state) and records `script`.
     fn apply_script(&mut self, script: String, text: Option<String>) -> Result<(), FirewallError> {
         let desired = &self.desired;
+        let refused = self.workload_refused;
         let mut repaired = false;
         let res = (|| -> Result<serde_json::Value, FirewallError> {
             let _lock = self.lock()?;
@@ -527,6 +531,11 @@ impl<T: KernelTable> Firewall<T> {
             let snapshot =
                 |l: Option<String>| l.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
             let first = snapshot(self.table.list_table_text()?);
+            if refused {
+                // The live workload objects the refused desired state does not render are
+                // kept on purpose: the listing cannot conform, and is the reference as it is.
+                return Ok(first);
+            }
             // The reference for drift must be what this apply made: a change slipped in
             // between the apply and the listing is undone once (bounded: no loop), not adopted.
             match readback::conforms(&first, desired) {
