@@ -56,8 +56,11 @@ pub struct Firewall<T: KernelTable = Nft> {
     /// The workload policies of agent.json were refused: the live ones are never removed.
     workload_refused: bool,
     /// Deletes `firewall-allow metadata` rules whose cgroup is gone (real nft only).
-    prune_metadata: Option<fn(&std::path::Path) -> Result<usize, FirewallError>>,
+    prune_metadata: Option<PruneMetadata>,
 }
+
+/// Deletes stale `firewall-allow metadata` rules under the lock in a run directory.
+type PruneMetadata = fn(&Path) -> Result<usize, FirewallError>;
 
 /// Why the alert listener's guard matches monit by uid 0: the firewall is installed before
 /// monit starts, so monit's cgroup cannot be known then.
