@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use platform::firewall::policy_config::PolicyConfig;
 use serde::Deserialize;
 
 /// The parts of agent.json the agent uses.
@@ -64,6 +65,12 @@ pub struct FirewallOptions {
     pub monit_allow_root: bool,
     /// Seconds between drift checks of the live table.
     pub reconcile_interval_seconds: u64,
+    /// The workload policies (`EgressDeny`, `EgressAction`, `DenyCloudMetadata`,
+    /// `EgressAllowCgroups`, `IngressAllow`, `IngressAllowICMP`, `IngressCtInvalid`,
+    /// `GuardLocalhost`, `GuardAlertListener`), keys of this same object. Parsed here, and
+    /// validated by the firewall (an invalid value refuses the policies, not the start).
+    #[serde(flatten)]
+    pub policies: PolicyConfig,
 }
 
 impl Default for FirewallOptions {
@@ -71,6 +78,7 @@ impl Default for FirewallOptions {
         FirewallOptions {
             monit_allow_root: true,
             reconcile_interval_seconds: 30,
+            policies: PolicyConfig::default(),
         }
     }
 }
@@ -343,5 +351,50 @@ mod tests {
             .to_string();
         assert!(e.contains("Platform.Linux.Firewall.MonitAllowRoot"), "{e}");
         assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn the_workload_policy_keys_are_read_beside_ours() {
+        let c = parse(
+            r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":false,
+               "EgressDeny":[{"Destination":"10.0.0.0/8","Except":[{"Protocol":"udp","Ports":53}]}],
+               "EgressAction":"reject","DenyCloudMetadata":true,"EgressAllowCgroups":["system.slice/cpi.service"],
+               "IngressAllow":[{"Protocol":"tcp","Ports":"22","Sources":["10.0.0.0/8"]}],
+               "IngressAllowICMP":false,"IngressCtInvalid":"allow-list",
+               "GuardLocalhost":true,"GuardAlertListener":true}}}}"#,
+        )
+        .unwrap();
+        let fw = &c.platform.linux.firewall;
+        assert!(!fw.monit_allow_root);
+        let p = &fw.policies;
+        assert_eq!(p.egress_deny.len(), 1);
+        assert_eq!(p.egress_deny[0].destination, "10.0.0.0/8");
+        assert_eq!(p.egress_action.as_deref(), Some("reject"));
+        assert!(p.deny_cloud_metadata && p.guard_localhost && p.guard_alert_listener);
+        assert!(!p.ingress_allow_icmp);
+        assert_eq!(p.egress_allow_cgroups, vec!["system.slice/cpi.service"]);
+        assert_eq!(p.ingress_allow.as_ref().map(Vec::len), Some(1));
+        assert_eq!(p.ingress_ct_invalid.as_deref(), Some("allow-list"));
+    }
+
+    #[test]
+    fn absent_workload_keys_are_the_defaults() {
+        let c = parse(r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":false}}}}"#).unwrap();
+        assert_eq!(c.platform.linux.firewall.policies, PolicyConfig::default());
+        assert_eq!(
+            parse("{}").unwrap().platform.linux.firewall.policies,
+            PolicyConfig::default()
+        );
+    }
+
+    #[test]
+    fn a_workload_key_of_the_wrong_type_names_the_file() {
+        let e = parse(r#"{"Platform":{"Linux":{"Firewall":{"EgressDeny":"10.0.0.0/8"}}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/x/agent.json") && e.contains("Platform.Linux.Firewall"),
+            "{e}"
+        );
     }
 }

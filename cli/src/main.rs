@@ -35,12 +35,13 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
-    /// Allow the caller's cgroup (a job's) to reach a protected service. Exit 0: allowed, or
+    /// Allow the caller's cgroup (a job's) to reach a protected service (monit) or the ranges
+    /// of the egress deny list (metadata). Exit 0: allowed, or
     /// no firewall installed (nothing to open); 1: nft or other failure; 2: usage;
     /// 3: not root; 4: the caller's cgroup cannot be used (root cgroup, a path nft cannot
     /// hold, undetectable) and there is no fallback.
     FirewallAllow {
-        /// The service: monit.
+        /// The service: monit, or metadata (through the egress deny list).
         service: String,
     },
     /// Inspect the agent's firewall.
@@ -52,8 +53,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum FirewallCommand {
-    /// Mode, protected endpoints, allowed job cgroups, and whether the live table matches the
-    /// desired state. Exit 0 when it matches, 1 otherwise.
+    /// Mode, protected endpoints, allowed job cgroups, the workload policies with their sizes
+    /// and counters, conntrack usage, and whether the live table matches the desired state.
+    /// Exit 0 when it matches, 1 otherwise.
     Status {
         /// Print JSON.
         #[arg(long)]
@@ -165,16 +167,24 @@ where
 fn firewall_allow(service: &str) -> ExitCode {
     match agent::firewall::commands::firewall_allow(service, &run_dir()) {
         Ok(AllowOutcome::Added { rule, replaced }) => {
-            println!("monit access granted ({replaced} stale rule(s) replaced): {rule}");
+            println!("{service} access granted ({replaced} stale rule(s) replaced): {rule}");
             ExitCode::SUCCESS
         }
         Ok(AllowOutcome::AlreadyAllowed { rule, duplicates }) => {
-            println!("monit access already granted ({duplicates} duplicate(s) removed): {rule}");
+            println!(
+                "{service} access already granted ({duplicates} duplicate(s) removed): {rule}"
+            );
             ExitCode::SUCCESS
         }
         Ok(AllowOutcome::CoveredByAncestor { comment }) => {
             println!(
-                "monit access already granted: the rule of an ancestor cgroup covers this one ({comment})"
+                "{service} access already granted: the rule of an ancestor cgroup covers this one ({comment})"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(AllowOutcome::NotInstalled) if service == "metadata" => {
+            eprintln!(
+                "bosh-agent: no egress deny list is installed (table inet bosh_agent or chain egress_access_jobs absent): nothing to open"
             );
             ExitCode::SUCCESS
         }

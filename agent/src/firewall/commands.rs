@@ -1,4 +1,5 @@
-//! One-shot commands: `firewall-allow monit` (job scripts) and `firewall status` (operators).
+//! One-shot commands: `firewall-allow monit|metadata` (job scripts) and `firewall status`
+//! (operators).
 
 use std::path::Path;
 
@@ -6,6 +7,7 @@ use platform::cgroup;
 use platform::firewall::jobs::{self, AllowOutcome};
 use platform::firewall::nft::Nft;
 use platform::firewall::state::{self, RuntimeState};
+use platform::firewall::status::{self as fwstatus, ConntrackUsage, PolicyCounter};
 use platform::firewall::{FirewallError, readback};
 use serde::Serialize;
 
@@ -14,7 +16,7 @@ use serde::Serialize;
 pub enum AllowError {
     #[error("firewall-allow must run as root (euid {0})")]
     NotRoot(u32),
-    #[error("unknown service {0:?}: only \"monit\" can be allowed")]
+    #[error("unknown service {0:?}: only \"monit\" and \"metadata\" can be allowed")]
     UnknownService(String),
     #[error("{0}")]
     NoIdentity(String),
@@ -52,9 +54,11 @@ impl From<FirewallError> for AllowError {
     }
 }
 
-/// Allows the calling process's cgroup (the job's) to reach `service`.
+/// Allows the calling process's cgroup (the job's) to reach `service`: `monit` (the monit
+/// chain's job rules) or `metadata` (through the egress deny list, on the same mechanics:
+/// rules that survive agent restarts, pruned once their cgroup is gone).
 pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, AllowError> {
-    if service != "monit" {
+    if service != "monit" && service != "metadata" {
         return Err(AllowError::UnknownService(service.to_string()));
     }
     let euid = nix::unistd::geteuid().as_raw();
@@ -62,6 +66,19 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         return Err(AllowError::NotRoot(euid));
     }
     let agent = state::read(run_dir).ok().flatten();
+    if service == "metadata" {
+        let vcap = crate::firewall::vcap_uid();
+        let placement = cgroup::placement_of(std::process::id());
+        let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
+        let rule = jobs::metadata_rule(rule, &key, cgid)?;
+        return Ok(jobs::allow_metadata(
+            &Nft::default(),
+            run_dir,
+            &rule,
+            &key,
+            cgid,
+        )?);
+    }
     if agent.as_ref().is_some_and(|a| !a.monit.guarded()) {
         // UseMonitIptablesFirewall: nothing jumps to the jobs chain, so a rule there would
         // open nothing; the stemcell's own rules decide.
@@ -95,6 +112,13 @@ pub struct Status {
     pub foreign_job_rules: Vec<readback::ForeignJobRule>,
     /// What is wrong, one line each (empty when the live table matches).
     pub problems: Vec<String>,
+    /// The workload policies' counters (packets dropped per policy); empty without them.
+    pub counters: Vec<PolicyCounter>,
+    /// Conntrack usage (`None` when conntrack is not loaded).
+    pub conntrack: Option<ConntrackUsage>,
+    /// What the operator should know although the table matches: refused policies, bridged
+    /// traffic bypassing the deny list, a conntrack table above 80 %, weaker matching.
+    pub warnings: Vec<String>,
 }
 
 /// How long `firewall status` waits for a running agent's pending read-back.
@@ -160,6 +184,38 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
             "monit_access_jobs holds a rule that is not a job rule (the agent removes it at its next reconcile): {f}"
         ));
     }
+    let mut warnings = Vec::new();
+    if let Some(a) = &agent {
+        if let Some(e) = &a.workload_refused {
+            warnings.push(format!(
+                "the workload policies of agent.json were refused (the live ones were left as they were): {e}"
+            ));
+        }
+        if let Some(e) = &a.bridge_error {
+            warnings.push(e.clone());
+        }
+        warnings.extend(a.workload_notes.iter().cloned());
+    }
+    let counters = if table_present {
+        fwstatus::read_counters(&nft).unwrap_or_else(|e| {
+            warnings.push(format!("reading the policy counters failed: {e}"));
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
+    let conntrack = fwstatus::read_conntrack(Path::new("/proc/sys")).unwrap_or_else(|e| {
+        warnings.push(format!("reading conntrack usage failed: {e}"));
+        None
+    });
+    if let Some(c) = conntrack.filter(|c| c.warn) {
+        warnings.push(format!(
+            "conntrack table {} of {} entries full (above {:.0} %): new connections are dropped when it is full",
+            c.count,
+            c.max,
+            fwstatus::CONNTRACK_WARN_RATIO * 100.0
+        ));
+    }
     // Drop the bulky snapshot and script from what is shown; the comparison above used them.
     let agent = agent.map(|a| RuntimeState {
         snapshot: serde_json::Value::Null,
@@ -173,6 +229,9 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
         job_rules,
         foreign_job_rules,
         problems,
+        counters,
+        conntrack,
+        warnings,
     })
 }
 
@@ -234,6 +293,7 @@ impl std::fmt::Display for Status {
                 if let Some(e) = &a.last_error {
                     writeln!(f, "last error:    {e}")?;
                 }
+                write_workload(f, &a.workload)?;
             }
             None => writeln!(
                 f,
@@ -267,8 +327,88 @@ impl std::fmt::Display for Status {
         } else {
             "DIFFERS from the desired state"
         };
-        writeln!(f, "live table:    {live}")
+        writeln!(f, "live table:    {live}")?;
+        if !self.counters.is_empty() {
+            let c: Vec<String> = self
+                .counters
+                .iter()
+                .map(|c| format!("{} {} packets", c.name, c.packets))
+                .collect();
+            writeln!(f, "counters:      {}", c.join(", "))?;
+        }
+        if let Some(c) = &self.conntrack {
+            writeln!(f, "conntrack:     {} of {} entries", c.count, c.max)?;
+        }
+        for w in &self.warnings {
+            writeln!(f, "WARNING:       {w}")?;
+        }
+        Ok(())
     }
+}
+
+/// The workload policies' lines of `firewall status` (from the state file's summary).
+fn write_workload(f: &mut std::fmt::Formatter<'_>, w: &serde_json::Value) -> std::fmt::Result {
+    use serde_json::Value;
+    if w.is_null() {
+        return writeln!(f, "workload:      no egress, ingress or guard policy");
+    }
+    let s = |v: &Value| match v {
+        Value::String(t) => t.clone(),
+        other => other.to_string(),
+    };
+    let eg = &w["egress"];
+    if eg["state"] == "enabled" {
+        writeln!(
+            f,
+            "egress deny:   {} IPv4 and {} IPv6 ranges ({} excepted port entries), {}; allowed besides the agent: {}",
+            s(&eg["deny_ranges_v4"]),
+            s(&eg["deny_ranges_v6"]),
+            s(&eg["except_entries"]),
+            s(&eg["action"]),
+            eg["allowed"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .map_or_else(
+                    || "(none)".into(),
+                    |a| a.iter().map(s).collect::<Vec<_>>().join(", ")
+                )
+        )?;
+    } else {
+        writeln!(f, "egress deny:   off")?;
+    }
+    let ing = &w["ingress"];
+    if ing["state"] == "enabled" {
+        writeln!(
+            f,
+            "ingress allow: {} from anywhere, {} by-source entries, ICMP {}, ct invalid: {}",
+            ing["any_source_ports"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .map_or_else(
+                    || "(no port)".into(),
+                    |a| a.iter().map(s).collect::<Vec<_>>().join(" ")
+                ),
+            s(&ing["by_source_entries"]),
+            if ing["allow_icmp"] == true {
+                "allowed"
+            } else {
+                "dropped"
+            },
+            s(&ing["ct_invalid"])
+        )?;
+    } else {
+        writeln!(f, "ingress allow: off")?;
+    }
+    writeln!(
+        f,
+        "guards:        localhost {}, alert listener {}",
+        if w["localhost_guard"] == true {
+            "on"
+        } else {
+            "off"
+        },
+        s(&w["alert_listener"]["state"])
+    )
 }
 
 #[cfg(test)]

@@ -16,6 +16,10 @@ pub enum Problem {
     ChangeFailed(String),
     /// A rule of `monit_access_jobs` that is not a job rule could not be removed.
     ForeignRuleKept(ForeignJobRule),
+    /// The workload policies of agent.json were refused; the live ones were left as they were.
+    PolicyRefused(String),
+    /// Switched traffic on a bridge bypasses the egress deny list.
+    BridgeNetfilter(String),
 }
 
 impl Problem {
@@ -39,6 +43,11 @@ impl std::fmt::Display for Problem {
                 f,
                 "monit_access_jobs holds a rule that is not a job rule and could not be removed: {r}"
             ),
+            Problem::PolicyRefused(e) => write!(
+                f,
+                "the workload firewall policies were refused and left as they were: {e}"
+            ),
+            Problem::BridgeNetfilter(e) => write!(f, "{e}"),
         }
     }
 }
@@ -60,6 +69,9 @@ pub struct Health {
     pub nats: NatsState,
     pub repairs: u64,
     pub foreign_removed: u64,
+    /// How the workload policies match where that is weaker than asked (the uid fallback,
+    /// monit's cgroup unknown): not problems, but worth knowing.
+    pub notes: Vec<String>,
 }
 
 impl Health {
@@ -77,6 +89,12 @@ impl Health {
         for f in &st.foreign_job_rules {
             problems.push(Problem::ForeignRuleKept(f.clone()));
         }
+        if let Some(e) = &st.workload_refused {
+            problems.push(Problem::PolicyRefused(e.clone()));
+        }
+        if let Some(e) = &st.bridge_error {
+            problems.push(Problem::BridgeNetfilter(e.clone()));
+        }
         Health {
             degraded: !problems.is_empty(),
             problems,
@@ -86,6 +104,7 @@ impl Health {
             nats: st.nats,
             repairs: st.repairs,
             foreign_removed: st.foreign_removed,
+            notes: st.workload_notes.clone(),
         }
     }
 

@@ -7,18 +7,26 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use platform::cgroup::{self, CgroupPlacement, Layout};
 use platform::firewall::nft::{FirewallLock, LockWait, Nft};
-use platform::firewall::render::{render_ruleset, render_ruleset_fresh};
+use platform::firewall::policy::{
+    AlertListenerPolicy, EgressPolicy, IngressPolicy, Proto, RequiredInbound, WorkloadPolicy,
+    check_lockout, sshd_ports,
+};
+use platform::firewall::render::{
+    Leftovers, render_ruleset, render_ruleset_fresh, render_ruleset_removing,
+};
 use platform::firewall::state::{self, Mode, MonitState, NatsState, RuntimeState};
+use platform::firewall::status::{self, BridgePaths};
 use platform::firewall::table::KernelTable;
 use platform::firewall::{
     DesiredState, FirewallError, Identity, MONIT_ENDPOINTS, MonitPolicy, NatsPolicy, TABLE, jobs,
     netlink, readback, selftest,
 };
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -45,6 +53,114 @@ pub struct Firewall<T: KernelTable = Nft> {
     state: RuntimeState,
     /// The uid the documented uid fallback of job rules matches (the `vcap` user's), if any.
     vcap_uid: Option<u32>,
+    /// The workload policies of agent.json were refused: the live ones are never removed.
+    workload_refused: bool,
+    /// Deletes `firewall-allow metadata` rules whose cgroup is gone (real nft only).
+    prune_metadata: Option<PruneMetadata>,
+}
+
+/// Deletes stale `firewall-allow metadata` rules under the lock in a run directory.
+type PruneMetadata = fn(&Path) -> Result<usize, FirewallError>;
+
+/// Why the alert listener's guard matches monit by uid 0: the firewall is installed before
+/// monit starts, so monit's cgroup cannot be known then.
+pub const MONIT_UNKNOWN: &str =
+    "monit's cgroup cannot be known before monit starts; monit runs as root";
+
+/// Where sshd's configuration is read for the ports the ingress allow-list must keep open.
+pub const SSHD_CONFIG: &str = "/etc/ssh/sshd_config";
+
+/// Builds the workload policies of agent.json for an agent established as `est`: pure.
+/// `EgressAllowCgroups` paths are as in `/proc/<pid>/cgroup` (relative to the cgroup2 root);
+/// their rule level is their depth plus the agent's level offset, as for job rules. The
+/// alert listener's guard matches monit by uid 0 ([`MONIT_UNKNOWN`]). The error names the
+/// key and the value.
+pub fn build_workload(
+    opts: &LinuxOptions,
+    est: &selftest::Established,
+) -> Result<WorkloadPolicy, String> {
+    let uid_mode = matches!(est.identity, Identity::Uid { .. });
+    let offset = est.level_offset;
+    let mut cgroup_identity = |path: &str| -> Result<Identity, String> {
+        if uid_mode {
+            return Err(
+                "cgroup matching is unavailable here (the agent uses the uid fallback)".into(),
+            );
+        }
+        let nft_path = cgroup::NftCgroupPath::new(path).map_err(|e| e.to_string())?;
+        let depth = cgroup::depth(nft_path.as_str());
+        if depth == 0 {
+            return Err("the root cgroup: allowing it would allow every process".into());
+        }
+        let level = u32::try_from(i64::from(depth) + offset)
+            .ok()
+            .filter(|l| *l > 0)
+            .ok_or_else(|| format!("level offset {offset} does not fit its depth {depth}"))?;
+        Ok(Identity::Cgroup {
+            path: nft_path,
+            level,
+        })
+    };
+    opts.firewall
+        .policies
+        .build(
+            &mut cgroup_identity,
+            Identity::Uid {
+                uid: 0,
+                reason: MONIT_UNKNOWN.into(),
+            },
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// Checks a policy before its first commit, against the running system: the kernel has
+/// what the rules need, and an ingress allow-list keeps every port sshd listens on (from
+/// `sshd_config`, when it exists). An error refuses the policy.
+pub fn check_workload(nft: &Nft, w: &WorkloadPolicy, sshd_config: &Path) -> Result<(), String> {
+    if *w == WorkloadPolicy::default() {
+        return Ok(());
+    }
+    status::check_kernel(nft)
+        .map_err(|e| format!("the kernel lacks what the workload rules need: {e}"))?;
+    if let IngressPolicy::Enabled(ing) = &w.ingress {
+        let required: Vec<RequiredInbound> = match std::fs::read_to_string(sshd_config) {
+            Ok(text) => sshd_ports(&text)
+                .into_iter()
+                .map(|port| RequiredInbound {
+                    what: format!("sshd (from {})", sshd_config.display()),
+                    proto: Proto::Tcp,
+                    port,
+                })
+                .collect(),
+            // No sshd configuration: no sshd to keep reachable.
+            Err(_) => Vec::new(),
+        };
+        check_lockout(&ing.sets, &required)?;
+    }
+    Ok(())
+}
+
+/// Makes bridged traffic meet the egress rules when there is a deny list; the error (bridges
+/// whose switched traffic bypasses the list) is reported as a degraded firewall.
+pub fn check_bridges(w: &WorkloadPolicy, paths: &BridgePaths) -> Option<String> {
+    if !matches!(w.egress, EgressPolicy::Enabled(_)) {
+        return None;
+    }
+    match status::ensure_bridge_netfilter(paths) {
+        Ok(b) => {
+            info!(bridge_netfilter = ?b, "bridged traffic meets the egress deny list");
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// What the workload policies came to before the first apply.
+pub struct WorkloadPlan {
+    /// The policies, or why they were refused.
+    pub policy: Result<WorkloadPolicy, String>,
+    /// Bridge netfilter could not be turned on.
+    pub bridge_error: Option<String>,
 }
 
 /// The live table as listed at start (beside the self-test) and the previous run's state.
@@ -85,7 +201,19 @@ impl Firewall<Nft> {
             });
             (est, live)
         });
-        Firewall::from_established(opts, nft, run_dir, &placement, est, live)
+        let policy = build_workload(opts, &est)
+            .and_then(|w| check_workload(&nft, &w, Path::new(SSHD_CONFIG)).map(|()| w));
+        let bridge_error = policy
+            .as_ref()
+            .ok()
+            .and_then(|w| check_bridges(w, &BridgePaths::system()));
+        let plan = WorkloadPlan {
+            policy,
+            bridge_error,
+        };
+        let mut fw = Firewall::from_established(opts, nft, run_dir, &placement, est, live, plan);
+        fw.prune_metadata = Some(|dir| jobs::prune_metadata_rules(&Nft::default(), dir));
+        fw
     }
 }
 
@@ -103,7 +231,11 @@ impl<T: KernelTable> Firewall<T> {
             _ => table.list_table_text(),
         };
         let placement = Err(cgroup::CgroupError::NoCgroup2(Layout::None));
-        Firewall::from_established(opts, table, run_dir, &placement, est, live)
+        let plan = WorkloadPlan {
+            policy: build_workload(opts, &est),
+            bridge_error: None,
+        };
+        Firewall::from_established(opts, table, run_dir, &placement, est, live, plan)
     }
 
     fn from_established(
@@ -113,6 +245,7 @@ impl<T: KernelTable> Firewall<T> {
         placement: &Result<CgroupPlacement, cgroup::CgroupError>,
         est: selftest::Established,
         live: Result<Option<String>, FirewallError>,
+        plan: WorkloadPlan,
     ) -> Self {
         match &est.identity {
             Identity::Cgroup { path, level } => {
@@ -155,7 +288,21 @@ impl<T: KernelTable> Firewall<T> {
         } else {
             NatsPolicy::Disabled
         };
-        let state = initial_state(placement, &est, monit, &nats);
+        let mut state = initial_state(placement, &est, monit, &nats);
+        let (workload, workload_refused) = match plan.policy {
+            Ok(w) => (w, None),
+            Err(e) => {
+                error!(error = %e, "the workload firewall policies are refused; the live ones stay as they are");
+                (WorkloadPolicy::default(), Some(e))
+            }
+        };
+        if let Some(e) = &plan.bridge_error {
+            error!(error = %e, "bridged traffic bypasses the egress deny list");
+        }
+        state.workload = workload_summary(&workload);
+        state.workload_notes = workload_notes(&est.identity, &workload);
+        state.workload_refused.clone_from(&workload_refused);
+        state.bridge_error = plan.bridge_error;
         let (health, _) = watch::channel(Health::of(&state));
         Firewall {
             table,
@@ -163,7 +310,7 @@ impl<T: KernelTable> Firewall<T> {
             lock_wait: LockWait::default(),
             health,
             desired: DesiredState {
-                workload: Default::default(),
+                workload,
                 identity: est.identity,
                 monit,
                 nats,
@@ -174,6 +321,8 @@ impl<T: KernelTable> Firewall<T> {
             at_start: Some(AtStart { live, previous }),
             state,
             vcap_uid: vcap_uid(),
+            workload_refused: workload_refused.is_some(),
+            prune_metadata: None,
         }
     }
 
@@ -305,6 +454,16 @@ impl<T: KernelTable> Firewall<T> {
                         self.write_state();
                         return Ok(false);
                     }
+                    // Policies switched off in agent.json still have objects live: this apply
+                    // removes them (never while the policies were refused: those stay).
+                    if !self.workload_refused {
+                        let removing =
+                            render_ruleset_removing(&self.desired, Leftovers::in_listing(&live));
+                        if removing != script {
+                            info!("removing workload policies no longer configured");
+                            return self.apply_script(script, Some(removing)).map(|()| true);
+                        }
+                    }
                 }
                 Err(e) => info!(error = %e, "listing the table at start failed"),
             }
@@ -312,7 +471,7 @@ impl<T: KernelTable> Firewall<T> {
         if self.last_script.as_deref() == Some(script.as_str()) {
             return Ok(false);
         }
-        self.apply_script(script).map(|()| true)
+        self.apply_script(script, None).map(|()| true)
     }
 
     /// Records that the live table was brought to `script`'s state, with its read-back
@@ -345,8 +504,11 @@ impl<T: KernelTable> Firewall<T> {
         self.state.readback_pending = false;
         let snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
         // Taken a while after the apply: only trusted as the drift reference if it is what
-        // the apply made; a change in between is repaired, not adopted.
-        if let Err(why) = readback::conforms(&snapshot, &self.desired) {
+        // the apply made; a change in between is repaired, not adopted. (Not with refused
+        // workload policies: their live objects are kept, so the listing cannot conform.)
+        if let Err(why) = readback::conforms(&snapshot, &self.desired)
+            && !self.workload_refused
+        {
             warn!(%why, "the table changed before it was read back; repairing");
             // Counted before the apply, which publishes the state: readers never see the
             // repaired table without its repair.
@@ -360,15 +522,23 @@ impl<T: KernelTable> Firewall<T> {
         Ok(())
     }
 
-    fn apply_script(&mut self, script: String) -> Result<(), FirewallError> {
+    /// Applies `text` (the idempotent `script` itself, or a script that also removes
+    /// leftovers and brings the table to `script`'s state) and records `script`.
+    fn apply_script(&mut self, script: String, text: Option<String>) -> Result<(), FirewallError> {
         let desired = &self.desired;
+        let refused = self.workload_refused;
         let mut repaired = false;
         let res = (|| -> Result<serde_json::Value, FirewallError> {
             let _lock = self.lock()?;
-            self.table.apply(&script)?;
+            self.table.apply(text.as_deref().unwrap_or(&script))?;
             let snapshot =
                 |l: Option<String>| l.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
             let first = snapshot(self.table.list_table_text()?);
+            if refused {
+                // The live workload objects the refused desired state does not render are
+                // kept on purpose: the listing cannot conform, and is the reference as it is.
+                return Ok(first);
+            }
             // The reference for drift must be what this apply made: a change slipped in
             // between the apply and the listing is undone once (bounded: no loop), not adopted.
             match readback::conforms(&first, desired) {
@@ -455,6 +625,16 @@ impl<T: KernelTable> Firewall<T> {
                 self.write_state();
             }
         }
+        if let (Some(prune), EgressPolicy::Enabled(_)) =
+            (self.prune_metadata, &self.desired.workload.egress)
+        {
+            let n = prune(&self.run_dir)?;
+            if n > 0 {
+                info!(count = n, "pruned metadata job rules whose cgroup is gone");
+                self.state.pruned += n as u64;
+                out.pruned += n;
+            }
+        }
         if out != Reconciled::default() {
             self.write_state();
         }
@@ -492,6 +672,71 @@ pub fn vcap_uid() -> Option<u32> {
         .ok()
         .flatten()
         .map(|u| u.uid.as_raw())
+}
+
+/// The workload policies as `firewall status` shows them: their settings and sizes (a deny
+/// list of 10,000 ranges is counted, not listed). Null when none is configured.
+pub fn workload_summary(w: &WorkloadPolicy) -> Value {
+    if *w == WorkloadPolicy::default() {
+        return Value::Null;
+    }
+    let egress = match &w.egress {
+        EgressPolicy::Disabled => json!({ "state": "disabled" }),
+        EgressPolicy::Enabled(e) => json!({
+            "state": "enabled",
+            "action": e.action,
+            "deny_ranges_v4": e.sets.deny[0].len(),
+            "deny_ranges_v6": e.sets.deny[1].len(),
+            "except_entries": e.sets.except[0].len() + e.sets.except[1].len(),
+            "allowed": e.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }),
+    };
+    let ingress = match &w.ingress {
+        IngressPolicy::Disabled => json!({ "state": "disabled" }),
+        IngressPolicy::Enabled(i) => json!({
+            "state": "enabled",
+            "any_source_ports": i.sets.any_source.iter().map(|(p, r)| format!("{p}/{r}")).collect::<Vec<_>>(),
+            "by_source_entries": i.sets.by_source[0].len() + i.sets.by_source[1].len(),
+            "allow_icmp": i.allow_icmp,
+            "ct_invalid": i.ct_invalid,
+        }),
+    };
+    let alerts = match &w.alert_listener {
+        AlertListenerPolicy::Open => json!({ "state": "open" }),
+        AlertListenerPolicy::Guarded { monit } => {
+            json!({ "state": "guarded", "monit": monit.to_string() })
+        }
+    };
+    json!({
+        "egress": egress,
+        "ingress": ingress,
+        "localhost_guard": w.localhost_guard,
+        "alert_listener": alerts,
+    })
+}
+
+/// Where the policies match more than asked, one line each (shown by `firewall status` and
+/// in the heartbeat's health).
+pub fn workload_notes(agent: &Identity, w: &WorkloadPolicy) -> Vec<String> {
+    let mut notes = Vec::new();
+    let egress = matches!(w.egress, EgressPolicy::Enabled(_));
+    let guarded = matches!(w.alert_listener, AlertListenerPolicy::Guarded { .. });
+    if let Identity::Uid { uid, reason } = agent
+        && (egress || guarded)
+    {
+        notes.push(format!(
+            "the agent is matched by uid {uid} ({reason}): every process of that uid passes the egress deny list and reaches the alert listener"
+        ));
+    }
+    if let AlertListenerPolicy::Guarded {
+        monit: Identity::Uid { uid, reason },
+    } = &w.alert_listener
+    {
+        notes.push(format!(
+            "monit is matched by uid {uid} at the alert listener ({reason}): every process of that uid reaches it"
+        ));
+    }
+    notes
 }
 
 fn protected(d: &DesiredState) -> Vec<String> {

@@ -281,3 +281,168 @@ async fn the_task_reads_back_and_reconciles_without_anyone_sending_commands() {
     assert!(!fw.state().readback_pending);
     assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
 }
+
+fn with_policies(json: &str) -> LinuxOptions {
+    let c = crate::config::AgentConfig::parse(
+        std::path::Path::new("/t/agent.json"),
+        &format!(r#"{{"Platform":{{"Linux":{{"Firewall":{json}}}}}}}"#),
+    )
+    .unwrap();
+    c.platform.linux
+}
+
+const EGRESS: &str = r#"{"EgressDeny":[{"Destination":"192.0.2.0/24"}],"GuardLocalhost":true}"#;
+
+#[test]
+fn absent_policy_keys_render_todays_script() {
+    let fw = machine(&FakeTable::new(), &run_dir("absent"), cgroup());
+    let opts = with_policies("{}");
+    let w = super::machine::build_workload(&opts, &cgroup()).unwrap();
+    assert_eq!(w, Default::default());
+    let mut plain = fw.desired().clone();
+    plain.workload = Default::default();
+    assert_eq!(
+        platform::firewall::render::render_ruleset(fw.desired()),
+        platform::firewall::render::render_ruleset(&plain)
+    );
+    assert!(fw.state().workload.is_null());
+}
+
+#[test]
+fn configured_policies_are_applied_and_shown() {
+    let (table, dir) = (FakeTable::new(), run_dir("policies"));
+    let mut fw = Firewall::with_identity(
+        &with_policies(EGRESS),
+        table.clone(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    let shape = table.shape();
+    assert!(
+        shape.chains.contains_key(platform::firewall::EGRESS_CHAIN),
+        "{:?}",
+        shape.chains.keys()
+    );
+    assert!(
+        shape
+            .chains
+            .contains_key(platform::firewall::LOCALHOST_CHAIN)
+    );
+    assert_eq!(fw.state().workload["egress"]["deny_ranges_v4"], 1);
+    assert_eq!(fw.state().workload["localhost_guard"], true);
+    assert!(
+        !fw.watch_health().borrow().degraded,
+        "{:?}",
+        fw.watch_health().borrow()
+    );
+    // A guarded alert listener matches monit by uid: said in the notes.
+    let fw = Firewall::with_identity(
+        &with_policies(r#"{"GuardAlertListener":true}"#),
+        FakeTable::new(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    let notes = fw.watch_health().borrow().notes.clone();
+    assert!(notes.iter().any(|n| n.contains("monit")), "{notes:?}");
+}
+
+#[test]
+fn removing_a_policy_removes_its_chains_at_the_next_start() {
+    let (table, dir) = (FakeTable::new(), run_dir("removing"));
+    let mut fw = Firewall::with_identity(
+        &with_policies(EGRESS),
+        table.clone(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    drop(fw);
+    let mut fw = machine(&table, &dir, cgroup());
+    assert!(fw.apply().unwrap());
+    let shape = table.shape();
+    for gone in [
+        platform::firewall::EGRESS_CHAIN,
+        platform::firewall::LOCALHOST_CHAIN,
+    ] {
+        assert!(
+            !shape.chains.contains_key(gone),
+            "{gone}: {:?}",
+            shape.chains.keys()
+        );
+    }
+    assert!(shape.chains.contains_key(MONIT_GUARD_CHAIN));
+    // The jobs' chain stays (jobs own its rules, as monit's), and nothing jumps to it.
+    let mut live = rules(&shape);
+    live.retain(|(n, _)| n != platform::firewall::EGRESS_JOBS_CHAIN);
+    assert_eq!(live, rules(&desired_shape(&fw)));
+    fw.read_back_if_due().unwrap();
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    assert_eq!(fw.state().repairs, 0);
+    assert!(!fw.watch_health().borrow().degraded);
+}
+
+#[test]
+fn an_invalid_entry_is_refused_by_name_and_the_live_policies_stay() {
+    let (table, dir) = (FakeTable::new(), run_dir("invalid"));
+    let mut fw = Firewall::with_identity(
+        &with_policies(EGRESS),
+        table.clone(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    let before = rules(&table.shape());
+    drop(fw);
+    let bad = r#"{"EgressDeny":[{"Destination":"192.0.2.0/24"},{"Destination":"10.0.0.300/8"}]}"#;
+    let mut fw =
+        Firewall::with_identity(&with_policies(bad), table.clone(), dir.0.clone(), cgroup());
+    let health = fw.watch_health().borrow().clone();
+    assert!(health.degraded);
+    let refused = health
+        .problems
+        .iter()
+        .find_map(|p| match p {
+            Problem::PolicyRefused(e) => Some(e.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        refused.contains("EgressDeny[1].Destination") && refused.contains("10.0.0.300/8"),
+        "{refused}"
+    );
+    assert!(health.alert(1).is_some_and(|a| a["severity"] == 2));
+    let applied_before = table.applied().len();
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    assert_eq!(
+        rules(&table.shape()),
+        before,
+        "the live workload chains stay as they were"
+    );
+    // The kept workload objects are not drift: nothing is repaired.
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    assert_eq!(fw.state().repairs, 0);
+    assert_eq!(rules(&table.shape()), before);
+    for script in &table.applied()[applied_before..] {
+        assert!(!script.contains("egress_output"), "{script}");
+    }
+    // EgressAllowCgroups naming the root cgroup is refused too.
+    let fw = Firewall::with_identity(
+        &with_policies(
+            r#"{"EgressDeny":[{"Destination":"192.0.2.1"}],"EgressAllowCgroups":["/"]}"#,
+        ),
+        FakeTable::new(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    assert!(
+        fw.state()
+            .workload_refused
+            .as_deref()
+            .is_some_and(|e| e.contains("EgressAllowCgroups[0]"))
+    );
+}

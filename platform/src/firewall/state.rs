@@ -70,6 +70,19 @@ pub struct RuntimeState {
     pub nats_bus: Option<Value>,
     /// Pid of the agent that wrote this file.
     pub agent_pid: u32,
+    /// The workload policies of the desired state (egress deny, ingress allow-list, guards)
+    /// with their sizes, as `firewall status` shows them (null: none configured).
+    pub workload: Value,
+    /// Why the workload policies of agent.json were refused (an invalid value, a lock-out, a
+    /// kernel without what they need): none of them was changed and the live ones, if any,
+    /// were left exactly as they were.
+    pub workload_refused: Option<String>,
+    /// Bridges exist and bridge netfilter could not be turned on: switched traffic bypasses
+    /// the egress deny list.
+    pub bridge_error: Option<String>,
+    /// What a reader should know about how the policies match (the uid fallback, monit's
+    /// cgroup unknown), one line each.
+    pub workload_notes: Vec<String>,
 }
 
 /// How the agent identifies itself: `cgroup` (proved by the self-test) or `uid` (the fallback).
