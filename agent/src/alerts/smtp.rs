@@ -277,9 +277,13 @@ pub(crate) async fn serve_with(
     ips.sort();
     let ips: Arc<[String]> = ips.into();
     let sessions = Arc::new(Mutex::new(Sessions::default()));
+    // The sessions are owned by the listener: when it stops (the agent's shutdown drops it),
+    // the set aborts them; finished ones are reaped as the loop goes.
+    let mut running = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            Some(_) = running.join_next(), if !running.is_empty() => continue,
             () = tx.closed() => return Ok(()),
         };
         match accepted {
@@ -288,7 +292,7 @@ pub(crate) async fn serve_with(
                 let ips = Arc::clone(&ips);
                 let tx = tx.clone();
                 let span = info_span!("smtp", %peer);
-                tokio::spawn(
+                running.spawn(
                     async move {
                         let ctx = Ctx {
                             ips: &ips,
