@@ -35,6 +35,7 @@ bench: deps
 	./target/release/bench-runtime
 	./target/release/bench-deploy
 	./target/release/bench-egress
+	./target/release/bench-dns
 
 # Coverage-guided fuzzing of the parsers, the renderer and the archive reader, FUZZ_SECONDS
 # each (default 60); installs cargo-fuzz on first use (see scripts/fuzz.sh).
