@@ -251,29 +251,51 @@ pub fn caller_rule(
     ))
 }
 
-/// Allows the caller's identity to reach monit. Changes are made under the firewall lock in
-/// `run_dir`. Where there is no jobs chain, answers [`AllowOutcome::NotInstalled`] even when
-/// the lock cannot be taken (a read-only or missing run dir): with no firewall there is
+/// One chain of job rules: how its rules are listed, added and deleted.
+struct JobsChain {
+    list: fn(&Nft) -> Result<Option<Vec<LiveJobRule>>, FirewallError>,
+    add: fn(&JobRule) -> String,
+    delete: fn(u64) -> String,
+}
+
+/// `monit_access_jobs` (`firewall-allow monit`).
+const MONIT_JOBS: JobsChain = JobsChain {
+    list: live_job_rules,
+    add: render_job_rule,
+    delete: render_delete_job_rule,
+};
+
+/// `egress_access_jobs` (`firewall-allow metadata`).
+const METADATA_JOBS: JobsChain = JobsChain {
+    list: live_metadata_rules,
+    add: render_metadata_job_rule,
+    delete: render_delete_metadata_job_rule,
+};
+
+/// Allows `rule` in `chain` under the firewall lock in `run_dir`, with the guarantees of
+/// [`plan_allow`]. Where there is no such chain, answers [`AllowOutcome::NotInstalled`] even
+/// when the lock cannot be taken (a read-only or missing run dir): with no firewall there is
 /// nothing to open, and no lock is needed to say so.
-pub fn allow_monit(
+fn allow_in(
     nft: &Nft,
     run_dir: &Path,
     rule: &JobRule,
     key: &str,
     cgid: Option<u64>,
+    chain: &JobsChain,
 ) -> Result<AllowOutcome, FirewallError> {
     let _lock = match FirewallLock::acquire(run_dir) {
         Ok(lock) => lock,
         // The lock only serialises changes; the answer "nothing to open" does not change
         // anything, so a lock failure matters only when there is a chain to change.
         Err(e) => {
-            return match live_job_rules(nft)? {
+            return match (chain.list)(nft)? {
                 None => Ok(AllowOutcome::NotInstalled),
                 Some(_) => Err(e),
             };
         }
     };
-    let Some(live) = live_job_rules(nft)? else {
+    let Some(live) = (chain.list)(nft)? else {
         return Ok(AllowOutcome::NotInstalled);
     };
     let ancestors = match &rule.identity {
@@ -302,12 +324,8 @@ pub fn allow_monit(
             .unwrap_or_default();
         return Ok(AllowOutcome::CoveredByAncestor { comment });
     }
-    let mut script: String = plan
-        .delete
-        .iter()
-        .map(|h| render_delete_job_rule(*h))
-        .collect();
-    let text = render_job_rule(rule);
+    let mut script: String = plan.delete.iter().map(|h| (chain.delete)(*h)).collect();
+    let text = (chain.add)(rule);
     if plan.add {
         script.push_str(&text);
     }
@@ -326,6 +344,20 @@ pub fn allow_monit(
             duplicates: plan.delete.len(),
         }
     })
+}
+
+/// Allows the caller's identity to reach monit. Changes are made under the firewall lock in
+/// `run_dir`. Where there is no jobs chain, answers [`AllowOutcome::NotInstalled`] even when
+/// the lock cannot be taken (a read-only or missing run dir): with no firewall there is
+/// nothing to open, and no lock is needed to say so.
+pub fn allow_monit(
+    nft: &Nft,
+    run_dir: &Path,
+    rule: &JobRule,
+    key: &str,
+    cgid: Option<u64>,
+) -> Result<AllowOutcome, FirewallError> {
+    allow_in(nft, run_dir, rule, key, cgid, &MONIT_JOBS)
 }
 
 /// The rules of `monit_access_jobs` (`None` when the chain or table is absent), read over
@@ -483,66 +515,7 @@ pub fn allow_metadata(
     key: &str,
     cgid: Option<u64>,
 ) -> Result<AllowOutcome, FirewallError> {
-    let _lock = match FirewallLock::acquire(run_dir) {
-        Ok(lock) => lock,
-        Err(e) => {
-            return match live_metadata_rules(nft)? {
-                None => Ok(AllowOutcome::NotInstalled),
-                Some(_) => Err(e),
-            };
-        }
-    };
-    let Some(live) = live_metadata_rules(nft)? else {
-        return Ok(AllowOutcome::NotInstalled);
-    };
-    let ancestors = match &rule.identity {
-        Identity::Cgroup { path, .. } => ancestor_inodes(path.as_str()),
-        Identity::Uid { .. } => HashSet::new(),
-    };
-    let mut existing: Option<HashSet<u64>> = None;
-    let mut walk_failed = false;
-    let mut exists = |id: u64| {
-        let set = existing.get_or_insert_with(|| {
-            cgroup::hierarchy_inodes().unwrap_or_else(|_| {
-                walk_failed = true;
-                HashSet::new()
-            })
-        });
-        walk_failed || set.contains(&id)
-    };
-    let plan = plan_allow(&live, key, cgid, &ancestors, &mut exists);
-    if let Some(handle) = plan.covered_by {
-        let comment = live
-            .iter()
-            .find(|r| r.handle == handle)
-            .and_then(|r| r.comment.clone())
-            .unwrap_or_default();
-        return Ok(AllowOutcome::CoveredByAncestor { comment });
-    }
-    let mut script: String = plan
-        .delete
-        .iter()
-        .map(|h| render_delete_metadata_job_rule(*h))
-        .collect();
-    let text = render_metadata_job_rule(rule);
-    if plan.add {
-        script.push_str(&text);
-    }
-    if !script.is_empty() {
-        nft.apply(&script)?;
-    }
-    let rule = text.trim_end().to_string();
-    Ok(if plan.add {
-        AllowOutcome::Added {
-            rule,
-            replaced: plan.delete.len(),
-        }
-    } else {
-        AllowOutcome::AlreadyAllowed {
-            rule,
-            duplicates: plan.delete.len(),
-        }
-    })
+    allow_in(nft, run_dir, rule, key, cgid, &METADATA_JOBS)
 }
 
 /// Deletes, in one transaction under the lock, the metadata job rules whose cgroup is gone
