@@ -47,6 +47,30 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A process that holds the namespace, returned once it is inside (its
+    /// `/proc/<pid>/ns/net` is the namespace's inode): before that, its pid names the host's
+    /// namespace, and an interface moved "into" it would land on the host.
+    pub fn holder(&self) -> Result<crate::Proc> {
+        use std::os::unix::fs::MetadataExt;
+        let p = crate::Exec::new(["sleep", "3600"])
+            .netns(&self.file)
+            .spawn()?;
+        let want = fs::metadata(&self.file)
+            .map_err(io_ctx(format!("stat {}", self.file.display())))?
+            .ino();
+        let link = format!("/proc/{}/ns/net", p.pid());
+        crate::wait_for(
+            "holder inside its namespace",
+            std::time::Duration::from_secs(10),
+            || {
+                Ok(fs::metadata(&link)
+                    .is_ok_and(|m| m.ino() == want)
+                    .then_some(()))
+            },
+        )?;
+        Ok(p)
+    }
+
     /// The bind-mounted namespace file.
     pub fn file(&self) -> &Path {
         &self.file

@@ -44,34 +44,11 @@ fn sh(ns: &Netns, cmd: &str) {
     ok(&out, cmd);
 }
 
-/// A process that holds `ns`, returned once it is inside (before that, its pid names the
-/// host's namespace, and an interface moved "into" it would land on the host).
-fn holder(ns: &Netns) -> Proc {
-    use std::os::unix::fs::MetadataExt;
-    let p = Exec::new(["sleep", "3600"])
-        .netns(ns.file())
-        .spawn()
-        .unwrap();
-    let want = std::fs::metadata(ns.file()).unwrap().ino();
-    let link = format!("/proc/{}/ns/net", p.pid());
-    wait_for(
-        "holder inside its namespace",
-        Duration::from_secs(10),
-        || {
-            Ok(std::fs::metadata(&link)
-                .is_ok_and(|m| m.ino() == want)
-                .then_some(()))
-        },
-    )
-    .unwrap();
-    p
-}
-
 impl World {
     fn new(name: &str) -> World {
         let sb = Sandbox::new(name).unwrap_or_else(|e| panic!("cannot set up {name}: {e}"));
         let meta = Netns::create(&sb.dir().join("meta")).unwrap();
-        let hold = holder(&meta);
+        let hold = meta.holder().unwrap();
         sh(
             sb.netns(),
             &format!(

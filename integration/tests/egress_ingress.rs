@@ -68,30 +68,6 @@ fn sh(ns: &Netns, cmd: &str) {
     ok(&out, cmd);
 }
 
-/// A process that holds `ns`, returned only once it is inside (its `/proc/<pid>/ns/net` is the
-/// namespace's inode): before that, its pid would name the host's namespace, and an
-/// interface moved "into" it would land on the host.
-fn holder(ns: &Netns) -> Proc {
-    use std::os::unix::fs::MetadataExt;
-    let p = Exec::new(["sleep", "3600"])
-        .netns(ns.file())
-        .spawn()
-        .unwrap();
-    let want = std::fs::metadata(ns.file()).unwrap().ino();
-    let link = format!("/proc/{}/ns/net", p.pid());
-    wait_for(
-        "holder inside its namespace",
-        Duration::from_secs(10),
-        || {
-            Ok(std::fs::metadata(&link)
-                .is_ok_and(|m| m.ino() == want)
-                .then_some(()))
-        },
-    )
-    .unwrap();
-    p
-}
-
 /// The cgroup as `socket cgroupv2` matches it: its nft path and its depth below the v2 root.
 fn identity(cg: &CgroupDir) -> Identity {
     let mount = cgroup2_mount().unwrap();
@@ -124,7 +100,7 @@ impl World {
         );
         let procs: Vec<Proc> = [&outside, &meta, &container, &peer]
             .iter()
-            .map(|n| holder(n))
+            .map(|n| n.holder().unwrap())
             .collect();
         let pid = |i: usize| procs[i].pid();
         sh(
