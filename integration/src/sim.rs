@@ -422,6 +422,20 @@ pub fn converge(w: &impl DirectorSim, spec: &Value) {
     w.ok("run_script", json!(["post-start", {}]));
 }
 
+/// The director's local DNS publisher: a records blob of `version` naming instance web/0 at
+/// 10.0.0.9, uploaded, then `sync_dns [blob_id, "sha256:…", version]` (synchronous), which
+/// must answer `"synced"`.
+pub fn sync_dns(w: &impl DirectorSim, version: u64) {
+    let records = json!({"version": version,
+        "records": [["10.0.0.9", "a1b2-web-0.web.default.dep.bosh"]],
+        "record_keys": ["id", "instance_group", "az", "network", "deployment", "ip", "domain"],
+        "record_infos": [["a1b2-web-0", "web", "z1", "default", "dep", "10.0.0.9", "bosh."]]});
+    let bytes = serde_json::to_vec(&records).expect("records JSON");
+    let id = w.upload(&bytes);
+    let r = w.call("sync_dns", json!([id, sha256(&bytes), version]));
+    assert_eq!(r, json!({"value": "synced"}), "{}", w.logs());
+}
+
 /// An update in place without disk changes: prepare, the stopper (`drain` type), converge.
 pub fn update_instance(w: &impl DirectorSim, spec: &Value, drain: &str) {
     assert_eq!(w.ok("prepare", json!([spec])), json!("prepared"));

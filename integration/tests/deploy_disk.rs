@@ -3,7 +3,7 @@
 //! (mutual TLS), a real monit running the deployed job, Debian's nginx as the DAV blobstore,
 //! and loop devices the test makes as the disks:
 //!
-//! - (b) a fresh deploy with a disk: the partial apply, prepare, the stopper,
+//! - (b) a fresh deploy with a disk: the partial apply, `sync_dns`, prepare, the stopper,
 //!   add_persistent_disk + mount_disk, converge (update_settings, apply, pre-start, start, the
 //!   start watch, post-start), post-deploy; the job writes to `<base>/store`, on the disk;
 //! - (c) an update that resizes the disk without native resize: list_disk, the new disk on the
@@ -13,7 +13,8 @@
 //!   blobstore, downloaded and listed);
 //! - a recreate: the stopper with `BOSH_VM_NEXT_STATE=delete`, list_disk + unmount_disk +
 //!   remove_persistent_disk, the VM goes; a new VM (fresh base directory and agent state)
-//!   gets the same disk, which is mounted without being formatted, data intact;
+//!   gets the same disk, which is mounted without being formatted, data intact, and the DNS
+//!   records;
 //! - bad input along the way (a cid never attached, a migration naming the wrong disk, an
 //!   unsafe ssh user, an unknown log type): the director's error shape, and nothing changed.
 //!
@@ -86,6 +87,7 @@ fn world(name: &str) -> World {
         "ssh-rsa AAAAHOSTKEY host\n",
     )
     .unwrap();
+    fs::write(sb.dir().join("hosts"), "127.0.0.1 localhost\n").unwrap();
     let mut s = settings(&[nats_url(AGENT_SIDE)], &pki.ca_pem, &pki.client("agent"));
     s["env"]["bosh"]["blobstores"] = json!([dav.agent_blobstore()]);
     s["networks"] = json!({"default": {"type": "manual", "ip": "10.0.0.9",
@@ -275,10 +277,17 @@ fn a_director_deploys_with_a_disk_resizes_it_uses_ssh_and_logs_and_recreates_the
     spec1["persistent_disk"] = json!(64);
 
     // (b) A fresh deploy with a persistent disk. SetupStage: update_settings, the partial
-    // apply, get_state. Then prepare, the stopper (drain "shutdown": the disk changes), the
-    // new disk, converge, post-deploy.
+    // apply, get_state, the local DNS records. Then prepare, the stopper (drain "shutdown":
+    // the disk changes), the new disk, converge, post-deploy.
     update_settings(&w);
     bootstrap_vm(&w);
+    sync_dns(&w, 1);
+    assert!(
+        fs::read_to_string(dir.join("hosts"))
+            .unwrap()
+            .contains("10.0.0.9 a1b2-web-0.web.default.dep.bosh"),
+        "sync_dns wrote the hosts file"
+    );
     assert_eq!(w.ok("prepare", json!([spec1])), json!("prepared"));
     stop_instance(&w, &spec1, "shutdown", Intent::KeepVm);
     w.attach_and_mount("disk-1", &d1);
@@ -474,6 +483,11 @@ fn a_director_deploys_with_a_disk_resizes_it_uses_ssh_and_logs_and_recreates_the
     );
     update_settings(&w);
     bootstrap_vm(&w);
+    sync_dns(&w, 2);
+    assert!(
+        base.join("instance/dns/records.json").is_file(),
+        "the new VM has the records"
+    );
     converge(&w, &spec2);
     w.ok("run_script", json!(["post-deploy", {}]));
     let pid = w.web_pid();

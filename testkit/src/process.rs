@@ -551,6 +551,40 @@ mod tests {
     }
 
     #[test]
+    fn one_nsenter_enters_the_network_and_mount_namespaces() {
+        let argv = |e: &Exec| -> Vec<String> {
+            let c = e.command();
+            std::iter::once(c.get_program())
+                .chain(c.get_args())
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let both = Exec::new(["true"])
+            .netns(Path::new("/n"))
+            .mountns(Path::new("/proc/7/ns/mnt"));
+        assert_eq!(
+            argv(&both),
+            [
+                "nsenter",
+                "--net=/n",
+                "--mount=/proc/7/ns/mnt",
+                "--",
+                "true"
+            ]
+        );
+        let place = Place {
+            netns: None,
+            mountns: Some("/m".into()),
+            cgroup: None,
+        };
+        assert_eq!(
+            argv(&Exec::new(["true"]).place(&place)),
+            ["nsenter", "--mount=/m", "--", "true"]
+        );
+        assert_eq!(argv(&Exec::new(["true"])), ["true"]);
+    }
+
+    #[test]
     fn a_dropped_proc_is_killed_by_pid_and_reaped() -> Result<()> {
         let p = Exec::new(["sleep", "30"]).spawn()?;
         let pid = p.pid();
