@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use integration::dav::DavServer;
 use integration::nats::*;
+use integration::sim::DirectorSim;
 use integration::vm::Loop;
 use integration::{Agent, CgroupDir, Sandbox};
 use serde_json::{Value, json};
@@ -27,7 +28,6 @@ use serde_json::{Value, json};
 const AGENT_SIDE: &str = "127.0.0.1:4222";
 const DIRECTOR_SIDE: &str = "127.0.0.3:4222";
 const CONNECT_LIMIT: Duration = Duration::from_secs(15);
-const TASK_LIMIT: Duration = Duration::from_secs(90);
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
@@ -128,32 +128,6 @@ impl World {
         self.agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
-    fn base(&self) -> PathBuf {
-        self.sb.dir().join("base")
-    }
-
-    fn call(&self, method: &str, args: Value) -> Value {
-        self.director
-            .call(method, args, 3, Duration::from_secs(50))
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
-    }
-
-    fn task(&self, method: &str, args: Value) -> Value {
-        self.director
-            .task(method, args, TASK_LIMIT)
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
-    }
-
-    fn ok(&self, method: &str, args: Value) -> Value {
-        let r = self.task(method, args.clone());
-        assert!(
-            r.get("value").is_some(),
-            "{method} {args} failed: {r}\nagent log:\n{}",
-            self.log()
-        );
-        r["value"].clone()
-    }
-
     /// A shell command in the agent's mount namespace (where its disks are mounted).
     fn in_agent(&self, script: &str) -> Output {
         let pid = self.agent.as_ref().expect("agent running").pid();
@@ -168,6 +142,24 @@ impl World {
             self.base().join(dir).display()
         ));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl DirectorSim for World {
+    fn director(&self) -> &Director {
+        &self.director
+    }
+
+    fn dav(&self) -> &DavServer {
+        &self.dav
+    }
+
+    fn base(&self) -> PathBuf {
+        self.sb.dir().join("base")
+    }
+
+    fn logs(&self) -> String {
+        format!("agent log:\n{}", self.log())
     }
 }
 
