@@ -25,8 +25,9 @@
 //! test), [`netns`], [`cgroup`], [`sandbox`] (the world of one test), [`nft`] (reading the
 //! agent's table), [`probe`] (connection attempts from a cgroup as a uid), [`agent`] (the
 //! agent process), [`monit`], [`nats`] (nats-server, dnsmasq and the director in the
-//! sandbox), [`dav`] (testkit's nginx blobstore) and [`bench`] (what the benchmark binaries
-//! share).
+//! sandbox), [`dav`] (testkit's nginx blobstore), [`vm`] (a simulated VM: a mount namespace
+//! the agent and monit share, loop devices as its disks), [`sim`] (the director simulator's
+//! release and message sequences) and [`bench`] (what the benchmark binaries share).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -39,6 +40,8 @@ pub mod nft;
 pub mod prereq;
 pub mod probe;
 pub mod sandbox;
+pub mod sim;
+pub mod vm;
 
 use std::time::Duration;
 

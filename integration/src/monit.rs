@@ -53,6 +53,7 @@ pub struct Monit {
     run_dir: PathBuf,
     sample_dir: PathBuf,
     netns: PathBuf,
+    mountns: Option<PathBuf>,
     cgroup: CgroupDir,
     cli_cgroup: CgroupDir,
     user: String,
@@ -160,12 +161,19 @@ impl Monit {
             run_dir,
             sample_dir,
             netns: sb.netns().file().to_path_buf(),
+            mountns: None,
             cgroup: sb.cgroup("monit")?,
             cli_cgroup: sb.cgroup("monit-cli")?,
             user,
             password,
             daemon: None,
         })
+    }
+
+    /// Runs the daemon (and so its jobs) and the CLI in the mount namespace at `file` from
+    /// the next [`Monit::start`] on: a simulated VM whose disks the agent mounts there.
+    pub fn set_mount_namespace(&mut self, file: &Path) {
+        self.mountns = Some(file.to_path_buf());
     }
 
     /// Starts `monit -I -c <control file>` in the namespace and its cgroup, and waits until
@@ -193,6 +201,7 @@ impl Monit {
     fn place(&self, cg: &CgroupDir) -> Place {
         Place {
             netns: Some(self.netns.clone()),
+            mountns: self.mountns.clone(),
             cgroup: Some(cg.path().to_path_buf()),
         }
     }

@@ -128,6 +128,23 @@ fn build_agent(cargo: &OsStr, bin_dir: &Path) -> Result<()> {
     if let Some(target) = bin_dir.parent() {
         cmd.env("CARGO_TARGET_DIR", target);
     }
+    // The variables cargo sets for this test binary describe the integration package, not
+    // the build: a build script that tracks one (ring's tracks CARGO_MANIFEST_DIR) would see
+    // it change between this build and a plain `cargo build`, and every test run would
+    // rebuild the TLS stack and the agent.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k == "CARGO_MANIFEST_DIR"
+            || k == "CARGO_MANIFEST_PATH"
+            || k == "CARGO_PRIMARY_PACKAGE"
+            || k == "CARGO_TARGET_TMPDIR"
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_CRATE_")
+            || k.starts_with("CARGO_BIN_")
+        {
+            cmd.env_remove(&key);
+        }
+    }
     let out = run_with_timeout(cmd, Duration::from_secs(600), "cargo build -p cli")?;
     if !out.status.success() {
         return err(format!(

@@ -110,6 +110,7 @@ impl Sandbox {
     pub fn place(&self, name: &str) -> Result<Place> {
         Ok(Place {
             netns: Some(self.netns.file().to_path_buf()),
+            mountns: None,
             cgroup: Some(self.cgroup(name)?.path().to_path_buf()),
         })
     }

@@ -14,21 +14,20 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::dav::DavServer;
 use integration::monit::Monit;
 use integration::nats::*;
+use integration::sim::*;
 use integration::{Agent, Sandbox};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const AGENT_SIDE: &str = "127.0.0.1:4222";
 const DIRECTOR_SIDE: &str = "127.0.0.3:4222";
 const CONNECT_LIMIT: Duration = Duration::from_secs(15);
-const TASK_LIMIT: Duration = Duration::from_secs(60);
-const RUN_LIMIT: Duration = Duration::from_secs(30);
 
 struct World {
     director: Director,
@@ -71,155 +70,26 @@ fn world(name: &str) -> World {
     w
 }
 
-impl World {
+impl DirectorSim for World {
+    fn director(&self) -> &Director {
+        &self.director
+    }
+
+    fn dav(&self) -> &DavServer {
+        &self.dav
+    }
+
     fn base(&self) -> PathBuf {
         self.monit.base().to_path_buf()
     }
 
-    fn call(&self, method: &str, args: Value) -> Value {
-        self.director
-            .call(method, args, 3, Duration::from_secs(50))
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.agent.log()))
-    }
-
-    fn task(&self, method: &str, args: Value) -> Value {
-        self.director
-            .task(method, args, TASK_LIMIT)
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.agent.log()))
-    }
-
-    fn ok(&self, method: &str, args: Value) -> Value {
-        let r = self.task(method, args);
-        assert!(
-            r.get("value").is_some(),
-            "{method} failed: {r}\nagent log:\n{}",
+    fn logs(&self) -> String {
+        format!(
+            "monit log:\n{}\nagent log:\n{}",
+            self.monit.log(),
             self.agent.log()
-        );
-        r["value"].clone()
+        )
     }
-
-    fn job_state(&self) -> String {
-        let r = self.call("get_state", json!([]));
-        r["value"]["job_state"]
-            .as_str()
-            .unwrap_or("<none>")
-            .to_string()
-    }
-
-    /// Polls get_state (as the director's start watch does) until `job_state == want`.
-    fn wait_job_state(&self, want: &str) {
-        let deadline = Instant::now() + RUN_LIMIT;
-        let mut seen = Vec::new();
-        loop {
-            let s = self.job_state();
-            if seen.last() != Some(&s) {
-                seen.push(s.clone());
-            }
-            if s == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "job_state never became {want}; seen {seen:?}\nmonit log:\n{}\nagent log:\n{}",
-                self.monit.log(),
-                self.agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// The pid of the deployed program, from the job's pidfile, once it runs.
-    fn web_pid(&self) -> u32 {
-        let pidfile = self.base().join("data/sys/run/web/web.pid");
-        let deadline = Instant::now() + RUN_LIMIT;
-        loop {
-            if let Some(pid) = fs::read_to_string(&pidfile)
-                .ok()
-                .and_then(|t| t.trim().parse::<u32>().ok())
-                .filter(|p| integration::monit::alive(*p))
-            {
-                return pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the job's program never ran ({})\nmonit log:\n{}",
-                pidfile.display(),
-                self.monit.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// What the running program says its version is (it writes it at start).
-    fn web_version(&self) -> String {
-        fs::read_to_string(self.base().join("data/web/version"))
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    }
-
-    /// Stores `bytes` in the DAV blobstore under a new UUID, as the director's uploads do.
-    fn upload(&self, bytes: &[u8]) -> String {
-        let id = uuid();
-        self.dav.put_blob(&id, bytes).unwrap();
-        id
-    }
-}
-
-fn uuid() -> String {
-    let b = fs::read("/proc/sys/kernel/random/uuid").unwrap();
-    String::from_utf8(b).unwrap().trim().to_string()
-}
-
-fn is_uuid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
-        && s.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
-}
-
-fn hash(cmd: &str, bytes: &[u8]) -> String {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let f = dir.path().join("blob");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new(cmd).arg(&f).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn sha1(bytes: &[u8]) -> String {
-    hash("sha1sum", bytes)
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{}", hash("sha256sum", bytes))
-}
-
-/// A `.tgz` of `files` (path, contents, mode), made with the system's tar; `prefix` is put
-/// before every path (`./` for the director's blobstore archives).
-fn tgz(files: &[(&str, String, u32)], prefix: &str) -> Vec<u8> {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let root = dir.path().join("root");
-    for (path, body, mode) in files {
-        let p = root.join(path);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, body).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).unwrap();
-    }
-    let out = dir.path().join("out.tgz");
-    let mut c = Command::new("tar");
-    c.arg("-czf").arg(&out).arg("-C").arg(&root);
-    if prefix == "./" {
-        c.arg(".");
-    } else {
-        for (path, _, _) in files {
-            c.arg(path.split('/').next().unwrap());
-        }
-    }
-    assert!(c.status().unwrap().success());
-    fs::read(out).unwrap()
 }
 
 /// A templates archive of job `web` with an entry that climbs out of its target
@@ -267,136 +137,6 @@ fn tgz_bytes(name: &str, body: &[u8]) -> Vec<u8> {
     fs::read(out).unwrap()
 }
 
-/// The source package `hello`: `packaging` stamps the version into the program it installs.
-fn hello_source() -> Vec<u8> {
-    let program = "#!/bin/sh\n\
-        # the deployed program: records its version, then runs until stopped\n\
-        mkdir -p \"$1\"\n\
-        echo @VERSION@ > \"$1/version\"\n\
-        exec sleep 100000\n";
-    let packaging = "set -e\n\
-        mkdir -p \"$BOSH_INSTALL_TARGET/bin\"\n\
-        sed \"s/@VERSION@/$BOSH_PACKAGE_VERSION/\" hello.sh > \"$BOSH_INSTALL_TARGET/bin/hello\"\n\
-        chmod 0755 \"$BOSH_INSTALL_TARGET/bin/hello\"\n\
-        echo \"compiled $BOSH_PACKAGE_NAME $BOSH_PACKAGE_VERSION in $BOSH_COMPILE_TARGET\"\n";
-    tgz(
-        &[
-            ("packaging", packaging.to_string(), 0o644),
-            ("hello.sh", program.to_string(), 0o644),
-        ],
-        "./",
-    )
-}
-
-/// The rendered templates archive of job `web` (a `monit` file and `bin/ctl`), as the
-/// director builds it.
-fn web_templates(base: &Path, prefix: &str) -> Vec<u8> {
-    let b = base.display();
-    let monit = format!(
-        "check process web\n  with pidfile {b}/data/sys/run/web/web.pid\n  \
-         start program \"{b}/jobs/web/bin/ctl start\" with timeout 10 seconds\n  \
-         stop program \"{b}/jobs/web/bin/ctl stop\"\n  group vcap\n"
-    );
-    // As job releases write them: a start while running does nothing, stop waits for the end.
-    let ctl = format!(
-        "#!/bin/sh\n\
-         pidfile={b}/data/sys/run/web/web.pid\n\
-         running() {{ [ -f $pidfile ] && kill -0 $(cat $pidfile) 2>/dev/null; }}\n\
-         case \"$1\" in\n\
-         start) running && exit 0\n\
-                {b}/jobs/web/packages/hello/bin/hello {b}/data/web </dev/null >/dev/null 2>&1 &\n\
-                echo $! > $pidfile ;;\n\
-         stop) if running; then pid=$(cat $pidfile); kill $pid\n\
-                  while kill -0 $pid 2>/dev/null; do sleep 0.1; done; fi\n\
-               rm -f $pidfile ;;\n\
-         esac\n"
-    );
-    tgz(
-        &[("web/monit", monit, 0o644), ("web/bin/ctl", ctl, 0o755)],
-        prefix,
-    )
-}
-
-/// `compile_package` of `hello` at `version`, source digest built by `digest`; returns the
-/// compiled package's `{name, version, sha1, blobstore_id}`.
-fn compile(w: &World, version: &str, digest: fn(&[u8]) -> String) -> Value {
-    let src = hello_source();
-    let id = w.upload(&src);
-    let v = w.ok(
-        "compile_package",
-        json!([id, digest(&src), "hello", version, {}]),
-    );
-    let id = v["result"]["blobstore_id"].as_str().unwrap().to_string();
-    let sha = v["result"]["sha1"].as_str().unwrap().to_string();
-    assert!(is_uuid(&id), "compiled blob id {id} is a UUID");
-    let stored = fs::read(w.dav.object_path(&id)).expect("the compiled blob is in the blobstore");
-    assert_eq!(
-        sha1(&stored),
-        sha,
-        "the returned sha1 verifies the uploaded blob"
-    );
-    json!({"name": "hello", "version": version, "sha1": sha, "blobstore_id": id})
-}
-
-/// The director's apply spec for instance web/0 with `package` and a templates archive.
-fn apply_spec(package: &Value, archive: (&str, &str), config_hash: &str) -> Value {
-    json!({
-        "deployment": "dep", "name": "web", "index": 0, "id": "a1b2-web-0", "az": "z1",
-        "job": {"name": "web", "template": "web", "version": "1",
-                "templates": [{"name": "web", "version": "w1",
-                               "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709",
-                               "blobstore_id": "job-web-blob"}]},
-        "packages": {"hello": package},
-        "networks": {"default": {"type": "manual", "ip": "10.0.0.9", "netmask": "255.255.255.0",
-                                 "default": ["dns", "gateway"]}},
-        "configuration_hash": config_hash,
-        "persistent_disk": 0,
-        "dns_domain_name": "bosh",
-        "rendered_templates_archive": {"blobstore_id": archive.0, "sha1": archive.1}
-    })
-}
-
-fn partial_spec() -> Value {
-    json!({"deployment": "dep", "job": {"name": "web"}, "index": 0, "id": "a1b2-web-0",
-           "networks": {"default": {"type": "manual", "ip": "10.0.0.9"}}})
-}
-
-/// The director's steps from the templates' persistence to a running instance: prepare,
-/// pre-stop, drain, stop, post-stop, update_settings, apply, pre-start, start, the watch.
-fn update_instance(w: &World, spec: &Value, drain: &str) {
-    assert_eq!(w.ok("prepare", json!([spec])), json!("prepared"));
-    let keep = json!({"env": {"BOSH_VM_NEXT_STATE": "keep", "BOSH_INSTANCE_NEXT_STATE": "keep",
-        "BOSH_DEPLOYMENT_NEXT_STATE": "keep"}});
-    w.ok("run_script", json!(["pre-stop", keep]));
-    assert_eq!(w.ok("drain", json!([drain, spec])), json!(0));
-    assert_eq!(w.ok("stop", json!([])), json!("stopped"));
-    w.ok("run_script", json!(["post-stop", {}]));
-    assert_eq!(
-        w.ok(
-            "update_settings",
-            json!([{"trusted_certs": "", "disk_associations": []}])
-        ),
-        json!("ok")
-    );
-    assert_eq!(w.ok("apply", json!([spec])), json!("applied"));
-    w.ok("run_script", json!(["pre-start", {}]));
-    assert_eq!(w.call("start", json!([])), json!({"value": "started"}));
-    w.wait_job_state("running");
-    w.ok("run_script", json!(["post-start", {}]));
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn a_director_compiles_deploys_updates_and_deletes_a_release() {
     let w = world("deploy-flows");
@@ -404,18 +144,8 @@ fn a_director_compiles_deploys_updates_and_deletes_a_release() {
 
     // (a) A compilation VM: ping, update_settings, the partial apply, get_state, compile.
     assert_eq!(w.call("ping", json!([])), json!({"value": "pong"}));
-    assert_eq!(
-        w.ok(
-            "update_settings",
-            json!([{"trusted_certs": "", "disk_associations": []}])
-        ),
-        json!("ok")
-    );
-    assert_eq!(w.ok("apply", json!([partial_spec()])), json!("applied"));
-    assert_eq!(
-        w.call("get_state", json!([]))["value"]["job"]["name"],
-        "web"
-    );
+    update_settings(&w);
+    bootstrap_vm(&w);
     let hello1 = compile(&w, "1.0", sha1);
     let log =
         fs::read_to_string(base.join("data/sys/log/compilation/packaging.stdout.log")).unwrap();
@@ -594,13 +324,7 @@ fn a_director_compiles_deploys_updates_and_deletes_a_release() {
         }
     }
     let guard = Unmount(big_dir.clone());
-    let mut random = vec![0u8; 1 << 20];
-    use std::io::Read as _;
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut random)
-        .unwrap();
-    let big = tgz_bytes("blob.bin", &random);
+    let big = tgz_bytes("blob.bin", &random_bytes(1 << 20));
     let big_id = w.upload(&big);
     let mut full = spec2.clone();
     full["packages"]["big"] =
@@ -626,36 +350,13 @@ fn a_director_compiles_deploys_updates_and_deletes_a_release() {
     );
 
     // (f) delete-deployment: pre-stop, drain shutdown with an empty spec, stop, post-stop.
-    let delete = json!({"env": {"BOSH_VM_NEXT_STATE": "delete",
-        "BOSH_INSTANCE_NEXT_STATE": "delete", "BOSH_DEPLOYMENT_NEXT_STATE": "delete"}});
-    w.ok("run_script", json!(["pre-stop", delete]));
-    assert_eq!(w.ok("drain", json!(["shutdown", {}])), json!(0));
-    assert_eq!(w.ok("stop", json!([])), json!("stopped"));
-    w.ok("run_script", json!(["post-stop", {}]));
+    stop_instance(&w, &json!({}), "shutdown", Intent::DeleteDeployment);
     let deadline = Instant::now() + RUN_LIMIT;
     while integration::monit::alive(pid2) {
         assert!(Instant::now() < deadline, "the job never stopped");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(w.job_state(), "stopped");
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[test]

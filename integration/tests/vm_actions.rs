@@ -14,49 +14,20 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use integration::dav::DavServer;
 use integration::nats::*;
+use integration::sim::DirectorSim;
+use integration::vm::Loop;
 use integration::{Agent, CgroupDir, Sandbox};
 use serde_json::{Value, json};
 
 const AGENT_SIDE: &str = "127.0.0.1:4222";
 const DIRECTOR_SIDE: &str = "127.0.0.3:4222";
 const CONNECT_LIMIT: Duration = Duration::from_secs(15);
-const TASK_LIMIT: Duration = Duration::from_secs(90);
-
-/// A loop device on a sparse file, detached (and the file removed) on drop.
-struct Loop {
-    dev: String,
-    file: PathBuf,
-}
-
-impl Loop {
-    fn new(dir: &Path, name: &str, mib: u64) -> Loop {
-        let file = dir.join(format!("{name}.img"));
-        let f = fs::File::create(&file).unwrap();
-        f.set_len(mib << 20).unwrap();
-        drop(f);
-        let out = run(Command::new("losetup")
-            .args(["--find", "--show", "--partscan"])
-            .arg(&file));
-        assert!(out.status.success(), "losetup: {}", describe(&out));
-        Loop {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            file,
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = fs::remove_file(&self.file);
-    }
-}
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
@@ -85,22 +56,15 @@ struct World {
 }
 
 fn world(name: &str) -> World {
-    for tool in [
+    integration::vm::require_tools(&[
         "losetup",
         "unshare",
         "useradd",
         "sfdisk",
         "mkfs.ext4",
         "tar",
-    ] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "{tool} is missing (scripts/deps.sh installs it)"
-        );
-    }
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
     let sb = Sandbox::new(name).unwrap_or_else(|e| panic!("cannot set up the sandbox: {e}"));
     let pki = Pki::new("ca");
     let agent_cg = sb.cgroup("agent").expect("agent cgroup");
@@ -164,32 +128,6 @@ impl World {
         self.agent.as_ref().map(Agent::log).unwrap_or_default()
     }
 
-    fn base(&self) -> PathBuf {
-        self.sb.dir().join("base")
-    }
-
-    fn call(&self, method: &str, args: Value) -> Value {
-        self.director
-            .call(method, args, 3, Duration::from_secs(50))
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
-    }
-
-    fn task(&self, method: &str, args: Value) -> Value {
-        self.director
-            .task(method, args, TASK_LIMIT)
-            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", self.log()))
-    }
-
-    fn ok(&self, method: &str, args: Value) -> Value {
-        let r = self.task(method, args.clone());
-        assert!(
-            r.get("value").is_some(),
-            "{method} {args} failed: {r}\nagent log:\n{}",
-            self.log()
-        );
-        r["value"].clone()
-    }
-
     /// A shell command in the agent's mount namespace (where its disks are mounted).
     fn in_agent(&self, script: &str) -> Output {
         let pid = self.agent.as_ref().expect("agent running").pid();
@@ -207,6 +145,24 @@ impl World {
     }
 }
 
+impl DirectorSim for World {
+    fn director(&self) -> &Director {
+        &self.director
+    }
+
+    fn dav(&self) -> &DavServer {
+        &self.dav
+    }
+
+    fn base(&self) -> PathBuf {
+        self.sb.dir().join("base")
+    }
+
+    fn logs(&self) -> String {
+        format!("agent log:\n{}", self.log())
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         self.stop_agent();
@@ -218,9 +174,9 @@ fn a_director_gives_an_instance_a_persistent_disk_migrates_it_and_uses_ssh_logs_
     let host_passwd = fs::read("/etc/passwd").unwrap();
     let mut w = world("vm-actions");
     let dir = w.sb.dir().to_path_buf();
-    w.disks.push(Loop::new(&dir, "disk-1", 64));
-    w.disks.push(Loop::new(&dir, "disk-2", 128));
-    let (d1, d2) = (w.disks[0].dev.clone(), w.disks[1].dev.clone());
+    w.disks.push(Loop::new(&dir, "disk-1", 64).unwrap());
+    w.disks.push(Loop::new(&dir, "disk-2", 128).unwrap());
+    let (d1, d2) = (w.disks[0].dev().to_string(), w.disks[1].dev().to_string());
 
     // (b) A fresh instance: the CPI attached the disk; the hint is its device path.
     assert_eq!(

@@ -536,7 +536,39 @@ fn migration_to_a_bigger_disk_keeps_owners_modes_xattrs_holes_and_links() {
             );
             assert!(!has_table(&third.path()));
 
-            disks.migrate_disk().unwrap();
+            // Cids that are not the store's and the target's disks: refused, nothing moved.
+            for (old_cid, new_cid, want) in [
+                (
+                    "disk-old",
+                    "disk-nope",
+                    "Persistent disk with volume id 'disk-nope' could not be found",
+                ),
+                (
+                    "disk-new",
+                    "disk-old",
+                    "Disk 'disk-new' is not the disk mounted on",
+                ),
+                (
+                    "disk-old",
+                    "disk-3",
+                    "Disk 'disk-3' is not the disk mounted on",
+                ),
+            ] {
+                let e = disks
+                    .migrate_disk(old_cid, new_cid, &no_settings())
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains(want), "{old_cid} -> {new_cid}: {e}");
+                assert_eq!(mount_source_dev(&store), Some(rdev_of(&old.part())));
+                assert_eq!(
+                    mount_source_dev(&base.dir.join("vcap/store_migration_target")),
+                    Some(rdev_of(&new.part()))
+                );
+                fs::write(store.join("still-writable"), "yes").unwrap();
+            }
+            disks
+                .migrate_disk("disk-old", "disk-new", &no_settings())
+                .unwrap();
             assert_eq!(mount_source_dev(&store), Some(rdev_of(&new.part())));
             assert_eq!(
                 mount_source_dev(&base.dir.join("vcap/store_migration_target")),
@@ -902,7 +934,10 @@ fn a_migration_that_cannot_finish_leaves_the_old_store_in_place_and_writable() {
             disks.mount_disk("disk-old", &no_settings()).unwrap();
             fs::write(base.store().join("big"), vec![7u8; 70 * MIB as usize]).unwrap();
             disks.mount_disk("disk-new", &no_settings()).unwrap();
-            let e = disks.migrate_disk().unwrap_err().to_string();
+            let e = disks
+                .migrate_disk("disk-old", "disk-new", &no_settings())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("cp -a") && e.contains("No space left"), "{e}");
             assert_eq!(mount_source_dev(&base.store()), Some(rdev_of(&old.part())));
             assert_eq!(

@@ -25,12 +25,15 @@ use crate::error::{Error, Result, err, io_ctx, wait_for};
 /// for "timed out" (dash exits 2 on a failed redirection).
 const PLACEMENT_FAILED: i32 = 125;
 
-/// Where a helper's processes run: a network namespace (the file it is pinned at) and a
-/// cgroup directory, each optional (`Place::default()` is the caller's own).
+/// Where a helper's processes run: a network namespace (the file it is pinned at), a mount
+/// namespace and a cgroup directory, each optional (`Place::default()` is the caller's own).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Place {
     /// `nsenter --net=<file>` when set.
     pub netns: Option<PathBuf>,
+    /// `nsenter --mount=<file>` when set (e.g. `/proc/<pid>/ns/mnt` of a process that holds
+    /// a private mount namespace: a simulated VM whose mounts its processes share).
+    pub mountns: Option<PathBuf>,
     /// Moved into this cgroup before the program runs, when set.
     pub cgroup: Option<PathBuf>,
 }
@@ -59,6 +62,7 @@ pub fn signal_pid(pid: u32, sig: Signal) -> Result<()> {
 pub struct Exec {
     argv: Vec<OsString>,
     netns: Option<PathBuf>,
+    mountns: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     uid: Option<u32>,
     cgroupns: bool,
@@ -82,6 +86,7 @@ impl Exec {
                 .map(|a| a.as_ref().to_os_string())
                 .collect(),
             netns: None,
+            mountns: None,
             cgroup: None,
             uid: None,
             cgroupns: false,
@@ -115,6 +120,14 @@ impl Exec {
         self
     }
 
+    /// Runs inside the mount namespace at `file` (`nsenter --mount=<file>`, which also makes
+    /// the namespace's root the process's root and cwd). Combined with
+    /// [`Exec::private_mounts`], the private namespace is made inside this one.
+    pub fn mountns(mut self, file: &Path) -> Self {
+        self.mountns = Some(file.to_path_buf());
+        self
+    }
+
     /// Runs in cgroup `cg` (moved there before the program is executed, so every socket it
     /// opens belongs to `cg`).
     pub fn cgroup(mut self, cg: impl AsRef<Path>) -> Self {
@@ -126,6 +139,9 @@ impl Exec {
     pub fn place(mut self, place: &Place) -> Self {
         if let Some(ns) = &place.netns {
             self.netns = Some(ns.clone());
+        }
+        if let Some(ns) = &place.mountns {
+            self.mountns = Some(ns.clone());
         }
         if let Some(cg) = &place.cgroup {
             self.cgroup = Some(cg.clone());
@@ -166,14 +182,25 @@ impl Exec {
         self
     }
 
-    /// The full command: `[nsenter --net=N --] [sh -c <move into C> sh C/cgroup.procs]
+    /// The full command: `[nsenter [--net=N] [--mount=M] --] [sh -c <move into C> sh C/cgroup.procs]
     /// [unshare --cgroup --] [nsenter --cgroup=P --] [setpriv --reuid=U ... --] argv`. Each wrapper execs the next.
     pub fn command(&self) -> Command {
         let mut words: Vec<OsString> = Vec::new();
-        if let Some(ns) = &self.netns {
-            let mut a = OsString::from("--net=");
-            a.push(ns);
-            words.extend(["nsenter".into(), a, "--".into()]);
+        // One nsenter for both: it opens every namespace file before entering any, so the
+        // network namespace's file is found even when the mount namespace hides its path.
+        if self.netns.is_some() || self.mountns.is_some() {
+            words.push("nsenter".into());
+            if let Some(ns) = &self.netns {
+                let mut a = OsString::from("--net=");
+                a.push(ns);
+                words.push(a);
+            }
+            if let Some(ns) = &self.mountns {
+                let mut a = OsString::from("--mount=");
+                a.push(ns);
+                words.push(a);
+            }
+            words.push("--".into());
         }
         // `read` waits for the release of a held program (one line on its stdin).
         let hold = if self.held { "read _ || exit 1; " } else { "" };
@@ -521,6 +548,40 @@ mod tests {
             .expect_err("sleep 30 must time out");
         assert!(e.0.contains("did not finish within"), "{e}");
         Ok(())
+    }
+
+    #[test]
+    fn one_nsenter_enters_the_network_and_mount_namespaces() {
+        let argv = |e: &Exec| -> Vec<String> {
+            let c = e.command();
+            std::iter::once(c.get_program())
+                .chain(c.get_args())
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let both = Exec::new(["true"])
+            .netns(Path::new("/n"))
+            .mountns(Path::new("/proc/7/ns/mnt"));
+        assert_eq!(
+            argv(&both),
+            [
+                "nsenter",
+                "--net=/n",
+                "--mount=/proc/7/ns/mnt",
+                "--",
+                "true"
+            ]
+        );
+        let place = Place {
+            netns: None,
+            mountns: Some("/m".into()),
+            cgroup: None,
+        };
+        assert_eq!(
+            argv(&Exec::new(["true"]).place(&place)),
+            ["nsenter", "--mount=/m", "--", "true"]
+        );
+        assert_eq!(argv(&Exec::new(["true"])), ["true"]);
     }
 
     #[test]

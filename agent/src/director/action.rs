@@ -57,8 +57,14 @@ pub enum Action {
     MountDisk { cid: String },
     /// `unmount_disk [cid]`.
     UnmountDisk { cid: String },
-    /// `migrate_disk [old, new]` (the arguments are not used, as upstream).
-    MigrateDisk,
+    /// `migrate_disk [old, new]`: the cids of the disk on the store and of the one on the
+    /// migration target (checked before anything moves; upstream ignores them).
+    MigrateDisk {
+        /// The disk on `<base>/store`.
+        old: String,
+        /// The disk on `<base>/store_migration_target`.
+        new: String,
+    },
     /// `ssh [setup|cleanup, params]`.
     Ssh { cmd: String, params: Value },
     /// `fetch_logs [types, filters]`.
@@ -262,7 +268,10 @@ impl Action {
             "unmount_disk" => Action::UnmountDisk {
                 cid: args.string(0, 1).map_err(failed)?,
             },
-            "migrate_disk" => Action::MigrateDisk,
+            "migrate_disk" => Action::MigrateDisk {
+                old: args.string(0, 2).map_err(failed)?,
+                new: args.string(1, 2).map_err(failed)?,
+            },
             "ssh" => {
                 if args.0.len() < 2 {
                     return Err(failed(args.not_enough(2)));
@@ -339,7 +348,7 @@ impl Action {
             | Action::RemovePersistentDisk { .. }
             | Action::MountDisk { .. }
             | Action::UnmountDisk { .. }
-            | Action::MigrateDisk
+            | Action::MigrateDisk { .. }
             | Action::FetchLogs { .. } => true,
         }
     }
@@ -477,6 +486,7 @@ mod tests {
             ("remove_persistent_disk", 1),
             ("mount_disk", 1),
             ("unmount_disk", 1),
+            ("migrate_disk", 2),
             ("ssh", 2),
             ("fetch_logs", 2),
             ("sync_dns", 3),
@@ -493,6 +503,21 @@ mod tests {
                 cid: "d-1".into(),
                 hint: json!({"path": "/dev/sdc"})
             }
+        );
+        assert_eq!(
+            parse("migrate_disk", json!(["old", "new"])).unwrap(),
+            Action::MigrateDisk {
+                old: "old".into(),
+                new: "new".into()
+            }
+        );
+        assert_eq!(
+            err("migrate_disk", json!(["old"])),
+            "Action Failed migrate_disk: Not enough arguments, expected 2, got 1"
+        );
+        assert_eq!(
+            err("migrate_disk", json!(["old", 7])),
+            "Action Failed migrate_disk: argument 2 must be a string, got 7"
         );
         assert_eq!(
             parse("sync_dns", json!(["b", "sha256:00", 7])).unwrap(),

@@ -399,11 +399,21 @@ impl Disks {
         Ok(Unmounted { unmounted, message })
     }
 
-    /// `migrate_disk [old, new]` (upstream ignores the arguments, and so does this): makes
-    /// the store read-only (not for bind mounts, which cannot be remounted so), copies it onto
-    /// the migration target ([`migrate::copy_tree`]), unmounts the old disk and moves the new
-    /// one onto `<base>/store`. Value: `{}`.
-    pub fn migrate_disk(&self) -> Result<(), DiskError> {
+    /// `migrate_disk [old, new]`: makes the store read-only (not for bind mounts, which
+    /// cannot be remounted so), copies it onto the migration target ([`migrate::copy_tree`]),
+    /// unmounts the old disk and moves the new one onto `<base>/store`. Value: `{}`.
+    ///
+    /// Unlike upstream, which ignores the two cids, they are checked first: `old` must be the
+    /// disk on the store and `new` the one on the migration target, else nothing is touched
+    /// (an unknown cid is upstream's "could not be found"). The director always sends exactly
+    /// that pair, so the check only refuses requests that would copy between other disks than
+    /// the ones it names.
+    pub fn migrate_disk(
+        &self,
+        old: &str,
+        new: &str,
+        settings: &SettingsDisks,
+    ) -> Result<(), DiskError> {
         let _g = self.guard();
         let store = self.cfg.store_dir();
         let target = self.cfg.migration_dir();
@@ -412,6 +422,18 @@ impl Disks {
             if mounts::mounted_at(&table, mp).is_none() {
                 return Err(DiskError::Mount(format!(
                     "Error finding device for mount point {}",
+                    mp.display()
+                )));
+            }
+        }
+        for (cid, mp) in [(old, &store), (new, &target)] {
+            let s = self.lookup(cid, settings)?;
+            let here = self.current_source(&s)?.and_then(|src| {
+                mounts::mounted_at(&table, mp).filter(|m| mounts::is_mount_of(m, &src))
+            });
+            if here.is_none() {
+                return Err(DiskError::Mount(format!(
+                    "Disk '{cid}' is not the disk mounted on {}, refusing to migrate",
                     mp.display()
                 )));
             }

@@ -41,7 +41,7 @@ pub async fn run(ctx: Arc<Context>, action: Action, cancel: CancellationToken) -
         Action::ListDisk { .. } => vm::list_disk(ctx).await,
         Action::MountDisk { cid } => vm::mount_disk(ctx, cid).await,
         Action::UnmountDisk { cid } => vm::unmount_disk(ctx, cid).await,
-        Action::MigrateDisk => vm::migrate_disk(ctx).await,
+        Action::MigrateDisk { old, new } => vm::migrate_disk(ctx, old, new).await,
         Action::Ssh { cmd, params } => vm::ssh(ctx, cmd, params).await,
         Action::FetchLogs { types, filters } => vm::fetch_logs(ctx, types, filters).await,
         Action::SyncDns {

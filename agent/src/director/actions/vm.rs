@@ -114,13 +114,14 @@ pub async fn unmount_disk(ctx: Arc<Context>, cid: String) -> TaskResult {
     Ok(out.value())
 }
 
-/// `migrate_disk [old, new]`: the arguments are ignored, as upstream (the store moves to the
-/// disk on the migration target).
-pub async fn migrate_disk(ctx: Arc<Context>) -> TaskResult {
+/// `migrate_disk [old, new]`: the store moves to the disk on the migration target, once the
+/// cids are checked to name the disks on the store and on the target.
+pub async fn migrate_disk(ctx: Arc<Context>, old: String, new: String) -> TaskResult {
+    let settings = settings_disks(&ctx);
     blocking(move || {
         ctx.vm
             .disks
-            .migrate_disk()
+            .migrate_disk(&old, &new, &settings)
             .map_err(|e| format!("Migrating persistent disk: {e}"))
     })
     .await?;
