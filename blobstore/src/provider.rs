@@ -44,7 +44,9 @@ const MAX_ID_LEN: usize = 255;
 /// 1 to 3600; `None` for anything else (the defaults then apply).
 fn timeout_override(value: Option<&str>) -> Option<Duration> {
     let secs: u64 = value?.trim().parse().ok()?;
-    (1..=3600).contains(&secs).then(|| Duration::from_secs(secs))
+    (1..=3600)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
 }
 
 /// A configured blobstore.
@@ -1063,7 +1065,10 @@ mod tests {
     fn timeout_override_takes_whole_seconds_in_range_only() {
         assert_eq!(timeout_override(None), None);
         assert_eq!(timeout_override(Some("2")), Some(Duration::from_secs(2)));
-        assert_eq!(timeout_override(Some(" 3600 ")), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            timeout_override(Some(" 3600 ")),
+            Some(Duration::from_secs(3600))
+        );
         for bad in ["", "0", "3601", "-1", "1.5", "2s", "x"] {
             assert_eq!(timeout_override(Some(bad)), None, "{bad:?}");
         }

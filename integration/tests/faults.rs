@@ -114,6 +114,8 @@ struct Opts {
     exec: Box<dyn FnOnce(&Sandbox, Exec) -> Exec>,
     /// Called after the sandbox exists and before the agent starts (e.g. mounts under base).
     before_agent: Box<dyn FnOnce(&Sandbox) -> Option<Unmount>>,
+    /// Wait for the first firewall apply (false: a fault prevents it; wait for a pong only).
+    ready: bool,
 }
 
 impl Default for Opts {
@@ -125,6 +127,7 @@ impl Default for Opts {
             by_name: false,
             exec: Box::new(|_, e| e),
             before_agent: Box::new(|_| None),
+            ready: true,
         }
     }
 }
@@ -134,7 +137,7 @@ struct World {
     director: Director,
     agent: Agent,
     _unmount: Option<Unmount>,
-    monit: Monit,
+    _monit: Monit,
     dav: Option<DavServer>,
     dns: Option<Dns>,
     nats: NatsServer,
@@ -184,9 +187,11 @@ fn world(name: &str, opts: Opts) -> World {
     );
     let exec = (opts.exec)(&sb, exec);
     let mut agent = sb.spawn_agent(&exec).expect("spawn agent");
-    agent
-        .wait_ready(integration::READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("agent not ready: {e}"));
+    if opts.ready {
+        agent
+            .wait_ready(integration::READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("agent not ready: {e}"));
+    }
     let director = Director::connect(&sb, &pki, DIRECTOR_SIDE);
     director.wait_pong(CONNECT_LIMIT);
     if opts.monit {
@@ -196,7 +201,7 @@ fn world(name: &str, opts: Opts) -> World {
         director,
         agent,
         _unmount: unmount,
-        monit,
+        _monit: monit,
         dav,
         dns,
         nats,
@@ -392,10 +397,7 @@ fn nft_failing_is_reported_and_the_agent_keeps_serving() {
     let rss0 = rss_kib(w.agent.pid());
     fs::write(w.sb.dir().join("nft.fail"), "").unwrap();
     // Drift the agent must repair: its table gone, behind its back (the real nft).
-    let out = w
-        .sb
-        .nft(["delete", "table", "inet", "bosh_agent"])
-        .unwrap();
+    let out = w.sb.nft(["delete", "table", "inet", "bosh_agent"]).unwrap();
     assert!(out.status.success(), "{}", integration::describe(&out));
 
     let alert = wait_message(&alerts, "a critical alert", CONNECT_LIMIT, |a| {
@@ -440,7 +442,15 @@ fn nats_server_killed_and_restarted_many_times_loses_no_acknowledged_task() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let mut w = world("faults-nats-restarts", Opts::default());
+    // Fast restarts: the agent's reconnect backoff capped at 100 ms instead of 1 s (a
+    // connection shorter than 1 s does not reset it), so 100 cycles take seconds, not minutes.
+    let mut w = world(
+        "faults-nats-restarts",
+        Opts {
+            exec: Box::new(|_, e| e.env("BOSH_AGENT_MBUS_BACKOFF_CAP_MS", "100")),
+            ..Opts::default()
+        },
+    );
     let pid = w.agent.pid();
     // Warm up (first heartbeats, first get_state) before the baseline.
     w.call("get_state", json!([]));
@@ -456,9 +466,9 @@ fn nats_server_killed_and_restarted_many_times_loses_no_acknowledged_task() {
         w.nats.kill().unwrap();
         w.nats.restart();
         // The agent re-subscribed: it answers on the new server.
-        let took = w
-            .director
-            .request_every("ping", Duration::from_secs(10), Duration::from_millis(50));
+        let took =
+            w.director
+                .request_every("ping", Duration::from_secs(10), Duration::from_millis(50));
         assert_eq!(
             took.as_ref().ok(),
             Some(&json!({"value": "pong"})),
@@ -480,11 +490,13 @@ fn nats_server_killed_and_restarted_many_times_loses_no_acknowledged_task() {
          {rss1} KiB after; {} acknowledged tasks queried after reconnects",
         acknowledged.len()
     );
-    let st = w.status();
-    let connects = st["agent"]["nats_bus"]["connects"].as_u64().unwrap_or(0);
-    assert!(
-        connects > restarts as u64,
-        "firewall status agent.nats_bus.connects counts every reconnect: {st:#}"
+    // The agent writes its bus counters at every reconcile (1 s).
+    let (_, st) = status_when(&w.sb, "agent.nats_bus.connects", CONNECT_LIMIT, |_, st| {
+        st["agent"]["nats_bus"]["connects"].as_u64().unwrap_or(0) > restarts as u64
+    });
+    eprintln!(
+        "faults: nats-server restarts: firewall status agent.nats_bus = {}",
+        st["agent"]["nats_bus"]
     );
     assert!(
         rss1 <= rss0 + RSS_GROWTH_KIB,
@@ -496,4 +508,492 @@ fn nats_server_killed_and_restarted_many_times_loses_no_acknowledged_task() {
     assert_cpu_bounded(&w.agent, "nats-server down");
     w.nats.restart();
     w.director.wait_pong(CONNECT_LIMIT);
+}
+
+#[test]
+fn nft_missing_is_reported_and_the_agent_still_serves_the_director() {
+    let w = world(
+        "faults-nft-missing",
+        Opts {
+            exec: Box::new(|sb, e| e.env("BOSH_AGENT_NFT", sb.dir().join("no-such-nft"))),
+            ready: false,
+            ..Opts::default()
+        },
+    );
+    let heartbeats = w
+        .director
+        .subscribe(&format!("hm.agent.heartbeat.{AGENT_ID}"));
+    w.ping_ok();
+    let hb = wait_message(&heartbeats, "a heartbeat", CONNECT_LIMIT, |_| true);
+    assert_eq!(
+        hb["firewall"]["degraded"], true,
+        "heartbeat.firewall: {hb:#}"
+    );
+    let problems = hb["firewall"]["problems"].to_string();
+    assert!(
+        problems.contains("no-such-nft"),
+        "heartbeat.firewall.problems names the nft it could not run: {hb:#}"
+    );
+    let st = w.status();
+    let last = st["agent"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last.contains("no-such-nft"),
+        "firewall status agent.last_error: {st:#}"
+    );
+    let hook_failures = st["agent"]["nats_bus"]["hook_failures"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        hook_failures >= 1,
+        "firewall status agent.nats_bus.hook_failures: {st:#}"
+    );
+    assert_cpu_bounded(&w.agent, "nft missing");
+    w.ping_ok();
+    eprintln!("faults: nft missing: RSS {} KiB", rss_kib(w.agent.pid()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc unreadable
+
+/// The procfs files vitals are read from, each hidden from the agent by an empty file bound
+/// over it in the agent's private mount namespace. The agent's own identity (its cgroup and
+/// the cgroup2 mount, read from /proc/self) stays readable: without it there is no firewall,
+/// which the nft faults cover.
+const PROC_VITALS: [&str; 3] = ["/proc/loadavg", "/proc/meminfo", "/proc/stat"];
+
+#[test]
+fn proc_unreadable_fails_full_vitals_clearly_and_the_rest_keeps_working() {
+    let w = world(
+        "faults-proc",
+        Opts {
+            exec: Box::new(|sb, e| {
+                let empty = sb.dir().join("empty");
+                fs::write(&empty, "").unwrap();
+                let binds: Vec<(PathBuf, PathBuf)> = PROC_VITALS
+                    .iter()
+                    .map(|p| (empty.clone(), PathBuf::from(p)))
+                    .collect();
+                e.private_mounts(&binds)
+            }),
+            ..Opts::default()
+        },
+    );
+    let heartbeats = w
+        .director
+        .subscribe(&format!("hm.agent.heartbeat.{AGENT_ID}"));
+    w.ping_ok();
+    let gs = w.call("get_state", json!([]));
+    assert!(gs["value"]["agent_id"] == AGENT_ID, "get_state: {gs:#}");
+    let full = w.call("get_state", json!(["full"]));
+    let msg = full["exception"]["message"].as_str().unwrap_or_default();
+    eprintln!("faults: /proc unreadable: get_state full: {full}");
+    assert!(
+        PROC_VITALS.iter().any(|p| msg.contains(p)),
+        "get_state full's exception.message names the procfs file: {full:#}"
+    );
+    let hb = wait_message(&heartbeats, "a heartbeat", CONNECT_LIMIT, |_| true);
+    assert_eq!(
+        hb["vitals"],
+        json!({}),
+        "heartbeat.vitals is empty when procfs cannot be read: {hb:#}"
+    );
+    assert!(
+        hb["job_state"].is_string(),
+        "the heartbeat still has job_state: {hb:#}"
+    );
+    assert_cpu_bounded(&w.agent, "/proc unreadable");
+    w.ping_ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS timing out
+
+/// A UDP socket on 127.0.0.1:53 in the sandbox that never answers: queries time out.
+fn black_hole_dns(sb: &Sandbox) -> UdpSocket {
+    in_netns(sb)
+        .run(Duration::from_secs(5), || async {
+            UdpSocket::bind("127.0.0.1:53").unwrap()
+        })
+        .unwrap()
+}
+
+#[test]
+fn dns_timing_out_keeps_the_last_address_and_the_agent_reconnects() {
+    let mut w = world(
+        "faults-dns",
+        Opts {
+            by_name: true,
+            ..Opts::default()
+        },
+    );
+    w.dns.as_mut().unwrap().stop();
+    let _hole = black_hole_dns(&w.sb);
+    // The director's NATS goes away while names cannot be resolved: every reconnect attempt
+    // waits for a DNS timeout.
+    w.nats.kill().unwrap();
+    assert_cpu_bounded(&w.agent, "DNS timing out, nats-server down");
+    w.nats.restart();
+    let took = w.director.wait_pong(CONNECT_LIMIT);
+    eprintln!(
+        "faults: DNS timing out: reconnected and answered {took:?} after nats-server came back"
+    );
+    let st = w.status();
+    let failures = st["agent"]["nats_bus"]["resolve_failures"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        failures >= 1,
+        "firewall status agent.nats_bus.resolve_failures counts the timeouts: {st:#}"
+    );
+    assert_eq!(
+        nats_endpoints(&w.sb),
+        [addr(AGENT_SIDE)],
+        "the last resolved endpoint stays protected"
+    );
+    w.call("get_state", json!([]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The blobstore answering 500 or hanging
+
+/// How a [`FakeBlobstore`] answers.
+const ANSWER_500: usize = 0;
+const ANSWER_NEVER: usize = 1;
+
+/// A tiny HTTP server in the sandbox: every request gets a 500, or no answer at all (the
+/// connection is held open) until the server is dropped.
+struct FakeBlobstore {
+    port: u16,
+    mode: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeBlobstore {
+    fn start(sb: &Sandbox) -> Self {
+        let listener = in_netns(sb)
+            .run(Duration::from_secs(5), || async {
+                TcpListener::bind("127.0.0.1:0").unwrap()
+            })
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let mode = Arc::new(AtomicUsize::new(ANSWER_500));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, r, st) = (mode.clone(), requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (m, r, st) = (m.clone(), r.clone(), st.clone());
+                        std::thread::spawn(move || serve(conn, &m, &r, &st));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        FakeBlobstore {
+            port,
+            mode,
+            requests,
+            stop,
+        }
+    }
+
+    fn settings(&self) -> Value {
+        json!({"provider": "dav", "options": {
+            "endpoint": format!("http://127.0.0.1:{}", self.port),
+            "user": "agent", "password": "blob-secret", "retry_attempts": 2}})
+    }
+}
+
+impl Drop for FakeBlobstore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(mut conn: TcpStream, mode: &AtomicUsize, requests: &AtomicUsize, stop: &AtomicBool) {
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    requests.fetch_add(1, Ordering::Relaxed);
+    if mode.load(Ordering::Relaxed) == ANSWER_500 {
+        let body = "simulated blobstore failure";
+        let _ = write!(
+            conn,
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    } else {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_blobstore_answering_500_or_hanging_fails_the_task_clearly_and_installs_nothing() {
+    let w = world("faults-blobstore", Opts::default());
+    // The fake blobstore listens in the sandbox the world made; the blobstore settings come
+    // from settings.json, so the agent is restarted with them.
+    let blob = FakeBlobstore::start(&w.sb);
+    let w = restart_with_blobstore(w, blob.settings());
+    let base = w.base();
+    let id = uuid();
+    let spec = package_spec(&id, "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+
+    // 500: the task fails naming the blob, the status and the URL (without the password).
+    let t0 = Instant::now();
+    let msg = w.task_error("prepare", json!([spec]));
+    eprintln!(
+        "faults: blobstore 500: prepare failed in {:?}: {msg}",
+        t0.elapsed()
+    );
+    assert!(
+        msg.contains(&id)
+            && msg.contains("500")
+            && msg.contains(&format!("127.0.0.1:{}", blob.port)),
+        "prepare's exception.message names the blob, the status and the URL: {msg}"
+    );
+    assert!(!msg.contains("blob-secret"), "no password in {msg}");
+    assert!(blob.requests.load(Ordering::Relaxed) >= 2, "retried");
+    assert!(
+        entries(&base.join("data/packages/pkg")).is_empty(),
+        "nothing installed"
+    );
+    assert!(!base.join("packages/pkg").exists(), "nothing enabled");
+
+    // Hanging: apply fails within its timeout while ping keeps working.
+    blob.mode.store(ANSWER_NEVER, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let task = w.start_task("apply", json!([spec]));
+    w.ping_ok();
+    assert_cpu_bounded(&w.agent, "blobstore hanging");
+    let r = w
+        .director
+        .task("get_task", json!([task]), TASK_LIMIT)
+        .unwrap();
+    let took = t0.elapsed();
+    let msg = r["exception"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("faults: blobstore hanging: apply failed after {took:?}: {msg}");
+    assert!(
+        msg.contains(&id) && msg.to_lowercase().contains("timed out")
+            || msg.to_lowercase().contains("timeout"),
+        "apply's exception.message names the blob and the timeout: {r}"
+    );
+    // Two attempts of one timeout each, a pause between them, and slack for the machine.
+    assert!(
+        took < Duration::from_secs(2 * BLOBSTORE_TIMEOUT_SECONDS + 15),
+        "the hang ended by the blobstore timeout: {took:?}"
+    );
+    assert!(
+        entries(&base.join("data/packages/pkg")).is_empty(),
+        "nothing installed"
+    );
+    let gs = w.call("get_state", json!([]));
+    assert_ne!(
+        gs["value"]["configuration_hash"], "cfg-1",
+        "the failed apply did not become the applied spec: {gs:#}"
+    );
+    w.ping_ok();
+}
+
+/// Stops the world's agent and starts another with `blobstore` in settings.json.
+fn restart_with_blobstore(mut w: World, blobstore: Value) -> World {
+    w.agent.stop().unwrap();
+    let mut s = settings(
+        &[nats_url(AGENT_SIDE)],
+        &w.pki.ca_pem,
+        &w.pki.client("agent"),
+    );
+    s["env"]["bosh"]["blobstores"] = json!([blobstore]);
+    let cg = w.sb.cgroup("agent").unwrap();
+    let exec = agent_exec_with(
+        &w.sb,
+        &cg,
+        &s,
+        true,
+        &json!({"HeartbeatIntervalSeconds": 1}),
+    )
+    .env(
+        "BOSH_AGENT_BLOBSTORE_TIMEOUT_SECONDS",
+        BLOBSTORE_TIMEOUT_SECONDS.to_string(),
+    );
+    let mut agent = w.sb.spawn_agent(&exec).unwrap();
+    agent.wait_ready(integration::READY_TIMEOUT).unwrap();
+    w.agent = agent;
+    w.director.wait_pong(CONNECT_LIMIT);
+    w
+}
+
+// ---------------------------------------------------------------------------------------------
+// monit down
+
+#[test]
+fn monit_down_is_reported_by_get_state_and_start_fails_clearly() {
+    let w = world(
+        "faults-monit",
+        Opts {
+            monit: false,
+            ..Opts::default()
+        },
+    );
+    w.ping_ok();
+    let pid = w.agent.pid();
+    let cpu = std::thread::spawn(move || cpu_share(pid, CPU_WINDOW));
+    let t0 = Instant::now();
+    let gs = w.call("get_state", json!([]));
+    eprintln!(
+        "faults: monit down: get_state after {:?}: {gs}",
+        t0.elapsed()
+    );
+    let share = cpu.join().unwrap();
+    eprintln!(
+        "faults: monit down: agent CPU {:.1} % of one core over {CPU_WINDOW:?}",
+        share * 100.0
+    );
+    assert!(
+        share < CPU_BOUND,
+        "monit down: {:.1} % of a core",
+        share * 100.0
+    );
+    let msg = gs["exception"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("2822") || msg.to_lowercase().contains("monit"),
+        "get_state's exception.message says monit cannot be reached: {gs:#}"
+    );
+    let r = w.call("start", json!([]));
+    let msg = r["exception"]["message"].as_str().unwrap_or_default();
+    eprintln!("faults: monit down: start: {r}");
+    assert!(
+        msg.to_lowercase().contains("monit"),
+        "start's exception.message names monit: {r:#}"
+    );
+    w.ping_ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The disk full
+
+/// Every file and symlink below `dir` with its size, sorted (directories are left out: the
+/// agent may create its empty working directories, as upstream does).
+fn tree(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), meta.len()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Writes `<dir>/filler` until the filesystem has no room left.
+fn fill(dir: &Path) {
+    let mut f = fs::File::create(dir.join("filler")).unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.raw_os_error(), Some(28), "ENOSPC expected: {e}");
+            break;
+        }
+    }
+    // Partial pages are gone too.
+    let _ = f.write_all(b"x");
+    let _ = f.sync_all();
+}
+
+#[test]
+fn a_full_disk_fails_prepare_compile_and_logs_clearly_and_leaves_nothing_half_written() {
+    let w = world(
+        "faults-disk-full",
+        Opts {
+            dav: true,
+            before_agent: Box::new(|sb| {
+                let data = sb.dir().join("base/data");
+                fs::create_dir_all(&data).unwrap();
+                let st = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+                    .arg(&data)
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "mount a small tmpfs on {}", data.display());
+                Some(Unmount(data))
+            }),
+            ..Opts::default()
+        },
+    );
+    let base = w.base();
+    let data = base.join("data");
+    let dav = w.dav.as_ref().unwrap();
+    // A package blob larger than the room left, and a source package to compile.
+    let big = tgz(&[("blob.bin", &random_bytes(1 << 20))]);
+    let big_id = uuid();
+    dav.put_blob(&big_id, &big).unwrap();
+    let src = tgz(&[("packaging", b"set -e\necho hi > $BOSH_INSTALL_TARGET/hi\n")]);
+    let src_id = uuid();
+    dav.put_blob(&src_id, &src).unwrap();
+    w.ping_ok();
+    fill(&data);
+    let before = tree(&data);
+
+    let msg = w.task_error("prepare", json!([package_spec(&big_id, &sha1(&big))]));
+    eprintln!("faults: disk full: prepare: {msg}");
+    assert!(
+        msg.contains(&big_id) && msg.to_lowercase().contains("no space"),
+        "prepare's exception.message names the blob and the full disk: {msg}"
+    );
+    let msg = w.task_error(
+        "compile_package",
+        json!([src_id, sha1(&src), "pkg", "1", {}]),
+    );
+    eprintln!("faults: disk full: compile_package: {msg}");
+    assert!(
+        msg.to_lowercase().contains("no space"),
+        "compile_package's exception.message says the disk is full: {msg}"
+    );
+    // The logs are streamed to the blobstore as they are packed (no temporary file): a full
+    // disk does not stop them.
+    let r = w.task("fetch_logs", json!(["job", []]));
+    eprintln!("faults: disk full: fetch_logs: {r}");
+    let logs_id = r["value"]["blobstore_id"].as_str().unwrap_or_default();
+    assert!(
+        dav.object_path(logs_id).is_file(),
+        "fetch_logs works on a full disk and its value.blobstore_id is stored: {r}"
+    );
+    assert_eq!(
+        tree(&data),
+        before,
+        "nothing half-written is left under data/"
+    );
+    w.ping_ok();
+    assert_cpu_bounded(&w.agent, "disk full");
+    assert!(w.call("get_state", json!([]))["value"].is_object());
+
+    // Room again: the same prepare works.
+    fs::remove_file(data.join("filler")).unwrap();
+    assert_eq!(
+        w.task("prepare", json!([package_spec(&big_id, &sha1(&big))]))["value"],
+        "prepared"
+    );
 }
