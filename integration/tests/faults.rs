@@ -101,6 +101,11 @@ fn rss_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // The world
 
+/// Changes the agent's start command (env, private mounts).
+type ExecAdjust = Box<dyn FnOnce(&Sandbox, Exec) -> Exec>;
+/// Prepares the sandbox before the agent starts; what it mounts is unmounted by the guard.
+type BeforeAgent = Box<dyn FnOnce(&Sandbox) -> Option<Unmount>>;
+
 struct Opts {
     /// Start monit (else it is only prepared: its control file and credentials exist).
     monit: bool,
@@ -111,9 +116,9 @@ struct Opts {
     /// The director's name instead of 127.0.0.1 in the agent's URL (resolved by dnsmasq).
     by_name: bool,
     /// Adjusts the agent's command before it is spawned (env, private mounts).
-    exec: Box<dyn FnOnce(&Sandbox, Exec) -> Exec>,
+    exec: ExecAdjust,
     /// Called after the sandbox exists and before the agent starts (e.g. mounts under base).
-    before_agent: Box<dyn FnOnce(&Sandbox) -> Option<Unmount>>,
+    before_agent: BeforeAgent,
     /// Wait for the first firewall apply (false: a fault prevents it; wait for a pong only).
     ready: bool,
 }
@@ -134,6 +139,8 @@ impl Default for Opts {
 
 /// Fields drop in declaration order: the director and the agent first, the sandbox last.
 struct World {
+    /// The agent's RSS once it answered its first ping (KiB).
+    rss0: u64,
     director: Director,
     agent: Agent,
     _unmount: Option<Unmount>,
@@ -198,6 +205,7 @@ fn world(name: &str, opts: Opts) -> World {
         monit.start().unwrap_or_else(|e| panic!("{e}"));
     }
     World {
+        rss0: rss_kib(agent.pid()),
         director,
         agent,
         _unmount: unmount,
@@ -255,6 +263,16 @@ impl World {
 
     fn status(&self) -> Value {
         self.sb.status().expect("firewall status").1
+    }
+
+    /// Prints the agent's RSS now and at the start; returns the growth in KiB.
+    fn report_rss(&self, fault: &str) -> i64 {
+        let now = rss_kib(self.agent.pid());
+        eprintln!(
+            "faults: {fault}: agent RSS {} KiB before, {now} KiB after",
+            self.rss0
+        );
+        now as i64 - self.rss0 as i64
     }
 }
 
@@ -394,7 +412,6 @@ fn nft_failing_is_reported_and_the_agent_keeps_serving() {
     let heartbeats = w
         .director
         .subscribe(&format!("hm.agent.heartbeat.{AGENT_ID}"));
-    let rss0 = rss_kib(w.agent.pid());
     fs::write(w.sb.dir().join("nft.fail"), "").unwrap();
     // Drift the agent must repair: its table gone, behind its back (the real nft).
     let out = w.sb.nft(["delete", "table", "inet", "bosh_agent"]).unwrap();
@@ -429,8 +446,7 @@ fn nft_failing_is_reported_and_the_agent_keeps_serving() {
         h["firewall"]["degraded"] == false
     });
     assert!(w.sb.agent_table_present().unwrap(), "the table is back");
-    let rss1 = rss_kib(w.agent.pid());
-    eprintln!("faults: nft failing: RSS {rss0} KiB before, {rss1} KiB after");
+    w.report_rss("nft failing");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -549,7 +565,7 @@ fn nft_missing_is_reported_and_the_agent_still_serves_the_director() {
     );
     assert_cpu_bounded(&w.agent, "nft missing");
     w.ping_ok();
-    eprintln!("faults: nft missing: RSS {} KiB", rss_kib(w.agent.pid()));
+    w.report_rss("nft missing");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,6 +619,7 @@ fn proc_unreadable_fails_full_vitals_clearly_and_the_rest_keeps_working() {
     );
     assert_cpu_bounded(&w.agent, "/proc unreadable");
     w.ping_ok();
+    w.report_rss("/proc unreadable");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,6 +668,7 @@ fn dns_timing_out_keeps_the_last_address_and_the_agent_reconnects() {
         "the last resolved endpoint stays protected"
     );
     w.call("get_state", json!([]));
+    w.report_rss("DNS timing out");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,6 +827,7 @@ fn a_blobstore_answering_500_or_hanging_fails_the_task_clearly_and_installs_noth
         "the failed apply did not become the applied spec: {gs:#}"
     );
     w.ping_ok();
+    w.report_rss("blobstore 500 and hanging");
 }
 
 /// Stops the world's agent and starts another with `blobstore` in settings.json.
@@ -836,6 +855,7 @@ fn restart_with_blobstore(mut w: World, blobstore: Value) -> World {
     agent.wait_ready(integration::READY_TIMEOUT).unwrap();
     w.agent = agent;
     w.director.wait_pong(CONNECT_LIMIT);
+    w.rss0 = rss_kib(w.agent.pid());
     w
 }
 
@@ -883,6 +903,7 @@ fn monit_down_is_reported_by_get_state_and_start_fails_clearly() {
         "start's exception.message names monit: {r:#}"
     );
     w.ping_ok();
+    w.report_rss("monit down");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -996,4 +1017,5 @@ fn a_full_disk_fails_prepare_compile_and_logs_clearly_and_leaves_nothing_half_wr
         w.task("prepare", json!([package_spec(&big_id, &sha1(&big))]))["value"],
         "prepared"
     );
+    w.report_rss("disk full");
 }
