@@ -40,6 +40,15 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest blob id accepted (a UUID has 36 characters).
 const MAX_ID_LEN: usize = 255;
 
+/// The timeout `BOSH_AGENT_BLOBSTORE_TIMEOUT_SECONDS` asks for: a whole number of seconds,
+/// 1 to 3600; `None` for anything else (the defaults then apply).
+fn timeout_override(value: Option<&str>) -> Option<Duration> {
+    let secs: u64 = value?.trim().parse().ok()?;
+    (1..=3600)
+        .contains(&secs)
+        .then(|| Duration::from_secs(secs))
+}
+
 /// A configured blobstore.
 #[derive(Debug, Clone)]
 pub enum Provider {
@@ -564,9 +573,20 @@ impl fmt::Debug for Dav {
 
 impl Dav {
     /// A client from the `dav` options: `endpoint` (required), `user`, `password`,
-    /// `tls.cert.ca` (PEM), `retry_attempts` (default 3).
+    /// `tls.cert.ca` (PEM), `retry_attempts` (default 3). The timeouts are 30 s to connect and
+    /// 60 s for any wait for a byte; a positive whole number of seconds in the environment
+    /// variable `BOSH_AGENT_BLOBSTORE_TIMEOUT_SECONDS` replaces both (a test's hanging
+    /// blobstore then fails a task within seconds). Any other value there is ignored.
     pub fn from_options(options: &Map<String, Value>) -> Result<Dav, ProviderError> {
-        Self::from_options_with_timeouts(options, CONNECT_TIMEOUT, IO_TIMEOUT)
+        let (connect, io) = match timeout_override(
+            std::env::var("BOSH_AGENT_BLOBSTORE_TIMEOUT_SECONDS")
+                .ok()
+                .as_deref(),
+        ) {
+            Some(t) => (t, t),
+            None => (CONNECT_TIMEOUT, IO_TIMEOUT),
+        };
+        Self::from_options_with_timeouts(options, connect, io)
     }
 
     /// [`Dav::from_options`] with other timeouts: `connect` for the TCP and TLS set-up, `io`
@@ -1040,6 +1060,19 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::MetadataExt;
     use testkit::TempDir;
+
+    #[test]
+    fn timeout_override_takes_whole_seconds_in_range_only() {
+        assert_eq!(timeout_override(None), None);
+        assert_eq!(timeout_override(Some("2")), Some(Duration::from_secs(2)));
+        assert_eq!(
+            timeout_override(Some(" 3600 ")),
+            Some(Duration::from_secs(3600))
+        );
+        for bad in ["", "0", "3601", "-1", "1.5", "2s", "x"] {
+            assert_eq!(timeout_override(Some(bad)), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn ids() {

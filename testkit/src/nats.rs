@@ -255,6 +255,16 @@ impl NatsServer {
         }
     }
 
+    /// Kills the server (SIGKILL by pid: no goodbye to its clients, as a crash or an OOM kill
+    /// would end it) and waits for the exit. Killing a stopped server does nothing.
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(mut p) = self.proc.take() else {
+            return Ok(());
+        };
+        p.signal(nix::sys::signal::Signal::SIGKILL)?;
+        p.wait_timeout(Duration::from_secs(10)).map(drop)
+    }
+
     /// Starts it again with the same configuration (same address and certificate).
     pub fn restart(&mut self) -> Result<()> {
         self.stop()?;

@@ -293,6 +293,9 @@ impl std::fmt::Display for Status {
                 if let Some(e) = &a.last_error {
                     writeln!(f, "last error:    {e}")?;
                 }
+                if let Some(e) = &a.readback_error {
+                    writeln!(f, "read-back:     FAILED, drift is not repaired: {e}")?;
+                }
                 write_workload(f, &a.workload)?;
             }
             None => writeln!(

@@ -14,6 +14,8 @@ pub enum Problem {
     UidFallback { reason: Option<String> },
     /// The last change of the table failed (nft's message).
     ChangeFailed(String),
+    /// The live table cannot be listed (nft's message): drift is neither seen nor repaired.
+    ReadBackFailed(String),
     /// A rule of `monit_access_jobs` that is not a job rule could not be removed.
     ForeignRuleKept(ForeignJobRule),
     /// The workload policies of agent.json were refused; the live ones were left as they were.
@@ -39,6 +41,10 @@ impl std::fmt::Display for Problem {
                 reason.as_deref().unwrap_or("reason unknown")
             ),
             Problem::ChangeFailed(e) => write!(f, "the last firewall change failed: {e}"),
+            Problem::ReadBackFailed(e) => write!(
+                f,
+                "the live firewall cannot be read back, drift is not repaired: {e}"
+            ),
             Problem::ForeignRuleKept(r) => write!(
                 f,
                 "monit_access_jobs holds a rule that is not a job rule and could not be removed: {r}"
@@ -85,6 +91,9 @@ impl Health {
         }
         if let Some(e) = &st.last_error {
             problems.push(Problem::ChangeFailed(e.clone()));
+        }
+        if let Some(e) = &st.readback_error {
+            problems.push(Problem::ReadBackFailed(e.clone()));
         }
         for f in &st.foreign_job_rules {
             problems.push(Problem::ForeignRuleKept(f.clone()));

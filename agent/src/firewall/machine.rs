@@ -498,8 +498,9 @@ impl<T: KernelTable> Firewall<T> {
         }
         let listing = {
             let _lock = self.lock()?;
-            self.table.list_table_text()?
+            self.table.list_table_text()
         };
+        let listing = self.note_listing(listing)?;
         self.readback_due = false;
         self.state.readback_pending = false;
         let snapshot = listing.map_or(serde_json::Value::Null, |l| readback::snapshot(&l));
@@ -574,10 +575,8 @@ impl<T: KernelTable> Firewall<T> {
     pub fn reconcile(&mut self) -> Result<Reconciled, FirewallError> {
         let mut out = Reconciled::default();
         self.read_back_if_due()?;
-        let live = self
-            .table
-            .list_table_text()?
-            .map(|l| readback::snapshot(&l));
+        let listing = self.table.list_table_text();
+        let live = self.note_listing(listing)?.map(|l| readback::snapshot(&l));
         if self.pending_rebuild {
             // The fast path added endpoints; the exact rebuild is due, not a repair.
             self.apply()?;
@@ -639,6 +638,20 @@ impl<T: KernelTable> Firewall<T> {
             self.write_state();
         }
         Ok(out)
+    }
+
+    /// Records whether listing the live table worked (`readback_error`, published with the
+    /// health when it changes), and passes the listing on.
+    fn note_listing(
+        &mut self,
+        listing: Result<Option<String>, FirewallError>,
+    ) -> Result<Option<String>, FirewallError> {
+        let error = listing.as_ref().err().map(ToString::to_string);
+        if self.state.readback_error != error {
+            self.state.readback_error = error;
+            self.write_state();
+        }
+        listing
     }
 
     /// Records the bus's counters (attempts, hook failures, last errors) for `firewall status`.

@@ -184,6 +184,35 @@ fn an_nft_failure_is_recorded_degraded_and_retried() {
 }
 
 #[test]
+fn a_listing_that_fails_is_reported_until_one_works_and_the_drift_is_repaired() {
+    let (table, dir) = (FakeTable::new(), run_dir("list"));
+    let mut fw = machine(&table, &dir, cgroup());
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    assert!(!fw.watch_health().borrow().degraded);
+    table.fail_listings(Some("Error: simulated listing failure"));
+    // The table vanishes meanwhile: drift the agent cannot see while nft cannot list.
+    table.tamper(|t| t.present = false);
+    let e = fw.reconcile().unwrap_err().to_string();
+    assert!(e.contains("simulated listing failure"), "{e}");
+    let health = fw.watch_health().borrow().clone();
+    assert!(
+        matches!(&health.problems[..], [Problem::ReadBackFailed(m)] if m.contains("simulated")),
+        "{health:?}"
+    );
+    assert_eq!(health.alert(1).unwrap()["severity"], 2, "critical");
+    let st = platform::firewall::state::read(&dir.0).unwrap().unwrap();
+    assert!(st.readback_error.is_some(), "the state file says so");
+    // Still failing: reported, not repeated into the state file with a new value.
+    assert!(fw.reconcile().is_err());
+    table.fail_listings(None);
+    assert!(fw.reconcile().unwrap().repaired, "the drift is repaired");
+    assert_eq!(fw.state().readback_error, None);
+    assert!(!fw.watch_health().borrow().degraded);
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+}
+
+#[test]
 fn the_uid_fallback_protects_and_is_reported_as_a_warning() {
     let (table, dir) = (FakeTable::new(), run_dir("uid"));
     let est = Established {

@@ -92,3 +92,42 @@ pub fn resolver_source() -> ResolverSource {
         None => ResolverSource::System,
     }
 }
+
+/// The reconnect backoff: the default (1 s cap) unless `cap_ms`, the value of
+/// `BOSH_AGENT_MBUS_BACKOFF_CAP_MS`, is a whole number of milliseconds from 10 to 10,000; the
+/// first delay then never exceeds the cap either. Tests that restart nats-server a hundred
+/// times use it; anything else there is ignored.
+pub fn backoff_policy(cap_ms: Option<&str>) -> mbus::BackoffPolicy {
+    let default = mbus::BackoffPolicy::default();
+    match cap_ms.and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(ms @ 10..=10_000) => {
+            let cap = std::time::Duration::from_millis(ms);
+            mbus::BackoffPolicy {
+                base: default.base.min(cap),
+                cap,
+                ..default
+            }
+        }
+        _ => default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_backoff_cap_is_taken_in_range_only() {
+        let d = mbus::BackoffPolicy::default();
+        assert_eq!(backoff_policy(None), d);
+        let p = backoff_policy(Some("100"));
+        assert_eq!(p.cap, Duration::from_millis(100));
+        assert_eq!(p.base, Duration::from_millis(100));
+        assert_eq!(p.stable_after, d.stable_after);
+        assert_eq!(backoff_policy(Some("5000")).base, d.base);
+        for bad in ["", "9", "10001", "-5", "1.5", "x"] {
+            assert_eq!(backoff_policy(Some(bad)), d, "{bad:?}");
+        }
+    }
+}

@@ -217,6 +217,11 @@ impl App {
             };
             let options = BusOptions {
                 resolver: bus::resolver_source(),
+                backoff: bus::backoff_policy(
+                    std::env::var("BOSH_AGENT_MBUS_BACKOFF_CAP_MS")
+                        .ok()
+                        .as_deref(),
+                ),
                 ..BusOptions::default()
             };
             match Bus::connect(&plan.cfg, hook, options) {

@@ -66,6 +66,9 @@ pub struct RuntimeState {
     pub foreign_job_rules: Vec<super::readback::ForeignJobRule>,
     /// Last firewall error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// Why the last listing of the live table failed (nft broken or missing): drift cannot be
+    /// seen or repaired until a listing works again, which clears it.
+    pub readback_error: Option<String>,
     /// The message bus's counters: attempts, hook failures, last errors.
     pub nats_bus: Option<Value>,
     /// Pid of the agent that wrote this file.

@@ -77,6 +77,7 @@ struct FakeState {
     table: TableShape,
     applied: Vec<String>,
     fail_apply: Option<String>,
+    fail_list: Option<String>,
     listings: usize,
 }
 
@@ -114,6 +115,11 @@ impl FakeTable {
     pub fn fail_applies(&self, stderr: Option<&str>) {
         self.lock().fail_apply = stderr.map(str::to_string);
     }
+
+    /// Makes every listing of the table fail with nft's `stderr` (`None`: succeed again).
+    pub fn fail_listings(&self, stderr: Option<&str>) {
+        self.lock().fail_list = stderr.map(str::to_string);
+    }
 }
 
 impl KernelTable for FakeTable {
@@ -137,6 +143,13 @@ impl KernelTable for FakeTable {
 
     fn list_table_text(&self) -> Result<Option<String>, FirewallError> {
         let mut s = self.lock();
+        if let Some(stderr) = &s.fail_list {
+            return Err(FirewallError::Nft {
+                action: "list table".into(),
+                code: Some(1),
+                stderr: stderr.clone(),
+            });
+        }
         s.listings += 1;
         Ok(s.table.listing())
     }

@@ -36,11 +36,13 @@ pub async fn get_state(ctx: &Context, full: bool) -> TaskResult {
         }
     }
     v.insert("agent_id".into(), json!(ctx.settings.agent_id));
+    // Processes first, as upstream: when monit cannot be reached the answer is its error,
+    // after one round of monit retries rather than a second one for the job state.
+    let processes = ctx.jobs.processes().await.map_err(|e| e.to_string())?;
     v.insert(
         "job_state".into(),
         json!(ctx.jobs.job_state().await.as_str()),
     );
-    let processes = ctx.jobs.processes().await.map_err(|e| e.to_string())?;
     if !processes.is_empty() {
         v.insert(
             "processes".into(),
