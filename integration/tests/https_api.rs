@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use integration::nats::{InNetns, Pki, agent_exec_with, in_netns};
 use integration::monit::Monit;
+use integration::nats::{InNetns, Pki, agent_exec_with, in_netns};
 use integration::{Agent, Sandbox};
 use serde_json::{Value, json};
 
@@ -144,7 +144,10 @@ impl Cli {
         self.request(
             "POST",
             "/agent",
-            Some(Body::Bytes(body.to_string().into_bytes(), "application/json")),
+            Some(Body::Bytes(
+                body.to_string().into_bytes(),
+                "application/json",
+            )),
         )
         .unwrap()
     }
@@ -161,11 +164,15 @@ impl Cli {
         let started = Instant::now();
         loop {
             let r = self.agent("get_task", json!([id])).json();
-            let running = r["value"]["agent_task_id"].is_string() && r["value"]["state"] == "running";
+            let running =
+                r["value"]["agent_task_id"].is_string() && r["value"]["state"] == "running";
             if !running {
                 return r;
             }
-            assert!(started.elapsed() < LIMIT, "{method} still running after {LIMIT:?}");
+            assert!(
+                started.elapsed() < LIMIT,
+                "{method} still running after {LIMIT:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -308,8 +315,10 @@ fn world(name: &str) -> World {
     });
     // A real monit (with its sample job in the vcap group) for get_state's job state.
     let mut monit = Monit::prepare(&sb).unwrap_or_else(|e| panic!("{e}"));
-    let exec = agent_exec_with(&sb, &cg, &settings, true, &json!({}))
-        .env("RUST_LOG", std::env::var("HTTPS_TEST_AGENT_LOG").unwrap_or_default());
+    let exec = agent_exec_with(&sb, &cg, &settings, true, &json!({})).env(
+        "RUST_LOG",
+        std::env::var("HTTPS_TEST_AGENT_LOG").unwrap_or_default(),
+    );
     let mut agent = sb.spawn_agent(&exec).expect("spawn agent");
     agent
         .wait_ready(integration::READY_TIMEOUT)
@@ -330,11 +339,17 @@ fn world(name: &str) -> World {
     // The listener comes up after the firewall: wait for the first pong as the CLI does.
     let started = Instant::now();
     loop {
-        let r = w.with(|cli| cli.request("POST", "/agent", Some(Body::Bytes(
-            br#"{"method":"ping","arguments":[],"reply_to":"bosh-cli"}"#.to_vec(),
-            "application/json",
-        )))
-        .map(|r| r.status));
+        let r = w.with(|cli| {
+            cli.request(
+                "POST",
+                "/agent",
+                Some(Body::Bytes(
+                    br#"{"method":"ping","arguments":[],"reply_to":"bosh-cli"}"#.to_vec(),
+                    "application/json",
+                )),
+            )
+            .map(|r| r.status)
+        });
         if r == Ok(200) {
             break;
         }
@@ -359,7 +374,10 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     );
 
     // The same dispatcher as NATS: upstream's shapes.
-    assert_eq!(w.with(|c| c.agent("ping", json!([])).json()), json!({"value": "pong"}));
+    assert_eq!(
+        w.with(|c| c.agent("ping", json!([])).json()),
+        json!({"value": "pong"})
+    );
     let state = w.with(|c| c.agent("get_state", json!([])).json());
     assert_eq!(state["value"]["agent_id"], "agent-create-env", "{state}");
     // Monit answered through the agent: its sample job is the vcap group's process.
@@ -407,7 +425,10 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     assert_eq!(put.status, 201, "{}", String::from_utf8_lossy(&put.body));
     let stored = blobs.join(&id);
     assert_eq!(fs::read(&stored).unwrap(), data);
-    assert_eq!(fs::metadata(&stored).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        fs::metadata(&stored).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
     let i = id.clone();
     let got = w.with(move |c| c.get_blob(&i));
     assert_eq!(got.status, 200);
@@ -435,11 +456,23 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
             let body = (method == "PUT").then(|| Body::Bytes(b"evil".to_vec(), "text/plain"));
             c.request(method, path, body).unwrap()
         });
-        assert_eq!(r.status, 400, "{method} {path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            400,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     assert_eq!(listing(&blobs), before);
-    assert_eq!(fs::read_to_string(w.base.join("data/victim")).unwrap(), "keep");
-    for (method, path) in [("GET", "/agent"), ("DELETE", "/blobs/ab/x"), ("GET", "/other")] {
+    assert_eq!(
+        fs::read_to_string(w.base.join("data/victim")).unwrap(),
+        "keep"
+    );
+    for (method, path) in [
+        ("GET", "/agent"),
+        ("DELETE", "/blobs/ab/x"),
+        ("GET", "/other"),
+    ] {
         let r = w.with(move |c| c.request(method, path, None).unwrap());
         assert_eq!(r.status, 404, "{method} {path}");
     }
@@ -452,11 +485,18 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     });
     assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
     let r = w.with(|c| {
-        c.request("POST", "/agent", Some(Body::Bytes(b"{not json".to_vec(), "application/json")))
-            .unwrap()
+        c.request(
+            "POST",
+            "/agent",
+            Some(Body::Bytes(b"{not json".to_vec(), "application/json")),
+        )
+        .unwrap()
     });
     assert_eq!(r.status, 400);
-    assert_eq!(w.with(|c| c.agent("ping", json!([])).json()), json!({"value": "pong"}));
+    assert_eq!(
+        w.with(|c| c.agent("ping", json!([])).json()),
+        json!({"value": "pong"})
+    );
 
     // An upload that breaks off leaves nothing: no blob, no temporary file.
     let cut = uuid();
@@ -470,7 +510,11 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     });
     let started = Instant::now();
     while listing(&blobs).iter().any(|n| n.ends_with(".tmp")) {
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", listing(&blobs));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            listing(&blobs)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!blobs.join(&cut).exists());
@@ -488,7 +532,10 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     let (i, s2) = (src_id.clone(), sha.clone());
     let done = w.with(move |c| c.task("compile_package", json!([i, s2, "hello", "1.0", {}])));
     let result = &done["value"]["result"];
-    let compiled_id = result["blobstore_id"].as_str().unwrap_or_else(|| panic!("{done}")).to_string();
+    let compiled_id = result["blobstore_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{done}"))
+        .to_string();
     let compiled_sha = result["sha1"].as_str().unwrap().to_string();
     let i = compiled_id.clone();
     let compiled = w.with(move |c| c.get_blob(&i));
@@ -496,21 +543,39 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     assert_eq!(hash("sha1sum", &compiled.body), compiled_sha);
     let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     fs::write(dir.path().join("p.tgz"), &compiled.body).unwrap();
-    let list = Command::new("tar").arg("-xzOf").arg(dir.path().join("p.tgz")).arg("./bin/hello").output().unwrap();
+    let list = Command::new("tar")
+        .arg("-xzOf")
+        .arg(dir.path().join("p.tgz"))
+        .arg("./bin/hello")
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout), "hello 1.0\n");
 
     // No NATS anywhere: nothing was dialled, and the firewall is healthy.
-    assert!(!w.agent.log().contains("connecting to the director"), "{}", w.agent.log());
+    assert!(
+        !w.agent.log().contains("connecting to the director"),
+        "{}",
+        w.agent.log()
+    );
 
     // Shutdown: with a kept-alive connection of the client open, the agent still stops at
     // once (idle connections are closed), exit code 0.
-    assert_eq!(w.with(|c| c.agent("ping", json!([])).json()), json!({"value": "pong"}));
+    assert_eq!(
+        w.with(|c| c.agent("ping", json!([])).json()),
+        json!({"value": "pong"})
+    );
     let t = Instant::now();
     let status = w.agent.stop().unwrap();
     assert!(status.success(), "{status}\n{}", w.agent.log());
-    assert!(t.elapsed() < Duration::from_secs(8), "stopping took {:?}", t.elapsed());
     assert!(
-        w.agent.log().contains("the agent API stopped accepting connections"),
+        t.elapsed() < Duration::from_secs(8),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        w.agent
+            .log()
+            .contains("the agent API stopped accepting connections"),
         "{}",
         w.agent.log()
     );

@@ -113,10 +113,12 @@ impl Body for BlobFile {
         match Pin::new(&mut this.file).poll_read(cx, &mut rb) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Some(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the blob became shorter while it was sent",
-            )))),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the blob became shorter while it was sent",
+                ))))
+            }
             Poll::Ready(Ok(())) => {
                 let chunk = Bytes::copy_from_slice(rb.filled());
                 this.left -= chunk.len() as u64;

@@ -292,10 +292,10 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 
 /// One request: authenticate, route, answer.
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let authorization = req
-        .headers()
+    let (parts, body) = req.into_parts();
+    let (method, path) = (&parts.method, parts.uri.path());
+    let authorization = parts
+        .headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     if !shared.auth.allows(authorization) {
@@ -305,25 +305,52 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static(auth::CHALLENGE),
         );
-        return r;
+        return unread(body, r).await;
     }
-    let resp = match route::route(&method, &path) {
-        Route::Agent => agent(shared, req).await,
-        Route::GetBlob(id) => get_blob(shared, id).await,
-        Route::PutBlob(id) => put_blob(shared, id, req).await,
+    let length = content_length(&parts.headers);
+    let resp = match route::route(method, path) {
+        Route::Agent => agent(shared, body, length).await,
+        Route::GetBlob(id) => unread(body, get_blob(shared, id).await).await,
+        Route::PutBlob(id) => put_blob(shared, id, body, length).await,
         Route::BadBlob(e) => {
             info!(%method, %path, error = %e, "refused blob path");
-            text(StatusCode::BAD_REQUEST, e.to_string())
+            unread(body, text(StatusCode::BAD_REQUEST, e.to_string())).await
         }
-        Route::NotFound => text(StatusCode::NOT_FOUND, ""),
+        Route::NotFound => unread(body, text(StatusCode::NOT_FOUND, "")).await,
     };
     debug!(%method, %path, status = resp.status().as_u16(), "answered");
     resp
 }
 
+/// The most of a body the agent does not use that it reads (and drops) so that the
+/// connection can serve the client's next request.
+const UNREAD_MAX: usize = 64 * 1024;
+
+/// `resp` for a request whose body is not used: a small body is read and dropped (within a
+/// second) so that the connection stays usable; otherwise the connection is closed after the
+/// answer, and the client's next request opens a new one.
+async fn unread(body: Incoming, mut resp: Response<Body>) -> Response<Body> {
+    let mut body = Limited::new(body, UNREAD_MAX);
+    let drained = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
+            }
+        }
+    })
+    .await;
+    if drained != Ok(true) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 /// The declared body length, when the client sent one.
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
+fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
@@ -335,7 +362,10 @@ fn content_length(req: &Request<Incoming>) -> Option<u64> {
 /// is read and dropped first, so that it reads the answer instead of a reset connection; the
 /// connection is closed after it.
 async fn too_large(body: Incoming, limit: u64, within: Duration) -> Response<Body> {
-    let mut body = Limited::new(body, usize::try_from(limit.saturating_mul(4)).unwrap_or(usize::MAX));
+    let mut body = Limited::new(
+        body,
+        usize::try_from(limit.saturating_mul(4)).unwrap_or(usize::MAX),
+    );
     let _ = tokio::time::timeout(within, async {
         while let Some(Ok(_)) = body.frame().await {}
     })
@@ -352,12 +382,12 @@ async fn too_large(body: Incoming, limit: u64, within: Duration) -> Response<Bod
 /// `POST /agent`: the director's request, answered as on NATS. No `reply_to` is needed (the
 /// answer is the HTTP response), and the answer is not cut to NATS's 1 MiB (upstream sends it
 /// whole over HTTPS).
-async fn agent(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn agent(shared: &Shared, body: Incoming, length: Option<u64>) -> Response<Body> {
     let limit = shared.limits.max_request_bytes;
-    if content_length(&req).is_some_and(|n| n > limit as u64) {
-        return too_large(req.into_body(), limit as u64, shared.limits.request_body).await;
+    if length.is_some_and(|n| n > limit as u64) {
+        return too_large(body, limit as u64, shared.limits.request_body).await;
     }
-    let body = Limited::new(req.into_body(), limit);
+    let body = Limited::new(body, limit);
     let bytes = match tokio::time::timeout(shared.limits.request_body, body.collect()).await {
         Err(_) => {
             return text(
@@ -403,11 +433,7 @@ async fn get_blob(shared: &Shared, id: &str) -> Response<Body> {
     match blobs::open(&shared.blobs, id).await {
         Ok(Some(file)) => {
             let len = file.len();
-            let mut r = respond(
-                StatusCode::OK,
-                file.boxed(),
-                "application/octet-stream",
-            );
+            let mut r = respond(StatusCode::OK, file.boxed(), "application/octet-stream");
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             info!(%id, bytes = len, "blob sent");
@@ -425,9 +451,14 @@ async fn get_blob(shared: &Shared, id: &str) -> Response<Body> {
 }
 
 /// `PUT /blobs/…/<id>`: 201 once the whole blob is stored (upstream's status).
-async fn put_blob(shared: &Shared, id: &str, req: Request<Incoming>) -> Response<Body> {
+async fn put_blob(
+    shared: &Shared,
+    id: &str,
+    body: Incoming,
+    length: Option<u64>,
+) -> Response<Body> {
     let limit = shared.limits.max_blob_bytes;
-    if content_length(&req).is_some_and(|n| n > limit) {
+    if length.is_some_and(|n| n > limit) {
         let mut r = text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("blob {id} is larger than {limit} bytes"),
@@ -436,15 +467,7 @@ async fn put_blob(shared: &Shared, id: &str, req: Request<Incoming>) -> Response
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
-    match blobs::put(
-        &shared.blobs,
-        id,
-        req.into_body(),
-        limit,
-        shared.limits.body_idle,
-    )
-    .await
-    {
+    match blobs::put(&shared.blobs, id, body, limit, shared.limits.body_idle).await {
         Ok(size) => {
             info!(%id, bytes = size, "blob stored");
             text(StatusCode::CREATED, "")

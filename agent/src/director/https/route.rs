@@ -128,7 +128,10 @@ mod tests {
         assert_eq!(route(&Method::GET, &prefixed), Route::GetBlob(ID));
         let bare = format!("/blobs/{ID}");
         assert_eq!(route(&Method::GET, &bare), Route::GetBlob(ID));
-        assert_eq!(route(&Method::PUT, "/blobs/AB/x_y.z-1"), Route::PutBlob("x_y.z-1"));
+        assert_eq!(
+            route(&Method::PUT, "/blobs/AB/x_y.z-1"),
+            Route::PutBlob("x_y.z-1")
+        );
     }
 
     #[test]
