@@ -77,9 +77,8 @@ pub fn plan(
         Err(_) => return Ok(None),
     };
     let Some(url) = cfg.https else {
-        let first_https_refused = cfg.servers.is_empty()
-            && cfg.skipped.first().is_some()
-            && cfg.rejected.first().is_some();
+        let first_https_refused =
+            cfg.servers.is_empty() && !cfg.skipped.is_empty() && !cfg.rejected.is_empty();
         return match (first_https_refused, cfg.rejected.first()) {
             (true, Some(e)) => Err(format!("the agent API cannot be served: {e}")),
             _ => Ok(None),
@@ -487,5 +486,73 @@ async fn put_blob(
             error!(error = %e, "blob not stored");
             text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use platform::firewall::Identity;
+    use platform::firewall::policy_config::PolicyConfig;
+
+    fn workload(json: &str) -> WorkloadPolicy {
+        let cfg: PolicyConfig = serde_json::from_str(json).unwrap();
+        cfg.build(
+            &mut |_| Err("no cgroups here".into()),
+            Identity::Uid {
+                uid: 0,
+                reason: "test".into(),
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_allow_list_without_the_api_port_cuts_the_cli_off() {
+        assert!(!ingress_cuts_api(&workload("{}"), 6868));
+        assert!(ingress_cuts_api(&workload(r#"{"IngressAllow": []}"#), 6868));
+        let ssh_only = r#"{"IngressAllow": [{"Protocol": "tcp", "Ports": "22"}]}"#;
+        assert!(ingress_cuts_api(&workload(ssh_only), 6868));
+        let udp = r#"{"IngressAllow": [{"Protocol": "udp", "Ports": "6868"}]}"#;
+        assert!(ingress_cuts_api(&workload(udp), 6868));
+        let range = r#"{"IngressAllow": [{"Protocol": "tcp", "Ports": "6000-7000"}]}"#;
+        assert!(!ingress_cuts_api(&workload(range), 6868));
+        let from =
+            r#"{"IngressAllow": [{"Protocol": "tcp", "Ports": 6868, "Sources": ["10.0.0.0/8"]}]}"#;
+        assert!(!ingress_cuts_api(&workload(from), 6868));
+    }
+
+    fn settings(doc: serde_json::Value) -> Settings {
+        Settings::parse(&doc).unwrap()
+    }
+
+    #[test]
+    fn the_plan_follows_the_first_mbus_url_and_names_what_is_missing() {
+        assert!(
+            plan(
+                &settings(serde_json::json!({"agent_id": "a", "mbus": "nats://h:4222"})),
+                None
+            )
+            .unwrap()
+            .is_none()
+        );
+        // https first, no certificate: refused, naming the field, not the password.
+        let e = plan(
+            &settings(
+                serde_json::json!({"agent_id": "a", "mbus": "https://m:hunter2@0.0.0.0:6868"}),
+            ),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("env.bosh.mbus.cert.certificate is empty"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        // https first without credentials: refused.
+        let e = plan(
+            &settings(serde_json::json!({"agent_id": "a", "mbus": "https://0.0.0.0:6868"})),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("user:password@"), "{e}");
     }
 }

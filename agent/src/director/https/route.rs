@@ -116,6 +116,7 @@ fn shorten(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const ID: &str = "4e4c9c0b-7b3a-4b4e-9a35-3f8e8a1c2d10";
