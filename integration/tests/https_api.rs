@@ -6,7 +6,8 @@
 //! `/blobs/<first byte of sha1(id) in hex>/<id>`. The agent runs in the sandbox's network
 //! namespace (port 6868 there is the test's own); the client runs on a thread inside it.
 //! Run as root: `cargo test -p integration --test https_api`. A missing prerequisite fails
-//! with the reason.
+//! with the reason. `HTTPS_TEST_AGENT_LOG=debug` sets the agent's `RUST_LOG` (its log is
+//! printed when the test fails).
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -285,7 +286,6 @@ struct World {
     agent: Agent,
     _monit: Monit,
     cli: Cli,
-    ca_pem: String,
     base: PathBuf,
     _sb: Sandbox,
 }
@@ -332,7 +332,6 @@ fn world(name: &str) -> World {
         agent,
         _monit: monit,
         cli,
-        ca_pem: pki.ca_pem.clone(),
         base,
         _sb: sb,
     };
@@ -415,7 +414,6 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
         Cli::new(&other, Some(basic("mbus", PASSWORD))).request("POST", "/agent", None)
     });
     assert!(refused.is_err(), "a client of another CA must not connect");
-    let _ = &w.ca_pem;
 
     // Blobs: PUT then GET as the DAV client does; stored 0640 under data/blobs, whole.
     let id = uuid();
