@@ -36,6 +36,22 @@ pub async fn send(ctx: Arc<Context>, bus: Bus, every: Duration, stop: Cancellati
     }
 }
 
+/// Without a bus (the HTTPS API of create-env), as upstream: a heartbeat is still gathered
+/// every `every` — so `<base>/instance/health.json` follows the job state — and dropped.
+pub async fn record(ctx: Arc<Context>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = collect(&ctx) => {}
+        }
+    }
+}
+
 /// Builds the heartbeat payload from the spec, the job state and the vitals. Pure.
 pub fn payload(
     spec: &Value,

@@ -40,7 +40,8 @@ pub use resolve::{Candidate, FailedHost, FreshResolver, Resolution, ResolverSour
 pub use session::IncomingMessage;
 pub use settings::{MbusConfig, SettingsError, mbus_config};
 pub use status::{BusStats, BusStatsSnapshot, ConnectionState};
-pub use tls::{CN_PATTERN, CertKeyPair, TlsError, cn_matches};
+pub use tls::{CN_PATTERN, CertKeyPair, TlsError, cn_matches, server_config};
 pub use urls::{
-    Credentials, DEFAULT_PORT, Host, MbusUrl, Scheme, ServerUrl, UrlError, parse_mbus_url, redact,
+    Credentials, DEFAULT_PORT, Host, HttpsUrl, MbusUrl, Scheme, ServerUrl, UrlError,
+    parse_https_url, parse_mbus_url, redact,
 };

@@ -8,7 +8,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::tls::CertKeyPair;
-use crate::urls::{MbusUrl, ServerUrl, UrlError, parse_mbus_url};
+use crate::urls::{HttpsUrl, MbusUrl, ServerUrl, UrlError, parse_https_url, parse_mbus_url};
 
 /// What the mbus client needs from the settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,10 @@ pub struct MbusConfig {
     pub servers: Vec<ServerUrl>,
     /// `https://` URLs (create-env), redacted: reported, never dialled.
     pub skipped: Vec<String>,
+    /// The agent's own HTTPS API (create-env), when the first URL is `https://`: upstream
+    /// picks the message bus by the first URL's scheme, and then no NATS server is dialled.
+    /// An `https://` URL that is not first is only skipped. A malformed one is in `rejected`.
+    pub https: Option<HttpsUrl>,
     /// URLs that could not be parsed. They are left out so that one typo does not cut the VM
     /// off; the agent should log them. Empty `servers` with non-empty `rejected` is an error
     /// at [`crate::Bus::connect`].
@@ -94,10 +98,19 @@ pub fn mbus_config(
     };
 
     let (mut servers, mut skipped, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
-    for raw in &raw_urls {
+    let mut https = None;
+    for (i, raw) in raw_urls.iter().enumerate() {
         match parse_mbus_url(raw) {
             Ok(MbusUrl::Server(s)) => servers.push(s),
-            Ok(MbusUrl::SkippedHttps(u)) => skipped.push(u),
+            Ok(MbusUrl::SkippedHttps(u)) => {
+                if i == 0 {
+                    match parse_https_url(raw) {
+                        Ok(h) => https = Some(h),
+                        Err(e) => rejected.push(e),
+                    }
+                }
+                skipped.push(u);
+            }
             Err(e) => rejected.push(e),
         }
     }
@@ -123,6 +136,7 @@ pub fn mbus_config(
         agent_id: agent_id.to_string(),
         servers,
         skipped,
+        https,
         rejected,
         urls_origin,
         cert,
@@ -315,6 +329,32 @@ mod tests {
         let c = mbus_config(&s, Some(&u)).unwrap();
         assert_eq!(hosts(&c), ["h1"]);
         assert_eq!(c.cert.ca, "ENV");
+    }
+
+    #[test]
+    fn a_first_https_url_is_the_agents_own_api_as_upstream_selects_it() {
+        let s = json!({"agent_id": "a", "env": {"bosh": {"mbus": {"urls":
+            ["https://mbus:secret@0.0.0.0:6868", "nats://ok"]}}}});
+        let c = mbus_config(&s, None).unwrap();
+        let h = c.https.as_ref().unwrap();
+        assert_eq!(
+            (h.authority(), h.user.as_str()),
+            ("0.0.0.0:6868".into(), "mbus")
+        );
+        assert!(!format!("{c:?}").contains("secret"));
+        // Only the first URL selects the API; a later one is merely skipped.
+        let s = json!({"agent_id": "a", "mbus": "nats://ok",
+            "env": {"bosh": {"mbus": {"urls": ["nats://ok", "https://m:p@0.0.0.0:6868"]}}}});
+        assert!(mbus_config(&s, None).unwrap().https.is_none());
+        // The old `mbus` key selects it too (create-env's settings carry both).
+        let s = json!({"agent_id": "a", "mbus": "https://m:p@10.0.0.6:6868"});
+        assert_eq!(mbus_config(&s, None).unwrap().https.unwrap().port, 6868);
+        // A first https URL that cannot be served is rejected, naming it without the password.
+        let s = json!({"agent_id": "a", "mbus": "https://mbus@0.0.0.0:6868"});
+        let c = mbus_config(&s, None).unwrap();
+        assert!(c.https.is_none());
+        assert_eq!(c.rejected.len(), 1);
+        assert!(c.rejected[0].to_string().contains("user:password@"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use async_nats::rustls::pki_types::pem::PemObject;
 use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use async_nats::rustls::{
     self, CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
-    SignatureScheme,
+    ServerConfig, SignatureScheme,
 };
 use thiserror::Error;
 
@@ -169,6 +169,44 @@ pub fn client_config(cert: &CertKeyPair) -> Result<ClientConfig, TlsError> {
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
         .map_err(keypair_error)
+}
+
+/// Builds the rustls server configuration of the agent's HTTPS API (create-env) from the
+/// settings' certificate and key: TLS 1.2 or 1.3, ring provider, ALPN `http/1.1` only (as
+/// upstream's server), no client certificate asked (clients authenticate with Basic
+/// credentials). The certificate and key are mandatory and must be a pair; errors name the
+/// settings field. `ca` is not used: it is what the client (the CLI) verifies against.
+pub fn server_config(cert: &CertKeyPair) -> Result<ServerConfig, TlsError> {
+    let origin = cert.origin;
+    let field = |name: &str| format!("{origin}.{name}");
+    for (name, value) in [
+        ("certificate", &cert.certificate),
+        ("private_key", &cert.private_key),
+    ] {
+        if value.trim().is_empty() {
+            return Err(TlsError::Missing { field: field(name) });
+        }
+    }
+    let chain = parse_certs(&cert.certificate, &field("certificate"))?;
+    let key = PrivateKeyDer::from_pem_slice(cert.private_key.as_bytes()).map_err(|e| {
+        TlsError::BadPem {
+            field: field("private_key"),
+            kind: "private key",
+            reason: e.to_string(),
+        }
+    })?;
+    let keypair_error = |e: rustls::Error| TlsError::KeyPair {
+        origin,
+        reason: e.to_string(),
+    };
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(keypair_error)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(keypair_error)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 fn parse_certs(pem: &str, field: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -432,6 +470,60 @@ mod tests {
         ];
         for (bad, needle) in cases {
             let err = client_config(&bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+            assert!(!err.contains("PRIVATE KEY"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_https_api_server_config_needs_a_matching_pair_and_speaks_http1() {
+        let p = pair();
+        let c = server_config(&p).unwrap();
+        assert_eq!(c.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        // The CA is the client's business: an empty one is fine.
+        server_config(&CertKeyPair {
+            ca: String::new(),
+            ..p.clone()
+        })
+        .unwrap();
+        for (bad, needle) in [
+            (
+                CertKeyPair {
+                    certificate: String::new(),
+                    ..p.clone()
+                },
+                "env.bosh.mbus.cert.certificate is empty",
+            ),
+            (
+                CertKeyPair {
+                    private_key: "\n".into(),
+                    ..p.clone()
+                },
+                "env.bosh.mbus.cert.private_key is empty",
+            ),
+            (
+                CertKeyPair {
+                    certificate: "garbage".into(),
+                    ..p.clone()
+                },
+                "env.bosh.mbus.cert.certificate is not a valid PEM certificate",
+            ),
+            (
+                CertKeyPair {
+                    private_key: p.certificate.clone(),
+                    ..p.clone()
+                },
+                "env.bosh.mbus.cert.private_key is not a valid PEM private key",
+            ),
+            (
+                CertKeyPair {
+                    private_key: pair().private_key,
+                    ..p.clone()
+                },
+                "are not a usable pair",
+            ),
+        ] {
+            let err = server_config(&bad).unwrap_err().to_string();
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
             assert!(!err.contains("PRIVATE KEY"), "{err}");
         }

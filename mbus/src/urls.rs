@@ -3,8 +3,9 @@
 //!
 //! Accepted: `nats://[user[:password]@]host[:port]` and `tls://…` (same shape). `host` is a DNS
 //! name, an IPv4 literal or a bracketed IPv6 literal; a missing port means 4222. `https://…`
-//! URLs are the create-env case, which has no NATS connection: they are reported as skipped,
-//! never dialled (as upstream's handler selection does).
+//! URLs are the create-env case, which has no NATS connection: the NATS client reports them as
+//! skipped and never dials them; [`parse_https_url`] reads one as the address and credentials
+//! of the agent's own HTTPS API.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -135,6 +136,45 @@ pub enum MbusUrl {
     SkippedHttps(String),
 }
 
+/// An `https://user:password@host:port` mbus URL (create-env): where the agent serves its own
+/// HTTPS API and the Basic credentials a client must present. `Display` and `Debug` never
+/// show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpsUrl {
+    /// The address to listen on (usually `0.0.0.0`), or a name resolved when binding.
+    pub host: Host,
+    /// The port (443 when the URL names none; create-env uses 6868).
+    pub port: u16,
+    /// The Basic user (percent-decoded).
+    pub user: String,
+    /// The Basic password (percent-decoded).
+    pub password: String,
+}
+
+impl HttpsUrl {
+    /// `https://***@host:port`: safe for logs and errors.
+    pub fn redacted(&self) -> String {
+        format!("https://{REDACTED}@{}:{}", self.host, self.port)
+    }
+
+    /// `host:port` as a listener takes it (IPv6 in brackets).
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl fmt::Display for HttpsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for HttpsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HttpsUrl({}, user {:?})", self.redacted(), self.user)
+    }
+}
+
 /// A URL that cannot be used. The URL inside is always redacted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UrlError {
@@ -237,6 +277,60 @@ pub fn parse_mbus_url(raw: &str) -> Result<MbusUrl, UrlError> {
     }))
 }
 
+/// Parses an `https://user:password@host[:port]` mbus URL: the address of the agent's HTTPS
+/// API and its Basic credentials. A missing port means 443. Refused, naming the redacted URL:
+/// another scheme, a path, query or fragment, port 0, and a URL without both a user and a
+/// non-empty password (the API would otherwise accept anyone). Never panics.
+pub fn parse_https_url(raw: &str) -> Result<HttpsUrl, UrlError> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    let malformed = |reason: &str| UrlError::Malformed {
+        url: redact(raw.trim()),
+        reason: reason.to_string(),
+    };
+    let url = url::Url::parse(trimmed).map_err(|e| malformed(&e.to_string()))?;
+    if url.scheme() != "https" {
+        return Err(UrlError::UnsupportedScheme {
+            url: redact(trimmed),
+            scheme: url.scheme().to_string(),
+        });
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(malformed(
+            "unexpected path, query or fragment after host:port",
+        ));
+    }
+    let host = match url.host() {
+        None => return Err(malformed("no host")),
+        Some(url::Host::Ipv4(ip)) => Host::Ip(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Host::Ip(IpAddr::V6(ip)),
+        Some(url::Host::Domain(d)) => Host::Name(validate_name(d).map_err(|r| malformed(&r))?),
+    };
+    let port = match url.port_or_known_default() {
+        Some(0) => return Err(malformed("port 0")),
+        Some(p) => p,
+        None => return Err(malformed("no port")),
+    };
+    let decode = |s: &str, what: &str| {
+        percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| malformed(&format!("{what} is not UTF-8 after percent-decoding")))
+    };
+    let user = decode(url.username(), "user")?;
+    let password = decode(url.password().unwrap_or(""), "password")?;
+    if user.is_empty() || password.is_empty() {
+        return Err(malformed(
+            "the agent API needs user:password@ (Basic credentials) in the URL",
+        ));
+    }
+    Ok(HttpsUrl {
+        host,
+        port,
+        user,
+        password,
+    })
+}
+
 /// Accepts DNS names made of letters, digits, `-`, `_` and dots, without empty labels (one
 /// trailing dot allowed), at most 253 characters.
 fn validate_name(name: &str) -> Result<String, String> {
@@ -323,6 +417,45 @@ mod tests {
             parse_mbus_url("https://mbus:pw@10.0.0.6:6868").unwrap(),
             MbusUrl::SkippedHttps("https://***@10.0.0.6:6868".into())
         );
+    }
+
+    #[test]
+    fn https_urls_give_the_listen_address_and_credentials() {
+        let u = parse_https_url("https://mbus:p%40ss%3Aw@0.0.0.0:6868").unwrap();
+        assert_eq!(u.host, Host::Ip("0.0.0.0".parse().unwrap()));
+        assert_eq!(u.port, 6868);
+        assert_eq!((u.user.as_str(), u.password.as_str()), ("mbus", "p@ss:w"));
+        assert_eq!(u.authority(), "0.0.0.0:6868");
+        assert_eq!(u.to_string(), "https://***@0.0.0.0:6868");
+        assert!(!format!("{u:?}").contains("p@ss"));
+        let u = parse_https_url(" https://a:b@[fd00::6]:6868/ ").unwrap();
+        assert_eq!(u.authority(), "[fd00::6]:6868");
+        let u = parse_https_url("https://a:b@director.internal").unwrap();
+        assert_eq!(
+            (u.host, u.port),
+            (Host::Name("director.internal".into()), 443)
+        );
+    }
+
+    #[test]
+    fn https_urls_that_cannot_be_served_are_refused_without_the_password() {
+        for (raw, needle) in [
+            ("https://0.0.0.0:6868", "user:password@"),
+            ("https://mbus@0.0.0.0:6868", "user:password@"),
+            ("https://mbus:@0.0.0.0:6868", "user:password@"),
+            ("https://mbus:hunter2@0.0.0.0:6868/agent", "path"),
+            ("https://mbus:hunter2@0.0.0.0:6868?x=1", "query"),
+            ("https://mbus:hunter2@0.0.0.0:0", "port 0"),
+            ("https://mbus:hunter2@0.0.0.0:99999", "0.0.0.0:99999"),
+            ("https://mbus:hunter2@ho st:6868", "ho st"),
+            ("https://mbus:hunter2@a..b:6868", "label"),
+            ("nats://mbus:hunter2@h:4222", "nats"),
+            ("", "relative URL"),
+        ] {
+            let err = parse_https_url(raw).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains(needle), "{raw}: {err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod action;
 pub mod actions;
 pub mod checks;
+pub mod https;
 pub mod mbus_fallback;
 pub mod protocol;
 pub mod spec;

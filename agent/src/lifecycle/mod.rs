@@ -48,6 +48,7 @@ pub struct App {
     firewall_handle: FirewallHandle,
     supervisor: Arc<jobs::JobSupervisor>,
     bus: Option<bus::BusPlan>,
+    https: Option<director::https::HttpsPlan>,
     grace: Duration,
     vm: director::actions::vm::VmParts,
 }
@@ -113,15 +114,41 @@ impl App {
             }
         }
         start_monit(&base_dir, &linux.service_manager).await;
-        let bus = {
+        let update_settings = settings::load_update_settings(&base_dir);
+        // The first mbus URL decides, as upstream: https (create-env) means the agent serves
+        // its own API and dials no NATS server.
+        let https = match &settings {
+            None => Ok(None),
+            Some(s) => {
+                let _span = info_span!("https").entered();
+                director::https::plan(s, update_settings.as_ref())
+            }
+        };
+        let https = match https {
+            Ok(p) => Ok(p),
+            Err(why) => {
+                error!(error = %why, "the agent API cannot start");
+                fw.set_bus_stats(Some(serde_json::json!({ "startup_error": why })));
+                Err(())
+            }
+        };
+        if let Ok(Some(p)) = &https
+            && director::https::ingress_cuts_api(&fw.desired().workload, p.url.port)
+        {
+            error!(
+                port = p.url.port,
+                "the ingress allow-list (Platform.Linux.Firewall.IngressAllow) admits no tcp/{} : bosh create-env cannot reach the agent API; add {{\"Protocol\": \"tcp\", \"Ports\": \"{}\"}}",
+                p.url.port,
+                p.url.port
+            );
+        }
+        let bus = if !matches!(https, Ok(None)) {
+            None
+        } else {
             let _span = info_span!("mbus").entered();
             let plan = match &settings {
                 None => Err("no settings (see the log for the settings source error)".into()),
-                Some(s) => bus::plan(
-                    s,
-                    &base_dir,
-                    settings::load_update_settings(&base_dir).as_ref(),
-                ),
+                Some(s) => bus::plan(s, &base_dir, update_settings.as_ref()),
             };
             match plan {
                 Ok(p) => Some(p),
@@ -173,6 +200,7 @@ impl App {
             firewall_handle,
             supervisor: Arc::new(supervisor),
             bus,
+            https: https.ok().flatten(),
             grace,
             vm,
         })
@@ -188,6 +216,7 @@ impl App {
             firewall_handle,
             supervisor,
             bus: plan,
+            https,
             grace,
             vm,
         } = self;
@@ -263,6 +292,27 @@ impl App {
             vm,
         });
 
+        if let Some(plan) = https {
+            let every = Duration::from_secs(linux.heartbeat_interval_seconds.unwrap_or(30).max(1));
+            spawn(
+                "health recorder",
+                info_span!("heartbeat"),
+                Box::pin(heartbeat::record(ctx.clone(), every, stop.clone())),
+            );
+            spawn_alert_listener(&spawn, &stop, ctx.settings.ips(), None);
+            spawn(
+                "agent API",
+                info_span!("https"),
+                Box::pin(director::https::serve(
+                    plan,
+                    ctx.clone(),
+                    director::https::Limits::default(),
+                    tracker.clone(),
+                    stop.clone(),
+                )),
+            );
+        }
+
         let mut the_bus = None;
         if let Some((b, requests, candidates)) = bus {
             spawn(
@@ -291,31 +341,7 @@ impl App {
                     ),
                 )),
             );
-            let ips = ctx.settings.ips();
-            let (tx, rx) = tokio::sync::mpsc::channel(64);
-            spawn(
-                "monit alert listener",
-                info_span!("alerts"),
-                Box::pin(stoppable(stop.clone(), async move {
-                    // The bind is retried with backoff (logged) until it succeeds or the
-                    // agent stops: a port held at boot must not leave monit's alerts
-                    // undelivered for the agent's lifetime.
-                    let listener = alerts::bind_with_retry(
-                        alerts::LISTEN_ADDR,
-                        alerts::BIND_RETRY_INITIAL,
-                        alerts::BIND_RETRY_MAX,
-                    )
-                    .await;
-                    if let Err(e) = alerts::serve(listener, ips, tx).await {
-                        error!(error = %e, "monit alert listener stopped");
-                    }
-                })),
-            );
-            spawn(
-                "monit alert forwarder",
-                info_span!("alerts"),
-                Box::pin(stoppable(stop.clone(), forward_alerts(b.clone(), rx))),
-            );
+            spawn_alert_listener(&spawn, &stop, ctx.settings.ips(), Some(b.clone()));
             spawn(
                 "firewall alerts",
                 info_span!("firewall"),
@@ -523,9 +549,46 @@ async fn serve_requests(
     }
 }
 
-/// Forwards monit's alerts to the health monitor.
-async fn forward_alerts(bus: Bus, mut rx: tokio::sync::mpsc::Receiver<alerts::Alert>) {
+/// Spawns monit's alert listener and its forwarder to `bus`. Without a bus (the HTTPS API of
+/// create-env) the alerts are received and dropped, as upstream's HTTPS handler drops
+/// everything it is asked to send: monit's mails are still accepted.
+fn spawn_alert_listener<S>(spawn: &S, stop: &CancellationToken, ips: Vec<String>, bus: Option<Bus>)
+where
+    S: Fn(&str, Span, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>),
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    spawn(
+        "monit alert listener",
+        info_span!("alerts"),
+        Box::pin(stoppable(stop.clone(), async move {
+            // The bind is retried with backoff (logged) until it succeeds or the
+            // agent stops: a port held at boot must not leave monit's alerts
+            // undelivered for the agent's lifetime.
+            let listener = alerts::bind_with_retry(
+                alerts::LISTEN_ADDR,
+                alerts::BIND_RETRY_INITIAL,
+                alerts::BIND_RETRY_MAX,
+            )
+            .await;
+            if let Err(e) = alerts::serve(listener, ips, tx).await {
+                error!(error = %e, "monit alert listener stopped");
+            }
+        })),
+    );
+    spawn(
+        "monit alert forwarder",
+        info_span!("alerts"),
+        Box::pin(stoppable(stop.clone(), forward_alerts(bus, rx))),
+    );
+}
+
+/// Forwards monit's alerts to the health monitor (drops them without a bus).
+async fn forward_alerts(bus: Option<Bus>, mut rx: tokio::sync::mpsc::Receiver<alerts::Alert>) {
     while let Some(alert) = rx.recv().await {
+        let Some(bus) = &bus else {
+            info!("monit alert dropped: the agent API of create-env has no bus to send it on");
+            continue;
+        };
         let bytes = serde_json::to_vec(&alert).unwrap_or_default();
         if let Err(e) = bus
             .publish_to(Target::HealthMonitor, Topic::Alert, bytes.into())
