@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use crate::config::AgentConfig;
-use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks::Tasks};
+use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks, tasks::Tasks};
 use crate::firewall::{Firewall, FirewallHandle, FirewallTask, hook::FirewallHook};
 use crate::settings::{self, Settings};
 use crate::{AgentError, RunOptions, alerts, heartbeat};
@@ -241,7 +241,13 @@ impl App {
             .instrument(info_span!("firewall"))
         });
 
-        let (tasks, worker) = Tasks::new();
+        let (store, recorded) = tasks::Store::open(tasks::store_path(&base_dir));
+        let recorded = recorded.unwrap_or_else(|e| {
+            error!(error = %e, "no task is resumed; the file is rewritten by the next persistent task");
+            Vec::new()
+        });
+        let store = Arc::new(store);
+        let (tasks, worker) = Tasks::with_store(Some(store.clone()));
         spawn(
             "task worker",
             info_span!("tasks"),
@@ -257,6 +263,10 @@ impl App {
             firewall: firewall_handle.health(),
             vm,
         });
+        let resumed = director::resume_recorded(&ctx, recorded, &store);
+        if resumed > 0 {
+            info!(resumed, "persistent tasks resumed");
+        }
 
         let mut the_bus = None;
         if let Some((b, requests, candidates)) = bus {
