@@ -146,11 +146,18 @@ impl App {
             },
         );
         // After a restart, the applied spec says how many jobs monit should be running.
-        if let Ok(spec) = spec::read_spec(&base_dir)
-            && director::checks::has_configuration(&spec)
-            && let Ok(typed) = director::checks::parse_spec(&spec)
-        {
-            supervisor.set_expected_jobs(typed.jobs().len());
+        // A damaged spec.json is only named here: the next `apply` rewrites it, and until then
+        // the job count is unknown (as before any apply).
+        match spec::read_spec(&base_dir) {
+            Ok(spec) if director::checks::has_configuration(&spec) => {
+                match director::checks::parse_spec(&spec) {
+                    Ok(typed) => supervisor.set_expected_jobs(typed.jobs().len()),
+                    Err(e) => warn!(error = %e, path = %spec::spec_path(&base_dir).display(),
+                        "ignoring the applied spec until the next apply"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "ignoring the applied spec until the next apply"),
         }
         let every = Duration::from_secs(linux.firewall.reconcile_interval_seconds.max(1));
         let (mut firewall, firewall_handle) = FirewallTask::new(fw, every);
