@@ -7,7 +7,7 @@
 //! netprobe connect <addr> [--timeout-ms N]                  exit 0 connected, 1 refused/reset, 2 timed out
 //! netprobe chat    <addr> [--messages N] [--interval-ms M] [--timeout-ms T]
 //!                                                            one connection, N echo round trips; exit 0 only if all echoed
-//! netprobe storm   <addr>[,<addr>…] --stop-file F [--threads N] [--timeout-ms T]
+//! netprobe storm   <addr>[,<addr>…] --stop-file F [--threads N] [--timeout-ms T] [--pause-ms P]
 //!                                                            connects to each address in a loop until F exists, then
 //!                                                            prints "attempts=A connected=C refused=R timed_out=T other=O"
 //! ```
@@ -158,6 +158,9 @@ fn storm(args: &[String]) -> Result<(), Failure> {
     };
     let threads = option(args, "--threads", 2)?.clamp(1, 64);
     let timeout = Duration::from_millis(option(args, "--timeout-ms", 100)?.max(1));
+    // A pause between rounds keeps a client that always connects from running out of
+    // loopback ports (each closed connection holds one in TIME_WAIT for a minute).
+    let pause = Duration::from_millis(option(args, "--pause-ms", 0)?);
     // attempts, connected, refused, timed out, other
     let counts: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
     let workers: Vec<_> = (0..threads)
@@ -177,6 +180,7 @@ fn storm(args: &[String]) -> Result<(), Failure> {
                         };
                         counts[slot].fetch_add(1, Ordering::Relaxed);
                     }
+                    std::thread::sleep(pause);
                 }
             })
         })
