@@ -42,8 +42,9 @@ fn settle(sb: &Sandbox, cg: &CgroupDir, config: &str) -> (integration::Agent, Ta
 
 fn kill(agent: &mut integration::Agent, cg: &CgroupDir) {
     agent.proc_mut().signal(Signal::SIGKILL).expect("SIGKILL");
+    // Generous: under heavy I/O a killed process can sit in an fsync for seconds.
     agent
-        .wait_exit(Duration::from_secs(10))
+        .wait_exit(Duration::from_secs(30))
         .expect("killed agent exits");
     // An nft the agent had started runs to its end: read the table only after it.
     wait_subtree_empty(cg, Duration::from_secs(10)).expect("agent cgroup empties");
