@@ -53,14 +53,70 @@ pub async fn dispatch(ctx: &Arc<Context>, req: &Request) -> Response {
     };
     if action.is_async() {
         let cancellable = action.is_cancellable();
+        let persistent = is_persistent(&action);
         let c = ctx.clone();
         let body = tasks::task(move |cancel| actions::run(c, action, cancel));
+        if persistent {
+            let payload = tasks::payload(&req.method, &req.arguments, req.protocol);
+            return match ctx
+                .tasks
+                .submit_persistent(&req.method, &payload, body, cancellable)
+            {
+                Ok(v) => Response::Value(v),
+                Err(e) => {
+                    tracing::error!(error = %e, method = %req.method, "cannot record the task");
+                    Response::Exception(format!("Action Failed {}: {e}", req.method))
+                }
+            };
+        }
         return Response::Value(ctx.tasks.submit(&req.method, body, cancellable));
     }
     // A synchronous action is not cancelled: it is short, and its reply is waited for.
     match actions::run(ctx.clone(), action, CancellationToken::new()).await {
         Ok(v) => Response::Value(v),
         Err(f) => Response::Exception(ActionError::failed(&req.method, f).to_string()),
+    }
+}
+
+/// Upstream's persistent actions: recorded in `tasks.json` and run again after a restart.
+fn is_persistent(action: &Action) -> bool {
+    matches!(action, Action::UpdateSettings { .. })
+}
+
+/// At start, before requests are taken: runs again, under their ids, the persistent tasks an
+/// earlier agent recorded and did not finish (see [`tasks::Store`]). A record that is not a
+/// persistent action this agent knows is removed and logged (upstream: "Unknown action").
+/// Returns how many were resumed.
+pub fn resume_recorded(
+    ctx: &Arc<Context>,
+    records: Vec<tasks::Record>,
+    store: &tasks::Store,
+) -> usize {
+    let mut resumed = 0;
+    for r in records {
+        let parsed = serde_json::from_slice::<Request>(&r.payload)
+            .map_err(|e| format!("its payload is not a request: {e}"))
+            .and_then(|req| Action::parse(&req).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(action) if is_persistent(&action) => {
+                let cancellable = action.is_cancellable();
+                let c = ctx.clone();
+                let body = tasks::task(move |cancel| actions::run(c, action, cancel));
+                ctx.tasks.resume(&r, body, cancellable);
+                resumed += 1;
+            }
+            Ok(_) => forget(store, &r, "not a persistent action"),
+            Err(why) => forget(store, &r, &why),
+        }
+    }
+    resumed
+}
+
+fn forget(store: &tasks::Store, r: &tasks::Record, why: &str) {
+    tracing::error!(task = %r.task_id, method = %r.method, path = %store.path().display(),
+        "a recorded task cannot be resumed ({why}); it is dropped");
+    if let Err(e) = store.remove(&r.task_id) {
+        tracing::warn!(error = %e, "cannot drop the record");
     }
 }
 

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
 use crate::config::AgentConfig;
-use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks::Tasks};
+use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks, tasks::Tasks};
 use crate::firewall::{Firewall, FirewallHandle, FirewallTask, hook::FirewallHook};
 use crate::settings::{self, Settings};
 use crate::{AgentError, RunOptions, alerts, heartbeat};
@@ -173,11 +173,18 @@ impl App {
             },
         );
         // After a restart, the applied spec says how many jobs monit should be running.
-        if let Ok(spec) = spec::read_spec(&base_dir)
-            && director::checks::has_configuration(&spec)
-            && let Ok(typed) = director::checks::parse_spec(&spec)
-        {
-            supervisor.set_expected_jobs(typed.jobs().len());
+        // A damaged spec.json is only named here: the next `apply` rewrites it, and until then
+        // the job count is unknown (as before any apply).
+        match spec::read_spec(&base_dir) {
+            Ok(spec) if director::checks::has_configuration(&spec) => {
+                match director::checks::parse_spec(&spec) {
+                    Ok(typed) => supervisor.set_expected_jobs(typed.jobs().len()),
+                    Err(e) => warn!(error = %e, path = %spec::spec_path(&base_dir).display(),
+                        "ignoring the applied spec until the next apply"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "ignoring the applied spec until the next apply"),
         }
         let every = Duration::from_secs(linux.firewall.reconcile_interval_seconds.max(1));
         let (mut firewall, firewall_handle) = FirewallTask::new(fw, every);
@@ -275,7 +282,13 @@ impl App {
             .instrument(info_span!("firewall"))
         });
 
-        let (tasks, worker) = Tasks::new();
+        let (store, recorded) = tasks::Store::open(tasks::store_path(&base_dir));
+        let recorded = recorded.unwrap_or_else(|e| {
+            error!(error = %e, "no task is resumed; the file is rewritten by the next persistent task");
+            Vec::new()
+        });
+        let store = Arc::new(store);
+        let (tasks, worker) = Tasks::with_store(Some(store.clone()));
         spawn(
             "task worker",
             info_span!("tasks"),
@@ -291,6 +304,10 @@ impl App {
             firewall: firewall_handle.health(),
             vm,
         });
+        let resumed = director::resume_recorded(&ctx, recorded, &store);
+        if resumed > 0 {
+            info!(resumed, "persistent tasks resumed");
+        }
 
         if let Some(plan) = https {
             let every = Duration::from_secs(linux.heartbeat_interval_seconds.unwrap_or(30).max(1));

@@ -7,6 +7,9 @@
 //! netprobe connect <addr> [--timeout-ms N]                  exit 0 connected, 1 refused/reset, 2 timed out
 //! netprobe chat    <addr> [--messages N] [--interval-ms M] [--timeout-ms T]
 //!                                                            one connection, N echo round trips; exit 0 only if all echoed
+//! netprobe storm   <addr>[,<addr>…] --stop-file F [--threads N] [--timeout-ms T] [--pause-ms P]
+//!                                                            connects to each address in a loop until F exists, then
+//!                                                            prints "attempts=A connected=C refused=R timed_out=T other=O"
 //! ```
 //! Any other failure (bad usage, unexpected socket error, a wrong echo) exits 3, so that the
 //! exit codes the tests assert on (0/1/2) cannot be produced by accident.
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         Some("listen") => parse_addr(&args).and_then(listen),
         Some("connect") => parse_addr(&args).and_then(|a| connect(a, &args)),
         Some("chat") => parse_addr(&args).and_then(|a| chat(a, &args)),
+        Some("storm") => storm(&args),
         _ => Err(Failure::usage(
             "expected listen|connect|chat <addr> [options]",
         )),
@@ -127,6 +131,68 @@ fn connect(addr: SocketAddr, args: &[String]) -> Result<(), Failure> {
     let start = Instant::now();
     TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::from_io("connect", &e))?;
     println!("connected in {} us", start.elapsed().as_micros());
+    Ok(())
+}
+
+/// Connection attempts as fast as `--threads` threads can make them (each thread takes every
+/// address in turn), each with its own timeout, until the stop file appears; then the counts.
+fn storm(args: &[String]) -> Result<(), Failure> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let list = args
+        .get(1)
+        .ok_or_else(|| Failure::usage("missing <addr>[,<addr>]"))?;
+    let addrs: Vec<SocketAddr> = list
+        .split(',')
+        .map(|a| {
+            a.parse()
+                .map_err(|_| Failure::usage(&format!("{a:?} is not an address")))
+        })
+        .collect::<Result<_, _>>()?;
+    let stop = match args.iter().position(|a| a == "--stop-file") {
+        Some(i) => std::path::PathBuf::from(
+            args.get(i + 1)
+                .ok_or_else(|| Failure::usage("--stop-file needs a path"))?,
+        ),
+        None => return Err(Failure::usage("storm needs --stop-file")),
+    };
+    let threads = option(args, "--threads", 2)?.clamp(1, 64);
+    let timeout = Duration::from_millis(option(args, "--timeout-ms", 100)?.max(1));
+    // A pause between rounds keeps a client that always connects from running out of
+    // loopback ports (each closed connection holds one in TIME_WAIT for a minute).
+    let pause = Duration::from_millis(option(args, "--pause-ms", 0)?);
+    // attempts, connected, refused, timed out, other
+    let counts: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (addrs, stop, counts) = (addrs.clone(), stop.clone(), counts.clone());
+            std::thread::spawn(move || {
+                while !stop.exists() {
+                    for a in &addrs {
+                        counts[0].fetch_add(1, Ordering::Relaxed);
+                        let slot = match TcpStream::connect_timeout(a, timeout) {
+                            Ok(_) => 1,
+                            Err(e) => match Failure::from_io("connect", &e).code {
+                                REFUSED => 2,
+                                TIMED_OUT => 3,
+                                _ => 4,
+                            },
+                        };
+                        counts[slot].fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(pause);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let c: Vec<u64> = counts.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+    println!(
+        "attempts={} connected={} refused={} timed_out={} other={}",
+        c[0], c[1], c[2], c[3], c[4]
+    );
     Ok(())
 }
 

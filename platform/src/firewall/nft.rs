@@ -49,9 +49,21 @@ impl Nft {
 
     fn run_script(&self, args: &[&str], action: &str, script: &str) -> Result<(), FirewallError> {
         let words = args.join(" ");
+        // nft commits whatever it read when its input ends. Fed through a pipe, an agent
+        // killed half-way through a write larger than the pipe leaves nft a prefix that can
+        // parse, and commit, as a transaction of its own (a flushed chain without its new
+        // rules). A sealed file is complete before nft starts: all of it or nothing.
+        let sealed = sealed_script(script);
+        let stdin = match &sealed {
+            Ok(f) => f
+                .try_clone()
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::piped()),
+            Err(_) => Stdio::piped(),
+        };
         let mut child = Command::new(&self.bin)
             .args(args)
-            .stdin(Stdio::piped())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -59,6 +71,7 @@ impl Nft {
                 cmd: self.describe(&words),
                 source,
             })?;
+        drop(sealed);
         if let Some(mut stdin) = child.stdin.take() {
             // A write error means nft exited early; its stderr explains why.
             let _ = stdin.write_all(script.as_bytes());
@@ -307,6 +320,23 @@ impl FirewallLock {
             std::thread::sleep(LOCK_POLL);
         }
     }
+}
+
+/// `script` in an unnamed file (`O_TMPFILE` in the temporary directory, mode 0600, gone when
+/// the last descriptor closes), rewound for reading.
+fn sealed_script(script: &str) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    use std::io::{Seek, SeekFrom};
+    let fd = open(
+        std::env::temp_dir().as_path(),
+        OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )?;
+    let mut f = File::from(fd);
+    f.write_all(script.as_bytes())?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! `firewall status` and by `firewall-allow` (for the level offset and the mode).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -188,20 +187,26 @@ pub fn read(dir: &Path) -> Result<Option<RuntimeState>, FirewallError> {
     }
 }
 
-/// Writes the state file atomically (temporary file + rename), so readers never see half.
+/// Writes the state file whole, durably (temporary file, fsync, rename, directory fsync:
+/// [`crate::files::write_durable`]), mode 0644 (`firewall status` reads it as any user): a
+/// reader, and an agent started after a crash or a power loss, sees the old state or the new
+/// one, never a part.
 pub fn write(dir: &Path, state: &RuntimeState) -> Result<(), FirewallError> {
     let io = |path: PathBuf| move |source| FirewallError::Io { path, source };
     fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
     let path = state_path(dir);
-    let tmp = dir.join(format!(".{STATE_FILE}.{}", std::process::id()));
     let body = serde_json::to_vec_pretty(state).map_err(|e| FirewallError::CorruptState {
         path: path.clone(),
         detail: format!("cannot serialise the state: {e}"),
     })?;
-    let mut f = fs::File::create(&tmp).map_err(io(tmp.clone()))?;
-    f.write_all(&body).map_err(io(tmp.clone()))?;
-    fs::rename(&tmp, &path).map_err(io(path.clone()))
+    crate::files::write_durable(&path, &body, STATE_MODE).map_err(|e| FirewallError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
+
+/// The state file's mode.
+pub const STATE_MODE: u32 = 0o644;
 
 #[cfg(test)]
 mod tests {
