@@ -32,6 +32,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cgroup;
+pub mod fleet;
 pub mod monit;
 pub mod nats;
 pub mod netns;
