@@ -17,12 +17,15 @@ const POLL: Duration = Duration::from_millis(200);
 
 #[test]
 fn a_fleet_on_a_three_node_cluster() {
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("fleet: {what} at {:.1} s", t0.elapsed().as_secs_f64());
     let mut fleet = Fleet::build(&FleetOptions {
         agents: AGENTS,
         heartbeat_seconds: 1,
         name: "fleet-test".into(),
     })
     .unwrap_or_else(|e| panic!("building the fleet: {e}"));
+    step("built");
     let ids = fleet.ids();
     fleet.spawn_agents().unwrap_or_else(|e| panic!("{e}"));
 
@@ -30,6 +33,7 @@ fn a_fleet_on_a_three_node_cluster() {
     let (_, conns) = fleet
         .wait_subscribed(&ids, None, LIMIT, POLL)
         .unwrap_or_else(|e| panic!("{e}"));
+    step("subscribed");
     let round = fleet
         .director()
         .ping_all(&ids, LIMIT, Duration::from_secs(1))
@@ -51,6 +55,7 @@ fn a_fleet_on_a_three_node_cluster() {
         "all {AGENTS} agents on one node: {per_node:?}"
     );
 
+    step("pinged");
     // Heartbeats from every agent.
     let deadline = Instant::now() + LIMIT;
     loop {
@@ -63,6 +68,7 @@ fn a_fleet_on_a_three_node_cluster() {
         std::thread::sleep(POLL);
     }
 
+    step("heartbeats");
     // Stop the node with the most agents (not the director's, the last): each of them
     // subscribes again on another node.
     let (&victim, _) = per_node
@@ -84,6 +90,7 @@ fn a_fleet_on_a_three_node_cluster() {
         let (n, _) = after[id];
         assert_ne!(n, victim, "{id} is back on the stopped node");
     }
+    step("failed over");
     let round = fleet
         .director()
         .ping_all(&ids, LIMIT, Duration::from_secs(1))
@@ -98,6 +105,7 @@ fn a_fleet_on_a_three_node_cluster() {
         v
     };
     assert_eq!(configured.len(), NODES);
+    step("pinged again");
     let audits = fleet.audit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(audits.len(), AGENTS);
     for a in &audits {
@@ -129,4 +137,5 @@ fn a_fleet_on_a_three_node_cluster() {
     let _ = out; // refused or timed out: only the SYN matters
     let audits = fleet.audit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(audits[0].unruled(), vec![advertised], "{:?}", audits[0]);
+    step("audited");
 }

@@ -10,7 +10,7 @@
 //!   10.77.x.y/16, default route via 10.77.0.1), with the agent in a cgroup of its own (so
 //!   its NATS firewall matches it alone), its own base, run and certificate directories, and
 //!   an audit table [`AUDIT_TABLE`] that records every (address, port) a TCP SYN leaves the
-//!   namespace for.
+//!   namespace for, and a real monit of its own (the job state of its heartbeats).
 //!
 //! Why a bridge and one veth per agent: an agent needs a namespace of its own (its firewall
 //! and its table are per namespace), and a bridge keeps the director's side to one subnet and
@@ -89,6 +89,8 @@ pub struct FleetAgent {
     pub ip: Ipv4Addr,
     proc: Option<Proc>,
     exec: Exec,
+    monit: Option<Proc>,
+    monit_exec: Exec,
     netns: Netns,
     cgroup: CgroupDir,
 }
@@ -241,9 +243,14 @@ impl Fleet {
             .unwrap_or_else(|| unreachable!("the director lives as long as the fleet"))
     }
 
-    /// Starts every agent that is not running, one after the other; returns when the first
-    /// was spawned.
+    /// Starts every agent's monit, then every agent that is not running, one after the
+    /// other; returns when the first agent was spawned.
     pub fn spawn_agents(&mut self) -> Result<Instant> {
+        for a in &mut self.agents {
+            if a.monit.is_none() {
+                a.monit = Some(a.monit_exec.spawn()?);
+            }
+        }
         let t0 = Instant::now();
         for a in &mut self.agents {
             if a.proc.is_none() {
@@ -402,6 +409,8 @@ impl Fleet {
                 // Dropping `p` kills it by pid if it is still running.
                 let _ = p.wait_timeout(left.max(Duration::from_millis(1)));
             }
+            // Killed by pid on drop.
+            a.monit.take();
         }
     }
 }
@@ -502,6 +511,7 @@ fn prepare_agent(
     let resolv = dir.join("resolv.conf");
     write(&resolv, "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")?;
     let base = dir.join("base");
+    let monit = monit_exec(sb, &dir, &netns, &id)?;
     let exec = Exec::new([
         sb.tools().agent.as_os_str(),
         "-P".as_ref(),
@@ -523,9 +533,53 @@ fn prepare_agent(
         ip: agent_ip(i),
         proc: None,
         exec,
+        monit: None,
+        monit_exec: monit,
         netns,
         cgroup,
     })
+}
+
+/// A real monit for the agent (Debian's, HTTP API on 127.0.0.1:2822 of the agent's namespace,
+/// no checks, in a cgroup of its own): the agent asks it for the job state of every heartbeat,
+/// and without one each heartbeat would wait out upstream's retries (20 × 1 s, twice).
+fn monit_exec(sb: &Sandbox, dir: &Path, netns: &Netns, id: &str) -> Result<Exec> {
+    let binary = testkit::monit::monit_binary()?;
+    let user_file = dir.join("base").join("monit").join("monit.user");
+    if let Some(d) = user_file.parent() {
+        fs::create_dir_all(d).map_err(io_ctx(format!("creating {}", d.display())))?;
+    }
+    // The agent keeps a valid monit.user; monit reads it when it starts.
+    let secret: String = format!("{:016x}", rand_u64());
+    write(&user_file, &format!("vcap:{secret}"))?;
+    let run_dir = dir.join("monit-run");
+    fs::create_dir_all(&run_dir).map_err(io_ctx(format!("creating {}", run_dir.display())))?;
+    let control = run_dir.join("monitrc");
+    testkit::monit::ControlFile {
+        port: 2822,
+        user_file,
+        run_dir: run_dir.clone(),
+        body: String::new(),
+    }
+    .write(&control)?;
+    let cg = sb.cgroup(&format!("{id}-monit"))?;
+    Ok(Exec::new([
+        binary.as_os_str(),
+        "-I".as_ref(),
+        "-c".as_ref(),
+        control.as_os_str(),
+    ])
+    .netns(netns.file())
+    .cgroup(cg.path())
+    .log(&run_dir.join("monit.out")))
+}
+
+/// A password for a throw-away monit.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// One veth per agent: created in the director's namespace with its peer (`eth0`) straight in
