@@ -243,16 +243,23 @@ impl Fleet {
             .unwrap_or_else(|| unreachable!("the director lives as long as the fleet"))
     }
 
-    /// Starts every agent's monit, then every agent that is not running, one after the
-    /// other; returns when the first agent was spawned.
+    /// Starts every agent that is not running (see [`Fleet::spawn_range`]).
     pub fn spawn_agents(&mut self) -> Result<Instant> {
-        for a in &mut self.agents {
+        self.spawn_range(0..self.agents.len())
+    }
+
+    /// Starts the monit, then the agent, of each agent in `range` that is not running, one
+    /// after the other; returns when the first agent was spawned.
+    pub fn spawn_range(&mut self, range: std::ops::Range<usize>) -> Result<Instant> {
+        let end = range.end.min(self.agents.len());
+        let start = range.start.min(end);
+        for a in &mut self.agents[start..end] {
             if a.monit.is_none() {
                 a.monit = Some(a.monit_exec.spawn()?);
             }
         }
         let t0 = Instant::now();
-        for a in &mut self.agents {
+        for a in &mut self.agents[start..end] {
             if a.proc.is_none() {
                 a.proc = Some(a.exec.spawn()?);
             }
