@@ -41,8 +41,16 @@ fn a_fleet_on_a_three_node_cluster() {
     assert!(round.missing.is_empty(), "no pong from {:?}", round.missing);
     assert_eq!(round.answered.len(), AGENTS);
     for (id, (_, c)) in &conns {
-        let a = fleet.agents().iter().find(|a| &a.id == id).expect("known agent");
-        assert_eq!(c.ip, std::net::IpAddr::V4(a.ip), "{id} connects from its own address");
+        let a = fleet
+            .agents()
+            .iter()
+            .find(|a| &a.id == id)
+            .expect("known agent");
+        assert_eq!(
+            c.ip,
+            std::net::IpAddr::V4(a.ip),
+            "{id} connects from its own address"
+        );
     }
 
     // The agents are spread over the nodes (each picks its first node at random).
@@ -59,7 +67,12 @@ fn a_fleet_on_a_three_node_cluster() {
     // Heartbeats from every agent.
     let deadline = Instant::now() + LIMIT;
     loop {
-        let from: BTreeSet<String> = fleet.director().heartbeats().into_iter().map(|(id, _)| id).collect();
+        let from: BTreeSet<String> = fleet
+            .director()
+            .heartbeats()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         if ids.iter().all(|id| from.contains(id)) {
             break;
         }
@@ -95,7 +108,11 @@ fn a_fleet_on_a_three_node_cluster() {
         .director()
         .ping_all(&ids, LIMIT, Duration::from_secs(1))
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(round.missing.is_empty(), "no pong after the failover from {:?}", round.missing);
+    assert!(
+        round.missing.is_empty(),
+        "no pong after the failover from {:?}",
+        round.missing
+    );
 
     // Nobody dialled an address without a rule; everybody dialled (so the audit saw traffic),
     // and every table guards exactly the three configured nodes.
@@ -109,7 +126,11 @@ fn a_fleet_on_a_three_node_cluster() {
     let audits = fleet.audit().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(audits.len(), AGENTS);
     for a in &audits {
-        assert!(!a.dialled.is_empty(), "{}: the audit saw no dial at all", a.agent_id);
+        assert!(
+            !a.dialled.is_empty(),
+            "{}: the audit saw no dial at all",
+            a.agent_id
+        );
         assert_eq!(a.ruled, configured, "{}: its NATS rules", a.agent_id);
         assert!(
             a.unruled().is_empty(),

@@ -36,8 +36,8 @@ pub use client::{
     Bus, BusOptions, ConnectError, MAX_AGENT_ID_LEN, MAX_CONTROL_LINE, MAX_SUBJECT_LEN,
     PublishError, Requests, Target, Topic, check_subject_len, subject_for,
 };
-pub use order::dial_order;
 pub use hook::{BeforeConnect, ConnectPlan, HookError, HookFuture, NoHook};
+pub use order::dial_order;
 pub use resolve::{Candidate, FailedHost, FreshResolver, Resolution, ResolverSource, hosts_lookup};
 pub use session::IncomingMessage;
 pub use settings::{MbusConfig, SettingsError, mbus_config};

@@ -69,7 +69,11 @@ mod tests {
         for n in 0..50 {
             let id = format!("agent-{n}");
             let mut o = dial_order(&id, &c, 8);
-            assert_eq!(addrs_in_order(&c, &id), addrs_in_order(&reversed, &id), "{id}");
+            assert_eq!(
+                addrs_in_order(&c, &id),
+                addrs_in_order(&reversed, &id),
+                "{id}"
+            );
             assert_eq!(dial_order(&id, &c, 8), o, "{id}: same order every time");
             o.sort_unstable();
             assert_eq!(o, vec![0, 1, 2]);
@@ -102,8 +106,15 @@ mod tests {
         for (first, seconds) in &seen {
             let total: usize = seconds.values().sum();
             // A fair split gives 100 each; far from it means the ids do not spread.
-            assert!((60..=140).contains(&total), "{first}: {total} of {n} agents");
-            assert_eq!(seconds.len(), 2, "{first}'s agents fail over to both others: {seconds:?}");
+            assert!(
+                (60..=140).contains(&total),
+                "{first}: {total} of {n} agents"
+            );
+            assert_eq!(
+                seconds.len(),
+                2,
+                "{first}'s agents fail over to both others: {seconds:?}"
+            );
             for (second, k) in seconds {
                 assert!(
                     *k * 4 >= total,

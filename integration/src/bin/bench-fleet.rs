@@ -45,7 +45,10 @@ fn main() -> ExitCode {
     let t0 = Instant::now();
     match run() {
         Ok(()) => {
-            println!("\nbench-fleet: total runtime {:.1} s", t0.elapsed().as_secs_f64());
+            println!(
+                "\nbench-fleet: total runtime {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -134,7 +137,10 @@ fn settle(
     let (seen, conns, missing) = match fleet.wait_subscribed(ids, Some(since), STORM_LIMIT, POLL) {
         Ok((seen, conns)) => (seen, conns, 0),
         Err(e) => {
-            eprintln!("bench-fleet: {}", e.to_string().lines().next().unwrap_or(""));
+            eprintln!(
+                "bench-fleet: {}",
+                e.to_string().lines().next().unwrap_or("")
+            );
             let mut conns = HashMap::new();
             for (n, c) in fleet.connz()? {
                 if c.start >= since {
@@ -151,10 +157,16 @@ fn settle(
         .collect();
     let last = starts.iter().max().copied().unwrap_or(bucket_from);
     if std::env::var("FLEET_SHOW_SLOWEST").is_ok_and(|v| v == "1")
-        && let Some((id, _)) = conns.iter().filter(|(id, _)| ids.contains(id)).max_by_key(|(_, (_, c))| c.start)
+        && let Some((id, _)) = conns
+            .iter()
+            .filter(|(id, _)| ids.contains(id))
+            .max_by_key(|(_, (_, c))| c.start)
         && let Some(a) = fleet.agents().iter().find(|a| &a.id == id)
     {
-        eprintln!("bench-fleet: the last to reconnect, {id}:\n{}", integration::bench::tail(&a.log(), 40));
+        eprintln!(
+            "bench-fleet: the last to reconnect, {id}:\n{}",
+            integration::bench::tail(&a.log(), 40)
+        );
     }
     let mut spread = BTreeMap::new();
     for id in ids {
@@ -183,9 +195,16 @@ fn run() -> Res<()> {
     let k = knobs()?;
     let profile = std::env::current_exe()
         .ok()
-        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|n| n.to_string_lossy().into_owned()))
+        .and_then(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "unknown".into());
-    eprintln!("bench-fleet: building a fleet of {} agents ({profile} build)", k.agents);
+    eprintln!(
+        "bench-fleet: building a fleet of {} agents ({profile} build)",
+        k.agents
+    );
     let t_build = Instant::now();
     let mut fleet = Fleet::build(&FleetOptions {
         agents: k.agents,
@@ -215,8 +234,16 @@ fn run() -> Res<()> {
             .iter()
             .filter_map(|id| c.get(id).map(|(_, x)| x.start))
             .collect();
-        let first = wave_conns.iter().min().map(|t| since_ms(*t, wave_wall)).unwrap_or(f64::NAN);
-        let last = wave_conns.iter().max().map(|t| since_ms(*t, wave_wall)).unwrap_or(f64::NAN);
+        let first = wave_conns
+            .iter()
+            .min()
+            .map(|t| since_ms(*t, wave_wall))
+            .unwrap_or(f64::NAN);
+        let last = wave_conns
+            .iter()
+            .max()
+            .map(|t| since_ms(*t, wave_wall))
+            .unwrap_or(f64::NAN);
         waves.push((seen.saturating_duration_since(tw), first, last));
         eprintln!(
             "bench-fleet: agents {start}..{end} subscribed {:.1} s after their first exec",
@@ -260,7 +287,10 @@ fn run() -> Res<()> {
         .filter(|id| placement.get(*id) == Some(&victim))
         .cloned()
         .collect();
-    eprintln!("bench-fleet: stopping node {victim} ({} agents on it)", moved.len());
+    eprintln!(
+        "bench-fleet: stopping node {victim} ({} agents on it)",
+        moved.len()
+    );
     let load = fleet.director().ping_load(&ids, k.ping_every)?;
     std::thread::sleep(Duration::from_secs(1));
     let kill_wall = SystemTime::now();
@@ -302,7 +332,11 @@ fn run() -> Res<()> {
             *dialled.entry(*d).or_default() += 1;
         }
     }
-    let advertised: Vec<String> = fleet.nodes().iter().map(|n| n.advertised.to_string()).collect();
+    let advertised: Vec<String> = fleet
+        .nodes()
+        .iter()
+        .map(|n| n.advertised.to_string())
+        .collect();
 
     let mut rss_kb = Vec::new();
     for a in fleet.agents() {
@@ -323,24 +357,52 @@ fn run() -> Res<()> {
         ids.len(),
         first_line_of("nats-server", &["--version"]),
         first_line_of("uname", &["-sr"]),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         k.heartbeat,
         build.as_secs_f64()
     );
     println!("## Start\n");
     println!("| what | value |\n|---|---|");
-    println!("| waves of | {} agents (the next wave starts once the last is subscribed) |", k.wave);
-    println!("| spawning (placement wrappers, one after the other), all waves | {:.0} ms |", ms(spawned));
+    println!(
+        "| waves of | {} agents (the next wave starts once the last is subscribed) |",
+        k.wave
+    );
+    println!(
+        "| spawning (placement wrappers, one after the other), all waves | {:.0} ms |",
+        ms(spawned)
+    );
     let w = |f: fn(&(Duration, f64, f64)) -> f64| {
         let v = sorted(&waves.iter().map(f).collect::<Vec<_>>());
-        format!("{:.0} / {:.0} ms", pct(&v, 0.5), v.last().copied().unwrap_or(f64::NAN))
+        format!(
+            "{:.0} / {:.0} ms",
+            pct(&v, 0.5),
+            v.last().copied().unwrap_or(f64::NAN)
+        )
     };
-    println!("| per wave, its first exec → its first connect accepted, median / max | {} |", w(|x| x.1));
-    println!("| per wave, its first exec → its last connect accepted, median / max | {} |", w(|x| x.2));
-    println!("| per wave, its first exec → all of it seen subscribed (`/connz` every {} ms), median / max | {} |", POLL.as_millis(), w(|x| ms(x.0)));
-    println!("| first exec → every agent subscribed, all waves | {:.0} ms |", ms(all_subscribed));
+    println!(
+        "| per wave, its first exec → its first connect accepted, median / max | {} |",
+        w(|x| x.1)
+    );
+    println!(
+        "| per wave, its first exec → its last connect accepted, median / max | {} |",
+        w(|x| x.2)
+    );
+    println!(
+        "| per wave, its first exec → all of it seen subscribed (`/connz` every {} ms), median / max | {} |",
+        POLL.as_millis(),
+        w(|x| ms(x.0))
+    );
+    println!(
+        "| first exec → every agent subscribed, all waves | {:.0} ms |",
+        ms(all_subscribed)
+    );
     println!("| agents per node | {per_node:?} |");
-    println!("| one ping to every agent, round trip p50 / p99 | {} |", p50_p99(&pings));
+    println!(
+        "| one ping to every agent, round trip p50 / p99 | {} |",
+        p50_p99(&pings)
+    );
     println!("| no pong from | {:?} |", round.missing);
     println!(
         "| heartbeats at the director over {} s | {:.1}/s (expected {expected:.1}/s), from {} of {} agents |",
@@ -365,15 +427,24 @@ fn run() -> Res<()> {
         BUCKET.as_millis(),
         k.ping_every.as_millis()
     );
-    println!("| storm | agents | buckets from | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | ping p50 / p99 during | pings |");
+    println!(
+        "| storm | agents | buckets from | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | ping p50 / p99 during | pings |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     storm_rows(&format!("node {victim} stopped"), "the stop", &one);
     storm_rows(
-        &format!("all {NODES} restarted (down in {:.0} ms, up in {:.0} ms)", ms(all_down), ms(ready)),
+        &format!(
+            "all {NODES} restarted (down in {:.0} ms, up in {:.0} ms)",
+            ms(all_down),
+            ms(ready)
+        ),
         "the restart",
         &all,
     );
-    println!("\nNode {victim}'s agents went to: {:?} (node → agents).", one.spread);
+    println!(
+        "\nNode {victim}'s agents went to: {:?} (node → agents).",
+        one.spread
+    );
     println!("After the restart: {:?}.", all.spread);
     println!("Connects per bucket, node stopped: {:?}", one.buckets);
     println!("Connects per bucket, all restarted: {:?}", all.buckets);
@@ -383,9 +454,15 @@ fn run() -> Res<()> {
          (in no agent's settings). Destinations seen: {dialled:?} (address → agents)."
     );
     if unruled.is_empty() {
-        println!("\nNo agent dialled an address its table has no rule for ({} agents audited).", audits.len());
+        println!(
+            "\nNo agent dialled an address its table has no rule for ({} agents audited).",
+            audits.len()
+        );
     } else {
-        println!("\n{} agents dialled addresses without a rule: {unruled:?}", unruled.len());
+        println!(
+            "\n{} agents dialled addresses without a rule: {unruled:?}",
+            unruled.len()
+        );
     }
     Ok(())
 }

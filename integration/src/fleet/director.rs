@@ -185,50 +185,51 @@ impl FleetDirector {
         let ids = ids.to_vec();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let (done_tx, done) = std::sync::mpsc::channel();
-        self.ns.try_run(Duration::from_secs(10), move || async move {
-            let prefix = fresh_subject(&client, "director");
-            let mut replies = client
-                .subscribe(format!("{prefix}.*"))
-                .await
-                .map_err(nats_err)?;
-            client.flush().await.map_err(nats_err)?;
-            tokio::spawn(async move {
-                let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-                let mut res = LoadResult::default();
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                let mut seq = 0u64;
-                loop {
-                    tokio::select! {
-                        _ = stopped.changed() => break,
-                        _ = tick.tick() => {
-                            if ids.is_empty() { continue; }
-                            let id = &ids[usize::try_from(seq).unwrap_or(0) % ids.len()];
-                            let body = json!({"method": "ping", "arguments": [],
-                                "reply_to": format!("{prefix}.{seq}"), "protocol": 3});
-                            // A failed publish (director reconnecting) counts as lost.
-                            let _ = client
-                                .publish(format!("agent.{id}"), body.to_string().into())
-                                .await;
-                            sent_at.insert(seq, Instant::now());
-                            res.sent += 1;
-                            seq += 1;
-                        }
-                        msg = replies.next() => {
-                            let Some(msg) = msg else { break };
-                            let n = msg.subject.as_str().rsplit('.').next()
-                                .and_then(|s| s.parse::<u64>().ok());
-                            if let Some(t) = n.and_then(|n| sent_at.remove(&n)) {
-                                res.latencies.push(t.elapsed());
+        self.ns
+            .try_run(Duration::from_secs(10), move || async move {
+                let prefix = fresh_subject(&client, "director");
+                let mut replies = client
+                    .subscribe(format!("{prefix}.*"))
+                    .await
+                    .map_err(nats_err)?;
+                client.flush().await.map_err(nats_err)?;
+                tokio::spawn(async move {
+                    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+                    let mut res = LoadResult::default();
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                    let mut seq = 0u64;
+                    loop {
+                        tokio::select! {
+                            _ = stopped.changed() => break,
+                            _ = tick.tick() => {
+                                if ids.is_empty() { continue; }
+                                let id = &ids[usize::try_from(seq).unwrap_or(0) % ids.len()];
+                                let body = json!({"method": "ping", "arguments": [],
+                                    "reply_to": format!("{prefix}.{seq}"), "protocol": 3});
+                                // A failed publish (director reconnecting) counts as lost.
+                                let _ = client
+                                    .publish(format!("agent.{id}"), body.to_string().into())
+                                    .await;
+                                sent_at.insert(seq, Instant::now());
+                                res.sent += 1;
+                                seq += 1;
+                            }
+                            msg = replies.next() => {
+                                let Some(msg) = msg else { break };
+                                let n = msg.subject.as_str().rsplit('.').next()
+                                    .and_then(|s| s.parse::<u64>().ok());
+                                if let Some(t) = n.and_then(|n| sent_at.remove(&n)) {
+                                    res.latencies.push(t.elapsed());
+                                }
                             }
                         }
                     }
-                }
-                res.lost = sent_at.len();
-                let _ = done_tx.send(res);
-            });
-            Ok::<(), Error>(())
-        })?;
+                    res.lost = sent_at.len();
+                    let _ = done_tx.send(res);
+                });
+                Ok::<(), Error>(())
+            })?;
         Ok(PingLoad { stop, done })
     }
 }

@@ -191,7 +191,8 @@ impl Fleet {
         let path = sb.dir().join("director.ip");
         write(&path, &batch)?;
         run(
-            sb.netns().command([PathBuf::from("ip"), "-b".into(), path.clone()]),
+            sb.netns()
+                .command([PathBuf::from("ip"), "-b".into(), path.clone()]),
             "setting up the director's bridge",
         )?;
         let nodes = (0..NODES)
@@ -313,13 +314,16 @@ impl Fleet {
             .filter(|(_, n)| n.running())
             .map(|(i, n)| (i, n.monitor))
             .collect();
-        let bodies = self.director().ns().try_run(Duration::from_secs(20), move || async move {
-            let mut out = Vec::new();
-            for (i, m) in monitors {
-                out.push((i, http_get_json(m, "/connz?subs=1&limit=100000").await?));
-            }
-            Ok::<_, Error>(out)
-        })?;
+        let bodies = self
+            .director()
+            .ns()
+            .try_run(Duration::from_secs(20), move || async move {
+                let mut out = Vec::new();
+                for (i, m) in monitors {
+                    out.push((i, http_get_json(m, "/connz?subs=1&limit=100000").await?));
+                }
+                Ok::<_, Error>(out)
+            })?;
         let mut out = Vec::new();
         for (i, v) in bodies {
             for c in observe::agent_conns(&v).map_err(Error)? {
@@ -516,7 +520,10 @@ fn prepare_agent(
     write(&conf, &config.to_string())?;
     // No name to resolve (the URLs are addresses), so the host's resolver is never asked.
     let resolv = dir.join("resolv.conf");
-    write(&resolv, "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")?;
+    write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )?;
     let base = dir.join("base");
     let monit = monit_exec(sb, &dir, &netns, &id)?;
     let exec = Exec::new([

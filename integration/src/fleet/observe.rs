@@ -71,8 +71,7 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60
-    {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
         return None;
     }
     let mut rest = &s[19..];
@@ -260,8 +259,14 @@ mod tests {
             Some(at(1_796_140_200, 0))
         );
         // Leap day and the end of a year.
-        assert_eq!(parse_rfc3339("2024-02-29T00:00:00Z"), Some(at(1_709_164_800, 0)));
-        assert_eq!(parse_rfc3339("1999-12-31T23:59:59Z"), Some(at(946_684_799, 0)));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z"),
+            Some(at(1_709_164_800, 0))
+        );
+        assert_eq!(
+            parse_rfc3339("1999-12-31T23:59:59Z"),
+            Some(at(946_684_799, 0))
+        );
     }
 
     #[test]
