@@ -28,7 +28,8 @@ demo-firewall: deps
 	bash scripts/demo.sh
 
 # Packet-path cost, firewall-allow latency/RSS, the agent against nats-server, and deploys
-# (prepare/apply from a DAV blobstore, compile_package), side by side in one run (see BENCHMARKS.md).
+# (prepare/apply from a DAV blobstore, compile_package), and a fleet of FLEET_AGENTS agents (200) on a
+# 3-node NATS cluster, side by side in one run (see BENCHMARKS.md, RELIABILITY.md).
 bench: deps
 	$(CARGO) build -p cli -p integration --release
 	./target/release/bench
@@ -36,6 +37,7 @@ bench: deps
 	./target/release/bench-deploy
 	./target/release/bench-egress
 	./target/release/bench-dns
+	./target/release/bench-fleet
 
 # Coverage-guided fuzzing of the parsers, the renderer and the archive reader, FUZZ_SECONDS
 # each (default 60); installs cargo-fuzz on first use (see scripts/fuzz.sh).

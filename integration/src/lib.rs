@@ -35,6 +35,7 @@ pub mod agent;
 pub mod bench;
 pub mod cgroup;
 pub mod crash;
+pub mod fleet;
 pub mod monit;
 pub mod nats;
 pub mod netns;

@@ -477,8 +477,16 @@ fn dead_first_url_then_live_second_both_protected() {
     let agent_cg = cg(&sb, "agent");
     let other = cg(&sb, "other");
     let _server = single_server(&sb, &pki);
-    // Nothing listens on 4223: refused at once.
-    let dead = "127.0.0.1:4223";
+    // Nothing listens on 4223 and up: refused at once. One this agent dials before the live
+    // one (its order is keyed by its id), so that the failed dial happens and is reported.
+    let dead_port = (4223..4300u16)
+        .find(|p| {
+            let d = addr(&format!("127.0.0.1:{p}"));
+            mbus::dial_order(AGENT_ID, &[d, addr(AGENT_SIDE)], 8) == [0, 1]
+        })
+        .expect("a port dialled first");
+    let dead_addr = format!("127.0.0.1:{dead_port}");
+    let dead = dead_addr.as_str();
     let _agent = start_agent(
         &sb,
         &agent_cg,

@@ -2,7 +2,8 @@
 //!
 //! Per attempt: back off (none for the first attempt, nor after a stable connection), resolve
 //! every URL afresh, await the [`BeforeConnect`] hook with exactly the endpoints about to be
-//! dialled, then dial those endpoints (rotating among them and among URLs) until one accepts.
+//! dialled, then dial those endpoints (rotating through them in this agent's order, see
+//! [`dial_order`]) until one accepts.
 //! While connected, requests on `agent.<id>` flow to [`Requests`]; when the connection drops
 //! the next attempt starts at once. [`Requests`] outlives every connection, so the agent's
 //! subscription survives reconnects.
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::hook::{BeforeConnect, ConnectPlan};
+use crate::order::dial_order;
 use crate::resolve::{Candidate, FreshResolver, ResolverSource};
 use crate::session::{self, IncomingMessage, SessionOptions, Step};
 use crate::settings::MbusConfig;
@@ -677,8 +679,9 @@ impl Supervisor {
         status::write(&stats.last_hook_error, failure);
     }
 
-    /// Dials up to `max_dials_per_attempt` candidates starting at `cursor`; leaves `cursor` on
-    /// the endpoint that accepted, or past the ones tried.
+    /// Dials up to `max_dials_per_attempt` candidates in this agent's order
+    /// ([`dial_order`]) starting at position `cursor`; leaves `cursor` on the endpoint that
+    /// accepted, or past the ones tried.
     async fn dial_any(
         &self,
         target: &Destination,
@@ -702,9 +705,16 @@ impl Supervisor {
         let tries = candidates
             .len()
             .min(self.options.max_dials_per_attempt.max(1));
+        // `cursor` counts positions in this agent's order, not candidate indices.
+        let addrs: Vec<std::net::SocketAddr> = candidates.iter().map(|c| c.addr).collect();
+        let order = dial_order(
+            &self.shared.agent_id,
+            &addrs,
+            self.options.max_dials_per_attempt,
+        );
         for i in 0..tries {
             let index = cursor.wrapping_add(i) % candidates.len();
-            let candidate = candidates[index];
+            let candidate = candidates[order[index]];
             let server = &target.servers[candidate.server];
             stats.dials.fetch_add(1, Ordering::Relaxed);
             match session::open(candidate.addr, server, &opts).await {

@@ -23,6 +23,7 @@
 mod backoff;
 mod client;
 mod hook;
+mod order;
 mod resolve;
 mod session;
 mod settings;
@@ -36,6 +37,7 @@ pub use client::{
     PublishError, Requests, Target, Topic, check_subject_len, subject_for,
 };
 pub use hook::{BeforeConnect, ConnectPlan, HookError, HookFuture, NoHook};
+pub use order::dial_order;
 pub use resolve::{Candidate, FailedHost, FreshResolver, Resolution, ResolverSource, hosts_lookup};
 pub use session::IncomingMessage;
 pub use settings::{MbusConfig, SettingsError, mbus_config};

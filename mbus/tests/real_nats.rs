@@ -317,8 +317,14 @@ async fn dns_unreachable_during_reconnect_keeps_old_endpoints_and_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_first_url_live_second_and_failing_hook() {
     let pki = pki();
-    let dead = SocketAddr::new(lo(1), free_port(&[lo(1)]));
     let live_port = free_port(&[lo(2)]);
+    let live = SocketAddr::new(lo(2), live_port);
+    // A dead port this agent dials before the live one (its order is keyed by its id), so
+    // that the failed dial happens and is reported.
+    let dead = (0..64)
+        .map(|_| SocketAddr::new(lo(1), free_port(&[lo(1)])))
+        .find(|d| mbus::dial_order(AGENT_ID, &[*d, live], 8) == [0, 1])
+        .expect("a port dialled first");
     let server = nats(&pki, NATS_NAME, SocketAddr::new(lo(2), live_port));
     let hook = Arc::new(RecordingHook::default());
     hook.fail.store(true, Ordering::SeqCst);

@@ -20,6 +20,7 @@ use crate::Sandbox;
 struct Registered {
     cgroup: PathBuf,
     netns: PathBuf,
+    more_netns: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
 }
 
@@ -39,8 +40,17 @@ pub fn register(sb: &Sandbox) {
     registry().push(Registered {
         cgroup: sb.top_cgroup().path().to_path_buf(),
         netns: sb.netns().file().to_path_buf(),
+        more_netns: Vec::new(),
         dirs: vec![sb.dir().to_path_buf()],
     });
+}
+
+/// Adds a network namespace pinned outside the sandbox's own (e.g. one per agent of a
+/// fleet) to the last registered sandbox: unmounted before its directories are removed.
+pub fn register_netns(file: PathBuf) {
+    if let Some(r) = registry().last_mut() {
+        r.more_netns.push(file);
+    }
 }
 
 /// Adds a directory that lives outside the last registered sandbox's (e.g. nginx's).
@@ -138,7 +148,9 @@ pub fn emergency_cleanup() {
         if let Err(e) = crate::remove_cgroup_tree(&r.cgroup) {
             eprintln!("{}: {e}", name());
         }
-        let _ = nix::mount::umount2(&r.netns, nix::mount::MntFlags::MNT_DETACH);
+        for ns in r.more_netns.iter().chain([&r.netns]) {
+            let _ = nix::mount::umount2(ns, nix::mount::MntFlags::MNT_DETACH);
+        }
         for d in &r.dirs {
             let _ = fs::remove_dir_all(d);
             eprintln!("{}: removed {}", name(), d.display());
