@@ -24,7 +24,8 @@
 //! Modules, one idea each: [`prereq`] (root, tools, the cgroup2 mount, the binaries under
 //! test), [`netns`], [`cgroup`], [`sandbox`] (the world of one test), [`nft`] (reading the
 //! agent's table), [`probe`] (connection attempts from a cgroup as a uid), [`agent`] (the
-//! agent process), [`crash`] (table snapshots and seeded kill points), [`monit`], [`nats`]
+//! agent process), [`crash`] (table snapshots and seeded kill points), [`fleet`] (many agents on
+//! a 3-node NATS cluster), [`monit`], [`nats`]
 //! (nats-server, dnsmasq and the director in the sandbox), [`dav`] (testkit's nginx
 //! blobstore), [`vm`] (a simulated VM: a mount namespace the agent and monit share, loop
 //! devices as its disks), [`sim`] (the director simulator's release and message sequences) and
