@@ -415,6 +415,7 @@ async fn only_hooked_dials_reach_the_server_and_no_task_leaks() {
         // Reconnect at once after each cut, whatever the connection's age.
         backoff: mbus::BackoffPolicy {
             stable_after: Duration::ZERO,
+            spread: Duration::ZERO,
             ..Default::default()
         },
         ..options(None)

@@ -95,7 +95,7 @@ pub fn resolver_source() -> ResolverSource {
 
 /// The reconnect backoff: the default (1 s cap) unless `cap_ms`, the value of
 /// `BOSH_AGENT_MBUS_BACKOFF_CAP_MS`, is a whole number of milliseconds from 10 to 10,000; the
-/// first delay then never exceeds the cap either. Tests that restart nats-server a hundred
+/// first delay and the spread after a dropped connection then never exceed the cap either. Tests that restart nats-server a hundred
 /// times use it; anything else there is ignored.
 pub fn backoff_policy(cap_ms: Option<&str>) -> mbus::BackoffPolicy {
     let default = mbus::BackoffPolicy::default();
@@ -104,6 +104,7 @@ pub fn backoff_policy(cap_ms: Option<&str>) -> mbus::BackoffPolicy {
             let cap = std::time::Duration::from_millis(ms);
             mbus::BackoffPolicy {
                 base: default.base.min(cap),
+                spread: default.spread.min(cap),
                 cap,
                 ..default
             }
