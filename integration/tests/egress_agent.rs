@@ -183,7 +183,7 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
     // The job's rule is listed with its key (its cgroup path) and its cgroup.
     let rules = status["metadata_rules"].as_array().cloned().unwrap_or_default();
     assert_eq!(rules.len(), 1, "{status:#}");
-    assert_eq!(rules[0]["key"].as_str(), Some(job.nft_path()), "{status:#}");
+    assert_eq!(rules[0]["key"].as_str(), Some(job.nft_path().as_str()), "{status:#}");
     assert!(rules[0]["cgroup"].is_string(), "{status:#}");
     assert_eq!(status["job_rules"], serde_json::json!([]), "{status:#}");
     let eg = &status["agent"]["workload"]["egress"];
