@@ -150,7 +150,9 @@ fn cidr(u: &mut Unstructured<'_>) -> AResult<String> {
         8 => {
             // IPv4-mapped, folded to IPv4 by the parser.
             let p = u.int_in_range(96u8..=128)?;
-            let a = Ipv4Addr::from(u.arbitrary::<u32>()? & u32::MAX.checked_shl(128 - u32::from(p)).unwrap_or(0));
+            let a = Ipv4Addr::from(
+                u.arbitrary::<u32>()? & u32::MAX.checked_shl(128 - u32::from(p)).unwrap_or(0),
+            );
             format!("::ffff:{a}/{p}")
         }
         _ => (*u.choose(&platform::firewall::policy::CLOUD_METADATA)?).to_string(),
@@ -313,7 +315,11 @@ fn generate(u: &mut Unstructured<'_>) -> AResult<Option<Case>> {
                 continue;
             };
             let key = job_key(path.as_str());
-            let cgid = if u.arbitrary()? { Some(u.arbitrary()?) } else { None };
+            let cgid = if u.arbitrary()? {
+                Some(u.arbitrary()?)
+            } else {
+                None
+            };
             let comment = if metadata {
                 metadata_comment(&key, cgid)
             } else {
@@ -417,7 +423,12 @@ fn check(case: &Case) {
         chains.insert(EGRESS_GUARD_CHAIN, None);
         chains.insert(EGRESS_FORWARD_GUARD_CHAIN, None);
         chains.insert(EGRESS_JOBS_CHAIN, None);
-        sets.extend([EGRESS_DENY_V4, EGRESS_DENY_V6, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6]);
+        sets.extend([
+            EGRESS_DENY_V4,
+            EGRESS_DENY_V6,
+            EGRESS_EXCEPT_V4,
+            EGRESS_EXCEPT_V6,
+        ]);
         counters.insert(EGRESS_COUNTER);
     }
     if ingress.is_some() {
@@ -459,7 +470,9 @@ fn check(case: &Case) {
         g.push((agent, Some("bosh-agent")));
     }
     if nats_on {
-        who.entry(NATS_GUARD_CHAIN).or_default().push((agent, Some("bosh-agent")));
+        who.entry(NATS_GUARD_CHAIN)
+            .or_default()
+            .push((agent, Some("bosh-agent")));
     }
     if let Some(e) = egress {
         let g = who.entry(EGRESS_GUARD_CHAIN).or_default();
@@ -476,7 +489,9 @@ fn check(case: &Case) {
         reason: String::new(),
     };
     if d.monit == (MonitPolicy::Enabled { allow_root: true }) {
-        who.entry(MONIT_GUARD_CHAIN).or_default().push((&root, Some("root")));
+        who.entry(MONIT_GUARD_CHAIN)
+            .or_default()
+            .push((&root, Some("root")));
     }
     let fixed_comments = ["in-flow"];
     let counter_of = |chain: &str| -> Option<&str> {
@@ -496,11 +511,19 @@ fn check(case: &Case) {
             } else {
                 &case.metadata_jobs
             };
-            assert_eq!(rules.len(), jobs.len(), "{chain}: one rule per job\n{script}");
+            assert_eq!(
+                rules.len(),
+                jobs.len(),
+                "{chain}: one rule per job\n{script}"
+            );
             for (r, j) in rules.iter().zip(jobs) {
                 let (ids, comments, rest) = split_rule(r);
                 assert_eq!(ids, vec![id_text(&j.identity)], "{chain}: {r}");
-                assert_eq!(comments, vec![j.comment.as_str().to_string()], "{chain}: {r}");
+                assert_eq!(
+                    comments,
+                    vec![j.comment.as_str().to_string()],
+                    "{chain}: {r}"
+                );
                 assert_vocabulary(chain, &rest, r);
             }
             continue;
@@ -524,7 +547,10 @@ fn check(case: &Case) {
             }
             if r.contains("counter name") {
                 let expect = counter_of(chain).unwrap_or_else(|| panic!("{chain}: a counter: {r}"));
-                assert!(r.contains(&format!("counter name \"{expect}\"")), "{chain}: {r}");
+                assert!(
+                    r.contains(&format!("counter name \"{expect}\"")),
+                    "{chain}: {r}"
+                );
             }
             if r.contains("reject") {
                 assert!(
@@ -537,7 +563,10 @@ fn check(case: &Case) {
                 assert!(ingress.is_some_and(|i| i.allow_icmp), "{chain}: ICMP: {r}");
             }
             if r.contains("ct state invalid") {
-                assert!(ingress.is_some_and(|i| i.ct_invalid == CtInvalid::Drop), "{r}");
+                assert!(
+                    ingress.is_some_and(|i| i.ct_invalid == CtInvalid::Drop),
+                    "{r}"
+                );
             }
             for t in &rest {
                 if let Some(set) = t.strip_prefix('@') {
@@ -546,7 +575,10 @@ fn check(case: &Case) {
             }
             if let Some(i) = rest.iter().position(|t| t == "jump") {
                 let target = rest.get(i + 1).map(String::as_str).unwrap_or("");
-                assert!(chains.contains_key(target) && chains[target].is_none(), "{r}");
+                assert!(
+                    chains.contains_key(target) && chains[target].is_none(),
+                    "{r}"
+                );
             }
             assert_vocabulary(chain, &rest, r);
         }
@@ -562,7 +594,10 @@ fn check(case: &Case) {
                 EgressAction::Drop => 1,
                 EgressAction::Reject => 2,
             };
-            let denies = rules.iter().filter(|r| r.ends_with("drop") || r.contains("reject")).count();
+            let denies = rules
+                .iter()
+                .filter(|r| r.ends_with("drop") || r.contains("reject"))
+                .count();
             assert_eq!(denies, verdicts, "{chain}\n{script}");
         }
     }
@@ -589,7 +624,11 @@ fn split_rule(r: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
                     parts.len() == 3 && parts[0] == "cgroupv2" && parts[1] == "level",
                     "malformed socket match in {r}"
                 );
-                ids.push(format!("socket cgroupv2 level {} {}", parts[2], toks.next().unwrap_or_default()));
+                ids.push(format!(
+                    "socket cgroupv2 level {} {}",
+                    parts[2],
+                    toks.next().unwrap_or_default()
+                ));
             }
             "skuid" if rest.last().is_some_and(|l| l == "meta") => {
                 rest.pop();
@@ -623,7 +662,9 @@ impl Iterator for Tokens<'_> {
             return None;
         }
         if let Some(rest) = self.s.strip_prefix('"') {
-            let end = rest.find('"').unwrap_or_else(|| panic!("unterminated string: {}", self.s));
+            let end = rest
+                .find('"')
+                .unwrap_or_else(|| panic!("unterminated string: {}", self.s));
             let tok = format!("\"{}\"", &rest[..end]);
             self.s = &rest[end + 1..];
             return Some(tok);
@@ -639,23 +680,88 @@ impl Iterator for Tokens<'_> {
 /// value from the configuration could have put there.
 fn assert_vocabulary(chain: &str, rest: &[String], r: &str) {
     const WORDS: &[&str] = &[
-        "tcp", "udp", "dport", "sport", "flags", "&", "(syn", "|", "ack)", "!=", "syn", "meta",
-        "mark", "set", "accept", "drop", "jump", "ip", "ip6", "daddr", "saddr", ".", "th",
-        "l4proto", "nfproto", "ipv4", "ipv6", "ct", "state", "established,related", "invalid",
-        "counter", "name", "reject", "with", "reset", "icmpx", "admin-prohibited", "fib", "type",
-        "local", "iif", "lo", "status", "dnat", "icmp", "icmpv6", "{", "}", "ipv6-icmp",
-        "destination-unreachable,", "echo-request,", "time-exceeded", "time-exceeded,",
-        "echo-request", "nd-neighbor-solicit,", "nd-neighbor-advert,", "nd-router-advert",
-        "hoplimit", "packet-too-big", "mld-listener-query", "fe80::/10", "127.0.0.1", "::1",
-        "127.0.0.0/8", "0xb054",
+        "tcp",
+        "udp",
+        "dport",
+        "sport",
+        "flags",
+        "&",
+        "(syn",
+        "|",
+        "ack)",
+        "!=",
+        "syn",
+        "meta",
+        "mark",
+        "set",
+        "accept",
+        "drop",
+        "jump",
+        "ip",
+        "ip6",
+        "daddr",
+        "saddr",
+        ".",
+        "th",
+        "l4proto",
+        "nfproto",
+        "ipv4",
+        "ipv6",
+        "ct",
+        "state",
+        "established,related",
+        "invalid",
+        "counter",
+        "name",
+        "reject",
+        "with",
+        "reset",
+        "icmpx",
+        "admin-prohibited",
+        "fib",
+        "type",
+        "local",
+        "iif",
+        "lo",
+        "status",
+        "dnat",
+        "icmp",
+        "icmpv6",
+        "{",
+        "}",
+        "ipv6-icmp",
+        "destination-unreachable,",
+        "echo-request,",
+        "time-exceeded",
+        "time-exceeded,",
+        "echo-request",
+        "nd-neighbor-solicit,",
+        "nd-neighbor-advert,",
+        "nd-router-advert",
+        "hoplimit",
+        "packet-too-big",
+        "mld-listener-query",
+        "fe80::/10",
+        "127.0.0.1",
+        "::1",
+        "127.0.0.0/8",
+        "0xb054",
     ];
     for t in rest {
         let ok = WORDS.contains(&t.as_str())
             || t.starts_with('@')
             || t.bytes().all(|b| b.is_ascii_digit())
-            || (t.starts_with('"') && t.ends_with('"') && t.len() > 2 && t[1..t.len() - 1].bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            || (t.starts_with('"')
+                && t.ends_with('"')
+                && t.len() > 2
+                && t[1..t.len() - 1]
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_'))
             || chain_names().contains(&t.as_str());
-        assert!(ok, "{chain}: token {t:?} is not one the renderer writes: {r}");
+        assert!(
+            ok,
+            "{chain}: token {t:?} is not one the renderer writes: {r}"
+        );
     }
 }
 
@@ -692,7 +798,11 @@ fn parse_range(s: &str) -> (bool, Range) {
         let bits = if v6 { 128 } else { 32 };
         let p: u32 = p.parse().unwrap_or_else(|_| panic!("prefix in {s:?}"));
         assert!(p <= bits, "{s}");
-        let host = if bits - p == 128 { u128::MAX } else { (1u128 << (bits - p)) - 1 };
+        let host = if bits - p == 128 {
+            u128::MAX
+        } else {
+            (1u128 << (bits - p)) - 1
+        };
         assert_eq!(a & host, 0, "host bits in element {s}");
         (v6, (a, a | host))
     } else if let Some((a, b)) = s.split_once('-') {
@@ -762,13 +872,24 @@ fn probes(a: u128, b: u128, bounds: &[Range]) -> Vec<u128> {
 
 fn check_elements(case: &Case, shape: &TableShape, script: &str) {
     let elems = |set: &str| -> Vec<String> {
-        shape.sets.get(set).map(|s| s.elements.clone()).unwrap_or_default()
+        shape
+            .sets
+            .get(set)
+            .map(|s| s.elements.clone())
+            .unwrap_or_default()
     };
     if let NatsPolicy::Enabled { endpoints } = &case.state.nats {
         let mut got: Vec<String> = elems(NATS_SET_V4);
         got.extend(elems(NATS_SET_V6));
-        let want: BTreeSet<String> = endpoints.iter().map(|e| format!("{} . {}", e.ip(), e.port())).collect();
-        assert_eq!(got.iter().cloned().collect::<BTreeSet<_>>(), want, "{script}");
+        let want: BTreeSet<String> = endpoints
+            .iter()
+            .map(|e| format!("{} . {}", e.ip(), e.port()))
+            .collect();
+        assert_eq!(
+            got.iter().cloned().collect::<BTreeSet<_>>(),
+            want,
+            "{script}"
+        );
         assert_eq!(got.len(), want.len());
     }
     let cfg = &case.config;
@@ -785,14 +906,28 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
             entries.push((v6, r, except));
         }
         if cfg.deny_cloud_metadata {
-            for a in ["169.254.169.254", "fd00:ec2::254", "fe80::a9fe:a9fe", "169.254.170.23", "168.63.129.16"] {
+            for a in [
+                "169.254.169.254",
+                "fd00:ec2::254",
+                "fe80::a9fe:a9fe",
+                "169.254.170.23",
+                "168.63.129.16",
+            ] {
                 let (v6, r) = cidr_range(a);
-                let except = vec![("udp".into(), (53, 53)), ("tcp".into(), (53, 53)), ("udp".into(), (123, 123))];
+                let except = vec![
+                    ("udp".into(), (53, 53)),
+                    ("tcp".into(), (53, 53)),
+                    ("udp".into(), (123, 123)),
+                ];
                 entries.push((v6, r, except));
             }
         }
-        for (fam, set, xset) in [(false, EGRESS_DENY_V4, EGRESS_EXCEPT_V4), (true, EGRESS_DENY_V6, EGRESS_EXCEPT_V6)] {
-            let mine: Vec<&(bool, Range, Vec<(String, (u16, u16))>)> = entries.iter().filter(|e| e.0 == fam).collect();
+        for (fam, set, xset) in [
+            (false, EGRESS_DENY_V4, EGRESS_EXCEPT_V4),
+            (true, EGRESS_DENY_V6, EGRESS_EXCEPT_V6),
+        ] {
+            let mine: Vec<&(bool, Range, Vec<(String, (u16, u16))>)> =
+                entries.iter().filter(|e| e.0 == fam).collect();
             let dests: Vec<Range> = mine.iter().map(|e| e.1).collect();
             let deny: Vec<Range> = elems(set)
                 .iter()
@@ -804,10 +939,16 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                 .collect();
             // Denied = exactly the union of the configured destinations.
             for (a, b) in &deny {
-                assert!(covers(&dests, *a, *b), "{set}: {a:#x}-{b:#x} was not asked for\n{script}");
+                assert!(
+                    covers(&dests, *a, *b),
+                    "{set}: {a:#x}-{b:#x} was not asked for\n{script}"
+                );
             }
             for (a, b) in &dests {
-                assert!(covers(&deny, *a, *b), "{set}: {a:#x}-{b:#x} is missing\n{script}");
+                assert!(
+                    covers(&deny, *a, *b),
+                    "{set}: {a:#x}-{b:#x} is missing\n{script}"
+                );
             }
             // Every exception is excepted by every entry covering its addresses.
             for x in elems(xset) {
@@ -817,16 +958,25 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                 assert_eq!(f, fam);
                 let (pa, pb) = parse_ports(parts[2]);
                 for probe in probes(a, b, &dests) {
-                    let covering: Vec<_> = mine.iter().filter(|e| e.1.0 <= probe && probe <= e.1.1).collect();
-                    assert!(!covering.is_empty(), "{xset}: {x} is outside every entry\n{script}");
+                    let covering: Vec<_> = mine
+                        .iter()
+                        .filter(|e| e.1.0 <= probe && probe <= e.1.1)
+                        .collect();
+                    assert!(
+                        !covering.is_empty(),
+                        "{xset}: {x} is outside every entry\n{script}"
+                    );
                     for e in covering {
-                        let open: Vec<(u128, u128)> = e
-                            .2
-                            .iter()
-                            .filter(|(p, _)| *p == parts[1])
-                            .map(|(_, (a, b))| (u128::from(*a), u128::from(*b)))
-                            .collect();
-                        assert!(covers(&open, pa.into(), pb.into()), "{xset}: {x} not excepted by {:?}\n{script}", e.1);
+                        let open: Vec<(u128, u128)> =
+                            e.2.iter()
+                                .filter(|(p, _)| *p == parts[1])
+                                .map(|(_, (a, b))| (u128::from(*a), u128::from(*b)))
+                                .collect();
+                        assert!(
+                            covers(&open, pa.into(), pb.into()),
+                            "{xset}: {x} not excepted by {:?}\n{script}",
+                            e.1
+                        );
                     }
                 }
             }
@@ -842,8 +992,15 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
         for x in elems(INGRESS_PORTS) {
             let (p, r) = x.split_once(" . ").unwrap_or_else(|| panic!("{x}"));
             let (a, b) = parse_ports(r);
-            let open: Vec<(u128, u128)> = any.iter().filter(|(q, _)| q == p).map(|(_, (a, b))| (u128::from(*a), u128::from(*b))).collect();
-            assert!(covers(&open, a.into(), b.into()), "{INGRESS_PORTS}: {x} not asked for\n{script}");
+            let open: Vec<(u128, u128)> = any
+                .iter()
+                .filter(|(q, _)| q == p)
+                .map(|(_, (a, b))| (u128::from(*a), u128::from(*b)))
+                .collect();
+            assert!(
+                covers(&open, a.into(), b.into()),
+                "{INGRESS_PORTS}: {x} not asked for\n{script}"
+            );
         }
         for (fam, set) in [(false, INGRESS_SRC_V4), (true, INGRESS_SRC_V6)] {
             let by: Vec<(Range, String, (u16, u16))> = list
@@ -868,7 +1025,10 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                         .filter(|(r, p, _)| r.0 <= probe && probe <= r.1 && p == parts[1])
                         .map(|(_, _, (a, b))| (u128::from(*a), u128::from(*b)))
                         .collect();
-                    assert!(covers(&open, pa.into(), pb.into()), "{set}: {x} not asked for\n{script}");
+                    assert!(
+                        covers(&open, pa.into(), pb.into()),
+                        "{set}: {x} not asked for\n{script}"
+                    );
                 }
             }
             // And every source entry is open: its first address, each of its ports.
@@ -877,7 +1037,13 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                     let parts: Vec<&str> = x.split(" . ").collect();
                     let (_, (xa, xb)) = parse_range(parts[0]);
                     let (pa, pb) = parse_ports(parts[2]);
-                    xa <= r.0 && r.0 <= xb && parts[1] == p && pa <= *a && *a <= pb && pa <= *b && *b <= pb
+                    xa <= r.0
+                        && r.0 <= xb
+                        && parts[1] == p
+                        && pa <= *a
+                        && *a <= pb
+                        && pa <= *b
+                        && *b <= pb
                 }) || any.iter().any(|(q, (x, y))| q == p && *x <= *a && *b <= *y);
                 assert!(open, "{set}: {r:?} {p} {a}-{b} is missing\n{script}");
             }
@@ -917,7 +1083,13 @@ fn signature(shape: &TableShape, variant: u8) -> Vec<String> {
     for (n, c) in &shape.chains {
         for (_, r) in &c.rules {
             let form: String = Tokens::new(r)
-                .map(|t| if t.starts_with('"') || t.bytes().all(|b| b.is_ascii_digit()) { "_".into() } else { t })
+                .map(|t| {
+                    if t.starts_with('"') || t.bytes().all(|b| b.is_ascii_digit()) {
+                        "_".into()
+                    } else {
+                        t
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(" ");
             sig.push(format!("{n}: {form}"));
@@ -956,7 +1128,10 @@ fn maybe_nft_check(case: &Case, shape: &TableShape, script: &str) {
     if let EgressPolicy::Enabled(e) = &d.workload.egress {
         e.allowed.iter().for_each(&mut push);
     }
-    case.monit_jobs.iter().chain(&case.metadata_jobs).for_each(|j| push(&j.identity));
+    case.monit_jobs
+        .iter()
+        .chain(&case.metadata_jobs)
+        .for_each(|j| push(&j.identity));
     let ours = format!("{}/", prefix());
     let mut made = Vec::new();
     let mut ok = true;
@@ -995,7 +1170,9 @@ fn mkdirs(dir: &std::path::Path, made: &mut Vec<std::path::PathBuf>) -> bool {
     if dir.is_dir() {
         return true;
     }
-    let Some(parent) = dir.parent() else { return false };
+    let Some(parent) = dir.parent() else {
+        return false;
+    };
     if !mkdirs(parent, made) {
         return false;
     }

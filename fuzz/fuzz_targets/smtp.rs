@@ -98,7 +98,10 @@ async fn exchange(addr: SocketAddr, data: &[u8]) -> (Vec<u8>, bool) {
                 // resets, and replies still in flight may be lost.
                 Err(_) => return true,
             }
-            assert!(replies.len() < 64 * 1024 + 256 * (data.len() + 1), "replies grow without bound");
+            assert!(
+                replies.len() < 64 * 1024 + 256 * (data.len() + 1),
+                "replies grow without bound"
+            );
         }
     };
     let (_, reset) = tokio::join!(write, read);
@@ -112,7 +115,8 @@ struct Reply {
 
 fn split_replies(bytes: &[u8]) -> (Vec<Reply>, bool) {
     let mut out = Vec::new();
-    let text = String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| panic!("replies are not UTF-8"));
+    let text =
+        String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| panic!("replies are not UTF-8"));
     let mut lines = text.split_inclusive("\r\n").peekable();
     let mut complete = true;
     while let Some(l) = lines.next() {
@@ -133,10 +137,15 @@ fn split_replies(bytes: &[u8]) -> (Vec<Reply>, bool) {
                 complete = false;
                 break;
             }
-            assert!(next.starts_with(&l[..3]), "multi-line reply changes its code: {l:?} {next:?}");
+            assert!(
+                next.starts_with(&l[..3]),
+                "multi-line reply changes its code: {l:?} {next:?}"
+            );
             continue;
         }
-        const CODES: [u16; 15] = [220, 221, 250, 252, 214, 354, 421, 451, 452, 500, 501, 503, 552, 211, 0];
+        const CODES: [u16; 15] = [
+            220, 221, 250, 252, 214, 354, 421, 451, 452, 500, 501, 503, 552, 211, 0,
+        ];
         assert!(CODES.contains(&code), "unexpected reply code in {l:?}");
         out.push(Reply { code });
     }
@@ -155,7 +164,10 @@ fn lines(data: &[u8]) -> Vec<&[u8]> {
 
 fn check(data: &[u8], raw: &[u8], reset: bool, delivered: &[Alert]) {
     let (replies, complete) = split_replies(raw);
-    assert!(complete || reset, "a reply was cut short without a reset: {raw:?}");
+    assert!(
+        complete || reset,
+        "a reply was cut short without a reset: {raw:?}"
+    );
     let mut replies = replies.into_iter();
     match replies.next() {
         Some(r) => assert_eq!(r.code, 220, "greeting"),
@@ -213,7 +225,10 @@ fn check(data: &[u8], raw: &[u8], reset: bool, delivered: &[Alert]) {
                             expected_alerts.push(a);
                         }
                     }
-                    552 => assert!(size > agent::alerts::MAX_MESSAGE_BYTES, "552 for {size} bytes"),
+                    552 => assert!(
+                        size > agent::alerts::MAX_MESSAGE_BYTES,
+                        "552 for {size} bytes"
+                    ),
                     other => panic!("a mail answered {other}"),
                 }
             }
@@ -222,7 +237,10 @@ fn check(data: &[u8], raw: &[u8], reset: bool, delivered: &[Alert]) {
                 assert!(ok, "250 for {command:?}");
             }
             code => {
-                assert!(code >= 400 || code == 252 || code == 214, "{code} for {command:?}");
+                assert!(
+                    code >= 400 || code == 252 || code == 214,
+                    "{code} for {command:?}"
+                );
             }
         }
     }
@@ -236,7 +254,10 @@ fn check(data: &[u8], raw: &[u8], reset: bool, delivered: &[Alert]) {
     let got: Vec<_> = delivered.iter().map(strip).collect();
     let want: Vec<_> = expected_alerts.iter().map(strip).collect();
     if reset {
-        assert!(got.len() >= want.len() && got[..want.len()] == want[..], "alerts {got:?} vs {want:?}");
+        assert!(
+            got.len() >= want.len() && got[..want.len()] == want[..],
+            "alerts {got:?} vs {want:?}"
+        );
     } else {
         assert_eq!(got, want, "delivered alerts");
     }

@@ -30,12 +30,15 @@ fuzz_target!(|data: &[u8]| {
         Value::Array(a) if (2..=3).contains(&a.len()) => (
             a[0].clone(),
             a[1].clone(),
-            a.get(2).cloned().unwrap_or_else(|| json!({"agent_id": "a"})),
+            a.get(2)
+                .cloned()
+                .unwrap_or_else(|| json!({"agent_id": "a"})),
         ),
         _ => (json!({}), doc.clone(), json!({"agent_id": "a"})),
     };
     let checked = check_update_settings(&new);
-    let req = json!({"method": "update_settings", "arguments": [new], "reply_to": "r", "protocol": 3});
+    let req =
+        json!({"method": "update_settings", "arguments": [new], "reply_to": "r", "protocol": 3});
     let bytes = serde_json::to_vec(&req).unwrap_or_else(|e| panic!("{e}"));
     // A request too large for the bus is refused before any check; that is decode's job.
     let Ok(req) = decode(&bytes) else {
@@ -52,7 +55,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let m = merge(&existing, &new);
-    let obj = m.doc.as_object().unwrap_or_else(|| panic!("merged is not an object: {}", m.doc));
+    let obj = m
+        .doc
+        .as_object()
+        .unwrap_or_else(|| panic!("merged is not an object: {}", m.doc));
     let certs = match new.get("trusted_certs") {
         None | Some(Value::Null) => json!(""),
         Some(v) => v.clone(),
@@ -66,29 +72,55 @@ fuzz_target!(|data: &[u8]| {
     let new_mbus = new.get("mbus");
     let empty = |v: Option<&Value>| -> bool { is_empty(v) };
     let mbus_should = !empty(new_mbus) && new_mbus != old.get("mbus");
-    assert_eq!(m.mbus_changed, mbus_should, "mbus_changed for {new} into {existing}");
-    assert_eq!(obj.get("mbus"), if mbus_should { new_mbus } else { old.get("mbus") });
+    assert_eq!(
+        m.mbus_changed, mbus_should,
+        "mbus_changed for {new} into {existing}"
+    );
+    assert_eq!(
+        obj.get("mbus"),
+        if mbus_should {
+            new_mbus
+        } else {
+            old.get("mbus")
+        }
+    );
     let new_bs = new.get("blobstores").filter(|v| !v.is_null());
     let bs_should = new_bs.is_some() && new_bs != old.get("blobstores");
     assert_eq!(m.blobstores_changed, bs_should);
-    assert_eq!(obj.get("blobstores"), if bs_should { new_bs } else { old.get("blobstores") });
+    assert_eq!(
+        obj.get("blobstores"),
+        if bs_should {
+            new_bs
+        } else {
+            old.get("blobstores")
+        }
+    );
     for (k, v) in &old {
         if !["trusted_certs", "disk_associations", "mbus", "blobstores"].contains(&k.as_str()) {
-            assert_eq!(obj.get(k), Some(v), "key {k} of the persisted document lost");
+            assert_eq!(
+                obj.get(k),
+                Some(v),
+                "key {k} of the persisted document lost"
+            );
         }
     }
     let again = merge(&m.doc, &new);
     assert_eq!(again.doc, m.doc, "merging twice changes the document");
     assert!(!again.mbus_changed && !again.blobstores_changed);
     if let Ok(c) = mbus_fallback::candidate(&settings, Some(&m.doc), "update_settings") {
-        assert!(!c.cfg.servers.is_empty(), "a usable candidate without a server");
+        assert!(
+            !c.cfg.servers.is_empty(),
+            "a usable candidate without a server"
+        );
     }
     let bundle = certs.as_str().unwrap_or("");
     let mut rest = bundle;
     for piece in split_certs(bundle) {
         assert!(piece.ends_with("-----END CERTIFICATE-----\n"), "{piece:?}");
         let body = piece.trim_end_matches('\n');
-        let at = rest.find(body).unwrap_or_else(|| panic!("{body:?} is not in order in {bundle:?}"));
+        let at = rest
+            .find(body)
+            .unwrap_or_else(|| panic!("{body:?} is not in order in {bundle:?}"));
         rest = &rest[at + body.len()..];
     }
 });

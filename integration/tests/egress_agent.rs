@@ -181,9 +181,16 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
     let (code, status) = w.sb.status().unwrap();
     assert_eq!(code, 0, "{status:#}");
     // The job's rule is listed with its key (its cgroup path) and its cgroup.
-    let rules = status["metadata_rules"].as_array().cloned().unwrap_or_default();
+    let rules = status["metadata_rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(rules.len(), 1, "{status:#}");
-    assert_eq!(rules[0]["key"].as_str(), Some(job.nft_path().as_str()), "{status:#}");
+    assert_eq!(
+        rules[0]["key"].as_str(),
+        Some(job.nft_path().as_str()),
+        "{status:#}"
+    );
     assert!(rules[0]["cgroup"].is_string(), "{status:#}");
     assert_eq!(status["job_rules"], serde_json::json!([]), "{status:#}");
     let eg = &status["agent"]["workload"]["egress"];
@@ -202,7 +209,10 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
     );
     assert!(text.contains("egress_denied"), "{text}");
     assert!(
-        text.contains(&format!("metadata jobs: 1\n  - {} (cgroup id ", job.nft_path())),
+        text.contains(&format!(
+            "metadata jobs: 1\n  - {} (cgroup id ",
+            job.nft_path()
+        )),
         "{text}"
     );
 
@@ -287,7 +297,10 @@ impl Bridge {
             &container,
             "ip addr add 10.7.0.2/24 dev eth0; ip link set eth0 up; ip route add default via 10.7.0.1",
         );
-        sh(&peer, "ip addr add 10.7.0.3/24 dev eth0; ip link set eth0 up");
+        sh(
+            &peer,
+            "ip addr add 10.7.0.3/24 dev eth0; ip link set eth0 up",
+        );
         sh(&w._meta, "ip route add 10.7.0.0/24 via 10.8.0.1");
         let log = w.sb.log_path("peer");
         let mut listener = Exec::new([
@@ -350,7 +363,10 @@ fn bridge_sysctls(w: &World) -> String {
     )
     .unwrap();
     ok(&out, "reading the bridge sysctls");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ")
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -376,9 +392,8 @@ fn a_container_behind_a_bridge_is_denied_through_the_forward_hook_by_the_real_ag
     std::fs::create_dir_all(&sys).unwrap();
     let base = w.sb.dir().join("base");
     std::fs::create_dir_all(&base).unwrap();
-    let exec = w
-        .sb
-        .exec([
+    let exec =
+        w.sb.exec([
             OsStr::new("sh"),
             OsStr::new("-euc"),
             OsStr::new(
@@ -401,12 +416,19 @@ fn a_container_behind_a_bridge_is_denied_through_the_forward_hook_by_the_real_ag
         .private_mounts(&[])
         .cgroup(&agent_cg)
         .log(&conf.with_extension("log"))
-        .env("BOSH_AGENT_CA_CERTS_DIR", w.sb.dir().join("ca-certificates"))
+        .env(
+            "BOSH_AGENT_CA_CERTS_DIR",
+            w.sb.dir().join("ca-certificates"),
+        )
         .env("BOSH_AGENT_UPDATE_CA_CERTIFICATES", "/bin/true");
     let mut agent = w.sb.spawn_agent(&exec).unwrap();
     let state = agent.wait_ready(integration::READY_TIMEOUT).unwrap();
     assert!(state["bridge_error"].is_null(), "{state:#}");
-    assert_eq!(bridge_sysctls(&w), "1 1", "the agent switched bridge netfilter on");
+    assert_eq!(
+        bridge_sysctls(&w),
+        "1 1",
+        "the agent switched bridge netfilter on"
+    );
 
     // Routed and switched alike now meet egress_forward.
     let (_, before) = w.sb.status().unwrap();
