@@ -282,7 +282,8 @@ fn generate(u: &mut Unstructured<'_>) -> AResult<Option<Case>> {
                 } else {
                     IpAddr::V6(Ipv6Addr::from(u.arbitrary::<u128>()?))
                 };
-                Ok(SocketAddr::new(ip, u.arbitrary()?))
+                // mbus URLs carry a port of 1-65535.
+                Ok(SocketAddr::new(ip, u.int_in_range(1u16..=u16::MAX)?))
             })?
             .into_iter()
             .collect(),

@@ -428,6 +428,19 @@ fn write_workload(f: &mut std::fmt::Formatter<'_>, w: &serde_json::Value) -> std
     )
 }
 
+/// Who a job rule lets through, for the listing: its key and cgroup, else what it matches.
+fn job_rule_who(r: &readback::LiveJobRule) -> String {
+    match (&r.key, &r.cgroup, r.uid) {
+        (Some(k), Some(c), _) => format!("{k} (cgroup id {c})"),
+        (None, Some(c), _) => format!("cgroup {c} (not added by this agent)"),
+        (_, None, Some(u)) => format!("uid {u}"),
+        _ => r
+            .comment
+            .clone()
+            .unwrap_or_else(|| "rule without comment".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,18 +462,5 @@ mod tests {
         assert_eq!(e.exit_code(), 4, "{e}");
         let e = AllowError::from(FirewallError::NotInstalled);
         assert_eq!(e.exit_code(), 1, "{e}");
-    }
-}
-
-/// Who a job rule lets through, for the listing: its key and cgroup, else what it matches.
-fn job_rule_who(r: &readback::LiveJobRule) -> String {
-    match (&r.key, &r.cgroup, r.uid) {
-        (Some(k), Some(c), _) => format!("{k} (cgroup id {c})"),
-        (None, Some(c), _) => format!("cgroup {c} (not added by this agent)"),
-        (_, None, Some(u)) => format!("uid {u}"),
-        _ => r
-            .comment
-            .clone()
-            .unwrap_or_else(|| "rule without comment".into()),
     }
 }
