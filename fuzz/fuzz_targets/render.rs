@@ -12,7 +12,7 @@
 //! - `nft -c -f -` accepts, in a network namespace of its own (sampled: see `NFT_EVERY`).
 #![no_main]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 
@@ -309,7 +309,7 @@ fn generate(u: &mut Unstructured<'_>) -> AResult<Option<Case>> {
     let Ok(workload) = built else {
         return Ok(None);
     };
-    let mut jobs = |u: &mut Unstructured<'_>, metadata: bool| -> AResult<Vec<JobRule>> {
+    let jobs = |u: &mut Unstructured<'_>, metadata: bool| -> AResult<Vec<JobRule>> {
         let mut out = Vec::new();
         for _ in 0..u.int_in_range(0usize..=2)? {
             let Ok(path) = NftCgroupPath::new(&cgroup_path(u)?) else {
@@ -465,6 +465,10 @@ fn check(case: &Case) {
 
     // Rules: who may be named where, which verdicts.
     let agent = &d.identity;
+    let root = Identity::Uid {
+        uid: 0,
+        reason: String::new(),
+    };
     let mut who: BTreeMap<&str, Vec<(&Identity, Option<&str>)>> = BTreeMap::new();
     if monit_on {
         let g = who.entry(MONIT_GUARD_CHAIN).or_default();
@@ -485,10 +489,6 @@ fn check(case: &Case) {
         g.push((agent, Some("bosh-agent")));
         g.push((m, Some("monit")));
     }
-    let root = Identity::Uid {
-        uid: 0,
-        reason: String::new(),
-    };
     if d.monit == (MonitPolicy::Enabled { allow_root: true }) {
         who.entry(MONIT_GUARD_CHAIN)
             .or_default()
@@ -547,7 +547,7 @@ fn check(case: &Case) {
                 named.push(id.clone());
             }
             if r.contains("counter name") {
-                let expect = counter_of(chain).unwrap_or_else(|| panic!("{chain}: a counter: {r}"));
+                let expect = counter_of(chain.as_str()).unwrap_or_else(|| panic!("{chain}: a counter: {r}"));
                 assert!(
                     r.contains(&format!("counter name \"{expect}\"")),
                     "{chain}: {r}"
@@ -1066,14 +1066,14 @@ fn ports_of(p: &PortsValue) -> (u16, u16) {
 
 struct Sampler {
     inputs: u64,
-    shapes: HashSet<Vec<String>>,
+    shapes: BTreeSet<Vec<String>>,
     checked: u64,
     skipped: u64,
 }
 
 static SAMPLER: Mutex<Sampler> = Mutex::new(Sampler {
     inputs: 0,
-    shapes: HashSet::new(),
+    shapes: BTreeSet::new(),
     checked: 0,
     skipped: 0,
 });
@@ -1118,21 +1118,24 @@ fn maybe_nft_check(case: &Case, shape: &TableShape, script: &str) {
         return;
     }
     // Every path nft resolves must exist: make them below the fuzzer's subtree, or skip.
-    let mut paths: Vec<&NftCgroupPath> = Vec::new();
     let d = &case.state;
-    let mut push = |i: &'_ Identity| {
-        if let Identity::Cgroup { path, .. } = i {
-            paths.push(path);
-        }
-    };
-    push(&d.identity);
+    let mut ids: Vec<&Identity> = vec![&d.identity];
     if let EgressPolicy::Enabled(e) = &d.workload.egress {
-        e.allowed.iter().for_each(&mut push);
+        ids.extend(e.allowed.iter());
     }
-    case.monit_jobs
+    ids.extend(
+        case.monit_jobs
+            .iter()
+            .chain(&case.metadata_jobs)
+            .map(|j| &j.identity),
+    );
+    let paths: Vec<&NftCgroupPath> = ids
         .iter()
-        .chain(&case.metadata_jobs)
-        .for_each(|j| push(&j.identity));
+        .filter_map(|i| match i {
+            Identity::Cgroup { path, .. } => Some(path),
+            Identity::Uid { .. } => None,
+        })
+        .collect();
     let ours = format!("{}/", prefix());
     let mut made = Vec::new();
     let mut ok = true;
