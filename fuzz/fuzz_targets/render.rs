@@ -19,9 +19,9 @@ use std::sync::Mutex;
 use libfuzzer_sys::arbitrary::{Result as AResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use platform::cgroup::{self, NftCgroupPath};
-use platform::firewall::jobs::{job_comment, job_key, metadata_comment};
+use platform::firewall::jobs::{job_comment, job_key, metadata_comment, metadata_key};
 use platform::firewall::policy::{
-    AlertListenerPolicy, CtInvalid, EgressAction, EgressPolicy, IngressPolicy, WorkloadPolicy,
+    AlertListenerPolicy, CtInvalid, EgressAction, EgressPolicy, IngressPolicy,
 };
 use platform::firewall::policy_config::{
     EgressDenyConfig, IngressAllowConfig, PolicyConfig, PortsConfig, PortsValue,
@@ -321,8 +321,9 @@ fn generate(u: &mut Unstructured<'_>) -> AResult<Option<Case>> {
             } else {
                 None
             };
+            // As `firewall-allow metadata` does.
             let comment = if metadata {
-                metadata_comment(&key, cgid)
+                metadata_comment(&metadata_key(&key), cgid)
             } else {
                 job_comment(&key, cgid)
             };
@@ -547,7 +548,8 @@ fn check(case: &Case) {
                 named.push(id.clone());
             }
             if r.contains("counter name") {
-                let expect = counter_of(chain.as_str()).unwrap_or_else(|| panic!("{chain}: a counter: {r}"));
+                let expect =
+                    counter_of(chain.as_str()).unwrap_or_else(|| panic!("{chain}: a counter: {r}"));
                 assert!(
                     r.contains(&format!("counter name \"{expect}\"")),
                     "{chain}: {r}"

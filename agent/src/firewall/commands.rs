@@ -70,6 +70,7 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         let vcap = crate::firewall::vcap_uid();
         let placement = cgroup::placement_of(std::process::id());
         let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
+        let key = jobs::metadata_key(&key);
         let rule = jobs::metadata_rule(rule, &key, cgid)?;
         return Ok(jobs::allow_metadata(
             &Nft::default(),
