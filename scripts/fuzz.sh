@@ -6,6 +6,10 @@
 # Tools: the machine's stable toolchain only. cargo-fuzz comes from crates.io into
 # target/fuzz-tools (once, about a minute on 2 cores); RUSTC_BOOTSTRAP=1 lets stable rustc take
 # the sanitizer and coverage flags cargo-fuzz passes (no nightly toolchain is fetched).
+#
+# `render` runs `nft -c` in namespaces of its own (`unshare --net`) and makes cgroups below
+# <cgroup2>/bosh-fuzz-render for it: it needs root, nft and util-linux, like the integration
+# tests. `smtp` talks to the real alert listener on 127.0.0.1 (a free port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-60}"

@@ -180,6 +180,19 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
 
     let (code, status) = w.sb.status().unwrap();
     assert_eq!(code, 0, "{status:#}");
+    // The job's rule is listed with its key (its cgroup path) and its cgroup.
+    let rules = status["metadata_rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 1, "{status:#}");
+    assert_eq!(
+        rules[0]["key"].as_str(),
+        Some(job.nft_path().as_str()),
+        "{status:#}"
+    );
+    assert!(rules[0]["cgroup"].is_string(), "{status:#}");
+    assert_eq!(status["job_rules"], serde_json::json!([]), "{status:#}");
     let eg = &status["agent"]["workload"]["egress"];
     assert_eq!(eg["state"], "enabled", "{status:#}");
     assert_eq!(eg["deny_ranges_v4"], 3, "{status:#}");
@@ -195,6 +208,13 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
         "{text}"
     );
     assert!(text.contains("egress_denied"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "metadata jobs: 1\n  - {} (cgroup id ",
+            job.nft_path()
+        )),
+        "{text}"
+    );
 
     // The key removed from agent.json: its chains go at the next start.
     agent.stop().unwrap();
@@ -242,5 +262,190 @@ fn an_invalid_entry_is_reported_by_value_and_leaves_the_live_rules_as_they_were(
     let warnings = status["warnings"].to_string();
     assert!(warnings.contains("10.8.0.1/24"), "{status:#}");
     assert!(agent.log().contains("10.8.0.1/24"), "{}", agent.log());
+    agent.stop().unwrap();
+}
+
+/// The container side of the bridge test: a namespace behind `br0` in the VM, and a peer on
+/// the same bridge with a listener (reached by switching, not routing).
+struct Bridge {
+    _procs: Vec<Proc>,
+    container: Netns,
+    _peer: Netns,
+}
+
+impl Bridge {
+    fn new(w: &World) -> Bridge {
+        let container = Netns::create(&w.sb.dir().join("ctr")).unwrap();
+        let peer = Netns::create(&w.sb.dir().join("peer")).unwrap();
+        let (hc, hp) = (container.holder().unwrap(), peer.holder().unwrap());
+        sh(
+            w.sb.netns(),
+            &format!(
+                "ip link add br0 type bridge
+                 ip link add v-ctr type veth peer name eth0 netns {c}
+                 ip link add v-peer type veth peer name eth0 netns {p}
+                 ip link set v-ctr master br0; ip link set v-peer master br0
+                 ip addr add 10.7.0.1/24 dev br0
+                 for d in br0 v-ctr v-peer; do ip link set $d up; done
+                 sysctl -qw net.ipv4.ip_forward=1
+                 sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0",
+                c = hc.pid(),
+                p = hp.pid()
+            ),
+        );
+        sh(
+            &container,
+            "ip addr add 10.7.0.2/24 dev eth0; ip link set eth0 up; ip route add default via 10.7.0.1",
+        );
+        sh(
+            &peer,
+            "ip addr add 10.7.0.3/24 dev eth0; ip link set eth0 up",
+        );
+        sh(&w._meta, "ip route add 10.7.0.0/24 via 10.8.0.1");
+        let log = w.sb.log_path("peer");
+        let mut listener = Exec::new([
+            w.sb.tools().netprobe.as_os_str(),
+            OsStr::new("listen"),
+            OsStr::new("10.7.0.3:80"),
+        ])
+        .netns(peer.file())
+        .log(&log)
+        .spawn()
+        .unwrap();
+        wait_for("the peer's listener", Duration::from_secs(10), || {
+            if let Some(s) = listener.try_status()? {
+                return Err(integration::Error(format!(
+                    "listener exited ({s}): {}",
+                    listener.log_text()
+                )));
+            }
+            Ok(listener.log_text().contains("listening").then_some(()))
+        })
+        .unwrap();
+        Bridge {
+            _procs: vec![listener, hc, hp],
+            container,
+            _peer: peer,
+        }
+    }
+
+    /// How a connection from the container to `addr` ends.
+    fn connect(&self, w: &World, addr: &str) -> Probe {
+        let out = Exec::new([
+            w.sb.tools().netprobe.as_os_str(),
+            OsStr::new("connect"),
+            OsStr::new(addr),
+            OsStr::new("--timeout-ms"),
+            OsStr::new("800"),
+        ])
+        .netns(self.container.file())
+        .output(COMMAND_TIMEOUT)
+        .unwrap();
+        match out.status.code() {
+            Some(0) => Probe::Connected,
+            Some(1) => Probe::Refused,
+            Some(2) => Probe::TimedOut,
+            _ => Probe::Failed(describe(&out)),
+        }
+    }
+}
+
+/// The VM's bridge sysctls, read in its namespace.
+fn bridge_sysctls(w: &World) -> String {
+    let out = run_with_timeout(
+        w.sb.netns().command([
+            "sh",
+            "-c",
+            "cat /proc/sys/net/bridge/bridge-nf-call-iptables /proc/sys/net/bridge/bridge-nf-call-ip6tables",
+        ]),
+        COMMAND_TIMEOUT,
+        "reading the bridge sysctls",
+    )
+    .unwrap();
+    ok(&out, "reading the bridge sysctls");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn a_container_behind_a_bridge_is_denied_through_the_forward_hook_by_the_real_agent() {
+    let w = World::new("egress-bridge");
+    let b = Bridge::new(&w);
+    let agent_cg = w.cg("agent");
+    // No rules yet, bridge netfilter off: the container reaches both the metadata service
+    // (routed by the VM) and its neighbour on the bridge (switched).
+    assert_eq!(b.connect(&w, METADATA), Probe::Connected);
+    assert_eq!(b.connect(&w, "10.7.0.3:80"), Probe::Connected);
+    assert_eq!(bridge_sysctls(&w), "0 0");
+
+    // The agent sees the VM's own interfaces (a sysfs of its namespace, in a private mount
+    // namespace: the host's /sys shows the host's), so it finds br0 and must switch bridge
+    // netfilter on itself.
+    let conf = w.sb.write_agent_config(
+        r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":1,"DenyCloudMetadata":true,
+            "EgressDeny":[{"Destination":"10.7.0.3"}]}}}}"#,
+    )
+    .unwrap();
+    let sys = w.sb.dir().join("vm-sys");
+    std::fs::create_dir_all(&sys).unwrap();
+    let base = w.sb.dir().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let exec =
+        w.sb.exec([
+            OsStr::new("sh"),
+            OsStr::new("-euc"),
+            OsStr::new(
+                r#"t="$1"; shift
+                mount -t sysfs sysfs "$t"
+                mount --bind "$t/class/net" /sys/class/net
+                mount --bind "$t/devices/virtual/net" /sys/devices/virtual/net
+                exec "$@""#,
+            ),
+            OsStr::new("sh"),
+            sys.as_os_str(),
+            w.sb.tools().agent.as_os_str(),
+            OsStr::new("-P"),
+            OsStr::new("ubuntu"),
+            OsStr::new("-C"),
+            conf.as_os_str(),
+            OsStr::new("-b"),
+            base.as_os_str(),
+        ])
+        .private_mounts(&[])
+        .cgroup(&agent_cg)
+        .log(&conf.with_extension("log"))
+        .env(
+            "BOSH_AGENT_CA_CERTS_DIR",
+            w.sb.dir().join("ca-certificates"),
+        )
+        .env("BOSH_AGENT_UPDATE_CA_CERTIFICATES", "/bin/true");
+    let mut agent = w.sb.spawn_agent(&exec).unwrap();
+    let state = agent.wait_ready(integration::READY_TIMEOUT).unwrap();
+    assert!(state["bridge_error"].is_null(), "{state:#}");
+    assert_eq!(
+        bridge_sysctls(&w),
+        "1 1",
+        "the agent switched bridge netfilter on"
+    );
+
+    // Routed and switched alike now meet egress_forward.
+    let (_, before) = w.sb.status().unwrap();
+    let denied = counter(&before, "egress_denied");
+    assert_eq!(b.connect(&w, METADATA), Probe::TimedOut);
+    assert_eq!(b.connect(&w, "10.7.0.3:80"), Probe::TimedOut);
+    let (code, after) = w.sb.status().unwrap();
+    assert_eq!(code, 0, "{after:#}");
+    assert!(
+        counter(&after, "egress_denied") >= denied + 2,
+        "{before:#} -> {after:#}"
+    );
+    assert!(
+        !after["warnings"].to_string().contains("bypass"),
+        "{after:#}"
+    );
+    // The agent itself still reaches the metadata service from the VM.
+    w.expect(&agent_cg, Probe::Connected);
     agent.stop().unwrap();
 }

@@ -70,6 +70,7 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
         let vcap = crate::firewall::vcap_uid();
         let placement = cgroup::placement_of(std::process::id());
         let (rule, key, cgid) = jobs::caller_rule(placement, agent.as_ref(), vcap)?;
+        let key = jobs::metadata_key(&key);
         let rule = jobs::metadata_rule(rule, &key, cgid)?;
         return Ok(jobs::allow_metadata(
             &Nft::default(),
@@ -107,6 +108,9 @@ pub struct Status {
     pub matches_desired: bool,
     /// Rules of `monit_access_jobs`.
     pub job_rules: Vec<readback::LiveJobRule>,
+    /// Rules of `egress_access_jobs`: the jobs `firewall-allow metadata` let through the
+    /// egress deny list (empty when there is no deny list).
+    pub metadata_rules: Vec<readback::LiveJobRule>,
     /// Rules of `monit_access_jobs` that are none of the job-rule shapes: drift, which the
     /// agent removes at its next reconcile. While one is there, the table does not match.
     pub foreign_job_rules: Vec<readback::ForeignJobRule>,
@@ -148,6 +152,14 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
     let jobs_listing = nft.list_chain(platform::firewall::MONIT_JOBS_CHAIN)?;
     let job_rules = match &jobs_listing {
         Some(l) => readback::job_rules(l)?,
+        None => Vec::new(),
+    };
+    let metadata_rules = match nft.list_chain(platform::firewall::EGRESS_JOBS_CHAIN)? {
+        Some(l) => readback::job_rules_in(
+            &l,
+            platform::firewall::EGRESS_JOBS_CHAIN,
+            platform::firewall::METADATA_COMMENT_PREFIX,
+        )?,
         None => Vec::new(),
     };
     // Where the agent guards monit, every rule its jobs chain holds is reached by packets to
@@ -227,6 +239,7 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
         table_present,
         matches_desired,
         job_rules,
+        metadata_rules,
         foreign_job_rules,
         problems,
         counters,
@@ -305,19 +318,24 @@ impl std::fmt::Display for Status {
         }
         writeln!(f, "job rules:     {}", self.job_rules.len())?;
         for r in &self.job_rules {
-            let who = match (&r.key, &r.cgroup, r.uid) {
-                (Some(k), Some(c), _) => format!("{k} (cgroup id {c})"),
-                (None, Some(c), _) => format!("cgroup {c} (not added by this agent)"),
-                (_, None, Some(u)) => format!("uid {u}"),
-                _ => r
-                    .comment
-                    .clone()
-                    .unwrap_or_else(|| "rule without comment".into()),
-            };
-            writeln!(f, "  - {who}")?;
+            writeln!(f, "  - {}", job_rule_who(r))?;
         }
         for r in &self.foreign_job_rules {
             writeln!(f, "  - NOT A JOB RULE, {r}")?;
+        }
+        // Only where there is a deny list: without one the chain does not exist.
+        if self.agent.as_ref().is_some_and(|a| {
+            a.workload
+                .get("egress")
+                .and_then(|e| e.get("state"))
+                .and_then(serde_json::Value::as_str)
+                == Some("enabled")
+        }) || !self.metadata_rules.is_empty()
+        {
+            writeln!(f, "metadata jobs: {}", self.metadata_rules.len())?;
+            for r in &self.metadata_rules {
+                writeln!(f, "  - {}", job_rule_who(r))?;
+            }
         }
         let live = if !self.table_present {
             "ABSENT (table inet bosh_agent does not exist)"
@@ -412,6 +430,19 @@ fn write_workload(f: &mut std::fmt::Formatter<'_>, w: &serde_json::Value) -> std
         },
         s(&w["alert_listener"]["state"])
     )
+}
+
+/// Who a job rule lets through, for the listing: its key and cgroup, else what it matches.
+fn job_rule_who(r: &readback::LiveJobRule) -> String {
+    match (&r.key, &r.cgroup, r.uid) {
+        (Some(k), Some(c), _) => format!("{k} (cgroup id {c})"),
+        (None, Some(c), _) => format!("cgroup {c} (not added by this agent)"),
+        (_, None, Some(u)) => format!("uid {u}"),
+        _ => r
+            .comment
+            .clone()
+            .unwrap_or_else(|| "rule without comment".into()),
+    }
 }
 
 #[cfg(test)]

@@ -72,12 +72,15 @@ pub const SSHD_CONFIG: &str = "/etc/ssh/sshd_config";
 
 /// Builds the workload policies of agent.json for an agent established as `est`: pure.
 /// `EgressAllowCgroups` paths are as in `/proc/<pid>/cgroup` (relative to the cgroup2 root);
-/// their rule level is their depth plus the agent's level offset, as for job rules. The
+/// nft resolves them under `nft_prefix` (`"unified"` on a hybrid layout, where cgroup2 is
+/// mounted below `/sys/fs/cgroup`), and their rule level is their depth in the cgroup2
+/// hierarchy plus the agent's level offset, as for job rules. The
 /// alert listener's guard matches monit by uid 0 ([`MONIT_UNKNOWN`]). The error names the
 /// key and the value.
 pub fn build_workload(
     opts: &LinuxOptions,
     est: &selftest::Established,
+    nft_prefix: &str,
 ) -> Result<WorkloadPolicy, String> {
     let uid_mode = matches!(est.identity, Identity::Uid { .. });
     let offset = est.level_offset;
@@ -87,8 +90,14 @@ pub fn build_workload(
                 "cgroup matching is unavailable here (the agent uses the uid fallback)".into(),
             );
         }
-        let nft_path = cgroup::NftCgroupPath::new(path).map_err(|e| e.to_string())?;
-        let depth = cgroup::depth(nft_path.as_str());
+        let visible = cgroup::NftCgroupPath::new(path).map_err(|e| e.to_string())?;
+        let depth = cgroup::depth(visible.as_str());
+        let nft_path = if nft_prefix.is_empty() || depth == 0 {
+            visible
+        } else {
+            cgroup::NftCgroupPath::new(&format!("{nft_prefix}/{visible}"))
+                .map_err(|e| e.to_string())?
+        };
         if depth == 0 {
             return Err("the root cgroup: allowing it would allow every process".into());
         }
@@ -122,6 +131,7 @@ pub fn check_workload(nft: &Nft, w: &WorkloadPolicy, sshd_config: &Path) -> Resu
     }
     status::check_kernel(nft)
         .map_err(|e| format!("the kernel lacks what the workload rules need: {e}"))?;
+    check_allowed_cgroups(w, |p| p.fs_path().is_dir())?;
     if let IngressPolicy::Enabled(ing) = &w.ingress {
         let required: Vec<RequiredInbound> = match std::fs::read_to_string(sshd_config) {
             Ok(text) => sshd_ports(&text)
@@ -136,6 +146,30 @@ pub fn check_workload(nft: &Nft, w: &WorkloadPolicy, sshd_config: &Path) -> Resu
             Err(_) => Vec::new(),
         };
         check_lockout(&ing.sets, &required)?;
+    }
+    Ok(())
+}
+
+/// Every `EgressAllowCgroups` cgroup must exist (`exists`) when the rules are committed: nft
+/// resolves a `socket cgroupv2` path at load time and refuses the whole transaction, monit and
+/// NATS rules included, when one is missing. Refusing the workload policies here instead
+/// keeps those protections and names the path.
+pub fn check_allowed_cgroups(
+    w: &WorkloadPolicy,
+    exists: impl Fn(&cgroup::NftCgroupPath) -> bool,
+) -> Result<(), String> {
+    let EgressPolicy::Enabled(e) = &w.egress else {
+        return Ok(());
+    };
+    for id in &e.allowed {
+        if let Identity::Cgroup { path, .. } = id
+            && !exists(path)
+        {
+            return Err(format!(
+                "EgressAllowCgroups: the cgroup '{path}' does not exist ({}); nft can match only a cgroup that exists when the rules are committed",
+                path.fs_path().display()
+            ));
+        }
     }
     Ok(())
 }
@@ -201,7 +235,12 @@ impl Firewall<Nft> {
             });
             (est, live)
         });
-        let policy = build_workload(opts, &est)
+        let nft_prefix = placement
+            .as_ref()
+            .ok()
+            .and_then(|p| p.layout.nft_prefix())
+            .unwrap_or("");
+        let policy = build_workload(opts, &est, nft_prefix)
             .and_then(|w| check_workload(&nft, &w, Path::new(SSHD_CONFIG)).map(|()| w));
         let bridge_error = policy
             .as_ref()
@@ -232,7 +271,7 @@ impl<T: KernelTable> Firewall<T> {
         };
         let placement = Err(cgroup::CgroupError::NoCgroup2(Layout::None));
         let plan = WorkloadPlan {
-            policy: build_workload(opts, &est),
+            policy: build_workload(opts, &est, ""),
             bridge_error: None,
         };
         Firewall::from_established(opts, table, run_dir, &placement, est, live, plan)

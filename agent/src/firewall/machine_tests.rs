@@ -326,7 +326,7 @@ const EGRESS: &str = r#"{"EgressDeny":[{"Destination":"192.0.2.0/24"}],"GuardLoc
 fn absent_policy_keys_render_todays_script() {
     let fw = machine(&FakeTable::new(), &run_dir("absent"), cgroup());
     let opts = with_policies("{}");
-    let w = super::machine::build_workload(&opts, &cgroup()).unwrap();
+    let w = super::machine::build_workload(&opts, &cgroup(), "").unwrap();
     assert_eq!(w, Default::default());
     let mut plain = fw.desired().clone();
     plain.workload = Default::default();
@@ -474,4 +474,41 @@ fn an_invalid_entry_is_refused_by_name_and_the_live_policies_stay() {
             .as_deref()
             .is_some_and(|e| e.contains("EgressAllowCgroups[0]"))
     );
+}
+
+#[test]
+fn an_allowed_cgroup_that_does_not_exist_refuses_the_workload_policies_naming_it() {
+    let opts = with_policies(
+        r#"{"EgressDeny":[{"Destination":"192.0.2.1"}],"EgressAllowCgroups":["system.slice/cpi.service","system.slice/other.service"]}"#,
+    );
+    let w = super::machine::build_workload(&opts, &cgroup(), "").unwrap();
+    let err = super::machine::check_allowed_cgroups(&w, |p| p.as_str().ends_with("other.service"))
+        .unwrap_err();
+    assert!(err.contains("system.slice/cpi.service"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    // Every cgroup present: accepted; no egress policy: nothing to check.
+    super::machine::check_allowed_cgroups(&w, |_| true).unwrap();
+    super::machine::check_allowed_cgroups(&Default::default(), |_| false).unwrap();
+}
+
+#[test]
+fn allowed_cgroups_resolve_below_the_hybrid_mount_at_their_own_depth() {
+    let opts = with_policies(
+        r#"{"EgressDeny":[{"Destination":"192.0.2.1"}],"EgressAllowCgroups":["/system.slice/cpi.service"]}"#,
+    );
+    let w = super::machine::build_workload(&opts, &cgroup(), "unified").unwrap();
+    let platform::firewall::policy::EgressPolicy::Enabled(e) = &w.egress else {
+        panic!("egress is configured");
+    };
+    match &e.allowed[..] {
+        [Identity::Cgroup { path, level }] => {
+            assert_eq!(path.as_str(), "unified/system.slice/cpi.service");
+            assert_eq!(
+                path.fs_path(),
+                std::path::Path::new("/sys/fs/cgroup/unified/system.slice/cpi.service")
+            );
+            assert_eq!(*level, 2 + u32::try_from(cgroup().level_offset).unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -61,8 +61,24 @@ pub fn job_key(nft_path: &str) -> String {
         })
         .filter(|j| !j.is_empty())
         .unwrap_or(nft_path);
-    // Room for the prefix, " cgid=" and 20 digits.
-    let room = MAX_COMMENT_LEN - JOB_COMMENT_PREFIX.len() - 6 - 20;
+    shorten(name, room_after(JOB_COMMENT_PREFIX))
+}
+
+/// The key of a `firewall-allow metadata` rule, from the caller's [`job_key`]: the same key
+/// where it fits, else shortened the same way. Its prefix is longer than the monit one's, so
+/// a key that just fits a monit comment would not fit a metadata comment; monit keys stay as
+/// they were, so rules written by earlier agents are still recognised.
+pub fn metadata_key(job_key: &str) -> String {
+    shorten(job_key, room_after(METADATA_COMMENT_PREFIX))
+}
+
+/// Room for a key in a comment with `prefix`, " cgid=" and 20 digits.
+fn room_after(prefix: &str) -> usize {
+    MAX_COMMENT_LEN - prefix.len() - 6 - 20
+}
+
+/// `name` where it fits `room`, else a stable hash of the whole and its recognisable tail.
+fn shorten(name: &str, room: usize) -> String {
     if name.len() <= room {
         name.to_string()
     } else {
@@ -454,7 +470,8 @@ pub fn reconcile_jobs_chain<T: KernelTable + ?Sized>(
 // ---------------------------------------------------------------------------------------------
 // `firewall-allow metadata`: the same mechanics on the egress jobs chain.
 
-/// The comment of a `firewall-allow metadata` rule: `bosh-metadata-access:<key>[ cgid=<n>]`.
+/// The comment of a `firewall-allow metadata` rule: `bosh-metadata-access:<key>[ cgid=<n>]`;
+/// `key` is a [`metadata_key`] (a longer one may not fit).
 pub fn metadata_comment(key: &str, cgid: Option<u64>) -> Result<Comment, super::UnsafeValue> {
     match cgid {
         Some(id) => Comment::new(&format!("{METADATA_COMMENT_PREFIX}{key} cgid={id}")),

@@ -190,6 +190,34 @@ fn a_long_bpm_job_name_is_hashed_to_fit_and_stays_recognisable() {
     assert_eq!(job_key(&format!("a/runc-bpm-{fits}.scope")), fits);
 }
 
+/// Found by the `render` fuzz target: a key that just fits a monit comment did not fit the
+/// longer metadata prefix, so `firewall-allow metadata` failed for such a job.
+#[test]
+fn every_job_key_fits_a_metadata_comment_too() {
+    for n in [1, 81, 82, 84, 85, 150, 400] {
+        for path in [
+            format!("unified/system.slice/runc-bpm-{}.scope", "m".repeat(n)),
+            format!("unified/{}", "x".repeat(n)),
+        ] {
+            let key = job_key(&path);
+            let meta = metadata_key(&key);
+            for cgid in [None, Some(u64::MAX)] {
+                assert!(job_comment(&key, cgid).is_ok(), "{path}");
+                assert!(metadata_comment(&meta, cgid).is_ok(), "{path}: {meta}");
+            }
+            // Stable, and the key itself wherever it fits.
+            assert_eq!(meta, metadata_key(&key));
+            if key.len() <= 81 {
+                assert_eq!(meta, key);
+            }
+        }
+    }
+    // Distinct keys stay distinct.
+    let a = metadata_key(&job_key(&format!("unified/{}a", "x".repeat(83))));
+    let b = metadata_key(&job_key(&format!("unified/{}b", "x".repeat(83))));
+    assert_ne!(a, b);
+}
+
 #[test]
 fn stale_rules_are_those_whose_inode_is_gone() {
     let rules = [
