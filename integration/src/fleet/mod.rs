@@ -54,6 +54,9 @@ pub const MAX_AGENTS: usize = 25_000;
 
 /// What a fleet is made of.
 #[derive(Debug, Clone)]
+/// Each agent id with the index of the node it is subscribed on and that connection.
+pub type Placements = HashMap<String, (usize, AgentConn)>;
+
 pub struct FleetOptions {
     /// How many agents.
     pub agents: usize,
@@ -352,10 +355,10 @@ impl Fleet {
         since: Option<SystemTime>,
         limit: Duration,
         poll: Duration,
-    ) -> Result<(Instant, HashMap<String, (usize, AgentConn)>)> {
+    ) -> Result<(Instant, Placements)> {
         let deadline = Instant::now() + limit;
         loop {
-            let mut now: HashMap<String, (usize, AgentConn)> = HashMap::new();
+            let mut now: Placements = HashMap::new();
             for (i, c) in self.connz()? {
                 if since.is_none_or(|s| c.start >= s) {
                     now.insert(c.agent_id.clone(), (i, c));
