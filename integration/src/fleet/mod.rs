@@ -52,11 +52,11 @@ pub const AUDIT_TABLE: &str = "fleet_audit";
 /// The most agents one fleet can hold (addresses 10.77.1.1 … 10.77.100.250).
 pub const MAX_AGENTS: usize = 25_000;
 
-/// What a fleet is made of.
-#[derive(Debug, Clone)]
 /// Each agent id with the index of the node it is subscribed on and that connection.
 pub type Placements = HashMap<String, (usize, AgentConn)>;
 
+/// What a fleet is made of.
+#[derive(Debug, Clone)]
 pub struct FleetOptions {
     /// How many agents.
     pub agents: usize,
