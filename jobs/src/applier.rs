@@ -769,7 +769,10 @@ mod tests {
     #[test]
     fn temp_link_names_are_exactly_the_ones_temp_sibling_makes() {
         let made = temp_sibling(Path::new("/b/jobs/web.link-1-2"), "link");
-        let made = made.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let made = made
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         assert!(is_temp_link_name(made), "{made}");
         for yes in [".web.link-1-0", ".a.b.link-123-45", "..link-1-1"] {
             assert!(is_temp_link_name(yes), "{yes}");
