@@ -10,6 +10,9 @@
 //! with a `monit` file and a `bin/ctl` that starts that program. Sources are uploaded under
 //! UUIDs with plain sha1 and `sha256:` digests. Run as root:
 //! `cargo test -p integration --test deploy`. A missing prerequisite fails with the reason.
+//!
+//! One test SIGKILLs the agent during the `prepare` and `apply` of a new release version
+//! (knobs `CRASH_APPLY_KILLS`, default 10, and `CRASH_SEED`, which replays a printed seed).
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
