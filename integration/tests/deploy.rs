@@ -10,6 +10,9 @@
 //! with a `monit` file and a `bin/ctl` that starts that program. Sources are uploaded under
 //! UUIDs with plain sha1 and `sha256:` digests. Run as root:
 //! `cargo test -p integration --test deploy`. A missing prerequisite fails with the reason.
+//!
+//! One test SIGKILLs the agent during the `prepare` and `apply` of a new release version
+//! (knobs `CRASH_APPLY_KILLS`, default 10, and `CRASH_SEED`, which replays a printed seed).
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
@@ -34,6 +37,8 @@ struct World {
     monit: Monit,
     dav: DavServer,
     agent: Agent,
+    /// How the agent was started: a test that kills it starts it again with this.
+    agent_exec: integration::Exec,
     _nats: NatsServer,
     sb: Sandbox,
 }
@@ -56,6 +61,7 @@ fn world(name: &str) -> World {
     s["networks"] = json!({"default": {"type": "manual", "ip": "10.0.0.9",
         "netmask": "255.255.255.0", "default": ["dns", "gateway"]}});
     let agent = start_agent(&sb, &agent_cg, &s, true);
+    let agent_exec = agent_exec_with(&sb, &agent_cg, &s, true, &json!({}));
     let director = Director::connect(&sb, &pki, DIRECTOR_SIDE);
     director.wait_pong(CONNECT_LIMIT);
     let mut w = World {
@@ -63,6 +69,7 @@ fn world(name: &str) -> World {
         monit,
         dav,
         agent,
+        agent_exec,
         _nats: nats,
         sb,
     };
@@ -390,4 +397,202 @@ fn a_deployed_job_that_monit_cannot_start_is_not_reported_running() {
     std::thread::sleep(Duration::from_secs(3));
     let st = w.job_state();
     assert_ne!(st, "running", "a job that does not run is not running");
+}
+
+/// The release version whose complete install `dir` is: its files are all there and stamped
+/// with that version. Fails when `dir` is a temporary name or matches no version whole.
+fn complete_version(
+    what: &str,
+    dir: &std::path::Path,
+    versions: &[&str],
+    complete: fn(&std::path::Path, &str) -> bool,
+) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        !name.starts_with('.'),
+        "{what} enables a temporary directory: {}",
+        dir.display()
+    );
+    match versions.iter().find(|v| complete(dir, v)) {
+        Some(v) => v.to_string(),
+        None => panic!(
+            "{what} enables {}, a partial install (files: {:?})",
+            dir.display(),
+            entries(dir)
+        ),
+    }
+}
+
+fn package_complete(dir: &std::path::Path, v: &str) -> bool {
+    fs::read_to_string(dir.join("bin/hello")).is_ok_and(|t| t.contains(&format!("echo {v} >")))
+}
+
+fn job_complete(dir: &std::path::Path, v: &str) -> bool {
+    dir.join("monit").is_file()
+        && fs::read_to_string(dir.join("bin/ctl"))
+            .is_ok_and(|t| t.contains(&format!(": release {v}\n")))
+}
+
+/// The versions `<base>/jobs/web` and `<base>/packages/hello` enable, each checked whole
+/// (and the job's own link to the package, when it has one).
+fn enabled_versions(base: &std::path::Path, versions: &[&str]) -> (String, String) {
+    let job = fs::read_link(base.join("jobs/web")).expect("jobs/web is a link");
+    let pkg = fs::read_link(base.join("packages/hello")).expect("packages/hello is a link");
+    let job_v = complete_version("jobs/web", &job, versions, job_complete);
+    let pkg_v = complete_version("packages/hello", &pkg, versions, package_complete);
+    if let Ok(own) = fs::read_link(base.join("jobs/web/packages/hello")) {
+        complete_version("jobs/web/packages/hello", &own, versions, package_complete);
+    }
+    (job_v, pkg_v)
+}
+
+/// Hidden (temporary) names where the applier installs and enables.
+fn temporaries(base: &std::path::Path) -> Vec<String> {
+    [
+        "jobs",
+        "packages",
+        "jobs/web/packages",
+        "data/jobs/web",
+        "data/packages/hello",
+    ]
+    .iter()
+    .flat_map(|d| {
+        entries(&base.join(d))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .map(move |n| format!("{d}/{n}"))
+    })
+    .collect()
+}
+
+/// `method [spec]` and its task polled, with short limits, so a SIGKILLed agent ends it
+/// quickly: whether the task finished with a value.
+fn run_until_killed(d: &Director, method: &str, spec: &serde_json::Value) -> bool {
+    let Ok(first) = d.call(method, json!([spec]), 3, Duration::from_secs(2)) else {
+        return false;
+    };
+    let Some(id) = first["value"]["agent_task_id"].as_str().map(str::to_string) else {
+        return first.get("value").is_some();
+    };
+    loop {
+        let Ok(r) = d.call("get_task", json!([id]), 3, Duration::from_secs(1)) else {
+            return false;
+        };
+        if r["value"]["state"] != "running" {
+            return r.get("value").is_some() && r.get("exception").is_none();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL during the `prepare` + `apply` of a new release version: after each kill the
+/// enabled job and package links point at the complete previous version or the complete new
+/// one (never a partial or temporary directory); the restarted agent, given the director's
+/// update again, converges and runs the new version, with no temporary left behind.
+/// Knobs: `CRASH_APPLY_KILLS` (default 10), `CRASH_SEED`.
+#[test]
+fn sigkill_during_the_apply_of_a_release_leaves_the_old_or_the_new_version_enabled() {
+    use integration::crash::{Rng, knob};
+    use nix::sys::signal::Signal;
+
+    let kills = knob("CRASH_APPLY_KILLS", 10);
+    let mut rng = Rng::from_env("CRASH_SEED");
+    let mut w = world("deploy-crash-apply");
+    let base = w.base();
+    update_settings(&w);
+    bootstrap_vm(&w);
+    let versions = ["1.0", "2.0", "3.0"];
+    let specs: Vec<serde_json::Value> = versions
+        .iter()
+        .map(|v| {
+            let pkg = compile(&w, v, sha1);
+            let t = web_templates_with(&base, "./", &format!(": release {v}"));
+            let id = w.upload(&t);
+            apply_spec(&pkg, (&id, &sha1(&t)), &format!("cfg-{v}"))
+        })
+        .collect();
+
+    // Version 1 enabled; its prepare (the install) timed. The kill points fall within twice
+    // that of sending prepare, so about half land in the install and half in the apply.
+    let t = Instant::now();
+    assert!(run_until_killed(&w.director, "prepare", &specs[0]));
+    let window = t.elapsed() * 2;
+    assert_eq!(w.ok("apply", json!([specs[0]])), json!("applied"));
+    assert_eq!(
+        enabled_versions(&base, &versions),
+        ("1.0".into(), "1.0".into())
+    );
+
+    let (mut before, mut between, mut after, mut finished) = (0u64, 0u64, 0u64, 0u64);
+    let mut old = 0usize;
+    for i in 0..kills {
+        let new = 1 + (i as usize % 2);
+        let delay = rng.below(window);
+        let pid = w.agent.pid();
+        let (director, spec) = (&w.director, &specs[new]);
+        let applied = std::thread::scope(|s| {
+            let h = s.spawn(move || {
+                run_until_killed(director, "prepare", spec)
+                    && run_until_killed(director, "apply", spec)
+            });
+            std::thread::sleep(delay);
+            w.agent.proc_mut().signal(Signal::SIGKILL).expect("SIGKILL");
+            h.join().expect("director thread")
+        });
+        w.agent
+            .wait_exit(Duration::from_secs(30))
+            .expect("killed agent exits");
+        finished += u64::from(applied);
+        let (job_v, pkg_v) = enabled_versions(&base, &versions);
+        let (o, n) = (versions[old], versions[new]);
+        for (what, v) in [("jobs/web", &job_v), ("packages/hello", &pkg_v)] {
+            assert!(
+                v == o || v == n,
+                "kill {i} (pid {pid}, after {delay:?}): {what} enables {v}, neither {o} nor {n}"
+            );
+        }
+        match (job_v == o, pkg_v == o) {
+            (true, true) => before += 1,
+            (false, false) => after += 1,
+            _ => between += 1,
+        }
+
+        // Restarted, the director's prepare and apply again: the new version is enabled,
+        // the old one is gone, and no temporary is left.
+        w.agent = w.sb.spawn_agent(&w.agent_exec).expect("spawn agent");
+        w.agent
+            .wait_ready(integration::READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("agent not ready after kill {i}: {e}"));
+        w.director.wait_pong(CONNECT_LIMIT);
+        // monit's incarnation counts seconds: a reload within the second of the killed
+        // agent's would look like none, and the apply would wait out its checks.
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(w.ok("prepare", json!([specs[new]])), json!("prepared"));
+        assert_eq!(w.ok("apply", json!([specs[new]])), json!("applied"));
+        assert_eq!(
+            enabled_versions(&base, &versions),
+            (n.to_string(), n.to_string()),
+            "kill {i}"
+        );
+        assert_eq!(temporaries(&base), Vec::<String>::new(), "kill {i}");
+        assert_eq!(entries(&base.join("data/packages/hello")).len(), 1);
+        assert_eq!(entries(&base.join("data/jobs/web")).len(), 1);
+        old = new;
+    }
+
+    // The rest of the update: the job runs the version the last apply enabled.
+    converge(&w, &specs[old]);
+    w.web_pid();
+    // The program writes its version just after it starts.
+    let deadline = Instant::now() + RUN_LIMIT;
+    while w.web_version() != versions[old] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.web_version(), versions[old], "{}", w.logs());
+    eprintln!(
+        "{kills} kills within {window:?} of sending prepare, then apply: {before} left the old version enabled, {between} one link switched and not the other, {after} the new version ({finished} after the apply had answered)"
+    );
 }

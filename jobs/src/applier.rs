@@ -524,7 +524,7 @@ impl Applier {
 /// `<enable_root>/<name>` is removed first if it points at it (so a failed removal never
 /// leaves a link to a half-removed bundle that the next listing would miss), then the
 /// bundle. Links in `<enable_root>` that point into `install_root` at nothing wanted are
-/// removed too.
+/// removed too, and so are temporary links ([`temp_sibling`]'s) whatever they point at.
 fn keep_only(
     install_root: &Path,
     enable_root: &Path,
@@ -556,7 +556,13 @@ fn keep_only(
         let Ok(target) = std::fs::read_link(&link) else {
             continue;
         };
-        if target.starts_with(install_root) && !wanted.contains(&target) {
+        // A temporary link is what an apply killed between making it and renaming it over
+        // the enabled one leaves behind; nothing else removes it, whatever it points at.
+        let temporary = link
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(is_temp_link_name);
+        if temporary || (target.starts_with(install_root) && !wanted.contains(&target)) {
             std::fs::remove_file(&link).map_err(io_err("Disabling", &link))?;
         }
     }
@@ -671,6 +677,22 @@ pub(crate) fn temp_sibling(path: &Path, what: &str) -> PathBuf {
     ))
 }
 
+/// Whether `name` has the shape [`temp_sibling`] gives links: `.<name>.link-<pid>-<n>`.
+fn is_temp_link_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some((_, tail)) = rest.rsplit_once(".link-") else {
+        return false;
+    };
+    tail.split_once('-').is_some_and(|(pid, n)| {
+        !pid.is_empty()
+            && !n.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// The `vcap` group's gid, if the group exists.
 pub fn vcap_gid() -> Option<u32> {
     nix::unistd::Group::from_name("vcap")
@@ -738,4 +760,36 @@ fn is_symlink(path: &Path) -> bool {
 
 fn is_regular_file(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_link_names_are_exactly_the_ones_temp_sibling_makes() {
+        let made = temp_sibling(Path::new("/b/jobs/web.link-1-2"), "link");
+        let made = made
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(is_temp_link_name(made), "{made}");
+        for yes in [".web.link-1-0", ".a.b.link-123-45", "..link-1-1"] {
+            assert!(is_temp_link_name(yes), "{yes}");
+        }
+        for no in [
+            "web",
+            ".web",
+            "web.link-1-0",
+            ".web.link-",
+            ".web.link-1",
+            ".web.link-1-",
+            ".web.link--1",
+            ".web.link-a-1",
+            ".web.link-1-2x",
+            ".web.installing-1-0",
+        ] {
+            assert!(!is_temp_link_name(no), "{no}");
+        }
+    }
 }

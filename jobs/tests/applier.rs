@@ -313,6 +313,60 @@ fn keep_only_removes_old_versions_and_undesired_bundles() {
     assert!(std::fs::symlink_metadata(vm.base.join("jobs/nginx/packages/zlib")).is_err());
 }
 
+/// What an apply killed mid-way leaves: a half-unpacked install at its hidden temporary
+/// name, and new links at their hidden temporary names not yet renamed over the enabled
+/// ones (pointing at the old and at the wanted version). The next apply enables only the
+/// wanted versions and removes every one of them.
+#[test]
+fn the_leftovers_of_a_killed_apply_are_removed_by_the_next() {
+    require_root();
+    let vm = Vm::new("leftovers");
+    let (v1, _, ruby1) = spec(&vm, "r1");
+    vm.applier().apply(&parse(&v1)).unwrap();
+    let (v2, rta, ruby2) = spec(&vm, "r2");
+    vm.applier().prepare(&parse(&v2)).unwrap();
+    let old = vm
+        .base
+        .join("data/packages/ruby")
+        .join(bundle_hash("r1", &ruby1));
+    let new = vm
+        .base
+        .join("data/packages/ruby")
+        .join(bundle_hash("r2", &ruby2));
+    let nginx = vm
+        .base
+        .join("data/jobs/nginx")
+        .join(bundle_hash("n1", &rta));
+    let partial = vm.base.join("data/packages/ruby/.x.installing-99999-0");
+    std::fs::create_dir_all(partial.join("bin")).unwrap();
+    let stale = [
+        (vm.base.join("packages/.ruby.link-99999-1"), new.clone()),
+        (vm.base.join("packages/.ruby.link-99999-2"), old.clone()),
+        (vm.base.join("jobs/.nginx.link-99999-3"), nginx.clone()),
+        (
+            vm.base.join("jobs/nginx/packages/.ruby.link-99999-4"),
+            new.clone(),
+        ),
+    ];
+    for (l, target) in &stale {
+        std::os::unix::fs::symlink(target, l).unwrap();
+    }
+
+    vm.applier().apply(&parse(&v2)).unwrap();
+
+    assert_eq!(link(&vm.base.join("packages/ruby")), new);
+    assert_eq!(link(&vm.base.join("jobs/nginx")), nginx);
+    assert!(!partial.exists(), "the partial install is removed");
+    assert!(!old.exists(), "the old version is removed");
+    for (l, _) in &stale {
+        assert!(
+            std::fs::symlink_metadata(l).is_err(),
+            "{} is removed",
+            l.display()
+        );
+    }
+}
+
 #[test]
 fn a_failed_install_leaves_the_previous_version_enabled() {
     require_root();
