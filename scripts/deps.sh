@@ -31,6 +31,8 @@ have parted || need+=(parted)
 have growpart || need+=(cloud-guest-utils)
 have mkfs.xfs || need+=(xfsprogs)
 have setfattr || need+=(attr)
+# Bridge netfilter: the agent loads br_netfilter when a bridge exists and egress rules apply.
+have modprobe || need+=(kmod)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

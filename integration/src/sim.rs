@@ -226,7 +226,7 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 /// A `.tgz` of `files` (path, contents, mode), made with the system's tar; `prefix` is put
 /// before every path (`./` for the director's blobstore archives).
-pub fn tgz(files: &[(&str, String, u32)], prefix: &str) -> Vec<u8> {
+pub fn tgz<B: AsRef<[u8]>>(files: &[(&str, B, u32)], prefix: &str) -> Vec<u8> {
     let dir = crate::TempDir::new("bosh-agent-test").expect("temp dir");
     let root = dir.path().join("root");
     for (path, body, mode) in files {
@@ -234,7 +234,7 @@ pub fn tgz(files: &[(&str, String, u32)], prefix: &str) -> Vec<u8> {
         if let Some(parent) = p.parent() {
             fs::create_dir_all(parent).expect("mkdir in the archive tree");
         }
-        fs::write(&p, body).expect("writing an archive member");
+        fs::write(&p, body.as_ref()).expect("writing an archive member");
         fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).expect("chmod");
     }
     let out = dir.path().join("out.tgz");

@@ -44,6 +44,35 @@ fn sh(ns: &Netns, cmd: &str) {
     ok(&out, cmd);
 }
 
+/// A netprobe TCP listener on `addr` in `ns`, returned once it listens (its log is `name`).
+fn listen(sb: &Sandbox, ns: &Netns, name: &str, addr: &str) -> Proc {
+    let log = sb.log_path(name);
+    let mut listener = Exec::new([
+        sb.tools().netprobe.as_os_str(),
+        OsStr::new("listen"),
+        OsStr::new(addr),
+    ])
+    .netns(ns.file())
+    .log(&log)
+    .spawn()
+    .unwrap();
+    wait_for(
+        &format!("the {name} listener"),
+        Duration::from_secs(10),
+        || {
+            if let Some(s) = listener.try_status()? {
+                return Err(integration::Error(format!(
+                    "listener exited ({s}): {}",
+                    listener.log_text()
+                )));
+            }
+            Ok(listener.log_text().contains("listening").then_some(()))
+        },
+    )
+    .unwrap();
+    listener
+}
+
 impl World {
     fn new(name: &str) -> World {
         let sb = Sandbox::new(name).unwrap_or_else(|e| panic!("cannot set up {name}: {e}"));
@@ -63,26 +92,7 @@ impl World {
             "ip addr add 10.8.0.2/24 dev eth0; ip addr add 169.254.169.254/32 dev eth0
              ip link set eth0 up",
         );
-        let log = sb.log_path("metadata");
-        let mut listener = Exec::new([
-            sb.tools().netprobe.as_os_str(),
-            OsStr::new("listen"),
-            OsStr::new(METADATA),
-        ])
-        .netns(meta.file())
-        .log(&log)
-        .spawn()
-        .unwrap();
-        wait_for("the metadata listener", Duration::from_secs(10), || {
-            if let Some(s) = listener.try_status()? {
-                return Err(integration::Error(format!(
-                    "listener exited ({s}): {}",
-                    listener.log_text()
-                )));
-            }
-            Ok(listener.log_text().contains("listening").then_some(()))
-        })
-        .unwrap();
+        let listener = listen(&sb, &meta, "metadata", METADATA);
         World {
             sb,
             _meta: meta,
@@ -302,26 +312,7 @@ impl Bridge {
             "ip addr add 10.7.0.3/24 dev eth0; ip link set eth0 up",
         );
         sh(&w._meta, "ip route add 10.7.0.0/24 via 10.8.0.1");
-        let log = w.sb.log_path("peer");
-        let mut listener = Exec::new([
-            w.sb.tools().netprobe.as_os_str(),
-            OsStr::new("listen"),
-            OsStr::new("10.7.0.3:80"),
-        ])
-        .netns(peer.file())
-        .log(&log)
-        .spawn()
-        .unwrap();
-        wait_for("the peer's listener", Duration::from_secs(10), || {
-            if let Some(s) = listener.try_status()? {
-                return Err(integration::Error(format!(
-                    "listener exited ({s}): {}",
-                    listener.log_text()
-                )));
-            }
-            Ok(listener.log_text().contains("listening").then_some(()))
-        })
-        .unwrap();
+        let listener = listen(&w.sb, &peer, "peer", "10.7.0.3:80");
         Bridge {
             _procs: vec![listener, hc, hp],
             container,

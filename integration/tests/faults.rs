@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use integration::dav::DavServer;
 use integration::monit::Monit;
 use integration::nats::*;
+use integration::sim::{entries, random_bytes, sha1, tgz, uuid};
 use integration::{Agent, Exec, Sandbox};
 use serde_json::{Value, json};
 
@@ -285,53 +286,6 @@ impl Drop for Unmount {
     }
 }
 
-fn uuid() -> String {
-    let b = fs::read("/proc/sys/kernel/random/uuid").unwrap();
-    String::from_utf8(b).unwrap().trim().to_string()
-}
-
-fn sha1(bytes: &[u8]) -> String {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let f = dir.path().join("blob");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new("sha1sum").arg(&f).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// A `.tgz` holding `files` (name, contents), made with the system's tar.
-fn tgz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let root = dir.path().join("root");
-    fs::create_dir_all(&root).unwrap();
-    for (name, body) in files {
-        fs::write(root.join(name), body).unwrap();
-    }
-    let out = dir.path().join("out.tgz");
-    let st = Command::new("tar")
-        .arg("-czf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&root)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    fs::read(out).unwrap()
-}
-
-fn random_bytes(n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut v)
-        .unwrap();
-    v
-}
-
 /// An apply/prepare spec with one package `pkg` (blob `id`, digest `sha1`) and no jobs.
 fn package_spec(id: &str, sha1: &str) -> Value {
     json!({
@@ -342,18 +296,6 @@ fn package_spec(id: &str, sha1: &str) -> Value {
                                  "default": ["dns", "gateway"]}},
         "configuration_hash": "cfg-1", "persistent_disk": 0
     })
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// Waits for a message on `rx` whose JSON satisfies `pred`; panics after `limit`.
@@ -963,10 +905,17 @@ fn a_full_disk_fails_prepare_compile_and_logs_clearly_and_leaves_nothing_half_wr
     let data = base.join("data");
     let dav = w.dav.as_ref().unwrap();
     // A package blob larger than the room left, and a source package to compile.
-    let big = tgz(&[("blob.bin", &random_bytes(1 << 20))]);
+    let big = tgz(&[("blob.bin", random_bytes(1 << 20), 0o644)], "./");
     let big_id = uuid();
     dav.put_blob(&big_id, &big).unwrap();
-    let src = tgz(&[("packaging", b"set -e\necho hi > $BOSH_INSTALL_TARGET/hi\n")]);
+    let src = tgz(
+        &[(
+            "packaging",
+            &b"set -e\necho hi > $BOSH_INSTALL_TARGET/hi\n"[..],
+            0o644,
+        )],
+        "./",
+    );
     let src_id = uuid();
     dav.put_blob(&src_id, &src).unwrap();
     w.ping_ok();

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use integration::monit::Monit;
 use integration::nats::{InNetns, Pki, agent_exec_with, in_netns};
+use integration::sim::{sha1, tgz, uuid};
 use integration::{Agent, Sandbox};
 use serde_json::{Value, json};
 
@@ -199,25 +200,8 @@ enum Body {
 
 /// The DAV client's object path: `/blobs/<first byte of sha1(id), hex>/<id>`.
 fn blob_path(id: &str) -> String {
-    let sha1 = hash("sha1sum", id.as_bytes());
+    let sha1 = sha1(id.as_bytes());
     format!("/blobs/{}/{id}", &sha1[..2])
-}
-
-fn hash(cmd: &str, bytes: &[u8]) -> String {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let f = dir.path().join("blob");
-    fs::write(&f, bytes).unwrap();
-    let out = Command::new(cmd).arg(&f).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn uuid() -> String {
-    let b = fs::read("/proc/sys/kernel/random/uuid").unwrap();
-    String::from_utf8(b).unwrap().trim().to_string()
 }
 
 /// Bytes that are not text and do not compress to nothing: a hash chain.
@@ -232,28 +216,6 @@ fn payload(len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// A `.tgz` of `files` (path, contents), made with the system's tar, paths under `./`.
-fn tgz(files: &[(&str, &str)]) -> Vec<u8> {
-    let dir = integration::TempDir::new("bosh-agent-test").unwrap();
-    let root = dir.path().join("root");
-    for (path, body) in files {
-        let p = root.join(path);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, body).unwrap();
-    }
-    let out = dir.path().join("out.tgz");
-    let st = Command::new("tar")
-        .arg("-czf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&root)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    fs::read(out).unwrap()
 }
 
 fn listing(dir: &Path) -> Vec<String> {
@@ -519,14 +481,18 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
 
     // create-env's remote compilation: the source uploaded to the agent's blobstore,
     // compile_package polled with get_task, the compiled package downloaded and verified.
-    let src = tgz(&[(
-        "packaging",
-        "set -e\nmkdir -p \"$BOSH_INSTALL_TARGET/bin\"\necho \"hello $BOSH_PACKAGE_VERSION\" > \"$BOSH_INSTALL_TARGET/bin/hello\"\n",
-    )]);
+    let src = tgz(
+        &[(
+            "packaging",
+            "set -e\nmkdir -p \"$BOSH_INSTALL_TARGET/bin\"\necho \"hello $BOSH_PACKAGE_VERSION\" > \"$BOSH_INSTALL_TARGET/bin/hello\"\n",
+            0o644,
+        )],
+        "./",
+    );
     let src_id = uuid();
     let (i, s) = (src_id.clone(), src.clone());
     assert_eq!(w.with(move |c| c.put_blob(&i, s)).status, 201);
-    let sha = hash("sha1sum", &src);
+    let sha = sha1(&src);
     let (i, s2) = (src_id.clone(), sha.clone());
     let done = w.with(move |c| c.task("compile_package", json!([i, s2, "hello", "1.0", {}])));
     let result = &done["value"]["result"];
@@ -538,7 +504,7 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
     let i = compiled_id.clone();
     let compiled = w.with(move |c| c.get_blob(&i));
     assert_eq!(compiled.status, 200);
-    assert_eq!(hash("sha1sum", &compiled.body), compiled_sha);
+    assert_eq!(sha1(&compiled.body), compiled_sha);
     let dir = integration::TempDir::new("bosh-agent-test").unwrap();
     fs::write(dir.path().join("p.tgz"), &compiled.body).unwrap();
     let list = Command::new("tar")
