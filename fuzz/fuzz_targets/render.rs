@@ -438,7 +438,13 @@ fn check(case: &Case) {
             INGRESS_CHAIN,
             Some("type filter hook input priority filter; policy accept;"),
         );
-        sets.extend([INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6]);
+        sets.extend([
+            INGRESS_PORTS,
+            INGRESS_TCP_PORTS,
+            INGRESS_UDP_PORTS,
+            INGRESS_SRC_V4,
+            INGRESS_SRC_V6,
+        ]);
         counters.insert(INGRESS_COUNTER);
     }
     if w.localhost_guard {
@@ -1004,6 +1010,16 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                 covers(&open, a.into(), b.into()),
                 "{INGRESS_PORTS}: {x} not asked for\n{script}"
             );
+        }
+        for (set, proto) in [(INGRESS_TCP_PORTS, "tcp"), (INGRESS_UDP_PORTS, "udp")] {
+            for x in elems(set) {
+                let port: u16 = x.parse().unwrap_or_else(|_| panic!("{set}: {x}"));
+                assert!(
+                    any.iter()
+                        .any(|(q, (a, b))| q == proto && *a <= port && port <= *b),
+                    "{set}: {x} not asked for\n{script}"
+                );
+            }
         }
         for (fam, set) in [(false, INGRESS_SRC_V4), (true, INGRESS_SRC_V6)] {
             let by: Vec<(Range, String, (u16, u16))> = list
