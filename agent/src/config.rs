@@ -148,6 +148,20 @@ impl AgentConfig {
         Self::parse(path, &text)
     }
 
+    /// Loads agent.json from `path`, and returns its document too (what a reload compares
+    /// with, see [`ignored_changes`]).
+    pub fn load_with_document(path: &Path) -> Result<(Self, serde_json::Value), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::parse(path, &text)?;
+        // `parse` read the same text as JSON already; this cannot fail, and Null would only
+        // make the reload name every key as changed.
+        let doc = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Ok((config, doc))
+    }
+
     /// Checks the values serde cannot: every duration key lies in [`DURATION_KEY_RANGE`].
     fn validate(self, path: &Path) -> Result<Self, ConfigError> {
         let linux = &self.platform.linux;
@@ -220,6 +234,62 @@ impl AgentConfig {
             }
         })?;
         config.validate(path)
+    }
+}
+
+/// The keys a reload applies: everything under `Platform.Linux.Firewall` (the workload
+/// policies and `MonitAllowRoot`) except these, which take effect at the next start.
+const FIREWALL_KEYS_FIXED_AT_START: [&str; 1] = ["ReconcileIntervalSeconds"];
+
+/// The keys of agent.json whose value differs between `running` (the document the agent
+/// started with) and `reloaded`, other than those a reload applies: a reload ignores them (they
+/// take effect at the next start). Dotted paths, sorted; `Platform.Linux.Firewall.X` for the
+/// keys of the firewall that are fixed at start. Pure.
+pub fn ignored_changes(running: &serde_json::Value, reloaded: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    diff_keys("", running, reloaded, &mut out);
+    out.retain(|path| match path.strip_prefix("Platform.Linux.Firewall") {
+        None => true,
+        // The object replaced by a value of another type.
+        Some("") => true,
+        Some(rest) => {
+            let key = rest.trim_start_matches('.');
+            let key = key.split('.').next().unwrap_or(key);
+            FIREWALL_KEYS_FIXED_AT_START.contains(&key)
+        }
+    });
+    out
+}
+
+/// Appends the paths below `path` where `a` and `b` differ (leaves).
+fn diff_keys(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                // A key on one side only is compared with nothing: an object's leaves are
+                // named, so a removed `Firewall` object names its keys one by one.
+                let none = Value::Object(serde_json::Map::new());
+                match (x.get(k), y.get(k)) {
+                    (Some(va), Some(vb)) => diff_keys(&sub, va, vb, out),
+                    (Some(v @ Value::Object(_)), None) => diff_keys(&sub, v, &none, out),
+                    (None, Some(v @ Value::Object(_))) => diff_keys(&sub, &none, v, out),
+                    _ => out.push(sub),
+                }
+            }
+        }
+        _ if a != b => out.push(if path.is_empty() {
+            "(document)".into()
+        } else {
+            path.to_string()
+        }),
+        _ => {}
     }
 }
 
@@ -301,6 +371,61 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.platform.linux.heartbeat_interval_seconds, Some(86_400));
+    }
+
+    fn doc(t: &str) -> serde_json::Value {
+        serde_json::from_str(t).unwrap()
+    }
+
+    #[test]
+    fn a_reload_ignores_every_change_but_the_firewall_policies_and_names_it() {
+        let running = doc(
+            r#"{"Platform":{"Linux":{"EnableNATSFirewall":true,"HeartbeatIntervalSeconds":5,
+               "Firewall":{"ReconcileIntervalSeconds":2,"MonitAllowRoot":true,"EgressDeny":[{"Destination":"10.0.0.0/8"}]}}},
+             "Infrastructure":{"Settings":{"Sources":[{"Type":"File","SettingsPath":"/a"}]}}}"#,
+        );
+        assert!(ignored_changes(&running, &running).is_empty());
+        // Only policies changed (a new key, a removed key, a changed value): nothing ignored.
+        let policies = doc(
+            r#"{"Platform":{"Linux":{"EnableNATSFirewall":true,"HeartbeatIntervalSeconds":5,
+               "Firewall":{"ReconcileIntervalSeconds":2,"IngressAllow":[],"GuardLocalhost":true}}},
+             "Infrastructure":{"Settings":{"Sources":[{"Type":"File","SettingsPath":"/a"}]}}}"#,
+        );
+        assert!(
+            ignored_changes(&running, &policies).is_empty(),
+            "{:?}",
+            ignored_changes(&running, &policies)
+        );
+        let others = doc(r#"{"Platform":{"Linux":{"HeartbeatIntervalSeconds":6,
+               "Firewall":{"ReconcileIntervalSeconds":3,"MonitAllowRoot":true,"EgressDeny":[{"Destination":"10.0.0.0/8"}]}}},
+             "Infrastructure":{"Settings":{"Sources":[{"Type":"File","SettingsPath":"/b"}]}},"Extra":1}"#);
+        assert_eq!(
+            ignored_changes(&running, &others),
+            vec![
+                "Extra",
+                "Infrastructure.Settings.Sources",
+                "Platform.Linux.EnableNATSFirewall",
+                "Platform.Linux.Firewall.ReconcileIntervalSeconds",
+                "Platform.Linux.HeartbeatIntervalSeconds",
+            ]
+        );
+        // The firewall object gone, or the document replaced by another type.
+        let gone = doc(
+            r#"{"Platform":{"Linux":{"EnableNATSFirewall":true,"HeartbeatIntervalSeconds":5}},
+             "Infrastructure":{"Settings":{"Sources":[{"Type":"File","SettingsPath":"/a"}]}}}"#,
+        );
+        assert_eq!(
+            ignored_changes(&running, &gone),
+            vec!["Platform.Linux.Firewall.ReconcileIntervalSeconds"]
+        );
+        assert_eq!(
+            ignored_changes(&gone, &running),
+            vec!["Platform.Linux.Firewall.ReconcileIntervalSeconds"]
+        );
+        assert_eq!(
+            ignored_changes(&running, &serde_json::Value::Null),
+            vec!["(document)"]
+        );
     }
 
     #[test]

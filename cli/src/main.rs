@@ -61,6 +61,15 @@ enum FirewallCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make the running agent reload its firewall policies (egress, ingress, the guards,
+    /// allowed cgroups, MonitAllowRoot) from agent.json, as SIGHUP does, and wait for the
+    /// outcome. Exit 0: the policies are in force; 1: the agent changed nothing (its error
+    /// names the file and the value), or no running agent, or no outcome in time.
+    Reload {
+        /// How long to wait for the agent's outcome.
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +93,9 @@ fn main() -> ExitCode {
         Command::Firewall {
             command: FirewallCommand::Status { json },
         } => status(json),
+        Command::Firewall {
+            command: FirewallCommand::Reload { timeout_seconds },
+        } => reload(timeout_seconds),
     }
 }
 
@@ -197,6 +209,23 @@ fn firewall_allow(service: &str) -> ExitCode {
         Err(e) => {
             eprintln!("bosh-agent: firewall-allow {service}: {e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn reload(timeout_seconds: u64) -> ExitCode {
+    let wait = std::time::Duration::from_secs(timeout_seconds);
+    match agent::firewall::commands::firewall_reload(&run_dir(), wait) {
+        Ok(r) => {
+            println!(
+                "the agent (pid {}) applied the firewall policies of agent.json (reload {})",
+                r.pid, r.reloads
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bosh-agent: firewall reload: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -165,6 +165,13 @@ impl Dns {
         self.0.point(name, ip).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Re-points `name` to all of `ips` at once.
+    pub fn point_all(&self, name: &str, ips: &[IpAddr]) {
+        self.0
+            .point_all(name, ips)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     pub fn stop(&mut self) {
         self.0.stop().expect("stop dnsmasq");
     }

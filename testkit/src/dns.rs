@@ -94,9 +94,15 @@ impl Dns {
     /// Re-points `name` to `ip` (written beside and renamed in, so dnsmasq never reads half a
     /// file). dnsmasq sees it through inotify: poll before relying on it.
     pub fn point(&self, name: &str, ip: IpAddr) -> Result<()> {
+        self.point_all(name, &[ip])
+    }
+
+    /// Re-points `name` to every address of `ips` (one record each, all in one answer), as
+    /// [`Dns::point`] does for one.
+    pub fn point_all(&self, name: &str, ips: &[IpAddr]) -> Result<()> {
         let tmp = self.hosts_dir.with_extension("tmp");
-        fs::write(&tmp, format!("{ip} {name}\n"))
-            .map_err(io_ctx(format!("writing {}", tmp.display())))?;
+        let text: String = ips.iter().map(|ip| format!("{ip} {name}\n")).collect();
+        fs::write(&tmp, text).map_err(io_ctx(format!("writing {}", tmp.display())))?;
         let dst = self.hosts_dir.join("names");
         fs::rename(&tmp, &dst).map_err(io_ctx(format!("renaming to {}", dst.display())))
     }

@@ -97,6 +97,93 @@ pub fn firewall_allow(service: &str, run_dir: &Path) -> Result<AllowOutcome, All
     )?)
 }
 
+/// What `firewall reload` found when the agent applied the policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The agent that was signalled.
+    pub pid: u32,
+    /// Its count of finished reloads, this one included.
+    pub reloads: u64,
+}
+
+/// Why `firewall reload` failed (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadCmdError {
+    #[error(transparent)]
+    NoAgent(#[from] crate::lifecycle::pidfile::PidError),
+    #[error("reading the agent's state: {0}")]
+    State(FirewallError),
+    #[error(
+        "the firewall state file was written by pid {written_by}, not by the agent (pid {pid}) the pid file names"
+    )]
+    NotItsState { pid: u32, written_by: u32 },
+    #[error("signalling the agent (pid {pid}): {source}")]
+    Signal { pid: u32, source: nix::errno::Errno },
+    #[error("the agent (pid {pid}) changed nothing: {error}")]
+    Refused { pid: u32, error: String },
+    #[error("the agent (pid {pid}) exited before it reported the reload")]
+    Exited { pid: u32 },
+    #[error(
+        "the agent (pid {pid}) did not report the reload within {} s (still waiting for the firewall lock?)",
+        .waited.as_secs()
+    )]
+    Timeout {
+        pid: u32,
+        waited: std::time::Duration,
+    },
+}
+
+/// Asks the running agent to reload its firewall policies from agent.json (SIGHUP to the pid
+/// of `<run dir>/bosh-agent.pid`, checked to be a live `bosh-agent`) and waits, up to `wait`,
+/// until its state file records the outcome of that reload: `Ok` when the policies are in
+/// force, the agent's own error (naming the file and the value) when it changed nothing.
+pub fn firewall_reload(
+    run_dir: &Path,
+    wait: std::time::Duration,
+) -> Result<ReloadReport, ReloadCmdError> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = crate::lifecycle::pidfile::running_agent(run_dir)?;
+    let its_state = |st: Option<RuntimeState>| -> Result<RuntimeState, ReloadCmdError> {
+        let st = st.unwrap_or_default();
+        if st.agent_pid != pid {
+            return Err(ReloadCmdError::NotItsState {
+                pid,
+                written_by: st.agent_pid,
+            });
+        }
+        Ok(st)
+    };
+    let before = its_state(state::read(run_dir).map_err(ReloadCmdError::State)?)?.reloads;
+    let raw = i32::try_from(pid).map_err(|_| ReloadCmdError::Signal {
+        pid,
+        source: nix::errno::Errno::ESRCH,
+    })?;
+    kill(Pid::from_raw(raw), Signal::SIGHUP)
+        .map_err(|source| ReloadCmdError::Signal { pid, source })?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // A state file being replaced reads as the old or the new one (rename): never torn.
+        let st = its_state(state::read(run_dir).map_err(ReloadCmdError::State)?)?;
+        if st.reloads > before {
+            return match st.reload_error {
+                None => Ok(ReloadReport {
+                    pid,
+                    reloads: st.reloads,
+                }),
+                Some(error) => Err(ReloadCmdError::Refused { pid, error }),
+            };
+        }
+        if !agent_alive(pid) {
+            return Err(ReloadCmdError::Exited { pid });
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ReloadCmdError::Timeout { pid, waited: wait });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// What `firewall status` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -201,6 +288,11 @@ pub fn firewall_status(run_dir: &Path) -> Result<Status, FirewallError> {
         if let Some(e) = &a.workload_refused {
             warnings.push(format!(
                 "the workload policies of agent.json were refused (the live ones were left as they were): {e}"
+            ));
+        }
+        if let Some(e) = &a.reload_error {
+            warnings.push(format!(
+                "the last reload of agent.json changed nothing (the policies in force are those before it): {e}"
             ));
         }
         if let Some(e) = &a.bridge_error {

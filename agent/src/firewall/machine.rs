@@ -57,7 +57,21 @@ pub struct Firewall<T: KernelTable = Nft> {
     workload_refused: bool,
     /// Deletes `firewall-allow metadata` rules whose cgroup is gone (real nft only).
     prune_metadata: Option<PruneMetadata>,
+    /// Where nft resolves `EgressAllowCgroups` paths (`"unified"` on a hybrid layout), for
+    /// a reload to build the policies exactly as the start did.
+    nft_prefix: String,
+    /// The checks against the running system a reloaded policy passes before its commit, as
+    /// at start (real nft only; see [`WorkloadCheck`]).
+    workload_check: Option<WorkloadCheck>,
 }
+
+/// Checks a workload policy against the running system before its commit: `Err` refuses it
+/// (with the value that failed), `Ok` carries the bridge netfilter problem, if any.
+pub type WorkloadCheck = fn(&WorkloadPolicy) -> Result<Option<String>, String>;
+
+#[path = "reload.rs"]
+mod reload;
+pub use reload::{ReloadError, Reloaded};
 
 /// Deletes stale `firewall-allow metadata` rules under the lock in a run directory.
 type PruneMetadata = fn(&Path) -> Result<usize, FirewallError>;
@@ -252,6 +266,11 @@ impl Firewall<Nft> {
         };
         let mut fw = Firewall::from_established(opts, nft, run_dir, &placement, est, live, plan);
         fw.prune_metadata = Some(|dir| jobs::prune_metadata_rules(&Nft::default(), dir));
+        fw.nft_prefix = nft_prefix.to_string();
+        fw.workload_check = Some(|w| {
+            check_workload(&Nft::default(), w, Path::new(SSHD_CONFIG))?;
+            Ok(check_bridges(w, &BridgePaths::system()))
+        });
         fw
     }
 }
@@ -362,7 +381,15 @@ impl<T: KernelTable> Firewall<T> {
             vcap_uid: vcap_uid(),
             workload_refused: workload_refused.is_some(),
             prune_metadata: None,
+            nft_prefix: String::new(),
+            workload_check: None,
         }
+    }
+
+    /// Replaces the checks a reloaded policy passes before its commit (tests: over the
+    /// in-memory table, where the real ones cannot run).
+    pub fn set_workload_check(&mut self, check: Option<WorkloadCheck>) {
+        self.workload_check = check;
     }
 
     /// How long the firewall lock is waited for (and how often the wait is logged).

@@ -512,3 +512,186 @@ fn allowed_cgroups_resolve_below_the_hybrid_mount_at_their_own_depth() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A machine brought up with `config`'s policies, applied and read back.
+fn running(table: &FakeTable, dir: &Dir, config: &str) -> Firewall<FakeTable> {
+    let mut fw = Firewall::with_identity(
+        &with_policies(config),
+        table.clone(),
+        dir.0.clone(),
+        cgroup(),
+    );
+    fw.apply().unwrap();
+    fw.read_back_if_due().unwrap();
+    fw
+}
+
+const INGRESS: &str = r#"{"EgressDeny":[{"Destination":"192.0.2.0/24"}],"IngressAllow":[{"Protocol":"tcp","Ports":"22"},{"Protocol":"tcp","Ports":"8080"}]}"#;
+
+#[test]
+fn a_reload_applies_the_new_policies_in_one_transaction_and_removes_what_is_gone() {
+    let (table, dir) = (FakeTable::new(), run_dir("reload"));
+    let mut fw = running(&table, &dir, INGRESS);
+    let n = table.applied().len();
+    // An entry removed, a guard added.
+    let fewer = r#"{"EgressDeny":[{"Destination":"192.0.2.0/24"}],"IngressAllow":[{"Protocol":"tcp","Ports":"22"}],"GuardLocalhost":true}"#;
+    assert_eq!(
+        fw.reload(&with_policies(fewer)).unwrap(),
+        super::Reloaded::Applied
+    );
+    assert_eq!(table.applied().len(), n + 1, "one transaction");
+    assert_eq!(rules(&table.shape()), rules(&desired_shape(&fw)));
+    assert!(
+        table
+            .shape()
+            .chains
+            .contains_key(platform::firewall::LOCALHOST_CHAIN)
+    );
+    assert_eq!(fw.state().reloads, 1);
+    assert_eq!(fw.state().reload_error, None);
+    assert_eq!(fw.state().workload["localhost_guard"], true);
+    let st = platform::firewall::state::read(&dir.0).unwrap().unwrap();
+    assert_eq!((st.reloads, st.reload_error), (1, None));
+    // The same policies again: nothing to commit, still an outcome.
+    assert_eq!(
+        fw.reload(&with_policies(fewer)).unwrap(),
+        super::Reloaded::Unchanged
+    );
+    assert_eq!(table.applied().len(), n + 1);
+    assert_eq!(fw.state().reloads, 2);
+    // Egress and ingress switched off entirely: their objects go in the same transaction.
+    fw.reload(&with_policies("{}")).unwrap();
+    assert_eq!(table.applied().len(), n + 2);
+    let shape = table.shape();
+    for gone in [
+        platform::firewall::EGRESS_CHAIN,
+        platform::firewall::EGRESS_GUARD_CHAIN,
+        platform::firewall::INGRESS_CHAIN,
+        platform::firewall::LOCALHOST_CHAIN,
+    ] {
+        assert!(
+            !shape.chains.contains_key(gone),
+            "{gone}: {:?}",
+            shape.chains.keys()
+        );
+    }
+    assert!(shape.chains.contains_key(MONIT_GUARD_CHAIN));
+    assert!(fw.state().workload.is_null());
+    // No drift afterwards: the read-back of the reload is the reference.
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    assert_eq!(fw.state().repairs, 0);
+}
+
+#[test]
+fn a_refused_reload_changes_nothing_live_or_desired_and_is_recorded() {
+    let (table, dir) = (FakeTable::new(), run_dir("reload-bad"));
+    let mut fw = running(&table, &dir, INGRESS);
+    let (live, desired, n) = (
+        rules(&table.shape()),
+        fw.desired().clone(),
+        table.applied().len(),
+    );
+    for (bad, names) in [
+        (
+            r#"{"EgressDeny":[{"Destination":"10.0.0.300/8"}]}"#,
+            "10.0.0.300/8",
+        ),
+        (
+            r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"70000"}]}"#,
+            "70000",
+        ),
+    ] {
+        let e = fw.reload(&with_policies(bad)).unwrap_err().to_string();
+        assert!(e.contains(names), "{e}");
+        assert_eq!(fw.state().reload_error.as_deref(), Some(e.as_str()));
+        assert_eq!(rules(&table.shape()), live);
+        assert_eq!(fw.desired(), &desired);
+        assert_eq!(table.applied().len(), n, "nothing committed");
+    }
+    // A check against the running system (here: one that refuses every policy) refuses too.
+    fw.set_workload_check(Some(|_| {
+        Err("a lock-out: tcp/22 (sshd) is not allowed".into())
+    }));
+    let e = fw
+        .reload(&with_policies(r#"{"GuardLocalhost":true}"#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lock-out"), "{e}");
+    assert_eq!(fw.desired(), &desired);
+    // agent.json itself unusable.
+    let e =
+        fw.reload_failed("agent config /t/agent.json: trailing comma (line 1, column 9)".into());
+    assert!(e.to_string().contains("/t/agent.json"), "{e}");
+    assert_eq!(fw.state().reloads, 4);
+    assert!(
+        fw.state()
+            .reload_error
+            .as_deref()
+            .unwrap()
+            .contains("line 1")
+    );
+    assert_eq!(table.applied().len(), n);
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    // A valid reload afterwards clears the error.
+    fw.set_workload_check(None);
+    fw.reload(&with_policies(EGRESS)).unwrap();
+    assert_eq!(fw.state().reload_error, None);
+    assert_eq!(fw.state().reloads, 5);
+}
+
+#[test]
+fn a_reload_that_nft_refuses_leaves_the_live_table_and_the_desired_state() {
+    let (table, dir) = (FakeTable::new(), run_dir("reload-nft"));
+    let mut fw = running(&table, &dir, INGRESS);
+    let (live, desired, before) = (
+        rules(&table.shape()),
+        fw.desired().clone(),
+        fw.state().clone(),
+    );
+    table.fail_applies(Some(
+        "Error: Could not process rule: No such file or directory",
+    ));
+    let e = fw.reload(&with_policies(EGRESS)).unwrap_err().to_string();
+    assert!(e.contains("Could not process rule"), "{e}");
+    table.fail_applies(None);
+    assert_eq!(rules(&table.shape()), live);
+    assert_eq!(fw.desired(), &desired);
+    assert_eq!(fw.state().workload, before.workload);
+    assert_eq!(fw.state().snapshot, before.snapshot);
+    assert_eq!(
+        fw.state().last_error,
+        None,
+        "the live table is as good as before"
+    );
+    assert!(!fw.watch_health().borrow().degraded);
+    // Nothing to repair: the reference is the table that stayed.
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+    assert_eq!(fw.state().repairs, 0);
+}
+
+#[test]
+fn a_valid_reload_after_a_refused_start_removes_the_policies_left_live() {
+    let (table, dir) = (FakeTable::new(), run_dir("reload-refused"));
+    drop(running(&table, &dir, EGRESS));
+    // Restarted with an invalid entry: the live egress objects are kept.
+    let bad = r#"{"EgressDeny":[{"Destination":"10.0.0.300/8"}]}"#;
+    let mut fw = running(&table, &dir, bad);
+    assert!(fw.state().workload_refused.is_some());
+    assert!(
+        table
+            .shape()
+            .chains
+            .contains_key(platform::firewall::EGRESS_CHAIN)
+    );
+    // Fixed by removing the key: the reload removes what the refused start kept.
+    fw.reload(&with_policies("{}")).unwrap();
+    assert!(
+        !table
+            .shape()
+            .chains
+            .contains_key(platform::firewall::EGRESS_CHAIN)
+    );
+    assert_eq!(fw.state().workload_refused, None);
+    assert!(!fw.watch_health().borrow().degraded);
+    assert_eq!(fw.reconcile().unwrap(), super::Reconciled::default());
+}

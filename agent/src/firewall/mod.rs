@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 pub use health::{Health, Problem};
-pub use machine::{Firewall, Reconciled, vcap_uid};
+pub use machine::{Firewall, Reconciled, ReloadError, Reloaded, vcap_uid};
+
+use crate::config::LinuxOptions;
 
 /// What the hook asks of the firewall task.
 enum Command {
@@ -40,6 +42,12 @@ enum Command {
     },
     /// Finish what [`Command::Protect`] left (stale endpoints, the read-back) after `after`.
     AfterDial { after: Duration },
+    /// Replace the policies with those of a reloaded agent.json, or record why it could not
+    /// be read.
+    Reload {
+        opts: Result<Box<LinuxOptions>, String>,
+        reply: oneshot::Sender<Result<Reloaded, ReloadError>>,
+    },
 }
 
 /// What [`FirewallHandle::protect_nats_endpoints`] did.
@@ -58,6 +66,8 @@ pub enum TaskError {
     Stopped,
     #[error(transparent)]
     Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
 }
 
 /// How the rest of the agent talks to the firewall task. Cheap to clone.
@@ -88,6 +98,21 @@ impl FirewallHandle {
             .send(Command::AfterDial { after })
             .await
             .map_err(|_| TaskError::Stopped)
+    }
+
+    /// Reloads the policies from `opts` (see [`Firewall::reload`]), or records that the
+    /// reloaded agent.json could not be used (`Err`, the reason). Returns once the outcome is
+    /// recorded in the state file.
+    pub async fn reload(&self, opts: Result<LinuxOptions, String>) -> Result<Reloaded, TaskError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Reload {
+                opts: opts.map(Box::new),
+                reply,
+            })
+            .await
+            .map_err(|_| TaskError::Stopped)?;
+        Ok(rx.await.map_err(|_| TaskError::Stopped)??)
     }
 
     /// The firewall's health, as it changes.
@@ -181,6 +206,17 @@ impl<T: KernelTable> FirewallTask<T> {
                                     follow_up,
                                     removing: fw.rebuild_pending(),
                                 })
+                            })
+                            .await;
+                        if let Some(res) = res {
+                            let _ = reply.send(res);
+                        }
+                    }
+                    Some(Command::Reload { opts, reply }) => {
+                        let res = self
+                            .blocking(move |fw| match opts {
+                                Ok(opts) => fw.reload(&opts),
+                                Err(why) => Err(fw.reload_failed(why)),
                             })
                             .await;
                         if let Some(res) = res {

@@ -14,8 +14,14 @@
 //! the bus flushed and closed → the firewall task stopped and its state written last.
 //! Anything still running when the grace period ends is logged by name and left. The firewall
 //! stays installed: it protects monit while the agent is down.
+//!
+//! SIGHUP reloads the firewall policies of agent.json (see [`crate::firewall::Firewall::reload`]);
+//! the other keys take effect at the next start, and a reload that sees them changed says so.
+//! The pid file ([`pidfile`]) exists while SIGHUP means that, so that `firewall reload` never
+//! signals an agent that SIGHUP would end.
 
 pub mod bus;
+pub mod pidfile;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, Span, error, info, info_span, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{self, AgentConfig};
 use crate::director::{self, Context, mbus_fallback, protocol, spec, tasks, tasks::Tasks};
 use crate::firewall::{Firewall, FirewallHandle, FirewallTask, hook::FirewallHook};
 use crate::settings::{self, Settings};
@@ -43,6 +49,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub struct App {
     base_dir: PathBuf,
     config: AgentConfig,
+    config_path: PathBuf,
+    /// agent.json as it was at start: what a reload compares with.
+    document: serde_json::Value,
     settings: Option<Arc<Settings>>,
     firewall: FirewallTask,
     firewall_handle: FirewallHandle,
@@ -65,7 +74,7 @@ impl App {
             return Err(AgentError::Supervisor(opts.job_supervisor));
         }
         isolate();
-        let config = AgentConfig::load(&opts.config)?;
+        let (config, document) = AgentConfig::load_with_document(&opts.config)?;
         info!(config = %opts.config.display(), base_dir = %opts.base_dir.display(), "bosh-agent starting");
         let base_dir = opts.base_dir;
         let linux = &config.platform.linux;
@@ -202,6 +211,8 @@ impl App {
         Ok(App {
             base_dir,
             config,
+            config_path: opts.config,
+            document,
             settings,
             firewall,
             firewall_handle,
@@ -218,6 +229,8 @@ impl App {
         let App {
             base_dir,
             config,
+            config_path,
+            document,
             settings,
             mut firewall,
             firewall_handle,
@@ -397,6 +410,11 @@ impl App {
             fw_stop,
             fw_task,
             grace,
+            reload: Reload {
+                config_path,
+                document,
+                firewall: firewall_handle,
+            },
         }
     }
 }
@@ -411,24 +429,88 @@ pub struct Running {
     fw_stop: CancellationToken,
     fw_task: JoinHandle<Option<Firewall>>,
     grace: Duration,
+    reload: Reload,
+}
+
+/// What a SIGHUP reload needs.
+#[derive(Clone)]
+struct Reload {
+    config_path: PathBuf,
+    document: serde_json::Value,
+    firewall: FirewallHandle,
+}
+
+impl Reload {
+    /// Reads agent.json again and hands its firewall policies (or why it cannot be used) to
+    /// the firewall task; returns once the outcome is recorded.
+    async fn run(&self) {
+        let path = &self.config_path;
+        info!(config = %path.display(), "SIGHUP: reloading the firewall policies of agent.json");
+        let opts = match AgentConfig::load_with_document(path) {
+            Ok((config, doc)) => {
+                let ignored = config::ignored_changes(&self.document, &doc);
+                if !ignored.is_empty() {
+                    warn!(
+                        config = %path.display(),
+                        keys = ?ignored,
+                        "these keys of agent.json changed; a reload applies only the firewall policies, so they take effect at the next start"
+                    );
+                }
+                Ok(config.platform.linux)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        // The outcome is logged by the firewall task; only a task that is gone is left.
+        if let Err(crate::firewall::TaskError::Stopped) = self.firewall.reload(opts).await {
+            warn!("the firewall task has stopped; the reload is not applied");
+        }
+    }
 }
 
 impl Running {
-    /// Runs until SIGTERM or SIGINT, then shuts down.
+    /// Runs until SIGTERM or SIGINT, then shuts down; SIGHUP reloads the firewall policies
+    /// (one reload at a time; signals that arrive during one make one more). The pid file is
+    /// written once SIGHUP is handled and removed at the end.
     pub async fn until_signal(self) -> Result<(), AgentError> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
         let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Runtime)?;
+        let pid_file = match pidfile::PidFile::write(&run_dir()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                error!(error = %e, "cannot write the pid file; `bosh-agent firewall reload` cannot find the agent (SIGHUP still reloads)");
+                None
+            }
+        };
+        let wanted = Arc::new(tokio::sync::Notify::new());
+        let reloader = tokio::spawn({
+            let (wanted, reload) = (wanted.clone(), self.reload.clone());
+            async move {
+                loop {
+                    wanted.notified().await;
+                    reload.run().await;
+                }
+            }
+            .instrument(info_span!("reload"))
+        });
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => wanted.notify_one(),
+            }
         };
         info!(
             signal = which,
             grace_secs = self.grace.as_secs(),
             "stopping"
         );
+        // A reload in flight is finished by the firewall task (it owns the change); only the
+        // wait for its outcome is dropped.
+        reloader.abort();
         self.shutdown().await;
+        drop(pid_file);
         Ok(())
     }
 

@@ -9,7 +9,9 @@
 //!                                                            one connection, N echo round trips; exit 0 only if all echoed
 //! netprobe storm   <addr>[,<addr>…] --stop-file F [--threads N] [--timeout-ms T] [--pause-ms P]
 //!                                                            connects to each address in a loop until F exists, then
-//!                                                            prints "attempts=A connected=C refused=R timed_out=T other=O"
+//!                                                            prints "endpoint=<addr> attempts=A connected=C …" per
+//!                                                            address, then the totals "attempts=A connected=C
+//!                                                            refused=R timed_out=T other=O"
 //! ```
 //! Any other failure (bad usage, unexpected socket error, a wrong echo) exits 3, so that the
 //! exit codes the tests assert on (0/1/2) cannot be produced by accident.
@@ -161,14 +163,15 @@ fn storm(args: &[String]) -> Result<(), Failure> {
     // A pause between rounds keeps a client that always connects from running out of
     // loopback ports (each closed connection holds one in TIME_WAIT for a minute).
     let pause = Duration::from_millis(option(args, "--pause-ms", 0)?);
-    // attempts, connected, refused, timed out, other
-    let counts: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+    // Per address: attempts, connected, refused, timed out, other.
+    let counts: Arc<Vec<[AtomicU64; 5]>> =
+        Arc::new(addrs.iter().map(|_| Default::default()).collect());
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let (addrs, stop, counts) = (addrs.clone(), stop.clone(), counts.clone());
             std::thread::spawn(move || {
                 while !stop.exists() {
-                    for a in &addrs {
+                    for (a, counts) in addrs.iter().zip(counts.iter()) {
                         counts[0].fetch_add(1, Ordering::Relaxed);
                         let slot = match TcpStream::connect_timeout(a, timeout) {
                             Ok(_) => 1,
@@ -188,7 +191,19 @@ fn storm(args: &[String]) -> Result<(), Failure> {
     for w in workers {
         let _ = w.join();
     }
-    let c: Vec<u64> = counts.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+    // One line per address, then the totals.
+    let mut total = [0u64; 5];
+    for (a, c) in addrs.iter().zip(counts.iter()) {
+        let c: Vec<u64> = c.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+        for (t, v) in total.iter_mut().zip(&c) {
+            *t += v;
+        }
+        println!(
+            "endpoint={a} attempts={} connected={} refused={} timed_out={} other={}",
+            c[0], c[1], c[2], c[3], c[4]
+        );
+    }
+    let c = total;
     println!(
         "attempts={} connected={} refused={} timed_out={} other={}",
         c[0], c[1], c[2], c[3], c[4]

@@ -85,6 +85,13 @@ pub struct RuntimeState {
     /// What a reader should know about how the policies match (the uid fallback, monit's
     /// cgroup unknown), one line each.
     pub workload_notes: Vec<String>,
+    /// How many reloads of agent.json's firewall policies (SIGHUP, `firewall reload`) this
+    /// agent finished, applied or refused. It grows only after the outcome below is recorded,
+    /// so a reader that saw it grow reads the outcome of that reload.
+    pub reloads: u64,
+    /// Why the last reload was refused or failed (`None`: it was applied, or there was none).
+    /// A refused reload changed nothing, live or desired.
+    pub reload_error: Option<String>,
 }
 
 /// How the agent identifies itself: `cgroup` (proved by the self-test) or `uid` (the fallback).
