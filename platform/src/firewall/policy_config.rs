@@ -8,8 +8,8 @@ use serde::Deserialize;
 use super::Identity;
 use super::policy::{
     AlertListenerPolicy, Cidr, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy,
-    EgressSets, EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto,
-    WorkloadPolicy, cloud_metadata_entries,
+    EgressSets, EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange,
+    Proto, WorkloadPolicy, cloud_metadata_entries,
 };
 
 /// `Platform.Linux.Firewall` keys of the workload policies. Absent keys mean no rules.
@@ -369,7 +369,11 @@ mod tests {
                 "EgressTracking",
                 "none",
             ),
-            (r#"{"EgressTracking":"Stateless"}"#, "EgressTracking", "Stateless"),
+            (
+                r#"{"EgressTracking":"Stateless"}"#,
+                "EgressTracking",
+                "Stateless",
+            ),
             (
                 r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"9-1"}]}"#,
                 "IngressAllow[0].Ports",

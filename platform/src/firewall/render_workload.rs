@@ -31,10 +31,10 @@ use super::super::policy::{
 };
 use super::super::{
     ALERTS_CHAIN, ALERTS_COUNTER, ALERTS_GUARD_CHAIN, ALERTS_PORT, EGRESS_CHAIN, EGRESS_COUNTER,
-    EGRESS_DENY_V4, EGRESS_DENY_V4_HI, EGRESS_DENY_V6, EGRESS_DENY_V6_HI, EGRESS_EXCEPT_V4, EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN,
-    EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN, EGRESS_JOBS_CHAIN, INGRESS_CHAIN,
-    INGRESS_COUNTER, INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6, Identity, LOCALHOST_CHAIN,
-    LOCALHOST_COUNTER,
+    EGRESS_DENY_V4, EGRESS_DENY_V4_HI, EGRESS_DENY_V6, EGRESS_DENY_V6_HI, EGRESS_EXCEPT_V4,
+    EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN, EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN,
+    EGRESS_JOBS_CHAIN, INGRESS_CHAIN, INGRESS_COUNTER, INGRESS_PORTS, INGRESS_SRC_V4,
+    INGRESS_SRC_V6, Identity, LOCALHOST_CHAIN, LOCALHOST_COUNTER,
 };
 use super::{Rebuild, identity_match, not_a_syn_rule};
 
@@ -205,7 +205,10 @@ fn render_egress(
             eg.sets.deny[i].iter().map(ToString::to_string).collect(),
         );
     }
-    for (i, set) in [EGRESS_DENY_V4_HI, EGRESS_DENY_V6_HI].into_iter().enumerate() {
+    for (i, set) in [EGRESS_DENY_V4_HI, EGRESS_DENY_V6_HI]
+        .into_iter()
+        .enumerate()
+    {
         // As nft lists them (lowercase hex), so the read-back compares like for like.
         let buckets = eg.sets.prefilter[i].iter().flatten();
         elements(s, t, set, buckets.map(|b| format!("{b:#x}")).collect());

@@ -3,8 +3,8 @@ use super::*;
 use crate::firewall::policy::Cidr;
 use crate::firewall::policy::{
     AlertListenerPolicy, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets,
-    EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
-    cloud_metadata_entries,
+    EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto,
+    WorkloadPolicy, cloud_metadata_entries,
 };
 
 fn cg(path: &str, level: u32) -> Identity {
@@ -330,16 +330,22 @@ fn the_base_chains_look_the_interval_sets_up_behind_the_prefilter() {
             ]
         );
     }
-    assert!(script.contains("add set inet bosh_agent egress_deny_v4_hi { typeof @nh,128,16; }
-"));
-    assert!(script.contains("add set inet bosh_agent egress_deny_v6_hi { typeof @nh,192,16; }
-"));
-    assert!(script.contains("flush set inet bosh_agent egress_deny_v4_hi
-"));
-    assert!(
-        script.contains("add element inet bosh_agent egress_deny_v4_hi { 0xa09, 0xa0a, 0xa0b }
-")
-    );
+    assert!(script.contains(
+        "add set inet bosh_agent egress_deny_v4_hi { typeof @nh,128,16; }
+"
+    ));
+    assert!(script.contains(
+        "add set inet bosh_agent egress_deny_v6_hi { typeof @nh,192,16; }
+"
+    ));
+    assert!(script.contains(
+        "flush set inet bosh_agent egress_deny_v4_hi
+"
+    ));
+    assert!(script.contains(
+        "add element inet bosh_agent egress_deny_v4_hi { 0xa09, 0xa0a, 0xa0b }
+"
+    ));
     let ll: Vec<String> = (0xfe80..=0xfebfu16).map(|b| format!("{b:#x}")).collect();
     assert!(script.contains(&format!(
         "add element inet bosh_agent egress_deny_v6_hi {{ {} }}
@@ -360,15 +366,19 @@ fn the_base_chains_look_the_interval_sets_up_behind_the_prefilter() {
     );
     let script = render_ruleset(&st);
     assert!(
-        script.contains("add rule inet bosh_agent egress_output ip daddr @egress_deny_v4 jump egress_guard
-"),
+        script.contains(
+            "add rule inet bosh_agent egress_output ip daddr @egress_deny_v4 jump egress_guard
+"
+        ),
         "{script}"
     );
     assert!(script.contains("add rule inet bosh_agent egress_output meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump egress_guard
 "));
     assert!(!script.contains("add element inet bosh_agent egress_deny_v4_hi"));
-    assert!(script.contains("add element inet bosh_agent egress_deny_v6_hi { 0x2001 }
-"));
+    assert!(script.contains(
+        "add element inet bosh_agent egress_deny_v6_hi { 0x2001 }
+"
+    ));
 }
 
 #[test]
@@ -381,7 +391,11 @@ fn stateless_egress_renders_no_conntrack_expression() {
     };
     let cidrs = ["169.254.169.254", "10.0.0.0/8", "fd00:ec2::254"];
     for render in [render_ruleset, render_ruleset_fresh] {
-        let stateless = render(&egress_state(&cidrs, EgressTracking::Stateless, nats.clone()));
+        let stateless = render(&egress_state(
+            &cidrs,
+            EgressTracking::Stateless,
+            nats.clone(),
+        ));
         let ct: Vec<&str> = stateless
             .lines()
             .filter(|l| l.split_whitespace().any(|w| w == "ct"))
@@ -398,10 +412,18 @@ fn stateless_egress_renders_no_conntrack_expression() {
             );
         }
         // The check above can fail: conntrack mode has the expression.
-        let tracked = render(&egress_state(&cidrs, EgressTracking::Conntrack, nats.clone()));
+        let tracked = render(&egress_state(
+            &cidrs,
+            EgressTracking::Conntrack,
+            nats.clone(),
+        ));
         assert_eq!(
-            tracked.matches(" ct state established,related accept
-").count(),
+            tracked
+                .matches(
+                    " ct state established,related accept
+"
+                )
+                .count(),
             2
         );
         // Only the guards' first rule differs.
