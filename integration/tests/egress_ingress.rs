@@ -859,15 +859,18 @@ fn stateless_egress_drops_new_flows_answers_clients_and_never_tracks() {
         0,
         "conntrack entries before any traffic"
     );
-    // A workload's new TCP connection and its UDP to the denied address are dropped.
+    // A workload's new TCP connection and its UDP to the denied address are dropped (a
+    // datagram dropped on the output hook fails its send with EPERM: "refused").
+    let denied = w.counter("egress_denied");
     assert_eq!(
         w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
         TIMED_OUT
     );
     assert_eq!(
         w.udp(&w.vm, Some(&w.workload), "169.254.169.254:5353"),
-        TIMED_OUT
+        REFUSED
     );
+    assert!(w.counter("egress_denied") >= denied + 2);
     // The exception still passes; the agent still connects.
     assert_eq!(
         w.udp(&w.vm, Some(&w.workload), "169.254.169.254:53"),
