@@ -263,15 +263,19 @@ fn median(v: Vec<f64>) -> f64 {
     quantile(&sorted(v), 0.5)
 }
 
-/// Median and interquartile range, printed as `0.995 [0.981-1.004]`.
-fn spread(v: Vec<f64>) -> String {
+/// Median and interquartile range, printed as `0.995 [0.981-1.004]` (`digits` decimals).
+fn spread_with(v: Vec<f64>, digits: usize) -> String {
     let v = sorted(v);
     format!(
-        "{:.3} [{:.3}-{:.3}]",
+        "{:.digits$} [{:.digits$}-{:.digits$}]",
         quantile(&v, 0.5),
         quantile(&v, 0.25),
         quantile(&v, 0.75)
     )
+}
+
+fn spread(v: Vec<f64>) -> String {
+    spread_with(v, 3)
 }
 
 /// One condition: a name and the script that sets it up (none: no table).
@@ -560,9 +564,9 @@ fn inner() -> Res<()> {
     }
     reset()?;
     println!("\ncommit (nft -f wall time, {commit_trials} trials)  ms: median [IQR]");
-    println!("{n} ranges, fresh table              {}", spread(full));
-    println!("rebuild after +1 range              {}", spread(rebuild));
-    println!("+1 range, element only              {}", spread(single));
+    println!("{n} ranges, fresh table              {}", spread_with(full, 1));
+    println!("rebuild after +1 range              {}", spread_with(rebuild, 1));
+    println!("+1 range, element only              {}", spread_with(single, 1));
     Ok(())
 }
 
