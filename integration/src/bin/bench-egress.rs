@@ -564,9 +564,18 @@ fn inner() -> Res<()> {
     }
     reset()?;
     println!("\ncommit (nft -f wall time, {commit_trials} trials)  ms: median [IQR]");
-    println!("{n} ranges, fresh table              {}", spread_with(full, 1));
-    println!("rebuild after +1 range              {}", spread_with(rebuild, 1));
-    println!("+1 range, element only              {}", spread_with(single, 1));
+    println!(
+        "{n} ranges, fresh table              {}",
+        spread_with(full, 1)
+    );
+    println!(
+        "rebuild after +1 range              {}",
+        spread_with(rebuild, 1)
+    );
+    println!(
+        "+1 range, element only              {}",
+        spread_with(single, 1)
+    );
     Ok(())
 }
 
