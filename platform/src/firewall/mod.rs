@@ -70,8 +70,13 @@ pub const EGRESS_EXCEPT_V6: &str = "egress_except_v6";
 pub const EGRESS_COUNTER: &str = "egress_denied";
 /// Base chain of the ingress allow-list (hook input, priority filter: after conntrack).
 pub const INGRESS_CHAIN: &str = "ingress_filter";
-/// Ports open to every source: `protocol . port`.
+/// Wide port ranges open to every source: `protocol . port` (a concatenated interval set).
 pub const INGRESS_PORTS: &str = "ingress_ports";
+/// TCP ports open to every source, one element per port (a 16-bit key without intervals,
+/// which the kernel keeps as a bitmap: one bit test per packet).
+pub const INGRESS_TCP_PORTS: &str = "ingress_tcp_ports";
+/// UDP counterpart of [`INGRESS_TCP_PORTS`].
+pub const INGRESS_UDP_PORTS: &str = "ingress_udp_ports";
 /// Ports open to some sources: `address . protocol . port`.
 pub const INGRESS_SRC_V4: &str = "ingress_src_v4";
 /// IPv6 counterpart of [`INGRESS_SRC_V4`].

@@ -14,8 +14,10 @@
 //!   connection: a server on the VM still answers clients in a denied range), addresses local
 //!   to the VM, excepted `address . protocol . port`, the agent, allowed cgroups and job
 //!   rules, and denies the rest;
-//! - ingress: one base chain on input at priority filter (after conntrack at -200): the fixed
-//!   prologue, then one concatenated-set lookup per key shape, then a counted drop;
+//! - ingress: one base chain on input at priority filter (after conntrack at -200): loopback,
+//!   the invalid-state drop, then the ports open to everyone as one bitmap test per protocol
+//!   (a new connection or a one-way UDP stream to an open port is decided in four rules), then
+//!   replies, ICMP, DHCP, the wide port ranges and the per-source lists, then a counted drop;
 //! - localhost guard: input, priority filter - 1: 127.0.0.0/8 and ::1 not arrived on `lo`;
 //! - alert listener: output, like monit's guard, for 127.0.0.1:2825 and ::1:2825.
 //!
@@ -34,7 +36,8 @@ use super::super::{
     EGRESS_DENY_V4, EGRESS_DENY_V4_HI, EGRESS_DENY_V6, EGRESS_DENY_V6_HI, EGRESS_EXCEPT_V4,
     EGRESS_EXCEPT_V6, EGRESS_FORWARD_CHAIN, EGRESS_FORWARD_GUARD_CHAIN, EGRESS_GUARD_CHAIN,
     EGRESS_JOBS_CHAIN, INGRESS_CHAIN, INGRESS_COUNTER, INGRESS_PORTS, INGRESS_SRC_V4,
-    INGRESS_SRC_V6, Identity, LOCALHOST_CHAIN, LOCALHOST_COUNTER,
+    INGRESS_SRC_V6, INGRESS_TCP_PORTS, INGRESS_UDP_PORTS, Identity, LOCALHOST_CHAIN,
+    LOCALHOST_COUNTER,
 };
 use super::{Rebuild, identity_match, not_a_syn_rule};
 
@@ -77,9 +80,15 @@ impl Leftovers {
             ]
             .iter()
             .any(|n| has(n)),
-            ingress: [INGRESS_CHAIN, INGRESS_PORTS, INGRESS_COUNTER]
-                .iter()
-                .any(|n| has(n)),
+            ingress: [
+                INGRESS_CHAIN,
+                INGRESS_PORTS,
+                INGRESS_TCP_PORTS,
+                INGRESS_UDP_PORTS,
+                INGRESS_COUNTER,
+            ]
+            .iter()
+            .any(|n| has(n)),
             localhost_guard: has(LOCALHOST_CHAIN) || has(LOCALHOST_COUNTER),
             alert_listener: has(ALERTS_CHAIN) || has(ALERTS_GUARD_CHAIN) || has(ALERTS_COUNTER),
         }
@@ -99,6 +108,9 @@ fn set_type(set: &str) -> &'static str {
         EGRESS_EXCEPT_V6 | INGRESS_SRC_V6 => {
             "type ipv6_addr . inet_proto . inet_service; flags interval;"
         }
+        // No interval flag: with a 16-bit key the kernel picks its bitmap backend.
+        INGRESS_TCP_PORTS => "typeof tcp dport;",
+        INGRESS_UDP_PORTS => "typeof udp dport;",
         _ => "type inet_proto . inet_service; flags interval;",
     }
 }
@@ -327,12 +339,26 @@ const EGRESS_SETS: [&str; 6] = [
     EGRESS_EXCEPT_V6,
 ];
 
+/// The ingress allow-list's sets, in the order they are made.
+const INGRESS_SETS: [&str; 5] = [
+    INGRESS_PORTS,
+    INGRESS_TCP_PORTS,
+    INGRESS_UDP_PORTS,
+    INGRESS_SRC_V4,
+    INGRESS_SRC_V6,
+];
+
+/// Open ranges of at most this many ports are listed port by port in the bitmap sets; wider
+/// ones stay intervals (checked later in the chain), so that `1024-65535` does not become
+/// 64,512 elements re-added at every rebuild.
+const BITMAP_MAX_RANGE: u32 = 256;
+
 fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, leftover: bool) {
     let t = r.t;
     let IngressPolicy::Enabled(ing) = policy else {
         if leftover {
             r.remove_chain(s, INGRESS_CHAIN);
-            for set in [INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6] {
+            for set in INGRESS_SETS {
                 remove_set(s, r, set);
             }
             remove_counter(s, r, INGRESS_COUNTER);
@@ -341,25 +367,29 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
     };
     r.remove_chain(s, INGRESS_CHAIN);
     counter(s, r, INGRESS_COUNTER);
-    for set in [INGRESS_PORTS, INGRESS_SRC_V4, INGRESS_SRC_V6] {
+    for set in INGRESS_SETS {
         empty_set(s, r, set);
     }
-    elements(
-        s,
-        t,
-        INGRESS_PORTS,
-        ing.sets
-            .any_source
-            .iter()
-            .map(|(p, r)| format!("{p} . {r}"))
-            .collect(),
-    );
+    let (mut tcp, mut udp, mut wide) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, range) in ing.sets.any_source.iter() {
+        if u32::from(range.last) - u32::from(range.first) < BITMAP_MAX_RANGE {
+            let ports = (range.first..=range.last).map(|port| port.to_string());
+            match p {
+                Proto::Tcp => tcp.extend(ports),
+                Proto::Udp => udp.extend(ports),
+            }
+        } else {
+            wide.push(format!("{p} . {range}"));
+        }
+    }
+    elements(s, t, INGRESS_TCP_PORTS, tcp);
+    elements(s, t, INGRESS_UDP_PORTS, udp);
+    elements(s, t, INGRESS_PORTS, wide);
     elements(s, t, INGRESS_SRC_V4, triples(&ing.sets.by_source[0]));
     elements(s, t, INGRESS_SRC_V6, triples(&ing.sets.by_source[1]));
     let c = INGRESS_CHAIN;
     let _ = writeln!(s, "add chain {t} {c} {{ {INPUT} }}");
     rule(s, t, c, "iif lo accept");
-    rule(s, t, c, "ct state established,related accept");
     if ing.ct_invalid == CtInvalid::Drop {
         rule(
             s,
@@ -368,6 +398,11 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
             &format!("ct state invalid counter name \"{INGRESS_COUNTER}\" drop"),
         );
     }
+    // Open ports before replies: a new connection or a one-way UDP stream to them, and a
+    // server's established traffic, stop here after one bit test.
+    rule(s, t, c, &format!("udp dport @{INGRESS_UDP_PORTS} accept"));
+    rule(s, t, c, &format!("tcp dport @{INGRESS_TCP_PORTS} accept"));
+    rule(s, t, c, "ct state established,related accept");
     if ing.allow_icmp {
         rule(
             s,

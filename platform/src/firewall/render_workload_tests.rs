@@ -6,6 +6,7 @@ use crate::firewall::policy::{
     EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto,
     WorkloadPolicy, cloud_metadata_entries,
 };
+use crate::firewall::{INGRESS_PORTS, INGRESS_TCP_PORTS, INGRESS_UDP_PORTS};
 
 fn cg(path: &str, level: u32) -> Identity {
     Identity::Cgroup {
@@ -577,4 +578,70 @@ fn the_kernel_capability_probe_passes_here_and_changes_nothing() {
     ))
     .unwrap_err();
     assert!(e.to_string().contains("nft check failed"), "{e}");
+}
+
+#[test]
+fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
+    let entry = |proto, ports: &str| IngressEntry {
+        proto,
+        ports: PortRange::parse(ports).unwrap(),
+        sources: vec![],
+    };
+    let st = DesiredState {
+        identity: cg("unified/system.slice/bosh-agent.service", 2),
+        monit: MonitPolicy::Disabled,
+        nats: NatsPolicy::Disabled,
+        workload: WorkloadPolicy {
+            ingress: IngressPolicy::Enabled(Ingress {
+                sets: IngressSets::compile(&[
+                    entry(Proto::Tcp, "80"),
+                    entry(Proto::Tcp, "1000-1255"),
+                    entry(Proto::Tcp, "2000-2256"),
+                    entry(Proto::Udp, "53"),
+                    entry(Proto::Udp, "1024-65535"),
+                ]),
+                allow_icmp: true,
+                ct_invalid: CtInvalid::Drop,
+            }),
+            ..Default::default()
+        },
+    };
+    let script = render_ruleset(&st);
+    let elements = |set: &str| -> Vec<String> {
+        let prefix = format!("add element inet bosh_agent {set} {{ ");
+        script
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.strip_suffix(" }"))
+            .flat_map(|l| l.split(", ").map(str::to_string))
+            .collect()
+    };
+    let tcp = elements(INGRESS_TCP_PORTS);
+    let want: Vec<String> = std::iter::once(80)
+        .chain(1000..=1255)
+        .map(|p: u16| p.to_string())
+        .collect();
+    assert_eq!(tcp, want);
+    assert_eq!(elements(INGRESS_UDP_PORTS), vec!["53".to_string()]);
+    assert_eq!(
+        elements(INGRESS_PORTS),
+        vec![
+            "tcp . 2000-2256".to_string(),
+            "udp . 1024-65535".to_string()
+        ]
+    );
+    // The bitmap tests come right after the invalid-state drop, before replies and ICMP.
+    let rules: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.strip_prefix("add rule inet bosh_agent ingress_filter "))
+        .collect();
+    assert_eq!(
+        rules[..5],
+        [
+            "iif lo accept",
+            "ct state invalid counter name \"ingress_dropped\" drop",
+            "udp dport @ingress_udp_ports accept",
+            "tcp dport @ingress_tcp_ports accept",
+            "ct state established,related accept",
+        ]
+    );
 }
