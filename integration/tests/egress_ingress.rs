@@ -41,8 +41,9 @@ const CONNECTED: i32 = 0;
 const REFUSED: i32 = 1;
 const TIMED_OUT: i32 = 2;
 
+// Fields drop in declaration order: the namespaces (bind mounts inside `dir`) and the
+// processes go before the directory, which can then be removed.
 struct World {
-    dir: TempDir,
     vm: Netns,
     outside: Netns,
     meta: Netns,
@@ -57,6 +58,7 @@ struct World {
     _procs: Vec<Proc>,
     netprobe: PathBuf,
     pktprobe: PathBuf,
+    dir: TempDir,
 }
 
 fn ok(out: &Output, what: &str) {
