@@ -65,8 +65,8 @@ pub struct FirewallOptions {
     pub monit_allow_root: bool,
     /// Seconds between drift checks of the live table.
     pub reconcile_interval_seconds: u64,
-    /// The workload policies (`EgressDeny`, `EgressAction`, `DenyCloudMetadata`,
-    /// `EgressAllowCgroups`, `IngressAllow`, `IngressAllowICMP`, `IngressCtInvalid`,
+    /// The workload policies (`EgressDeny`, `EgressAction`, `EgressTracking`,
+    /// `DenyCloudMetadata`, `EgressAllowCgroups`, `IngressAllow`, `IngressAllowICMP`, `IngressCtInvalid`,
     /// `GuardLocalhost`, `GuardAlertListener`), keys of this same object. Parsed here, and
     /// validated by the firewall (an invalid value refuses the policies, not the start).
     #[serde(flatten)]
@@ -483,7 +483,7 @@ mod tests {
         let c = parse(
             r#"{"Platform":{"Linux":{"Firewall":{"MonitAllowRoot":false,
                "EgressDeny":[{"Destination":"10.0.0.0/8","Except":[{"Protocol":"udp","Ports":53}]}],
-               "EgressAction":"reject","DenyCloudMetadata":true,"EgressAllowCgroups":["system.slice/cpi.service"],
+               "EgressAction":"reject","EgressTracking":"stateless","DenyCloudMetadata":true,"EgressAllowCgroups":["system.slice/cpi.service"],
                "IngressAllow":[{"Protocol":"tcp","Ports":"22","Sources":["10.0.0.0/8"]}],
                "IngressAllowICMP":false,"IngressCtInvalid":"allow-list",
                "GuardLocalhost":true,"GuardAlertListener":true}}}}"#,
@@ -495,6 +495,7 @@ mod tests {
         assert_eq!(p.egress_deny.len(), 1);
         assert_eq!(p.egress_deny[0].destination, "10.0.0.0/8");
         assert_eq!(p.egress_action.as_deref(), Some("reject"));
+        assert_eq!(p.egress_tracking.as_deref(), Some("stateless"));
         assert!(p.deny_cloud_metadata && p.guard_localhost && p.guard_alert_listener);
         assert!(!p.ingress_allow_icmp);
         assert_eq!(p.egress_allow_cgroups, vec!["system.slice/cpi.service"]);

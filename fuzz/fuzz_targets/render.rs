@@ -21,7 +21,8 @@ use libfuzzer_sys::fuzz_target;
 use platform::cgroup::{self, NftCgroupPath};
 use platform::firewall::jobs::{job_comment, job_key, metadata_comment, metadata_key};
 use platform::firewall::policy::{
-    AlertListenerPolicy, CtInvalid, EgressAction, EgressPolicy, IngressPolicy,
+    AlertListenerPolicy, CtInvalid, EgressAction, EgressPolicy, EgressTracking, IngressPolicy,
+    PREFILTER_MAX_BUCKETS,
 };
 use platform::firewall::policy_config::{
     EgressDenyConfig, IngressAllowConfig, PolicyConfig, PortsConfig, PortsValue,
@@ -212,6 +213,7 @@ fn config(u: &mut Unstructured<'_>) -> AResult<PolicyConfig> {
             })
         })?,
         egress_action: choice(u, &["drop", "reject"])?,
+        egress_tracking: choice(u, &["conntrack", "stateless"])?,
         deny_cloud_metadata: u.arbitrary()?,
         egress_allow_cgroups: small(u, 2, cgroup_path)?,
         ingress_allow: if u.arbitrary()? {
@@ -428,6 +430,8 @@ fn check(case: &Case) {
         sets.extend([
             EGRESS_DENY_V4,
             EGRESS_DENY_V6,
+            EGRESS_DENY_V4_HI,
+            EGRESS_DENY_V6_HI,
             EGRESS_EXCEPT_V4,
             EGRESS_EXCEPT_V6,
         ]);
@@ -578,8 +582,24 @@ fn check(case: &Case) {
                 );
             }
             for t in &rest {
-                if let Some(set) = t.strip_prefix('@') {
+                // `@nh,<offset>,<len>` is a raw payload match (the prefilter's key), not a set.
+                if let Some(set) = t.strip_prefix('@').filter(|x| !x.starts_with("nh,")) {
                     assert!(sets.contains(set), "{chain}: set {set} absent: {r}");
+                }
+                if let Some(raw) = t.strip_prefix("@nh,") {
+                    assert!(
+                        (chain == EGRESS_CHAIN || chain == EGRESS_FORWARD_CHAIN)
+                            && (raw == "128,16" || raw == "192,16"),
+                        "{chain}: a raw payload match the model did not ask for: {r}"
+                    );
+                }
+                if t == "ct" {
+                    assert!(
+                        !(egress.is_some_and(|e| e.tracking == EgressTracking::Stateless)
+                            && (chain == EGRESS_GUARD_CHAIN
+                                || chain == EGRESS_FORWARD_GUARD_CHAIN)),
+                        "{chain}: a ct expression in stateless mode: {r}"
+                    );
                 }
             }
             if let Some(i) = rest.iter().position(|t| t == "jump") {
@@ -902,7 +922,23 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
         assert_eq!(got.len(), want.len());
     }
     let cfg = &case.config;
-    if let EgressPolicy::Enabled(_) = &case.state.workload.egress {
+    if let EgressPolicy::Enabled(eg) = &case.state.workload.egress {
+        // The guards' first rule says how replies are told apart.
+        let first = |chain: &str| {
+            shape
+                .chains
+                .get(chain)
+                .and_then(|c| c.rules.first())
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default()
+        };
+        for guard in [EGRESS_GUARD_CHAIN, EGRESS_FORWARD_GUARD_CHAIN] {
+            let want = match eg.tracking {
+                EgressTracking::Conntrack => "ct state established,related accept",
+                EgressTracking::Stateless => "tcp flags & (syn | ack) != syn accept",
+            };
+            assert_eq!(first(guard), want, "{guard}\n{script}");
+        }
         // (family, destination, excepted (proto, ports)) of every raw entry.
         let mut entries: Vec<(bool, Range, Vec<(String, (u16, u16))>)> = Vec::new();
         for e in &cfg.egress_deny {
@@ -938,6 +974,52 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
             let mine: Vec<&(bool, Range, Vec<(String, (u16, u16))>)> =
                 entries.iter().filter(|e| e.0 == fam).collect();
             let dests: Vec<Range> = mine.iter().map(|e| e.1).collect();
+            // The prefilter: the first 16 bits of every configured destination, each once,
+            // or nothing (and no prefilter in the base chains) beyond the cap.
+            let (hi_set, shift, raw) = if fam {
+                (EGRESS_DENY_V6_HI, 112, "@nh,192,16")
+            } else {
+                (EGRESS_DENY_V4_HI, 16, "@nh,128,16")
+            };
+            let mut want: BTreeSet<u128> = BTreeSet::new();
+            for (a, b) in &dests {
+                want.extend((a >> shift)..=(b >> shift));
+            }
+            let got: Vec<u128> = elems(hi_set)
+                .iter()
+                .map(|e| {
+                    e.strip_prefix("0x")
+                        .and_then(|h| u128::from_str_radix(h, 16).ok())
+                        .unwrap_or_else(|| panic!("{hi_set}: element {e:?} is not 0x<hex>"))
+                })
+                .collect();
+            let prefiltered = want.len() <= PREFILTER_MAX_BUCKETS;
+            if prefiltered {
+                assert_eq!(
+                    got.iter().copied().collect::<BTreeSet<_>>(),
+                    want,
+                    "{hi_set}\n{script}"
+                );
+                assert_eq!(got.len(), want.len(), "{hi_set}: duplicates");
+            } else {
+                assert!(got.is_empty(), "{hi_set} beyond the cap\n{script}");
+            }
+            for base in [EGRESS_CHAIN, EGRESS_FORWARD_CHAIN] {
+                let rules: Vec<&String> = shape
+                    .chains
+                    .get(base)
+                    .into_iter()
+                    .flat_map(|c| c.rules.iter().map(|(_, r)| r))
+                    .filter(|r| r.contains(&format!("@{set} ")))
+                    .collect();
+                assert_eq!(rules.len(), 1, "{base}: one rule for {set}\n{script}");
+                assert_eq!(
+                    rules[0].contains(&format!("{raw} @{hi_set} ")),
+                    prefiltered,
+                    "{base}: {}",
+                    rules[0]
+                );
+            }
             let deny: Vec<Range> = elems(set)
                 .iter()
                 .map(|s| {

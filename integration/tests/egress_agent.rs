@@ -21,6 +21,8 @@ use serde_json::Value;
 const METADATA: &str = "169.254.169.254:80";
 /// `DenyCloudMetadata` (169.254.169.254 among the cloud endpoints), reconciled every second.
 const DENY: &str = r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":1,"DenyCloudMetadata":true}}}}"#;
+/// `DenyCloudMetadata` with the stateless guard.
+const DENY_STATELESS: &str = r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":1,"DenyCloudMetadata":true,"EgressTracking":"stateless"}}}}"#;
 /// The same VM without the key.
 const OPEN: &str = r#"{"Platform":{"Linux":{"Firewall":{"ReconcileIntervalSeconds":1}}}}"#;
 /// An entry that does not parse (a host bit set), beside a valid one.
@@ -206,6 +208,10 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
     let eg = &status["agent"]["workload"]["egress"];
     assert_eq!(eg["state"], "enabled", "{status:#}");
     assert_eq!(eg["deny_ranges_v4"], 3, "{status:#}");
+    assert_eq!(eg["tracking"], "conntrack", "{status:#}");
+    // 168.63.0.0/16 and 169.254.0.0/16; fd00::/16 and fe80::/16.
+    assert_eq!(eg["prefilter_buckets_v4"], 2, "{status:#}");
+    assert_eq!(eg["prefilter_buckets_v6"], 2, "{status:#}");
     assert!(counter(&status, "egress_denied") >= 1, "{status:#}");
     assert!(status.get("conntrack").is_some(), "{status:#}");
     let text =
@@ -224,6 +230,26 @@ fn workloads_are_denied_the_metadata_service_the_agent_and_allowed_jobs_are_not(
             job.nft_path()
         )),
         "{text}"
+    );
+
+    // `EgressTracking: stateless`: the same protection, and no `ct` expression in the table.
+    agent.stop().unwrap();
+    let mut agent = w.sb.start_agent(&agent_cg, DENY_STATELESS).unwrap();
+    w.expect(&workload, Probe::TimedOut);
+    w.expect(&agent_cg, Probe::Connected);
+    w.expect(&job, Probe::Connected);
+    let out = w.sb.nft(["list", "table", "inet", "bosh_agent"]).unwrap();
+    ok(&out, "nft list table");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.contains("egress_guard") && !table.split_whitespace().any(|t| t == "ct"),
+        "{table}"
+    );
+    let (code, status) = w.sb.status().unwrap();
+    assert_eq!(code, 0, "{status:#}");
+    assert_eq!(
+        status["agent"]["workload"]["egress"]["tracking"], "stateless",
+        "{status:#}"
     );
 
     // The key removed from agent.json: its chains go at the next start.

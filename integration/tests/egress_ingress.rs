@@ -41,8 +41,9 @@ const CONNECTED: i32 = 0;
 const REFUSED: i32 = 1;
 const TIMED_OUT: i32 = 2;
 
+// Fields drop in declaration order: the namespaces (bind mounts inside `dir`) and the
+// processes go before the directory, which can then be removed.
 struct World {
-    dir: TempDir,
     vm: Netns,
     outside: Netns,
     meta: Netns,
@@ -57,6 +58,7 @@ struct World {
     _procs: Vec<Proc>,
     netprobe: PathBuf,
     pktprobe: PathBuf,
+    dir: TempDir,
 }
 
 fn ok(out: &Output, what: &str) {
@@ -663,6 +665,9 @@ fn drift_in_the_new_chains_is_seen_and_repaired_by_a_rebuild() {
     for drift in [
         "flush chain inet bosh_agent egress_guard",
         "delete element inet bosh_agent egress_deny_v4 { 169.254.169.254 }",
+        // The prefilter's bucket of 169.254.0.0/16: without it the range would be open.
+        "delete element inet bosh_agent egress_deny_v4_hi { 0xa9fe }",
+        "add element inet bosh_agent egress_deny_v6_hi { 0x2001 }",
         "flush chain inet bosh_agent ingress_filter",
         "add element inet bosh_agent ingress_ports { tcp . 23 }",
     ] {
@@ -749,4 +754,157 @@ fn firewall_allow_metadata_adds_prunes_and_covers_ipv6() {
     );
     // The job rule is the jobs': the agent's read-back ignores it.
     assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
+}
+
+/// Entries in the VM's conntrack table (`/proc/net/nf_conntrack` is per network namespace).
+fn conntrack_entries(w: &World) -> usize {
+    let out = run_with_timeout(
+        w.vm.command(["cat", "/proc/net/nf_conntrack"]),
+        COMMAND_TIMEOUT,
+        "nf_conntrack",
+    )
+    .unwrap();
+    ok(
+        &out,
+        "cat /proc/net/nf_conntrack (the test needs the nf_conntrack module)",
+    );
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn the_prefilter_passes_neighbours_of_a_denied_range_and_keeps_it_denied() {
+    let mut w = World::new();
+    // Beside 10.9.0.2 (in the denied /24): 10.9.1.2 in the same /16 (same prefilter bucket),
+    // 10.10.0.2 in another /16; fd09::3 next to the denied fd09::2.
+    sh(
+        &w.outside,
+        "ip addr add 10.9.1.2/32 dev eth0; ip addr add 10.10.0.2/32 dev eth0
+         ip addr add fd09::3/128 dev eth0 nodad",
+    );
+    sh(
+        &w.vm,
+        "ip route add 10.9.1.0/24 via 10.9.0.2; ip route add 10.10.0.0/16 via 10.9.0.2",
+    );
+    let np = w.netprobe.clone();
+    let out = w.outside.file().to_path_buf();
+    for a in [
+        "10.9.0.2:80",
+        "10.9.1.2:80",
+        "10.10.0.2:80",
+        "[fd09::2]:80",
+        "[fd09::3]:80",
+    ] {
+        w.listen(&out, &np, &["listen", a]);
+    }
+    // Before any rule the workload reaches all of them (else the test proves nothing).
+    for a in ["10.9.0.2:80", "10.9.1.2:80", "10.10.0.2:80", "[fd09::2]:80"] {
+        assert_eq!(w.tcp(&w.vm, Some(&w.workload), a), CONNECTED, "{a}");
+    }
+    let st = w
+        .desired(r#"{"EgressDeny": [{"Destination": "10.9.0.0/24"}, {"Destination": "fd09::2"}]}"#);
+    w.apply(&render_ruleset(&st));
+    assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
+    let live = w.table();
+    assert!(
+        live.contains("@nh,128,16 @egress_deny_v4_hi ip daddr @egress_deny_v4 jump egress_guard")
+            && live.contains("elements = { 0xa09 }")
+            && live.contains("elements = { 0xfd09 }"),
+        "{live}"
+    );
+    let denied = w.counter("egress_denied");
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "10.9.0.2:80"), TIMED_OUT);
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "[fd09::2]:80"), TIMED_OUT);
+    assert!(w.counter("egress_denied") >= denied + 2);
+    // Same bucket, outside the range: the interval lookup lets it pass.
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "10.9.1.2:80"), CONNECTED);
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "[fd09::3]:80"), CONNECTED);
+    // Another bucket: the prefilter alone lets it pass.
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "10.10.0.2:80"), CONNECTED);
+    // The agent is not a workload.
+    assert_eq!(w.tcp(&w.vm, Some(&w.agent), "10.9.0.2:80"), CONNECTED);
+    // A wider list replaces the buckets exactly (flush and refill in the transaction).
+    let st = w.desired(r#"{"EgressDeny": [{"Destination": "10.10.0.0/16"}]}"#);
+    w.apply(&render_ruleset(&st));
+    assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
+    assert!(w.table().contains("elements = { 0xa0a }"), "{}", w.table());
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "10.9.0.2:80"), CONNECTED);
+    assert_eq!(w.tcp(&w.vm, Some(&w.workload), "10.10.0.2:80"), TIMED_OUT);
+}
+
+#[test]
+fn stateless_egress_drops_new_flows_answers_clients_and_never_tracks() {
+    let mut w = World::new();
+    let np = w.netprobe.clone();
+    let pp = w.pktprobe.clone();
+    let (vm, meta) = (w.vm.file().to_path_buf(), w.meta.file().to_path_buf());
+    // A UDP service on the metadata address that no exception covers.
+    w.listen(&meta, &pp, &["udp-echo", "169.254.169.254:5353"]);
+    // Servers on the VM (in the test's cgroup: workloads) for clients in a denied range.
+    w.listen(&vm, &np, &["listen", "10.9.0.1:8080"]);
+    w.listen(&vm, &pp, &["udp-echo", "10.9.0.1:5353"]);
+    let config = |tracking: &str| {
+        format!(
+            r#"{{"EgressDeny": [{{"Destination": "169.254.169.254", "Except": [{{"Protocol": "udp", "Ports": "53"}}]}},
+                {{"Destination": "10.9.0.2"}}]{tracking}}}"#
+        )
+    };
+    let st = w.desired(&config(r#", "EgressTracking": "stateless""#));
+    w.apply(&render_ruleset(&st));
+    assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
+    let live = w.table();
+    assert!(
+        !live.split_whitespace().any(|t| t == "ct"),
+        "a ct expression in stateless mode:\n{live}"
+    );
+    assert_eq!(
+        conntrack_entries(&w),
+        0,
+        "conntrack entries before any traffic"
+    );
+    // A workload's new TCP connection and its UDP to the denied address are dropped (a
+    // datagram dropped on the output hook fails its send with EPERM: "refused").
+    let denied = w.counter("egress_denied");
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
+        TIMED_OUT
+    );
+    assert_eq!(
+        w.udp(&w.vm, Some(&w.workload), "169.254.169.254:5353"),
+        REFUSED
+    );
+    assert!(w.counter("egress_denied") >= denied + 2);
+    // The exception still passes; the agent still connects.
+    assert_eq!(
+        w.udp(&w.vm, Some(&w.workload), "169.254.169.254:53"),
+        CONNECTED
+    );
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.agent), "169.254.169.254:80"),
+        CONNECTED
+    );
+    // A server on the VM answers a TCP client in a denied range (its SYN-ACK and data are
+    // not connection attempts)...
+    assert_eq!(w.tcp(&w.outside, None, "10.9.0.1:8080"), CONNECTED);
+    // ...but a UDP reply to that client is dropped: nothing tells it from a new flow.
+    assert_eq!(w.udp(&w.outside, None, "10.9.0.1:5353"), TIMED_OUT);
+    // And nothing was tracked: conntrack never ran in the VM's namespace.
+    assert_eq!(
+        conntrack_entries(&w),
+        0,
+        "stateless mode tracked connections"
+    );
+
+    // The same traffic in conntrack mode is tracked (the check above can fail), and the
+    // UDP reply passes as `established`.
+    let st = w.desired(&config(""));
+    w.apply(&render_ruleset(&st));
+    assert_eq!(conforms(&snapshot(&w.table()), &st), Ok(()));
+    assert!(w.table().contains("ct state established,related accept"));
+    assert_eq!(w.tcp(&w.outside, None, "10.9.0.1:8080"), CONNECTED);
+    assert_eq!(w.udp(&w.outside, None, "10.9.0.1:5353"), CONNECTED);
+    assert_eq!(
+        w.tcp(&w.vm, Some(&w.workload), "169.254.169.254:80"),
+        TIMED_OUT
+    );
+    assert!(conntrack_entries(&w) > 0, "conntrack mode tracked nothing");
 }

@@ -473,11 +473,14 @@ fn write_workload(f: &mut std::fmt::Formatter<'_>, w: &serde_json::Value) -> std
     if eg["state"] == "enabled" {
         writeln!(
             f,
-            "egress deny:   {} IPv4 and {} IPv6 ranges ({} excepted port entries), {}; allowed besides the agent: {}",
+            "egress deny:   {} IPv4 and {} IPv6 ranges ({} excepted port entries), {}, tracking {}, prefilter buckets {}/{}; allowed besides the agent: {}",
             s(&eg["deny_ranges_v4"]),
             s(&eg["deny_ranges_v6"]),
             s(&eg["except_entries"]),
             s(&eg["action"]),
+            s(&eg["tracking"]),
+            s(&eg["prefilter_buckets_v4"]),
+            s(&eg["prefilter_buckets_v6"]),
             eg["allowed"]
                 .as_array()
                 .filter(|a| !a.is_empty())

@@ -767,6 +767,10 @@ pub fn workload_summary(w: &WorkloadPolicy) -> Value {
             "deny_ranges_v4": e.sets.deny[0].len(),
             "deny_ranges_v6": e.sets.deny[1].len(),
             "except_entries": e.sets.except[0].len() + e.sets.except[1].len(),
+            "tracking": e.tracking,
+            // /16 buckets of the prefilter per family; null where the list is too wide for one.
+            "prefilter_buckets_v4": e.sets.prefilter[0].as_ref().map(Vec::len),
+            "prefilter_buckets_v6": e.sets.prefilter[1].as_ref().map(Vec::len),
             "allowed": e.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
         }),
     };

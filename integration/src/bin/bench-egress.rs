@@ -1,19 +1,24 @@
 //! `bench-egress`: the costs of the workload policies, side by side in one run, inside
 //! throw-away network namespaces (the host's ruleset and interfaces are never touched).
 //!
+//! Throughput on a shared VM drifts by 10-15 % from one second to the next, which hides a
+//! 2 % effect. So the run is many short rounds; each round measures every condition back to
+//! back, in an order that rotates from round to round, and every ratio is computed within a
+//! round (numerator and denominator measured seconds apart) and reported as the median of the
+//! per-round ratios with its interquartile range. Rates are reported as medians too.
+//!
 //! 1. Unrelated traffic (loopback UDP packets/s and TCP connections/s, which cross the
-//!    output hook) with: no table, the floor (one empty output base chain), the egress deny
-//!    list with 1 range, and with `BENCH_RANGES` (10,000) ranges, and the floor with connection
-//!    tracking on (the egress guard switches it on: this separates its cost from the rules').
-//!    Conditions are interleaved round by round so machine noise hits all alike; ratios
-//!    against the floor, 1 range and the tracked floor.
+//!    output hook) with: no table; the floor (one empty output base chain); the floor with
+//!    connection tracking on; the egress deny list as rendered (prefilter, conntrack guard)
+//!    with 1 range and with `BENCH_RANGES` (10,000) ranges; the N ranges without the
+//!    prefilter (the shape before it); and the stateless guard with 1 and N ranges.
 //! 2. Allowed inbound traffic over a veth from a second namespace (TCP connections/s, UDP
 //!    packets/s) with the ingress allow-list off, off with connection tracking on, and on.
 //! 3. Commit time (`nft -f`) of the table with `BENCH_RANGES` ranges, of the full rebuild
 //!    after a one-range change, and of that one range added on its own.
 //!
-//! Knobs: `BENCH_TRIALS` (5), `BENCH_SECONDS` per measurement (1.0), `BENCH_RANGES` (10000).
-//! Not a test: it asserts nothing and prints figures.
+//! Knobs: `BENCH_ROUNDS` (40), `BENCH_SECONDS` per measurement (0.25), `BENCH_RANGES`
+//! (10000), `BENCH_COMMIT_TRIALS` (7). Not a test: it asserts nothing and prints figures.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -23,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use platform::cgroup::NftCgroupPath;
 use platform::firewall::policy::{
-    Cidr, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets, Ingress, IngressEntry,
-    IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
+    Cidr, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets, EgressTracking, Ingress,
+    IngressEntry, IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
 };
 use platform::firewall::render::render_ruleset;
 use platform::firewall::{DesiredState, Identity, MonitPolicy, NatsPolicy};
@@ -149,11 +154,12 @@ fn ranges(n: u32) -> Vec<EgressEntry> {
         .collect()
 }
 
-fn egress(n: u32) -> DesiredState {
+fn egress(n: u32, tracking: EgressTracking) -> DesiredState {
     base(WorkloadPolicy {
         egress: EgressPolicy::Enabled(Egress {
             sets: EgressSets::compile(&ranges(n)),
             action: EgressAction::Drop,
+            tracking,
             allowed: Vec::new(),
         }),
         ..Default::default()
@@ -237,69 +243,190 @@ fn serve(addr: SocketAddr) -> Res<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The `p` quantile (0..=1) of sorted values, interpolated between neighbours.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let pos = p * last as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let (a, b) = (sorted[lo.min(last)], sorted[hi.min(last)]);
+    a + (b - a) * (pos - lo as f64)
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    v
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    quantile(&sorted(v), 0.5)
+}
+
+/// Median and interquartile range, printed as `0.995 [0.981-1.004]` (`digits` decimals).
+fn spread_with(v: Vec<f64>, digits: usize) -> String {
+    let v = sorted(v);
+    format!(
+        "{:.digits$} [{:.digits$}-{:.digits$}]",
+        quantile(&v, 0.5),
+        quantile(&v, 0.25),
+        quantile(&v, 0.75)
+    )
+}
+
+fn spread(v: Vec<f64>) -> String {
+    spread_with(v, 3)
+}
+
+/// One condition: a name and the script that sets it up (none: no table).
+struct Condition {
+    name: &'static str,
+    script: Option<String>,
+}
+
+/// Per condition, per round, the two rates `measure` returns. Round `r` runs the conditions
+/// starting at `r % len`, so none is always first or last after a reset.
+fn run_rounds(
+    conds: &[Condition],
+    rounds: usize,
+    mut measure: impl FnMut() -> Res<[f64; 2]>,
+) -> Res<Vec<Vec<[f64; 2]>>> {
+    let mut out: Vec<Vec<[f64; 2]>> = vec![Vec::with_capacity(rounds); conds.len()];
+    for r in 0..rounds {
+        for k in 0..conds.len() {
+            let i = (r + k) % conds.len();
+            reset()?;
+            if let Some(s) = &conds[i].script {
+                nft(s)?;
+            }
+            out[i].push(measure()?);
+        }
+    }
+    reset()?;
+    Ok(out)
+}
+
+/// Prints the median rates of every condition, then each ratio `num / den` as the median of
+/// its per-round ratios with the interquartile range.
+fn report(
+    title: &str,
+    units: [&str; 2],
+    conds: &[Condition],
+    rates: &[Vec<[f64; 2]>],
+    ratios: &[(&str, usize, usize)],
+) {
+    println!("\n{title:<44} {:>14} {:>14}", units[0], units[1]);
+    for (c, r) in conds.iter().zip(rates) {
+        let m = |k: usize| median(r.iter().map(|x| x[k]).collect());
+        println!("{:<44} {:>14.0} {:>14.0}", c.name, m(0), m(1));
+    }
+    println!(
+        "{:<44} {:>22} {:>22}",
+        "ratio (median of per-round ratios [IQR])", units[0], units[1]
+    );
+    for (name, num, den) in ratios {
+        let per_round = |k: usize| -> Vec<f64> {
+            rates[*num]
+                .iter()
+                .zip(&rates[*den])
+                .map(|(a, b)| a[k] / b[k])
+                .collect()
+        };
+        println!(
+            "{name:<44} {:>22} {:>22}",
+            spread(per_round(0)),
+            spread(per_round(1))
+        );
+    }
 }
 
 fn inner() -> Res<()> {
-    let trials: usize = env_or("BENCH_TRIALS", 5);
-    let secs: f64 = env_or("BENCH_SECONDS", 1.0);
+    let rounds: usize = env_or("BENCH_ROUNDS", 40).max(1);
+    let secs: f64 = env_or("BENCH_SECONDS", 0.25);
     let n: u32 = env_or("BENCH_RANGES", 10_000);
+    let commit_trials: usize = env_or("BENCH_COMMIT_TRIALS", 7).max(1);
     run("ip", &["link", "set", "lo", "up"])?;
-    println!("bench-egress: {trials} trials × {secs} s, {n} deny ranges; medians\n");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "bench-egress: {rounds} rounds × {secs} s per measurement, conditions rotated each round, {n} deny ranges; load average {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 
     // 1. Unrelated loopback traffic across the output hook.
     let udp_to: SocketAddr = "127.0.0.1:9999".parse().map_err(|e| format!("{e}"))?;
     let _sink = UdpSocket::bind(udp_to).map_err(|e| format!("udp sink: {e}"))?;
     let tcp_to: SocketAddr = "127.0.0.1:9998".parse().map_err(|e| format!("{e}"))?;
     serve(tcp_to)?;
-    let one = render_ruleset(&egress(1));
-    let many = render_ruleset(&egress(n));
-    // The egress guard needs connection tracking (replies to clients in a denied range), which
-    // switches it on for the namespace: the tracked floor separates that cost from the rules'.
+    let tracked = EgressTracking::Conntrack;
+    let many = render_ruleset(&egress(n, tracked));
+    // The shape before the prefilter: the interval lookup for every packet.
+    let many_no_prefilter = many
+        .replace("meta nfproto ipv4 @nh,128,16 @egress_deny_v4_hi ", "")
+        .replace("meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ", "");
+    // The conntrack guard switches tracking on for the namespace: the tracked floor
+    // separates that cost from the rules'.
     let tracked_floor = format!(
         "{FLOOR}{}",
         CONNTRACK_ON.replace("add table inet bosh_agent\n", "")
     );
-    let conditions: [(&str, Option<&str>); 5] = [
-        ("no table", None),
-        ("floor (empty base chain)", Some(FLOOR)),
-        ("egress, 1 range", Some(&one)),
-        ("egress, N ranges", Some(&many)),
-        ("floor, conntrack on", Some(&tracked_floor)),
+    let conds = [
+        Condition {
+            name: "no table",
+            script: None,
+        },
+        Condition {
+            name: "floor (one empty base chain)",
+            script: Some(FLOOR.to_string()),
+        },
+        Condition {
+            name: "floor, conntrack on",
+            script: Some(tracked_floor),
+        },
+        Condition {
+            name: "egress 1 range (prefilter, conntrack)",
+            script: Some(render_ruleset(&egress(1, tracked))),
+        },
+        Condition {
+            name: "egress N ranges (prefilter, conntrack)",
+            script: Some(many.clone()),
+        },
+        Condition {
+            name: "egress N ranges, no prefilter (before)",
+            script: Some(many_no_prefilter),
+        },
+        Condition {
+            name: "stateless 1 range",
+            script: Some(render_ruleset(&egress(1, EgressTracking::Stateless))),
+        },
+        Condition {
+            name: "stateless N ranges",
+            script: Some(render_ruleset(&egress(n, EgressTracking::Stateless))),
+        },
     ];
-    let mut udp: Vec<Vec<f64>> = vec![Vec::new(); conditions.len()];
-    let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); conditions.len()];
-    for _ in 0..trials {
-        for (i, (_, script)) in conditions.iter().enumerate() {
-            reset()?;
-            if let Some(s) = script {
-                nft(s)?;
-            }
-            udp[i].push(udp_rate(udp_to, secs)?);
-            tcp[i].push(tcp_rate(tcp_to, secs)?);
-        }
-    }
-    reset()?;
-    let udp: Vec<f64> = udp.into_iter().map(median).collect();
-    let tcp: Vec<f64> = tcp.into_iter().map(median).collect();
-    println!(
-        "unrelated traffic           UDP pkt/s   ratio/floor ratio/1 /tracked    TCP conn/s  ratio/floor ratio/1 /tracked"
+    let rates = run_rounds(&conds, rounds, || {
+        Ok([udp_rate(udp_to, secs)?, tcp_rate(tcp_to, secs)?])
+    })?;
+    report(
+        "unrelated traffic (loopback, output hook)",
+        ["UDP pkt/s", "TCP conn/s"],
+        &conds,
+        &rates,
+        &[
+            ("egress N / egress 1 (target >= 0.98)", 4, 3),
+            ("egress 1 / tracked floor (target >= 0.98)", 3, 2),
+            ("egress N / tracked floor (target >= 0.98)", 4, 2),
+            ("egress N no prefilter / egress 1", 5, 3),
+            ("stateless N / stateless 1", 7, 6),
+            ("stateless 1 / floor (target >= 0.98)", 6, 1),
+            ("stateless N / floor (target >= 0.98)", 7, 1),
+            ("egress 1 / floor (tracking and rules)", 3, 1),
+            ("tracked floor / floor (tracking alone)", 2, 1),
+            ("floor / no table", 1, 0),
+        ],
     );
-    for (i, (name, _)) in conditions.iter().enumerate() {
-        println!(
-            "{name:<27} {:>10.0}  {:>10.3} {:>8.3} {:>8.3}  {:>10.0}  {:>10.3} {:>8.3} {:>8.3}",
-            udp[i],
-            udp[i] / udp[1],
-            udp[i] / udp[2],
-            udp[i] / udp[4],
-            tcp[i],
-            tcp[i] / tcp[1],
-            tcp[i] / tcp[2],
-            tcp[i] / tcp[4],
-        );
-    }
 
     // 2. Allowed inbound traffic over a veth, ingress list off and on.
     let mut peer = Command::new("unshare")
@@ -350,61 +477,58 @@ fn inner() -> Res<()> {
         let _sink = UdpSocket::bind(format!("{SERVER}:{UDP_PORT}"))
             .map_err(|e| format!("udp sink: {e}"))?;
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let on = render_ruleset(&ingress());
         // Any `ct` expression switches connection tracking on for the namespace, and the
         // allow-list needs it for its return traffic. Most VMs track connections already (the
         // stemcell's own firewall, container runtimes, `ct state invalid drop` defaults), so the
         // filter's own cost is measured against that too, not only against an untracked host.
-        let conds: [(&str, Option<&str>); 3] = [
-            ("ingress off", None),
-            ("ingress off, conntrack on", Some(CONNTRACK_ON)),
-            ("ingress on", Some(&on)),
+        let conds = [
+            Condition {
+                name: "ingress off",
+                script: None,
+            },
+            Condition {
+                name: "ingress off, conntrack on",
+                script: Some(CONNTRACK_ON.to_string()),
+            },
+            Condition {
+                name: "ingress on",
+                script: Some(render_ruleset(&ingress())),
+            },
         ];
-        let mut t: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
-        let mut u: Vec<Vec<f64>> = vec![Vec::new(); conds.len()];
-        for _ in 0..trials {
-            for (i, (_, script)) in conds.iter().enumerate() {
-                reset()?;
-                if let Some(s) = script {
-                    nft(s)?;
-                }
-                let out = Command::new("nsenter")
-                    .arg(format!("--net={ns}"))
-                    .arg("--")
-                    .arg(&me)
-                    .args(["--client", &secs.to_string()])
-                    .output()
-                    .map_err(|e| format!("client: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "client: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ));
-                }
-                let text = String::from_utf8_lossy(&out.stdout);
-                let mut it = text
-                    .split_whitespace()
-                    .filter_map(|w| w.parse::<f64>().ok());
-                t[i].push(it.next().unwrap_or(0.0));
-                u[i].push(it.next().unwrap_or(0.0));
+        let rates = run_rounds(&conds, rounds, || {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={ns}"))
+                .arg("--")
+                .arg(&me)
+                .args(["--client", &secs.to_string()])
+                .output()
+                .map_err(|e| format!("client: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "client: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
             }
-        }
-        reset()?;
-        let t: Vec<f64> = t.into_iter().map(median).collect();
-        let u: Vec<f64> = u.into_iter().map(median).collect();
-        println!("\nallowed inbound over veth   TCP conn/s  UDP pkt/s");
-        for (i, (name, _)) in conds.iter().enumerate() {
-            println!("{name:<27} {:>10.0} {:>10.0}", t[i], u[i]);
-        }
-        println!(
-            "ratio on/off                {:>10.3} {:>10.3}",
-            t[2] / t[0],
-            u[2] / u[0]
-        );
-        println!(
-            "ratio on/off, conntrack on  {:>10.3} {:>10.3}",
-            t[2] / t[1],
-            u[2] / u[1]
+            let text = String::from_utf8_lossy(&out.stdout);
+            let v: Vec<f64> = text
+                .split_whitespace()
+                .filter_map(|w| w.parse::<f64>().ok())
+                .collect();
+            match v[..] {
+                [t, u] => Ok([t, u]),
+                _ => Err(format!("client printed {text:?}")),
+            }
+        })?;
+        report(
+            "allowed inbound over a veth",
+            ["TCP conn/s", "UDP pkt/s"],
+            &conds,
+            &rates,
+            &[
+                ("on / off, conntrack on (target >= 0.97)", 2, 1),
+                ("on / off (target >= 0.97)", 2, 0),
+                ("conntrack on / off (tracking alone)", 1, 0),
+            ],
         );
         Ok(())
     })();
@@ -416,28 +540,42 @@ fn inner() -> Res<()> {
     let mut full = Vec::new();
     let mut rebuild = Vec::new();
     let mut single = Vec::new();
-    let changed = render_ruleset(&egress(n + 1));
+    let changed = render_ruleset(&egress(n + 1, tracked));
     let extra = ranges(n + 1).pop().map(|e| e.destination);
-    for _ in 0..trials {
+    for _ in 0..commit_trials {
         reset()?;
-        full.push(nft(&many)?.as_secs_f64());
-        rebuild.push(nft(&changed)?.as_secs_f64());
+        full.push(nft(&many)?.as_secs_f64() * 1e3);
+        rebuild.push(nft(&changed)?.as_secs_f64() * 1e3);
         nft(&many)?;
         if let Some(c) = extra {
+            // The range and its prefilter bucket, as one transaction.
+            let std::net::IpAddr::V4(a) = c.addr else {
+                continue;
+            };
+            let bucket = u32::from(a) >> 16;
             single.push(
                 nft(&format!(
-                    "add element inet bosh_agent egress_deny_v4 {{ {} }}\n",
-                    c
+                    "add element inet bosh_agent egress_deny_v4 {{ {c} }}\nadd element inet bosh_agent egress_deny_v4_hi {{ {bucket:#x} }}\n"
                 ))?
-                .as_secs_f64(),
+                .as_secs_f64()
+                    * 1e3,
             );
         }
     }
     reset()?;
-    println!("\ncommit (nft -f wall time)   ms");
-    println!("{n} ranges, fresh table    {:>8.1}", median(full) * 1e3);
-    println!("rebuild after +1 range      {:>8.1}", median(rebuild) * 1e3);
-    println!("+1 range, element only      {:>8.1}", median(single) * 1e3);
+    println!("\ncommit (nft -f wall time, {commit_trials} trials)  ms: median [IQR]");
+    println!(
+        "{n} ranges, fresh table              {}",
+        spread_with(full, 1)
+    );
+    println!(
+        "rebuild after +1 range              {}",
+        spread_with(rebuild, 1)
+    );
+    println!(
+        "+1 range, element only              {}",
+        spread_with(single, 1)
+    );
     Ok(())
 }
 

@@ -57,6 +57,11 @@ pub const EGRESS_JOBS_CHAIN: &str = "egress_access_jobs";
 pub const EGRESS_DENY_V4: &str = "egress_deny_v4";
 /// IPv6 counterpart of [`EGRESS_DENY_V4`].
 pub const EGRESS_DENY_V6: &str = "egress_deny_v6";
+/// The prefilter of [`EGRESS_DENY_V4`]: the first 16 bits of every denied destination, in a
+/// plain 16-bit set (a bitmap in the kernel: one test whatever the deny list's size).
+pub const EGRESS_DENY_V4_HI: &str = "egress_deny_v4_hi";
+/// IPv6 counterpart of [`EGRESS_DENY_V4_HI`].
+pub const EGRESS_DENY_V6_HI: &str = "egress_deny_v6_hi";
 /// Excepted `address . protocol . port` (concatenated interval sets).
 pub const EGRESS_EXCEPT_V4: &str = "egress_except_v4";
 /// IPv6 counterpart of [`EGRESS_EXCEPT_V4`].

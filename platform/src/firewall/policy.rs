@@ -482,6 +482,45 @@ pub struct EgressSets {
     pub deny: [Vec<AddrRange>; 2],
     /// Excepted (destination range, protocol, ports) per family, disjoint.
     pub except: [Vec<(AddrRange, Proto, PortRange)>; 2],
+    /// Per family, the prefilter: the first 16 bits of every destination some deny range
+    /// holds ([`prefilter_buckets`]), or `None` when they are more than
+    /// [`PREFILTER_MAX_BUCKETS`] (the rule then looks the interval set up directly).
+    pub prefilter: [Option<Vec<u16>>; 2],
+}
+
+/// The most /16 buckets (first 16 bits of a destination) a family's prefilter set holds.
+/// The kernel keeps a 16-bit set as a bitmap, whose lookup costs the same for any size, but
+/// inserting an element walks the elements already there: a commit of n elements costs
+/// O(n²) — measured on kernel 6.18, 4,096 take 0.09 s fresh and 0.27 s as a flush and
+/// refill, 16,384 take 1.7 s and 5.1 s, 65,536 (a /0) over a minute. A deny list touching
+/// more buckets than this covers so much of the address space that most traffic meets the
+/// interval lookup anyway.
+pub const PREFILTER_MAX_BUCKETS: usize = 4096;
+
+/// The first 16 bits of every address in `ranges` (all of one family), sorted, each once:
+/// an address is in some range only if its bucket is listed. Pure.
+pub fn prefilter_buckets(ranges: &[AddrRange]) -> Vec<u16> {
+    let mut out: Vec<u16> = Vec::new();
+    for r in ranges {
+        let shift = r.family.bits() - 16;
+        // Both fit in 16 bits: the shift leaves the top 16 of a 32- or 128-bit value.
+        let (a, b) = (
+            u16::try_from(r.first >> shift).unwrap_or(u16::MAX),
+            u16::try_from(r.last >> shift).unwrap_or(u16::MAX),
+        );
+        // Ranges are sorted and disjoint, so a bucket repeats only at the seam of two.
+        let from = match out.last() {
+            Some(&l) if l >= a => match l.checked_add(1) {
+                Some(n) => n,
+                None => continue,
+            },
+            _ => a,
+        };
+        if from <= b {
+            out.extend(from..=b);
+        }
+    }
+    out
 }
 
 impl EgressSets {
@@ -505,6 +544,8 @@ impl EgressSets {
                     _ => out.deny[fi].push(range),
                 }
             }
+            let buckets = prefilter_buckets(&out.deny[fi]);
+            out.prefilter[fi] = (buckets.len() <= PREFILTER_MAX_BUCKETS).then_some(buckets);
         }
         out
     }
@@ -521,11 +562,27 @@ pub enum EgressPolicy {
     Enabled(Egress),
 }
 
+/// How the egress guard tells replies from new traffic (`EgressTracking`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressTracking {
+    /// `ct state established,related` is accepted first: replies of every protocol to a
+    /// denied range pass, and a flow opened before its range was denied lives on. Any `ct`
+    /// expression switches connection tracking on for the whole VM.
+    #[default]
+    Conntrack,
+    /// No `ct` expression: TCP to a denied range is judged only when it opens a connection
+    /// (SYN without ACK), so a server on the VM still answers TCP clients there; UDP and
+    /// every other protocol to a denied range are dropped, replies included.
+    Stateless,
+}
+
 /// An enabled egress policy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Egress {
     pub sets: EgressSets,
     pub action: EgressAction,
+    pub tracking: EgressTracking,
     /// Identities besides the agent's allowed through (`EgressAllowCgroups`).
     pub allowed: Vec<Identity>,
 }

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use super::Identity;
 use super::policy::{
     AlertListenerPolicy, Cidr, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy,
-    EgressSets, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto,
-    WorkloadPolicy, cloud_metadata_entries,
+    EgressSets, EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange,
+    Proto, WorkloadPolicy, cloud_metadata_entries,
 };
 
 /// `Platform.Linux.Firewall` keys of the workload policies. Absent keys mean no rules.
@@ -20,6 +20,9 @@ pub struct PolicyConfig {
     pub egress_deny: Vec<EgressDenyConfig>,
     /// `drop` (default) or `reject`.
     pub egress_action: Option<String>,
+    /// `conntrack` (default) or `stateless`: how the egress guard tells replies from new
+    /// traffic.
+    pub egress_tracking: Option<String>,
     /// Adds the cloud credential endpoints to the deny list.
     pub deny_cloud_metadata: bool,
     /// Cgroup paths (as in `/proc/<pid>/cgroup`, relative to the cgroup2 root) allowed through.
@@ -42,6 +45,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             egress_deny: Vec::new(),
             egress_action: None,
+            egress_tracking: None,
             deny_cloud_metadata: false,
             egress_allow_cgroups: Vec::new(),
             ingress_allow: None,
@@ -168,6 +172,17 @@ impl PolicyConfig {
                 ));
             }
         };
+        let tracking = match self.egress_tracking.as_deref() {
+            None | Some("conntrack") => EgressTracking::Conntrack,
+            Some("stateless") => EgressTracking::Stateless,
+            Some(other) => {
+                return Err(bad(
+                    "EgressTracking".into(),
+                    other,
+                    "expected conntrack or stateless".into(),
+                ));
+            }
+        };
         let mut allowed = Vec::new();
         for (i, path) in self.egress_allow_cgroups.iter().enumerate() {
             allowed.push(
@@ -181,6 +196,7 @@ impl PolicyConfig {
             EgressPolicy::Enabled(Egress {
                 sets: EgressSets::compile(&entries),
                 action,
+                tracking,
                 allowed,
             })
         };
@@ -289,6 +305,7 @@ mod tests {
             panic!("egress off")
         };
         assert_eq!(eg.action, EgressAction::Reject);
+        assert_eq!(eg.tracking, EgressTracking::Conntrack);
         assert_eq!(eg.sets.deny[0].len(), 4);
         assert_eq!(eg.allowed.len(), 1);
         let IngressPolicy::Enabled(ing) = &w.ingress else {
@@ -308,6 +325,19 @@ mod tests {
         // Only the cloud endpoints.
         let w = build(r#"{"DenyCloudMetadata":true}"#).unwrap();
         assert!(matches!(w.egress, EgressPolicy::Enabled(_)));
+        for (value, want) in [
+            ("conntrack", EgressTracking::Conntrack),
+            ("stateless", EgressTracking::Stateless),
+        ] {
+            let w = build(&format!(
+                r#"{{"DenyCloudMetadata":true,"EgressTracking":"{value}"}}"#
+            ))
+            .unwrap();
+            let EgressPolicy::Enabled(eg) = &w.egress else {
+                panic!("egress off")
+            };
+            assert_eq!(eg.tracking, want);
+        }
     }
 
     #[test]
@@ -334,6 +364,16 @@ mod tests {
                 "70000",
             ),
             (r#"{"EgressAction":"tarpit"}"#, "EgressAction", "tarpit"),
+            (
+                r#"{"DenyCloudMetadata":true,"EgressTracking":"none"}"#,
+                "EgressTracking",
+                "none",
+            ),
+            (
+                r#"{"EgressTracking":"Stateless"}"#,
+                "EgressTracking",
+                "Stateless",
+            ),
             (
                 r#"{"IngressAllow":[{"Protocol":"tcp","Ports":"9-1"}]}"#,
                 "IngressAllow[0].Ports",

@@ -314,3 +314,110 @@ fn sshd_ports_from_config() {
     );
     assert_eq!(sshd_ports("Port nope\n"), vec![22]);
 }
+
+fn buckets_of(cidrs: &[&str]) -> [Vec<u16>; 2] {
+    let sets = EgressSets::compile(&cidrs.iter().map(|c| entry(c, &[])).collect::<Vec<_>>());
+    [0, 1].map(|fi| prefilter_buckets(&sets.deny[fi]))
+}
+
+#[test]
+fn prefilter_buckets_at_the_edges() {
+    let v4 = |c: &[&str]| buckets_of(c)[0].clone();
+    let v6 = |c: &[&str]| buckets_of(c)[1].clone();
+    // A /16 exactly, a /24 inside it, a single address: one bucket each.
+    assert_eq!(v4(&["10.0.0.0/16"]), vec![0x0a00]);
+    assert_eq!(v4(&["10.9.3.0/24"]), vec![0x0a09]);
+    assert_eq!(v4(&["169.254.169.254"]), vec![0xa9fe]);
+    assert_eq!(v4(&["0.0.0.0"]), vec![0]);
+    assert_eq!(v4(&["255.255.255.255"]), vec![0xffff]);
+    // A /15 spans two buckets; a /8 256.
+    assert_eq!(v4(&["10.2.0.0/15"]), vec![0x0a02, 0x0a03]);
+    let eight = v4(&["10.0.0.0/8"]);
+    assert_eq!(eight.len(), 256);
+    assert_eq!((eight[0], eight[255]), (0x0a00, 0x0aff));
+    // A range crossing a bucket seam (two CIDRs merged into 10.0.255.0-10.1.0.255).
+    assert_eq!(v4(&["10.0.255.0/24", "10.1.0.0/24"]), vec![0x0a00, 0x0a01]);
+    // Two ranges in one bucket give it once; neighbours stay apart.
+    assert_eq!(
+        v4(&["10.9.1.0/24", "10.9.3.0/24", "10.10.0.0/24"]),
+        vec![0x0a09, 0x0a0a]
+    );
+    // /0: every bucket, in order, each once.
+    let all = v4(&["0.0.0.0/0"]);
+    assert_eq!(all.len(), 65_536);
+    assert!(all.iter().enumerate().all(|(i, b)| usize::from(*b) == i));
+    // IPv6: the first 16 bits.
+    assert_eq!(v6(&["2001:db8::/32"]), vec![0x2001]);
+    assert_eq!(v6(&["fd00:ec2::254"]), vec![0xfd00]);
+    let ll = v6(&["fe80::/10"]);
+    assert_eq!(ll, (0xfe80..=0xfebf).collect::<Vec<u16>>());
+    assert_eq!(v6(&["::/0"]).len(), 65_536);
+    assert_eq!(v6(&["::1"]), vec![0]);
+    assert_eq!(v6(&["ffff::/16"]), vec![0xffff]);
+    // An IPv4-mapped range is IPv4 traffic: its buckets are IPv4's.
+    assert_eq!(buckets_of(&["::ffff:10.9.0.0/112"]), [vec![0x0a09], vec![]]);
+    assert_eq!(prefilter_buckets(&[]), Vec::<u16>::new());
+}
+
+#[test]
+fn prefilter_buckets_hold_exactly_the_buckets_the_ranges_touch() {
+    // A deterministic spread of ranges of every size, checked against a brute force over
+    // every bucket: listed exactly when some range has an address in it.
+    let mut x: u32 = 0x9e37_79b9;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    for round in 0..40 {
+        let cidrs: Vec<String> = (0..1 + round % 7)
+            .map(|_| {
+                let prefix = 8 + next() % 25;
+                let addr = next() & !((1u64 << (32 - prefix)) - 1) as u32;
+                format!("{}/{prefix}", std::net::Ipv4Addr::from(addr))
+            })
+            .collect();
+        let refs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        let got = buckets_of(&refs)[0].clone();
+        let want: Vec<u16> = (0..=u16::MAX)
+            .filter(|b| {
+                let (lo, hi) = (u32::from(*b) << 16, (u32::from(*b) << 16) | 0xffff);
+                refs.iter().any(|c| {
+                    let (_, a, z) = cidr(c).range();
+                    a <= u128::from(hi) && u128::from(lo) <= z
+                })
+            })
+            .collect();
+        assert_eq!(got, want, "{cidrs:?}");
+    }
+}
+
+#[test]
+fn the_prefilter_is_left_out_beyond_its_bucket_cap() {
+    let sets = EgressSets::compile(&[
+        entry("10.0.0.0/8", &[]),
+        entry("fe80::/10", &[]),
+        entry("2001:db8::/32", &[]),
+    ]);
+    assert_eq!(sets.prefilter[0].as_ref().map(Vec::len), Some(256));
+    assert_eq!(sets.prefilter[1].as_ref().map(Vec::len), Some(65));
+    // 4,096 buckets (a /4) still have one; one more bucket and the family has none.
+    let at_cap = EgressSets::compile(&[entry("16.0.0.0/4", &[])]);
+    assert_eq!(
+        at_cap.prefilter[0].as_ref().map(Vec::len),
+        Some(PREFILTER_MAX_BUCKETS)
+    );
+    let over = EgressSets::compile(&[entry("16.0.0.0/4", &[]), entry("1.2.3.4", &[])]);
+    assert_eq!(over.prefilter[0], None);
+    // The other family keeps its own.
+    let mixed = EgressSets::compile(&[entry("0.0.0.0/0", &[]), entry("fd00::/8", &[])]);
+    assert_eq!(mixed.prefilter[0], None);
+    assert_eq!(mixed.prefilter[1].as_ref().map(Vec::len), Some(256));
+    // No ranges of a family: an empty prefilter (nothing of that family is denied).
+    assert_eq!(sets_v4_only().prefilter[1], Some(vec![]));
+}
+
+fn sets_v4_only() -> EgressSets {
+    EgressSets::compile(&[entry("10.0.0.0/8", &[])])
+}

@@ -3,8 +3,8 @@ use super::*;
 use crate::firewall::policy::Cidr;
 use crate::firewall::policy::{
     AlertListenerPolicy, CtInvalid, Egress, EgressAction, EgressEntry, EgressPolicy, EgressSets,
-    Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto, WorkloadPolicy,
-    cloud_metadata_entries,
+    EgressTracking, Ingress, IngressEntry, IngressPolicy, IngressSets, PortRange, Proto,
+    WorkloadPolicy, cloud_metadata_entries,
 };
 use crate::firewall::{INGRESS_PORTS, INGRESS_TCP_PORTS, INGRESS_UDP_PORTS};
 
@@ -43,13 +43,15 @@ pub(crate) fn workload_states(agent: Identity, job: Identity) -> Vec<(&'static s
         destination: Cidr::parse("2001:db8::/32").unwrap(),
         except: vec![],
     });
-    let egress = |action| {
+    let egress_with = |action, tracking| {
         EgressPolicy::Enabled(Egress {
             sets: EgressSets::compile(&egress_entries),
             action,
+            tracking,
             allowed: vec![job.clone()],
         })
     };
+    let egress = |action| egress_with(action, EgressTracking::Conntrack);
     let ingress_entries = vec![
         IngressEntry {
             proto: Proto::Tcp,
@@ -95,6 +97,13 @@ pub(crate) fn workload_states(agent: Identity, job: Identity) -> Vec<(&'static s
             "egress-reject.nft",
             base(WorkloadPolicy {
                 egress: egress(EgressAction::Reject),
+                ..Default::default()
+            }),
+        ),
+        (
+            "egress-stateless-reject.nft",
+            base(WorkloadPolicy {
+                egress: egress_with(EgressAction::Reject, EgressTracking::Stateless),
                 ..Default::default()
             }),
         ),
@@ -178,6 +187,8 @@ fn switched_off_policies_are_removed_only_when_left_over() {
         "chain inet bosh_agent egress_output",
         "chain inet bosh_agent egress_forward_guard",
         "set inet bosh_agent egress_deny_v4",
+        "set inet bosh_agent egress_deny_v4_hi",
+        "set inet bosh_agent egress_deny_v6_hi",
         "counter inet bosh_agent egress_denied",
         "chain inet bosh_agent ingress_filter",
         "set inet bosh_agent ingress_src_v6",
@@ -244,6 +255,7 @@ fn ten_thousand_ranges_render_in_chunks_of_one_transaction() {
             egress: EgressPolicy::Enabled(Egress {
                 sets: EgressSets::compile(&entries),
                 action: EgressAction::Drop,
+                tracking: EgressTracking::Conntrack,
                 allowed: vec![],
             }),
             ..Default::default()
@@ -252,9 +264,178 @@ fn ten_thousand_ranges_render_in_chunks_of_one_transaction() {
     let script = render_ruleset(&st);
     let lines = script
         .lines()
-        .filter(|l| l.starts_with("add element inet bosh_agent egress_deny_v4"))
+        .filter(|l| l.starts_with("add element inet bosh_agent egress_deny_v4 "))
         .count();
     assert_eq!(lines, 10_000usize.div_ceil(256));
+    // 10.0.0.0 to 10.78.31.255: 79 buckets in the prefilter.
+    let hi = script
+        .lines()
+        .filter(|l| l.starts_with("add element inet bosh_agent egress_deny_v4_hi "))
+        .collect::<Vec<_>>();
+    assert_eq!(hi.len(), 1);
+    assert_eq!(hi[0].matches(", ").count() + 1, 79, "{}", hi[0]);
+    assert!(hi[0].contains("{ 0xa00, 0xa01, ") && hi[0].ends_with(", 0xa4e }"));
+}
+
+fn egress_state(cidrs: &[&str], tracking: EgressTracking, nats: NatsPolicy) -> DesiredState {
+    let entries: Vec<EgressEntry> = cidrs
+        .iter()
+        .map(|c| EgressEntry {
+            destination: Cidr::parse(c).unwrap(),
+            except: vec![(Proto::Udp, PortRange::single(53))],
+        })
+        .collect();
+    DesiredState {
+        identity: cg("unified/a", 2),
+        monit: MonitPolicy::Enabled { allow_root: true },
+        nats,
+        workload: WorkloadPolicy {
+            egress: EgressPolicy::Enabled(Egress {
+                sets: EgressSets::compile(&entries),
+                action: EgressAction::Drop,
+                tracking,
+                allowed: vec![],
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+#[test]
+fn the_base_chains_look_the_interval_sets_up_behind_the_prefilter() {
+    let st = egress_state(
+        &["10.9.0.0/24", "10.10.0.0/15", "fe80::/10"],
+        EgressTracking::Conntrack,
+        NatsPolicy::Disabled,
+    );
+    let script = render_ruleset(&st);
+    for chain in ["egress_output", "egress_forward"] {
+        let guard = if chain == "egress_output" {
+            "egress_guard"
+        } else {
+            "egress_forward_guard"
+        };
+        let rules: Vec<&str> = script
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("add rule inet bosh_agent {chain} ")))
+            .collect();
+        assert_eq!(
+            rules,
+            vec![
+                format!(
+                    "meta nfproto ipv4 @nh,128,16 @egress_deny_v4_hi ip daddr @egress_deny_v4 jump {guard}"
+                ),
+                format!(
+                    "meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump {guard}"
+                ),
+            ]
+        );
+    }
+    assert!(script.contains(
+        "add set inet bosh_agent egress_deny_v4_hi { typeof @nh,128,16; }
+"
+    ));
+    assert!(script.contains(
+        "add set inet bosh_agent egress_deny_v6_hi { typeof @nh,192,16; }
+"
+    ));
+    assert!(script.contains(
+        "flush set inet bosh_agent egress_deny_v4_hi
+"
+    ));
+    assert!(script.contains(
+        "add element inet bosh_agent egress_deny_v4_hi { 0xa09, 0xa0a, 0xa0b }
+"
+    ));
+    let ll: Vec<String> = (0xfe80..=0xfebfu16).map(|b| format!("{b:#x}")).collect();
+    assert!(script.contains(&format!(
+        "add element inet bosh_agent egress_deny_v6_hi {{ {} }}
+",
+        ll.join(", ")
+    )));
+    // The read-back expects the prefilter's elements like any set's.
+    let shape = crate::firewall::shape::TableShape::of(&st).unwrap();
+    assert_eq!(shape.sets["egress_deny_v4_hi"].elements.len(), 3);
+    assert_eq!(shape.sets["egress_deny_v6_hi"].elements.len(), 64);
+
+    // Over the cap (a /0 is 65,536 buckets): that family's rule has no prefilter and its
+    // set stays empty; the other family keeps its own.
+    let st = egress_state(
+        &["0.0.0.0/0", "2001:db8::/32"],
+        EgressTracking::Conntrack,
+        NatsPolicy::Disabled,
+    );
+    let script = render_ruleset(&st);
+    assert!(
+        script.contains(
+            "add rule inet bosh_agent egress_output ip daddr @egress_deny_v4 jump egress_guard
+"
+        ),
+        "{script}"
+    );
+    assert!(script.contains("add rule inet bosh_agent egress_output meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump egress_guard
+"));
+    assert!(!script.contains("add element inet bosh_agent egress_deny_v4_hi"));
+    assert!(script.contains(
+        "add element inet bosh_agent egress_deny_v6_hi { 0x2001 }
+"
+    ));
+}
+
+#[test]
+fn stateless_egress_renders_no_conntrack_expression() {
+    let nats = NatsPolicy::Enabled {
+        endpoints: ["10.0.0.5:4222", "[2001:db8::1]:4222"]
+            .iter()
+            .map(|e| e.parse().unwrap())
+            .collect(),
+    };
+    let cidrs = ["169.254.169.254", "10.0.0.0/8", "fd00:ec2::254"];
+    for render in [render_ruleset, render_ruleset_fresh] {
+        let stateless = render(&egress_state(
+            &cidrs,
+            EgressTracking::Stateless,
+            nats.clone(),
+        ));
+        let ct: Vec<&str> = stateless
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == "ct"))
+            .collect();
+        assert!(ct.is_empty(), "ct expressions in stateless mode: {ct:?}");
+        for guard in ["egress_guard", "egress_forward_guard"] {
+            let first = stateless
+                .lines()
+                .find(|l| l.starts_with(&format!("add rule inet bosh_agent {guard} ")))
+                .unwrap();
+            assert_eq!(
+                first,
+                format!("add rule inet bosh_agent {guard} tcp flags & (syn | ack) != syn accept")
+            );
+        }
+        // The check above can fail: conntrack mode has the expression.
+        let tracked = render(&egress_state(
+            &cidrs,
+            EgressTracking::Conntrack,
+            nats.clone(),
+        ));
+        assert_eq!(
+            tracked
+                .matches(
+                    " ct state established,related accept
+"
+                )
+                .count(),
+            2
+        );
+        // Only the guards' first rule differs.
+        let diff: Vec<(&str, &str)> = tracked
+            .lines()
+            .zip(stateless.lines())
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert_eq!(tracked.lines().count(), stateless.lines().count());
+    }
 }
 
 #[test]
