@@ -645,3 +645,41 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
         ]
     );
 }
+
+#[test]
+fn the_bitmap_takes_the_narrowest_ranges_up_to_1024_ports_per_protocol() {
+    let r = |a: u16, b: u16| PortRange { first: a, last: b };
+    assert_eq!(workload::bitmap_split(&[]), (vec![], vec![]));
+    // 256 ports fit one range; 257 do not.
+    let (ports, wide) = workload::bitmap_split(&[r(2000, 2256), r(1000, 1255), r(22, 22)]);
+    assert_eq!(ports.len(), 257);
+    assert_eq!((ports[0], ports[1], ports[256]), (22, 1000, 1255));
+    assert_eq!(wide, vec![r(2000, 2256)]);
+    // Five ranges of 256: four fill the 1,024 ports, the last (in port order) stays an interval;
+    // a single port still fits after them only if room is left, so narrow ones go first.
+    let five: Vec<PortRange> = (0..5)
+        .map(|i| r(10_000 + i * 1000, 10_255 + i * 1000))
+        .collect();
+    let mut with_single = five.clone();
+    with_single.push(r(443, 443));
+    let (ports, wide) = workload::bitmap_split(&with_single);
+    assert_eq!(ports.len(), 1 + 3 * 256);
+    assert_eq!(ports[0], 443);
+    assert_eq!(wide, vec![r(13_000, 13_255), r(14_000, 14_255)]);
+    let (ports, wide) = workload::bitmap_split(&five);
+    assert_eq!(ports.len(), 1024);
+    assert_eq!(wide, vec![r(14_000, 14_255)]);
+    // Every port is in exactly one of the two lists.
+    let (bitmap, rest) = workload::bitmap_split(&with_single);
+    for p in 0..=u16::MAX {
+        let in_list = with_single.iter().any(|x| x.first <= p && p <= x.last);
+        let in_bitmap = ports_contains(&bitmap, p);
+        let in_wide = rest.iter().any(|x| x.first <= p && p <= x.last);
+        assert_eq!(in_list, in_bitmap ^ in_wide, "port {p}");
+        assert!(!(in_bitmap && in_wide), "port {p}");
+    }
+}
+
+fn ports_contains(ports: &[u16], p: u16) -> bool {
+    ports.binary_search(&p).is_ok()
+}
