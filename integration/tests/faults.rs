@@ -9,7 +9,8 @@
 //! - keeps its RSS flat (printed before and after; bounded after the NATS restarts).
 //!
 //! Run as root: `cargo test -p integration --test faults -- --nocapture` (the figures are
-//! printed). `FAULTS_NATS_RESTARTS` sets the number of nats-server kills (default 100). A
+//! printed). `FAULTS_NATS_RESTARTS` sets the number of nats-server kills (default 100),
+//! `FAULTS_DNS_ROUNDS` the number of outages while DNS times out (default 5). A
 //! missing prerequisite fails with the reason.
 #![allow(clippy::unwrap_used)]
 
