@@ -308,9 +308,10 @@ fn sigkill_during_update_settings_resumes_the_task_under_its_id() {
 
 /// The agent started on its own files cut short (as a power loss could leave a file written
 /// without the agent's temp-file-and-rename): each is named in the log with what the agent
-/// does instead, the agent runs, and nothing panics. Then the settings source is gone and the
-/// settings cache is cut short too: both are named, and the agent still installs its
-/// firewall.
+/// does instead, the agent runs, and nothing panics. Then the last mounted disk's cid is cut
+/// short (the hints file gone): the managed disk file is named and kept. Then the settings
+/// source is gone and the settings cache is cut short too: both are named, and the agent still
+/// installs its firewall.
 #[test]
 fn truncated_state_files_at_start_are_named_and_fallen_back_from() {
     let sb = sandbox("crash-truncated");
@@ -319,7 +320,9 @@ fn truncated_state_files_at_start_are_named_and_fallen_back_from() {
     fs::create_dir_all(&bosh).unwrap();
     let settings = json!({"agent_id": AGENT_ID, "mbus": "nats://127.0.0.1:4222",
                           "disks": {"persistent": {"disk-1": "/dev/sdz"}}});
-    let files: [(std::path::PathBuf, &str, &str); 5] = [
+    let records = sb.dir().join("base/instance/dns/records.json");
+    fs::create_dir_all(records.parent().unwrap()).unwrap();
+    let files: [(std::path::PathBuf, &str, &str); 6] = [
         (
             bosh.join("spec.json"),
             r#"{"deployment":"d","job":{"na"#,
@@ -345,6 +348,11 @@ fn truncated_state_files_at_start_are_named_and_fallen_back_from() {
             r#"{"mode": "cgroup", "monit": "ena"#,
             "ignoring the previous run's firewall state",
         ),
+        (
+            records.clone(),
+            r#"{"records":[["10.0.0.9","a1b2-web-0.web.def"#,
+            "the next sync_dns fetches the director's records and rewrites the file",
+        ),
     ];
     for (p, text, _) in &files {
         fs::write(p, text).unwrap();
@@ -363,6 +371,36 @@ fn truncated_state_files_at_start_are_named_and_fallen_back_from() {
     let (code, st) = sb.status().expect("status");
     assert_eq!(code, 0, "{st:#}");
     agent.stop().expect("stops");
+    assert_eq!(
+        fs::read_to_string(&records).unwrap(),
+        files[5].1,
+        "the damaged records file is left for sync_dns to replace"
+    );
+
+    // The hints file is gone and the last mounted disk's cid is cut short: the managed disk
+    // file is named, with what the agent does instead, and kept for the next mount_disk.
+    let managed = bosh.join("managed_disk_settings.json");
+    fs::remove_file(bosh.join("persistent_disk_hints.json")).unwrap();
+    fs::write(&managed, "disk-").unwrap();
+    let mut agent = sb.spawn_agent(&exec).expect("spawn");
+    agent
+        .wait_ready(integration::READY_TIMEOUT)
+        .expect("ready despite the cut managed disk file");
+    let line = log_line(
+        &agent,
+        &managed.display().to_string(),
+        "mounting the persistent disk failed; jobs that need it will fail",
+    );
+    assert!(
+        line.contains("Persistent disk with volume id 'disk-' could not be found"),
+        "{line}"
+    );
+    eprintln!("{line}");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    let (code, st) = sb.status().expect("status");
+    assert_eq!(code, 0, "{st:#}");
+    agent.stop().expect("stops");
+    assert_eq!(fs::read_to_string(&managed).unwrap(), "disk-");
 
     // Every source fails (the settings file is gone) and the cache is cut short.
     let cache = bosh.join("settings.json");

@@ -9,7 +9,8 @@
 //! - keeps its RSS flat (printed before and after; bounded after the NATS restarts).
 //!
 //! Run as root: `cargo test -p integration --test faults -- --nocapture` (the figures are
-//! printed). `FAULTS_NATS_RESTARTS` sets the number of nats-server kills (default 100). A
+//! printed). `FAULTS_NATS_RESTARTS` sets the number of nats-server kills (default 100),
+//! `FAULTS_DNS_ROUNDS` the number of outages while DNS times out (default 5). A
 //! missing prerequisite fails with the reason.
 #![allow(clippy::unwrap_used)]
 
@@ -588,13 +589,56 @@ fn dns_timing_out_keeps_the_last_address_and_the_agent_reconnects() {
     w.dns.as_mut().unwrap().stop();
     let _hole = black_hole_dns(&w.sb);
     // The director's NATS goes away while names cannot be resolved: every reconnect attempt
-    // waits for a DNS timeout.
-    w.nats.kill().unwrap();
-    assert_cpu_bounded(&w.agent, "DNS timing out, nats-server down");
-    w.nats.restart();
-    let took = w.director.wait_pong(CONNECT_LIMIT);
+    // waits for a DNS timeout. Several outages of random length (the first one is the CPU
+    // window), so that the server comes back at different points of the agent's retry cycle.
+    // Two delays are printed for each: until the agent is subscribed again (its log's
+    // timestamp), and until the director's ping is answered (the director's NATS client
+    // reconnects by its own backoff, up to 4 s, so that one says little about the agent).
+    let rounds: u32 = std::env::var("FAULTS_DNS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let (mut agent_side, mut director_side) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        w.nats.kill().unwrap();
+        if round == 0 {
+            assert_cpu_bounded(&w.agent, "DNS timing out, nats-server down");
+        } else {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            std::thread::sleep(Duration::from_millis(1000 + u64::from(nanos % 2000)));
+        }
+        let subscribed_before = subscribed_times(&w.agent).len();
+        w.nats.restart();
+        let back = std::time::SystemTime::now();
+        let took = w.director.wait_pong(CONNECT_LIMIT);
+        let again = subscribed_times(&w.agent);
+        assert!(
+            again.len() > subscribed_before,
+            "round {round}: a pong without a new subscription?\n{}",
+            w.agent.log()
+        );
+        let agent_ms = match again[again.len() - 1].duration_since(back) {
+            Ok(d) => d.as_millis() as i64,
+            Err(e) => -(e.duration().as_millis() as i64),
+        };
+        eprintln!(
+            "faults: DNS timing out, round {round}: the agent subscribed again {agent_ms} ms \
+             after nats-server was back; the director's ping answered after {took:?}"
+        );
+        agent_side.push(agent_ms);
+        director_side.push(took.as_millis() as i64);
+    }
+    agent_side.sort_unstable();
+    director_side.sort_unstable();
     eprintln!(
-        "faults: DNS timing out: reconnected and answered {took:?} after nats-server came back"
+        "faults: DNS timing out: {rounds} outages: re-subscribed after {agent_side:?} ms \
+         (median {} ms, max {} ms); director's pong after {director_side:?} ms",
+        agent_side[agent_side.len() / 2],
+        agent_side[agent_side.len() - 1]
     );
     let st = w.status();
     let failures = st["agent"]["nats_bus"]["resolve_failures"]
@@ -611,6 +655,17 @@ fn dns_timing_out_keeps_the_last_address_and_the_agent_reconnects() {
     );
     w.call("get_state", json!([]));
     w.report_rss("DNS timing out");
+}
+
+/// When the agent logged "mbus connected and subscribed", each time, from its log's
+/// timestamps.
+fn subscribed_times(agent: &Agent) -> Vec<std::time::SystemTime> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("mbus connected and subscribed"))
+        .filter_map(|l| integration::fleet::observe::parse_rfc3339(l.split_whitespace().next()?))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ pub use status::{
 pub use supervisor::{
     CpuVitals, JobState, JobSupervisor, MemoryVitals, MonitCli, Process, SupervisorError,
     SupervisorOptions, UptimeVitals, job_state_expecting, job_state_of, stopped_file,
+    wait_before_reload,
 };
 /// The cancellation signal [`drain`] listens to.
 pub use tokio_util::sync::CancellationToken;

@@ -293,6 +293,33 @@ pub enum SupervisorError {
     },
 }
 
+/// Margin past the second boundary in [`wait_before_reload`]: monit reads the clock with
+/// `time()`, which can lag the precise clock by a scheduler tick.
+const RELOAD_CLOCK_MARGIN: Duration = Duration::from_millis(20);
+
+/// How long to wait, at wall-clock time `now`, before asking a monit whose incarnation is
+/// `before` to reload, so that the reload's incarnation cannot equal `before`: until the
+/// second after `before` (plus a 20 ms margin) when `now` is still in `before`'s second, or up
+/// to one second before it (a clock stepped back a little). Zero otherwise: a clock already
+/// past `before`, or far behind it (stepped back by more than a second), gives a different
+/// incarnation anyway. Never more than about 2 s. Pure.
+pub fn wait_before_reload(before: i64, now: std::time::SystemTime) -> Duration {
+    let Ok(since_epoch) = now.duration_since(std::time::UNIX_EPOCH) else {
+        return Duration::ZERO;
+    };
+    let Ok(now_secs) = i64::try_from(since_epoch.as_secs()) else {
+        return Duration::ZERO;
+    };
+    let ahead = before.saturating_sub(now_secs);
+    if !(0..=1).contains(&ahead) {
+        return Duration::ZERO;
+    }
+    // `ahead` is 0 or 1: the boundary to wait for is `ahead + 1` seconds after `now_secs`.
+    let boundary = Duration::from_secs(ahead.unsigned_abs() + 1);
+    let into_second = Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
+    boundary.saturating_sub(into_second) + RELOAD_CLOCK_MARGIN
+}
+
 /// Supervises the VM's jobs (monit group `vcap`) through monit, upstream's `monitJobSupervisor`.
 #[derive(Debug, Clone)]
 pub struct JobSupervisor {
@@ -336,6 +363,13 @@ impl JobSupervisor {
     /// Up to `reload_tries` requests, each followed by up to `reload_checks` checks
     /// `reload_check_interval` apart; a failed request is logged and retried.
     ///
+    /// The incarnation is the wall-clock second of monit's last (re)initialisation, so a
+    /// reload in that same second leaves it unchanged: it would be taken for none, and the
+    /// checks waited out (10 s) before the next request. Each request is therefore sent only
+    /// once the clock is past the incarnation's second ([`wait_before_reload`], at most about
+    /// 1 s, and only when the previous start or reload was in this very second), so every
+    /// reload monit makes shows as a new incarnation.
+    ///
     /// Upstream restarts monit through the service manager (`sv`/`systemctl` kill, then
     /// start) instead, because its monit applied a reload only at the next daemon cycle. The
     /// CLI reload is our deviation: it works whatever the service manager, and the wait for
@@ -347,6 +381,12 @@ impl JobSupervisor {
             .map_err(SupervisorError::Incarnation)?;
         let mut after = before;
         for attempt in 1..=self.options.reload_tries {
+            let pause = wait_before_reload(before, std::time::SystemTime::now());
+            if !pause.is_zero() {
+                tracing::debug!(target: "jobs::monit", before, ?pause,
+                    "waiting for the second after monit's incarnation before reloading");
+                tokio::time::sleep(pause).await;
+            }
             if let Err(error) = self.run_cli(&["reload"], Duration::from_secs(30)).await {
                 tracing::error!(target: "jobs::monit", %error, attempt, "Failed to reload monit");
                 continue;
@@ -664,6 +704,64 @@ mod tests {
                 services: group.iter().map(|s| s.to_string()).collect(),
             }],
             ..MonitStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_reload_waits_only_while_the_clock_is_in_the_incarnations_second() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let at = |secs: u64, millis: u64| UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
+        let ms = Duration::from_millis;
+        let margin = RELOAD_CLOCK_MARGIN;
+        let inc = 1_800_000_000_i64;
+        let s = 1_800_000_000_u64;
+        // In the incarnation's second: until the next one, plus the margin.
+        assert_eq!(wait_before_reload(inc, at(s, 0)), ms(1000) + margin);
+        assert_eq!(wait_before_reload(inc, at(s, 1)), ms(999) + margin);
+        assert_eq!(wait_before_reload(inc, at(s, 500)), ms(500) + margin);
+        assert_eq!(wait_before_reload(inc, at(s, 999)), ms(1) + margin);
+        let nanos = UNIX_EPOCH + Duration::new(s, 999_999_999);
+        assert_eq!(
+            wait_before_reload(inc, nanos),
+            Duration::from_nanos(1) + margin
+        );
+        // Past it: no wait, whatever the distance.
+        for now in [
+            at(s + 1, 0),
+            at(s + 1, 999),
+            at(s + 2, 0),
+            at(s + 86_400, 5),
+        ] {
+            assert_eq!(wait_before_reload(inc, now), Duration::ZERO);
+        }
+        // A clock stepped back by less than a second: past the incarnation's second too.
+        assert_eq!(wait_before_reload(inc, at(s - 1, 0)), ms(2000) + margin);
+        assert_eq!(wait_before_reload(inc, at(s - 1, 700)), ms(1300) + margin);
+        // Stepped back further: the reload's incarnation is earlier, so different; no wait.
+        for now in [at(s - 2, 999), at(s - 3600, 0), UNIX_EPOCH] {
+            assert_eq!(wait_before_reload(inc, now), Duration::ZERO);
+        }
+        // Nonsense incarnations never wait long, and a clock before 1970 never waits.
+        for before in [i64::MIN, -1, 0, i64::MAX] {
+            assert!(wait_before_reload(before, SystemTime::now()) <= ms(2000) + margin);
+        }
+        assert_eq!(
+            wait_before_reload(inc, UNIX_EPOCH - Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        // From two seconds before the incarnation to two after, every 7 ms: in the two
+        // seconds that could give the same incarnation the reload lands after them; in any
+        // other second there is no wait.
+        for millis in (0..5000).step_by(7) {
+            let now = at(s - 2, 0) + ms(millis);
+            let second = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+            let wait = wait_before_reload(inc, now);
+            let lands = (now + wait).duration_since(UNIX_EPOCH).unwrap().as_secs();
+            if second == s - 1 || second == s {
+                assert_eq!(lands, s + 1, "{millis} ms: waits {wait:?}");
+            } else {
+                assert_eq!(wait, Duration::ZERO, "{millis} ms");
+            }
         }
     }
 

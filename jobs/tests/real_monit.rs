@@ -201,6 +201,60 @@ async fn reload_rereads_the_config_and_waits_for_the_new_incarnation() {
     assert_eq!(after.group_members(VCAP_GROUP), ["late"]);
 }
 
+/// monit's incarnation counts whole seconds; reloads sent back to back, the first right after
+/// monit's start, land in the second of the previous (re)start more often than not. With one
+/// request per reload and no retry, each must still be confirmed, and must have re-read the
+/// control file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_reloads_are_each_confirmed_by_their_one_request() {
+    let monit = RealMonit::start("reload-twice", "", &[]).await;
+    let client = monit.client().await;
+    let supervisor = jobs::JobSupervisor::new(
+        client.clone(),
+        &monit.base,
+        jobs::SupervisorOptions {
+            monit_cli: jobs::MonitCli {
+                binary: common::monit_binary(),
+                control_file: Some(monit.rc.clone()),
+            },
+            reload_tries: 1,
+            reload_checks: 50,
+            reload_check_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+    );
+    let mut incarnation = client.status().await.unwrap().incarnation_number().unwrap();
+    let started = std::time::Instant::now();
+    let rounds = 5;
+    for round in 0..rounds {
+        let mut rc = std::fs::read_to_string(&monit.rc).unwrap();
+        rc.push_str(&format!(
+            "check file late{round} with path {}\n  group vcap\n",
+            monit.rc.display()
+        ));
+        std::fs::write(&monit.rc, rc).unwrap();
+        let t = std::time::Instant::now();
+        if let Err(e) = supervisor.reload().await {
+            panic!(
+                "reload {round} (after {:?}): {e}; monit log: {}",
+                t.elapsed(),
+                std::fs::read_to_string(monit.dir.path().join("monit.log")).unwrap_or_default()
+            );
+        }
+        let status = client.status().await.unwrap();
+        let now = status.incarnation_number().unwrap();
+        assert_ne!(now, incarnation, "reload {round}");
+        incarnation = now;
+        let want: Vec<String> = (0..=round).map(|i| format!("late{i}")).collect();
+        assert_eq!(status.group_members(VCAP_GROUP), want, "reload {round}");
+        eprintln!("REAL_MONIT: reload {round} confirmed in {:?}", t.elapsed());
+    }
+    eprintln!(
+        "REAL_MONIT: {rounds} back-to-back reloads in {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_fails_when_monit_cannot_reload() {
     let monit = RealMonit::start("noreload", "", &[]).await;

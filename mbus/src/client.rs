@@ -476,19 +476,32 @@ impl Supervisor {
         let mut backoff = Backoff::new(self.options.backoff);
         let mut cursor = 0usize;
         let mut receiver_gone = false;
+        // When the failed attempt before this one started. The backoff delay runs from there,
+        // not from its end: an attempt that spent a second on a DNS lookup timing out has
+        // already waited that second, so the next one is not held back twice (with DNS down,
+        // a server that comes back is dialled within one lookup timeout, not a lookup plus a
+        // backoff). Attempts still start at least one delay apart; a lookup is never cut short.
+        let mut failed_attempt_began: Option<Instant> = None;
         loop {
             let delay = backoff.next_delay();
+            let delay = match failed_attempt_began {
+                Some(began) => delay.saturating_sub(began.elapsed()),
+                None => delay,
+            };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             // The newest configuration; a switch that was pending is thereby superseded.
             let mut target = config.borrow_and_update().clone();
+            let began = Instant::now();
             let Some((mut session, mut candidate)) = self
                 .attempt(&target, &mut resolver, &mut cursor, false)
                 .await
             else {
+                failed_attempt_began = Some(began);
                 continue;
             };
+            failed_attempt_began = None;
             let mut started = Instant::now();
             let (reason, server) = loop {
                 let server = target.servers[candidate.server].redacted();

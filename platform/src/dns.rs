@@ -213,17 +213,95 @@ pub fn render_hosts(hostname: &str, records: &[(IpAddr, String)]) -> Result<Stri
     Ok(out)
 }
 
-/// The version in a records file, reading nothing else of it into memory (`None`: no file,
-/// or not a records file, which upstream treats as "needs an update").
-pub fn version_on_disk(records: &Path) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct OnlyVersion {
-        #[serde(alias = "Version")]
-        version: u64,
+/// A records file that exists but gives no version: cut short, not JSON, no usable
+/// `version`, or unreadable. Upstream treats it as "needs an update" without a word; so does
+/// this agent, but it says so (see [`LocalDns::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {detail}", path.display())]
+pub struct DamagedRecords {
+    /// The records file.
+    pub path: PathBuf,
+    /// What is wrong with it, in words.
+    pub detail: String,
+}
+
+/// What the agent does with a damaged records file, for the log lines that report one.
+pub const DAMAGED_FALLBACK: &str = "treated as holding no version: the next sync_dns fetches \
+     the director's records and rewrites the file (until then bosh-dns cannot load it)";
+
+/// The version in a records file, reading nothing else of it into memory: `Ok(None)` when
+/// there is no file, the version when there is one, [`DamagedRecords`] when the file gives
+/// none (saying why: cut short, not JSON, no usable `version`, unreadable). The key matches
+/// as Go's decoding matches it (`version`, else any case).
+pub fn records_on_disk(records: &Path) -> Result<Option<u64>, DamagedRecords> {
+    let damaged = |detail: String| DamagedRecords {
+        path: records.to_path_buf(),
+        detail,
+    };
+    let file = match File::open(records) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(damaged(format!("cannot be read: {e}"))),
+    };
+    let value: VersionOnly = serde_json::from_reader(io::BufReader::new(file)).map_err(|e| {
+        damaged(match e.classify() {
+            serde_json::error::Category::Eof => format!(
+                "cut short: the JSON ends at line {} column {}",
+                e.line(),
+                e.column()
+            ),
+            serde_json::error::Category::Io => format!("cannot be read: {e}"),
+            serde_json::error::Category::Syntax => format!("not JSON: {e}"),
+            serde_json::error::Category::Data => format!("not a records file: {e}"),
+        })
+    })?;
+    match value.0 {
+        Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Some(other) => Err(damaged(format!(
+            "not a records file: 'version' must be a non-negative integer, not {}",
+            shown(&other)
+        ))),
+        None => Err(damaged("not a records file: it has no 'version'".into())),
     }
-    let file = File::open(records).ok()?;
-    let parsed: OnlyVersion = serde_json::from_reader(io::BufReader::new(file)).ok()?;
-    Some(parsed.version)
+}
+
+/// The version in a records file (`None`: no file, or a damaged one, which upstream treats
+/// as "needs an update"); [`records_on_disk`] says which.
+pub fn version_on_disk(records: &Path) -> Option<u64> {
+    records_on_disk(records).ok().flatten()
+}
+
+/// A JSON object's `version` (exact key first, else any case, as Go decodes), every other
+/// value skipped without being kept.
+struct VersionOnly(Option<Value>);
+
+impl<'de> serde::Deserialize<'de> for VersionOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = VersionOnly;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object with a 'version'")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<VersionOnly, A::Error> {
+                let (mut exact, mut folded) = (None, None);
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "version" {
+                        exact = Some(map.next_value::<Value>()?);
+                    } else if folded.is_none() && key.eq_ignore_ascii_case("version") {
+                        folded = Some(map.next_value::<Value>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(VersionOnly(exact.or(folded)))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// The VM's DNS records; one per agent (its lock orders concurrent `sync_dns` calls).
@@ -246,9 +324,23 @@ impl LocalDns {
     }
 
     /// Whether the records on disk are already `version` or newer: then the action answers
-    /// [`SYNCED`] without fetching anything.
+    /// [`SYNCED`] without fetching anything. A damaged records file is not synced (upstream's
+    /// rule) and is reported as a warning naming the file, what is wrong and
+    /// [`DAMAGED_FALLBACK`].
     pub fn is_synced(&self, version: u64) -> bool {
-        version_on_disk(&self.paths.records).is_some_and(|v| v >= version)
+        match records_on_disk(&self.paths.records) {
+            Ok(on_disk) => on_disk.is_some_and(|v| v >= version),
+            Err(e) => {
+                tracing::warn!(error = %e, "the DNS records file is damaged; {DAMAGED_FALLBACK}");
+                false
+            }
+        }
+    }
+
+    /// The records file as it is now, for a check at start: `Some` when it exists and is
+    /// damaged (the caller reports it; nothing is changed).
+    pub fn check(&self) -> Option<DamagedRecords> {
+        records_on_disk(&self.paths.records).err()
     }
 
     /// Saves the fetched (and digest-checked) blob as version `version`; see the module

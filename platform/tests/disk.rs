@@ -789,6 +789,30 @@ fn unknown_cids_and_hostile_hints_are_clear_errors_that_change_nothing() {
             assert!(disks.list_disk(&no_settings()).unwrap().is_empty());
             // Nothing to mount again at boot.
             assert_eq!(disks.mount_last_managed_disk(&no_settings()).unwrap(), None);
+            // A managed disk file cut short (a cid's prefix) or never filled (NUL bytes):
+            // an error naming the file, nothing mounted, the file kept for the next mount.
+            let managed = base.dir.join("vcap/bosh/managed_disk_settings.json");
+            fs::create_dir_all(managed.parent().unwrap()).unwrap();
+            for (text, why) in [
+                (
+                    &b"disk-"[..],
+                    "Persistent disk with volume id 'disk-' could not be found",
+                ),
+                (b"\0\0\0\0\0\0", "not a disk cid"),
+            ] {
+                fs::write(&managed, text).unwrap();
+                let e = disks
+                    .mount_last_managed_disk(&no_settings())
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.starts_with(&format!("{}: ", managed.display())) && e.contains(why),
+                    "{e}"
+                );
+                assert_eq!(fs::read(&managed).unwrap(), text);
+                assert!(disks.list_disk(&no_settings()).unwrap().is_empty());
+            }
+            fs::remove_file(&managed).unwrap();
 
             // Paths outside /dev, links out of it, char devices, missing devices.
             let hints = base.dir.join("vcap/bosh/persistent_disk_hints.json");

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use platform::dns::{
     DnsError, DnsPaths, LocalDns, Records, Saved, VERSION_MISMATCH, bench_sync_dns, parse_records,
-    render_hosts, synthetic_blob, version_on_disk,
+    records_on_disk, render_hosts, synthetic_blob, version_on_disk,
 };
 
 struct Dir(PathBuf);
@@ -273,6 +273,91 @@ fn bad_blobs_change_nothing() {
     fs::write(&dns.paths().records, "junk").unwrap();
     assert_eq!(version_on_disk(&dns.paths().records), None);
     assert!(!dns.is_synced(1));
+}
+
+#[test]
+fn a_damaged_records_file_says_what_is_wrong_and_is_rewritten_by_the_next_sync() {
+    let d = Dir::new("damaged");
+    let dns = dns(&d);
+    let path = dns.paths().records.clone();
+    assert_eq!(
+        records_on_disk(&path),
+        Ok(None),
+        "no file: no version, no damage"
+    );
+    assert_eq!(dns.check(), None);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    for (text, why) in [
+        (&b""[..], "cut short: the JSON ends at line 1 column 0"),
+        (
+            b"{\"records\":[[\"10.0.0.5\",\"a.",
+            "cut short: the JSON ends at line 1",
+        ),
+        (b"\0\0\0\0\0\0\0\0", "not JSON: "),
+        (b"junk", "not JSON: "),
+        (b"{\"version\":5}x", "not JSON: trailing characters"),
+        (b"[5]", "not a records file: invalid type: sequence"),
+        (b"{}", "not a records file: it has no 'version'"),
+        (b"{\"records\":[]}", "it has no 'version'"),
+        (
+            b"{\"version\":-1}",
+            "'version' must be a non-negative integer, not -1",
+        ),
+        (
+            b"{\"version\":\"5\"}",
+            "'version' must be a non-negative integer, not \"5\"",
+        ),
+        (
+            b"{\"version\":5.5}",
+            "'version' must be a non-negative integer, not 5.5",
+        ),
+    ] {
+        fs::write(&path, text).unwrap();
+        let e = records_on_disk(&path).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("{}: ", path.display())) && shown.contains(why),
+            "{text:?}: {shown}"
+        );
+        assert_eq!(dns.check(), Some(e));
+        assert!(
+            !dns.is_synced(0),
+            "{text:?}: a damaged file is never synced"
+        );
+        assert_eq!(version_on_disk(&path), None);
+    }
+    // Every prefix of a good file but the whole one is damaged, and says so.
+    for n in 0..BLOB_V5.len() {
+        fs::write(&path, &BLOB_V5.as_bytes()[..n]).unwrap();
+        assert!(records_on_disk(&path).is_err(), "{n} bytes");
+    }
+    // Go's decoding: the key in another case is still the version; the exact key wins.
+    for (text, v) in [
+        (r#"{"Version":7}"#, 7),
+        (r#"{"VERSION":7,"version":8}"#, 8),
+        (r#"{"version":8,"Version":7}"#, 8),
+    ] {
+        fs::write(&path, text).unwrap();
+        assert_eq!(records_on_disk(&path), Ok(Some(v)), "{text}");
+    }
+    // A directory where the file should be: unreadable, named.
+    fs::remove_file(&path).unwrap();
+    fs::create_dir(&path).unwrap();
+    let e = records_on_disk(&path).unwrap_err().to_string();
+    assert!(e.contains("cannot be read"), "{e}");
+    fs::remove_dir(&path).unwrap();
+    // The next sync_dns replaces a damaged file whole (upstream's fallback).
+    fs::write(&path, &BLOB_V5.as_bytes()[..40]).unwrap();
+    assert_eq!(
+        dns.save(BLOB_V5.as_bytes(), 5, "agent-1").unwrap(),
+        Saved::Written {
+            version: 5,
+            records: 2
+        }
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), BLOB_V5);
+    assert_eq!(dns.check(), None);
+    assert!(dns.is_synced(5));
 }
 
 #[test]

@@ -464,7 +464,9 @@ impl Disks {
     /// again (growing it if the disk got bigger), if it has a partition (upstream's
     /// "mountable" test) or is preformatted. Returns the cid mounted, or `None` when there is
     /// no managed disk or it has no partition. A managed cid that no settings or hint know is
-    /// an error (upstream's).
+    /// an error (upstream's), and so is a file that holds no cid ([`store::parse_managed`]);
+    /// both name the file, and a cut-short cid is reported as unknown. Nothing is mounted
+    /// then and the file is left as it is: the next `mount_disk` rewrites it.
     pub fn mount_last_managed_disk(
         &self,
         settings: &SettingsDisks,
@@ -473,7 +475,16 @@ impl Disks {
         let Some(cid) = store::read_managed(&self.cfg.base)? else {
             return Ok(None);
         };
-        let s = self.lookup(&cid, settings)?;
+        let s = self.lookup(&cid, settings).map_err(|e| match e {
+            e @ DiskError::UnknownDisk(_) => DiskError::File {
+                path: store::managed_path(&self.cfg.base),
+                detail: format!(
+                    "the last mounted disk is in neither the settings nor the hints file \
+                     (cut short?): {e}"
+                ),
+            },
+            other => other,
+        })?;
         if !self.cfg.use_preformatted && !self.cfg.resolver.bind_mount {
             let device = resolve::resolve_required(&self.cfg.resolver, &self.tools, &s)?;
             let table = partition::read_table(&self.tools, &device)?;

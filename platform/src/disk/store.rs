@@ -79,12 +79,47 @@ pub fn remove_hint(base: &Path, cid: &str) -> Result<(), DiskError> {
     write_hints(base, &hints)
 }
 
-/// The cid in `managed_disk_settings.json`, if the file exists and is not empty.
+/// Longest cid accepted from `managed_disk_settings.json`. IaaS volume ids are well under
+/// 256 bytes; a longer file is not one the agent wrote.
+pub const MAX_MANAGED_CID: usize = 1024;
+
+/// Parses the text of `managed_disk_settings.json`: `None` when it is empty (or only white
+/// space: a file cut before its first byte), else the cid, trimmed. Text that no write of the
+/// agent's can leave is an error naming `path`: bytes that are not UTF-8, control characters
+/// (a power loss can leave a file of NUL bytes whose data never reached the disk), more than
+/// [`MAX_MANAGED_CID`] bytes. Pure: the unit tests feed it hostile text.
+pub fn parse_managed(path: &Path, text: &[u8]) -> Result<Option<String>, DiskError> {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return Err(file_err(path, "not a disk cid: the file is not UTF-8 text"));
+    };
+    let cid = text.trim();
+    if cid.is_empty() {
+        return Ok(None);
+    }
+    if cid.len() > MAX_MANAGED_CID {
+        return Err(file_err(
+            path,
+            format!(
+                "not a disk cid: {} bytes, more than {MAX_MANAGED_CID}",
+                cid.len()
+            ),
+        ));
+    }
+    if let Some(c) = cid.chars().find(|c| c.is_control()) {
+        return Err(file_err(
+            path,
+            format!("not a disk cid: it holds the control character {c:?}"),
+        ));
+    }
+    Ok(Some(cid.to_string()))
+}
+
+/// The cid in `managed_disk_settings.json`: `None` when the file is missing or empty; see
+/// [`parse_managed`] for what is refused.
 pub fn read_managed(base: &Path) -> Result<Option<String>, DiskError> {
     let path = managed_path(base);
-    match fs::read_to_string(&path) {
-        Ok(s) if s.trim().is_empty() => Ok(None),
-        Ok(s) => Ok(Some(s.trim().to_string())),
+    match fs::read(&path) {
+        Ok(text) => parse_managed(&path, &text),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(file_err(&path, e)),
     }
@@ -178,5 +213,48 @@ mod tests {
         fs::write(managed_path(&b), "").unwrap();
         assert_eq!(read_managed(&b).unwrap(), None);
         fs::remove_dir_all(&b).unwrap();
+    }
+
+    #[test]
+    fn damaged_managed_disk_settings_are_refused_with_the_path() {
+        let p = Path::new("/b/bosh/managed_disk_settings.json");
+        for (text, why) in [
+            (&b"\0\0\0\0\0\0"[..], "control character '\\0'"),
+            (b"vol-\x009", "control character '\\0'"),
+            (b"vol\n9", "control character '\\n'"),
+            (b"vol-\xff\xfe", "not UTF-8"),
+            (b"\xc3", "not UTF-8"),
+        ] {
+            let e = parse_managed(p, text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("/b/bosh/managed_disk_settings.json: not a disk cid: "),
+                "{e}"
+            );
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+        let long = vec![b'v'; MAX_MANAGED_CID + 1];
+        let e = parse_managed(p, &long).unwrap_err().to_string();
+        assert!(e.contains("1025 bytes, more than 1024"), "{e}");
+        let longest = vec![b'v'; MAX_MANAGED_CID];
+        assert_eq!(parse_managed(p, &longest).unwrap().unwrap().len(), 1024);
+        // Empty, white space, and what upstream writes (or a hand edit with a newline) are fine.
+        for (text, cid) in [
+            (&b""[..], None),
+            (b" \n\t", None),
+            (b"vol-9", Some("vol-9")),
+            (b"vol-9\n", Some("vol-9")),
+            (b"  disk \xc3\xa9 1 ", Some("disk \u{e9} 1")),
+        ] {
+            assert_eq!(parse_managed(p, text).unwrap().as_deref(), cid, "{text:?}");
+        }
+        // Every prefix of a cid the agent wrote is a cid or nothing, never a panic.
+        let written = "vol-\u{e9}0123456789abcdef".as_bytes();
+        for n in 0..=written.len() {
+            match parse_managed(p, &written[..n]) {
+                Ok(Some(c)) => assert!("vol-\u{e9}0123456789abcdef".starts_with(&c)),
+                Ok(None) => assert_eq!(n, 0),
+                Err(e) => assert!(e.to_string().contains("not UTF-8"), "{n}: {e}"),
+            }
+        }
     }
 }

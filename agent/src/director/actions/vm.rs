@@ -235,7 +235,9 @@ pub struct VmPartsError {
 }
 
 impl VmParts {
-    /// Builds the parts for `base_dir` from `linux` (agent.json's `Platform.Linux`).
+    /// Builds the parts for `base_dir` from `linux` (agent.json's `Platform.Linux`). A damaged
+    /// DNS records file is logged as a warning (with its path, what is wrong and the fallback)
+    /// and left as it is.
     pub fn new(
         base_dir: &std::path::Path,
         linux: &crate::config::LinuxOptions,
@@ -281,11 +283,17 @@ impl VmParts {
                 power_off.argv = argv;
             }
         }
+        let dns = platform::dns::LocalDns::new(dns_paths);
+        // bosh-dns reads the records file, not the agent; a damaged one is said at start so
+        // that an operator sees it before the next sync_dns repairs it.
+        if let Some(e) = dns.check() {
+            tracing::warn!(error = %e, "the DNS records file is damaged; {}", platform::dns::DAMAGED_FALLBACK);
+        }
         Ok(VmParts {
             disks: platform::disk::Disks::new(cfg),
             ssh,
             log_dirs,
-            dns: platform::dns::LocalDns::new(dns_paths),
+            dns,
             neighbours: platform::arp::Neighbours::default(),
             power_off,
         })
