@@ -51,6 +51,13 @@ pub const NODES: usize = 3;
 pub const AUDIT_TABLE: &str = "fleet_audit";
 /// The most agents one fleet can hold (addresses 10.77.1.1 … 10.77.100.250).
 pub const MAX_AGENTS: usize = 25_000;
+/// nats-server's `tls { timeout }` on the fleet's nodes,
+/// unless [`FleetOptions::tls_timeout`] says otherwise. The director's own nats job uses
+/// nats-server's default of 2 s; on a 2-core machine running a few hundred agents, their
+/// monits, three nodes and the director, a handshake that lands in a burst of others waits
+/// for CPU longer than that, the server drops it, the agent retries, and the retries keep
+/// the CPU busy: a collapse, not a measurement. 10 s lets a burst of 200 handshakes finish.
+pub const DEFAULT_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Each agent id with the index of the node it is subscribed on and that connection.
 pub type Placements = HashMap<String, (usize, AgentConn)>;
@@ -64,6 +71,21 @@ pub struct FleetOptions {
     pub heartbeat_seconds: u64,
     /// The sandbox's name (for messages).
     pub name: String,
+    /// nats-server's TLS handshake timeout on every node (its authorization timeout follows:
+    /// see [`tls_override`]); [`DEFAULT_TLS_TIMEOUT`] is the usual value. At least 1 ms.
+    pub tls_timeout: Duration,
+}
+
+impl FleetOptions {
+    /// `agents` agents named `name`, heartbeats every 2 s, the default TLS timeout.
+    pub fn new(agents: usize, name: &str) -> Self {
+        FleetOptions {
+            agents,
+            heartbeat_seconds: 2,
+            name: name.to_string(),
+            tls_timeout: DEFAULT_TLS_TIMEOUT,
+        }
+    }
 }
 
 /// One node of the cluster.
@@ -75,12 +97,41 @@ pub struct Node {
     /// Its monitoring endpoint (`/connz`).
     pub monitor: SocketAddr,
     server: NatsServer,
+    dir: PathBuf,
 }
 
 impl Node {
     /// Whether it is running.
     pub fn running(&self) -> bool {
         self.server.running()
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// Everything it logged, over every start (its log files in start order).
+    pub fn logs(&self) -> String {
+        let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name
+                    .strip_prefix("nats-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|(_, p)| fs::read_to_string(p).ok())
+            .collect()
     }
 }
 
@@ -112,6 +163,11 @@ impl FleetAgent {
     /// Its process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Its monit's process id while it runs.
+    pub fn monit_pid(&self) -> Option<u32> {
+        self.monit.as_ref().map(Proc::pid)
     }
 
     /// Its log so far (empty before it was started).
@@ -198,8 +254,14 @@ impl Fleet {
                 .command([PathBuf::from("ip"), "-b".into(), path.clone()]),
             "setting up the director's bridge",
         )?;
+        if opts.tls_timeout < Duration::from_millis(1) {
+            return err(format!(
+                "a TLS timeout of {:?} is below nats-server's resolution (1 ms)",
+                opts.tls_timeout
+            ));
+        }
         let nodes = (0..NODES)
-            .map(|i| start_node(&sb, &pki, i))
+            .map(|i| start_node(&sb, &pki, i, opts.tls_timeout))
             .collect::<Result<Vec<_>>>()?;
         let client = pki.client("agent");
         let agents = (0..opts.agents)
@@ -294,6 +356,13 @@ impl Fleet {
         self.node_mut(i)?.server.stop()
     }
 
+    /// Kills node `i` (SIGKILL: no goodbye; the kernel closes its sockets, so its clients
+    /// see their connections end at once); returns when it had exited.
+    pub fn kill_node(&mut self, i: usize) -> Result<Instant> {
+        self.node_mut(i)?.server.kill()?;
+        Ok(Instant::now())
+    }
+
     /// Starts node `i` again (same addresses and certificate); returns when it said it is
     /// ready.
     pub fn start_node(&mut self, i: usize) -> Result<Instant> {
@@ -334,6 +403,26 @@ impl Fleet {
             }
         }
         Ok(out)
+    }
+
+    /// `/varz` of every running node: `(node index, body)`.
+    pub fn varz(&self) -> Result<Vec<(usize, Value)>> {
+        let monitors: Vec<(usize, SocketAddr)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.running())
+            .map(|(i, n)| (i, n.monitor))
+            .collect();
+        self.director()
+            .ns()
+            .try_run(Duration::from_secs(20), move || async move {
+                let mut out = Vec::new();
+                for (i, m) in monitors {
+                    out.push((i, http_get_json(m, "/varz").await?));
+                }
+                Ok::<_, Error>(out)
+            })
     }
 
     /// Which node each subscribed agent is on (by agent id).
@@ -450,7 +539,7 @@ impl Drop for Fleet {
     }
 }
 
-fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
+fn start_node(sb: &Sandbox, pki: &Pki, i: usize, tls_timeout: Duration) -> Result<Node> {
     let client = SocketAddr::from((node_ip(i, 77), 4222));
     let advertised = SocketAddr::from((node_ip(i, 78), 4222));
     let monitor = SocketAddr::from((node_ip(i, 77), 8222));
@@ -458,23 +547,24 @@ fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
         .filter(|j| *j != i)
         .map(|j| format!("\"nats-route://{}:6222\"", node_ip(j, 77)))
         .collect();
+    let label = format!("node{i}");
+    let dir = sb.dir().join(&label);
     // testkit's cluster block sets `no_advertise`; this one advertises (the point here).
-    let extra = format!(
+    let mut extra = format!(
         "client_advertise: \"{advertised}\"\n\
          http: \"{monitor}\"\n\
          cluster {{\n  name: \"bosh\"\n  listen: \"{}:6222\"\n  routes: [{}]\n}}\n",
         node_ip(i, 77),
         routes.join(", ")
     );
+    extra.push_str(&tls_override(&dir, tls_timeout));
     let config = NatsConfig {
         listen: client,
         cn: NATS_CN.to_string(),
         cluster: None,
         extra,
     };
-    let label = format!("node{i}");
     let place = sb.place("nats")?;
-    let dir = sb.dir().join(&label);
     let mut server = NatsServer::prepare(pki, &config, &dir, &label, &place)?;
     server.spawn()?;
     server.wait_ready(Duration::from_millis(5))?;
@@ -483,7 +573,24 @@ fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
         advertised,
         monitor,
         server,
+        dir,
     })
+}
+
+/// The `tls` block again, with `timeout` (seconds). testkit renders it with nats-server's
+/// default of 2 s; nats-server keeps the last value of a key, so this one, appended after,
+/// replaces it whole (hence the certificate files once more: the same as testkit's, in the
+/// node's directory). The authorization timeout is left unset: nats-server then makes it the
+/// TLS timeout plus 1 s (it counts from the accept, so it must cover the handshake); the
+/// fleet test reads both back from `/varz`.
+pub fn tls_override(dir: &Path, timeout: Duration) -> String {
+    format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: {}\n}}\n",
+        dir.join("server.pem").display(),
+        dir.join("server.key").display(),
+        dir.join("ca.pem").display(),
+        timeout.as_secs_f64(),
+    )
 }
 
 fn prepare_agent(
