@@ -185,6 +185,15 @@ pub struct Fleet {
     sb: Sandbox,
 }
 
+/// The bridge's address, fixed (a bridge with an address set keeps it as ports join), so the
+/// agents' neighbour entries for it can be written before any packet flows.
+const BRIDGE_MAC: &str = "02:77:00:00:00:01";
+
+/// The MAC address of agent `i`'s `eth0` (unique up to 65,536 agents).
+fn agent_mac(i: usize) -> String {
+    format!("02:77:01:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff)
+}
+
 fn node_ip(i: usize, net: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, net, 0, 11 + i as u8)
 }
@@ -241,7 +250,7 @@ impl Fleet {
         let sb = Sandbox::new(&opts.name)?;
         let pki = Pki::new("fleet ca");
         // The director's side of the bridge and the nodes' addresses.
-        let mut batch = String::from("link add br0 type bridge\nlink set br0 up\n");
+        let mut batch = format!("link add br0 address {BRIDGE_MAC} type bridge\nlink set br0 up\n");
         batch.push_str("addr add 10.77.0.1/16 dev br0\n");
         for i in 0..NODES {
             let _ = writeln!(batch, "addr add {}/16 dev br0", node_ip(i, 77));
@@ -708,16 +717,30 @@ fn rand_u64() -> u64 {
 
 /// One veth per agent: created in the director's namespace with its peer (`eth0`) straight in
 /// the agent's, on the bridge; then the agent's side is addressed, routed and audited.
+///
+/// Neighbour entries are static on both sides (each agent knows the bridge's MAC for the
+/// gateway and the nodes, the director's side knows every agent's): the kernel's neighbour
+/// table is one for the whole host, every namespace's entries count against its
+/// `gc_thresh3` (1,024 by default), and 200 agents that each learn three nodes, plus the
+/// director's side learning 200 agents, come close to it (past `gc_thresh2`, 512, the kernel
+/// evicts entries every 5 s and ARP starts again mid-storm). Permanent entries do not count.
 fn link_agents(sb: &Sandbox, agents: &[FleetAgent]) -> Result<()> {
     let mut batch = String::new();
     for (i, a) in agents.iter().enumerate() {
         let _ = writeln!(
             batch,
-            "link add fv{i} type veth peer name eth0 netns {}",
+            "link add fv{i} type veth peer name eth0 address {} netns {}",
+            agent_mac(i),
             a.netns.file().display()
         );
         let _ = writeln!(batch, "link set fv{i} master br0");
         let _ = writeln!(batch, "link set fv{i} up");
+        let _ = writeln!(
+            batch,
+            "neigh replace {} lladdr {} dev br0 nud permanent",
+            a.ip,
+            agent_mac(i)
+        );
     }
     let path = sb.dir().join("veths.ip");
     write(&path, &batch)?;
@@ -728,12 +751,21 @@ fn link_agents(sb: &Sandbox, agents: &[FleetAgent]) -> Result<()> {
     )?;
     let audit = sb.dir().join("audit.nft");
     write(&audit, &audit_script())?;
+    let mut neighbours =
+        format!("neigh replace 10.77.0.1 lladdr {BRIDGE_MAC} dev eth0 nud permanent\n");
+    for n in 0..NODES {
+        let _ = writeln!(
+            neighbours,
+            "neigh replace {} lladdr {BRIDGE_MAC} dev eth0 nud permanent",
+            node_ip(n, 77)
+        );
+    }
     for a in agents {
         let path = a.netns.file().with_file_name("eth0.ip");
         write(
             &path,
             &format!(
-                "link set eth0 up\naddr add {}/16 dev eth0\nroute add default via 10.77.0.1\n",
+                "link set eth0 up\naddr add {}/16 dev eth0\nroute add default via 10.77.0.1\n{neighbours}",
                 a.ip
             ),
         )?;
@@ -773,4 +805,36 @@ async fn http_get_json(to: SocketAddr, path: &str) -> Result<Value> {
         .ok_or_else(|| Error(format!("{what}: no end of headers")))?;
     serde_json::from_slice(&buf[split + 4..])
         .map_err(|e| Error(format!("{what}: body is not JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_agent_has_its_own_address_and_mac() {
+        let macs: HashSet<String> = (0..MAX_AGENTS).map(agent_mac).collect();
+        assert_eq!(macs.len(), MAX_AGENTS);
+        assert!(!macs.contains(BRIDGE_MAC));
+        let ips: HashSet<Ipv4Addr> = (0..MAX_AGENTS).map(agent_ip).collect();
+        assert_eq!(ips.len(), MAX_AGENTS);
+        for n in 0..NODES {
+            assert!(!ips.contains(&node_ip(n, 77)));
+        }
+        assert_eq!(agent_mac(0), "02:77:01:00:00:00");
+        assert_eq!(agent_mac(0x1234), "02:77:01:00:12:34");
+    }
+
+    #[test]
+    fn the_tls_override_names_the_node_files_and_the_timeout() {
+        let t = tls_override(Path::new("/x/node0"), Duration::from_millis(7500));
+        assert!(t.starts_with("tls {\n"), "{t}");
+        assert!(t.contains("cert_file: \"/x/node0/server.pem\""), "{t}");
+        assert!(t.contains("key_file: \"/x/node0/server.key\""), "{t}");
+        assert!(t.contains("ca_file: \"/x/node0/ca.pem\""), "{t}");
+        assert!(t.contains("verify: true"), "{t}");
+        assert!(t.contains("timeout: 7.5\n"), "{t}");
+        assert!(t.ends_with("}\n"), "{t}");
+    }
 }
