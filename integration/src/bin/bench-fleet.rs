@@ -497,8 +497,11 @@ fn run() -> Res<()> {
         std::thread::sleep(Duration::from_secs(2));
     }
 
-    // 5. The audit.
-    let audits = fleet.audit()?;
+    // 5. The audit (a failure is reported with the figures, not instead of them).
+    let (audits, audit_error) = match fleet.audit() {
+        Ok(a) => (a, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     let unruled: Vec<(String, Vec<std::net::SocketAddr>)> = audits
         .iter()
         .filter(|a| !a.unruled().is_empty())
@@ -657,7 +660,9 @@ fn run() -> Res<()> {
         "Every agent's namespace records each (address, port) a TCP SYN leaves it for; the nodes advertise {advertised:?} \
          (in no agent's settings). Destinations seen: {dialled:?} (address → agents)."
     );
-    if unruled.is_empty() {
+    if let Some(e) = &audit_error {
+        println!("\nThe audit failed: {e}");
+    } else if unruled.is_empty() {
         println!(
             "\nNo agent dialled an address its table has no rule for ({} agents audited).",
             audits.len()
