@@ -28,7 +28,8 @@ demo-firewall: deps
 	bash scripts/demo.sh
 
 # Packet-path cost, firewall-allow latency/RSS, the agent against nats-server, and deploys
-# (prepare/apply from a DAV blobstore, compile_package), and a fleet of FLEET_AGENTS agents (200) on a
+# (prepare/apply from a DAV blobstore, compile_package), and a fleet of FLEET_AGENTS agents (200, all
+# started together; FLEET_WAVE, FLEET_ROUNDS, FLEET_TLS_TIMEOUT_MS=10000 for the nodes) on a
 # 3-node NATS cluster, side by side in one run (see BENCHMARKS.md, RELIABILITY.md).
 bench: deps
 	$(CARGO) build -p cli -p integration --release

@@ -2,13 +2,13 @@
 //! on, against a three-node nats-server cluster with mutual TLS whose nodes advertise
 //! addresses no agent's settings name (see `integration::fleet`). Correctness only, no
 //! timing: every agent subscribes and answers ping, heartbeats arrive, the agents are spread
-//! over the nodes, every agent of a stopped node subscribes again on another, and no agent
+//! over the nodes, every agent of a killed node subscribes again on another, and no agent
 //! ever dials an address its table has no rule for. Needs root, nft, nats-server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use integration::fleet::{Fleet, FleetOptions, NODES};
+use integration::fleet::{DEFAULT_TLS_TIMEOUT, Fleet, FleetOptions, NODES};
 
 const AGENTS: usize = 20;
 /// Bounds on waits only (the machine may be busy); nothing is timed.
@@ -20,12 +20,28 @@ fn a_fleet_on_a_three_node_cluster() {
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("fleet: {what} at {:.1} s", t0.elapsed().as_secs_f64());
     let mut fleet = Fleet::build(&FleetOptions {
-        agents: AGENTS,
         heartbeat_seconds: 1,
-        name: "fleet-test".into(),
+        ..FleetOptions::new(AGENTS, "fleet-test")
     })
     .unwrap_or_else(|e| panic!("building the fleet: {e}"));
     step("built");
+    // Every node runs with the fleet's TLS timeout, and an authorization timeout that covers
+    // the handshake (nats-server counts it from the accept).
+    let varz = fleet.varz().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(varz.len(), NODES);
+    for (i, v) in &varz {
+        let tls = v["tls_timeout"].as_f64();
+        let auth = v["auth_timeout"].as_f64();
+        assert_eq!(
+            tls,
+            Some(DEFAULT_TLS_TIMEOUT.as_secs_f64()),
+            "node {i}: {v}"
+        );
+        assert!(
+            auth.zip(tls).is_some_and(|(a, t)| a > t),
+            "node {i}: auth_timeout {auth:?} does not cover tls_timeout {tls:?}"
+        );
+    }
     let ids = fleet.ids();
     fleet.spawn_agents().unwrap_or_else(|e| panic!("{e}"));
 
@@ -82,7 +98,7 @@ fn a_fleet_on_a_three_node_cluster() {
     }
 
     step("heartbeats");
-    // Stop the node with the most agents (not the director's, the last): each of them
+    // Kill (SIGKILL) the node with the most agents (not the director's, the last): each of them
     // subscribes again on another node.
     let (&victim, _) = per_node
         .iter()
@@ -95,7 +111,7 @@ fn a_fleet_on_a_three_node_cluster() {
         .map(|(id, _)| id.clone())
         .collect();
     let before_stop = SystemTime::now();
-    fleet.stop_node(victim).unwrap_or_else(|e| panic!("{e}"));
+    fleet.kill_node(victim).unwrap_or_else(|e| panic!("{e}"));
     let (_, after) = fleet
         .wait_subscribed(&moved, Some(before_stop), LIMIT, POLL)
         .unwrap_or_else(|e| panic!("{e}"));

@@ -221,6 +221,11 @@ impl NatsServer {
         self.proc.is_some()
     }
 
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// The client listen address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

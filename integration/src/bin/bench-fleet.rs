@@ -4,25 +4,34 @@
 //! heartbeats (the world is `integration::fleet`). It measures:
 //!
 //! 1. exec → all subscribed (every agent's `agent.<id>` subscription seen in the nodes'
-//!    `/connz`), wave by wave, and how the fleet spreads over the nodes;
+//!    `/connz`), and how the fleet spreads over the nodes;
 //! 2. one ping to every agent (round trip), and the heartbeat throughput at the director;
-//! 3. one node stopped: time until every agent that was on it is subscribed again elsewhere,
-//!    the connects per 100 ms bucket (peak against the mean), director ping latency p50/p99
-//!    during the storm;
-//! 4. all three nodes restarted: the same;
+//! 3. one node killed (SIGKILL): time until every agent that was on it is subscribed again
+//!    elsewhere, the connects per 100 ms bucket (peak against the mean, and the histogram),
+//!    director ping latency p50/p99 during the storm, failed dials and the nodes' TLS
+//!    handshake errors meanwhile;
+//! 4. all three nodes restarted (SIGTERM each, then each started again): the same;
 //! 5. the audit: every (address, port) an agent's SYN left its namespace for, against the
-//!    endpoints its table guards.
+//!    endpoints its table guards;
+//! 6. memory: every agent's, monit's and node's RSS, and the file descriptors they hold.
 //!
-//! Not a test: it asserts nothing and prints markdown (progress on stderr). Knobs
-//! (environment): `FLEET_AGENTS` (200), `FLEET_HEARTBEAT_SECONDS` (2),
-//! `FLEET_PING_EVERY_MS` (5: the storm's ping load, round-robin over the agents), `FLEET_WAVE`
-//! (25: agents started together; on 2 cores 200 debug agents started at once starve each
-//! other's TLS handshakes past nats-server's 2 s TLS timeout, and retry forever),
-//! `FLEET_SHOW_SLOWEST=1` (the log of the last agent back after each storm, on stderr).
+//! Not a test: it asserts nothing and prints markdown (progress on stderr), with the load
+//! average at each step (a shared machine distorts the figures; the reader should know).
+//! Knobs (environment):
+//! - `FLEET_AGENTS` (200);
+//! - `FLEET_WAVE` (0: all agents started together; N: started N at a time, the next N once
+//!   the last are subscribed, and then the start rows are per wave);
+//! - `FLEET_TLS_TIMEOUT_MS` (`fleet::DEFAULT_TLS_TIMEOUT`, 10 s: nats-server's TLS handshake
+//!   timeout on the nodes; the director's own nats job uses 2 s, which a 2-core machine
+//!   running the whole fleet cannot meet in a burst);
+//! - `FLEET_ROUNDS` (1: how many times steps 3 and 4 run on the same fleet);
+//! - `FLEET_HEARTBEAT_SECONDS` (2), `FLEET_PING_EVERY_MS` (5: the storm's ping load,
+//!   round-robin over the agents);
+//! - `FLEET_SHOW_SLOWEST=1` (the log of the last agent back after each storm, on stderr).
 //!
-//! Needs root, nft, nats-server and the binaries next to this one (`cargo build -p cli -p
-//! integration`, debug or release). On a panic or SIGINT/SIGTERM the processes in the fleet's
-//! cgroups and namespaces are killed by pid and everything is removed.
+//! Needs root, nft, nats-server, monit and the binaries next to this one (`cargo build -p
+//! cli -p integration`, debug or release). On a panic or SIGINT/SIGTERM the processes in the
+//! fleet's cgroups and namespaces are killed by pid and everything is removed.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,13 +41,17 @@ use std::time::{Duration, Instant, SystemTime};
 use integration::bench::cleanup::{emergency_cleanup, install_hooks, register};
 use integration::bench::stats::{ms, pct, sorted};
 use integration::bench::{Res, env_num, first_line_of};
-use integration::fleet::observe::{buckets, peak_and_mean};
-use integration::fleet::{Fleet, FleetOptions, LoadResult, NODES};
+use integration::fleet::observe::{buckets, count_since, histogram, peak_and_mean};
+use integration::fleet::{DEFAULT_TLS_TIMEOUT, Fleet, FleetOptions, LoadResult, NODES, PingLoad};
 
 const BUCKET: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_millis(100);
 const LIMIT: Duration = Duration::from_secs(300);
 const STORM_LIMIT: Duration = Duration::from_secs(120);
+/// What the agent logs for a dial that did not give a subscribed session.
+const DIAL_FAILED: &str = "mbus dial failed";
+/// What nats-server logs for a handshake it gave up on (timeout or error).
+const TLS_ERROR: &str = "TLS handshake";
 
 fn main() -> ExitCode {
     install_hooks("bench-fleet");
@@ -61,18 +74,36 @@ fn main() -> ExitCode {
 
 struct Knobs {
     agents: usize,
+    wave: usize,
+    tls_timeout: Duration,
+    rounds: usize,
     heartbeat: u64,
     ping_every: Duration,
-    wave: usize,
 }
 
 fn knobs() -> Res<Knobs> {
+    let agents = env_num("FLEET_AGENTS", 200usize)?;
+    let wave = match env_num("FLEET_WAVE", 0usize)? {
+        0 => agents.max(1),
+        n => n,
+    };
+    let default_tls = u64::try_from(DEFAULT_TLS_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
     Ok(Knobs {
-        agents: env_num("FLEET_AGENTS", 200usize)?,
+        agents,
+        wave,
+        tls_timeout: Duration::from_millis(env_num("FLEET_TLS_TIMEOUT_MS", default_tls)?),
+        rounds: env_num("FLEET_ROUNDS", 1usize)?.max(1),
         heartbeat: env_num("FLEET_HEARTBEAT_SECONDS", 2u64)?.max(1),
         ping_every: Duration::from_millis(env_num("FLEET_PING_EVERY_MS", 5u64)?.max(1)),
-        wave: env_num("FLEET_WAVE", 25usize)?.max(1),
     })
+}
+
+/// The 1-, 5- and 15-minute load averages, as `/proc/loadavg` prints them.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// "p50 / p99 (n)" of durations in ms.
@@ -94,8 +125,39 @@ fn since_ms(t: SystemTime, from: SystemTime) -> f64 {
     t.duration_since(from).map(ms).unwrap_or(0.0)
 }
 
+/// Log lengths (agents', nodes') noted before a storm, to count what the storm added.
+struct Marks {
+    agents: Vec<usize>,
+    nodes: Vec<usize>,
+}
+
+fn marks(fleet: &Fleet) -> Marks {
+    Marks {
+        agents: fleet.agents().iter().map(|a| a.log().len()).collect(),
+        nodes: fleet.nodes().iter().map(|n| n.logs().len()).collect(),
+    }
+}
+
+/// (failed dials in the agents' logs, TLS handshake errors in the nodes' logs) since `m`.
+fn failures_since(fleet: &Fleet, m: &Marks) -> (usize, usize) {
+    let dials = fleet
+        .agents()
+        .iter()
+        .zip(&m.agents)
+        .map(|(a, from)| count_since(&a.log(), *from, DIAL_FAILED))
+        .sum();
+    let tls = fleet
+        .nodes()
+        .iter()
+        .zip(&m.nodes)
+        .map(|(n, from)| count_since(&n.logs(), *from, TLS_ERROR))
+        .sum();
+    (dials, tls)
+}
+
 /// What one storm measured.
 struct Storm {
+    name: String,
     agents: usize,
     /// Agents not back within [`STORM_LIMIT`].
     missing: usize,
@@ -104,34 +166,23 @@ struct Storm {
     buckets: Vec<usize>,
     load: LoadResult,
     spread: BTreeMap<usize, usize>,
-}
-
-fn storm_rows(name: &str, from: &str, s: &Storm) {
-    let (peak, mean, ratio) = peak_and_mean(&s.buckets);
-    let all_seen = if s.missing == 0 {
-        format!("{:.0} ms", ms(s.all_seen))
-    } else {
-        format!("{} not back within {} s", s.missing, STORM_LIMIT.as_secs())
-    };
-    println!(
-        "| {name} | {} | {from} | {:.0} ms | {all_seen} | {peak} | {mean:.1} | {ratio:.2} | {} | {} lost of {} |",
-        s.agents,
-        s.last_connect,
-        p50_p99(&s.load.latencies),
-        s.load.lost,
-        s.load.sent
-    );
+    failed_dials: usize,
+    tls_errors: usize,
+    loadavg: String,
 }
 
 /// Waits for `ids` to be subscribed on connections accepted after `since`; the buckets count
 /// those connects from `bucket_from`.
+#[allow(clippy::too_many_arguments)]
 fn settle(
     fleet: &mut Fleet,
+    name: String,
     ids: &[String],
     since: SystemTime,
     bucket_from: SystemTime,
     t_from: Instant,
-    load: integration::fleet::PingLoad,
+    ping: PingLoad,
+    m: &Marks,
 ) -> Res<Storm> {
     // A storm that does not settle is reported with what came back, not as a failure.
     let (seen, conns, missing) = match fleet.wait_subscribed(ids, Some(since), STORM_LIMIT, POLL) {
@@ -151,6 +202,7 @@ fn settle(
             (Instant::now(), conns, missing)
         }
     };
+    let loadavg = load();
     let starts: Vec<SystemTime> = ids
         .iter()
         .filter_map(|id| conns.get(id).map(|(_, c)| c.start))
@@ -176,8 +228,10 @@ fn settle(
     }
     // Pings keep going for a second after the last agent is back.
     std::thread::sleep(Duration::from_secs(1));
-    let load = load.finish(Duration::from_millis(500))?;
-    Ok(Storm {
+    let load = ping.finish(Duration::from_millis(500))?;
+    let (failed_dials, tls_errors) = failures_since(fleet, m);
+    let s = Storm {
+        name,
         agents: ids.len(),
         missing,
         all_seen: seen.saturating_duration_since(t_from),
@@ -185,8 +239,106 @@ fn settle(
         buckets: buckets(&starts, bucket_from, BUCKET),
         load,
         spread,
-    })
+        failed_dials,
+        tls_errors,
+        loadavg,
+    };
+    eprintln!(
+        "bench-fleet: {}: {} agents back, last connect at {:.0} ms, peak {} per 100 ms (load {})",
+        s.name,
+        s.agents - s.missing,
+        s.last_connect,
+        peak_and_mean(&s.buckets).0,
+        s.loadavg
+    );
+    Ok(s)
 }
+
+fn storm_row(s: &Storm) {
+    let (peak, mean, ratio) = peak_and_mean(&s.buckets);
+    let all_seen = if s.missing == 0 {
+        format!("{:.0} ms", ms(s.all_seen))
+    } else {
+        format!("{} not back within {} s", s.missing, STORM_LIMIT.as_secs())
+    };
+    println!(
+        "| {} | {} | {:.0} ms | {all_seen} | {peak} | {mean:.1} | {ratio:.2} | {} | {} lost of {} | {} / {} | {} |",
+        s.name,
+        s.agents,
+        s.last_connect,
+        p50_p99(&s.load.latencies),
+        s.load.lost,
+        s.load.sent,
+        s.failed_dials,
+        s.tls_errors,
+        s.loadavg
+    );
+}
+
+/// Memory and descriptors of the fleet's processes (before they are stopped).
+struct Footprint {
+    agent_rss_kb: Vec<f64>,
+    agent_anon_kb: f64,
+    agent_threads: Vec<f64>,
+    agent_fds: Vec<f64>,
+    monit_rss_kb: f64,
+    nodes: Vec<(f64, usize)>,
+    bench_fds: usize,
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn footprint(fleet: &Fleet) -> Footprint {
+    let mut f = Footprint {
+        agent_rss_kb: Vec::new(),
+        agent_anon_kb: 0.0,
+        agent_threads: Vec::new(),
+        agent_fds: Vec::new(),
+        monit_rss_kb: 0.0,
+        nodes: Vec::new(),
+        bench_fds: fd_count(std::process::id()),
+    };
+    for a in fleet.agents() {
+        if let Some(pid) = a.pid()
+            && let Ok(m) = integration::bench::procfs::mem(pid)
+        {
+            f.agent_rss_kb.push(m.rss_kb as f64);
+            f.agent_anon_kb += m.anon_kb as f64;
+            f.agent_threads.push(m.threads as f64);
+            f.agent_fds.push(fd_count(pid) as f64);
+        }
+        if let Some(pid) = a.monit_pid()
+            && let Ok(m) = integration::bench::procfs::mem(pid)
+        {
+            f.monit_rss_kb += m.rss_kb as f64;
+        }
+    }
+    for n in fleet.nodes() {
+        if let Some(pid) = n.pid()
+            && let Ok(m) = integration::bench::procfs::mem(pid)
+        {
+            f.nodes.push((m.rss_kb as f64 / 1024.0, fd_count(pid)));
+        }
+    }
+    f
+}
+
+/// p50 / max of a sample, `prec` decimals, scaled by `scale`.
+fn p50_max(v: &[f64], scale: f64, prec: usize) -> String {
+    let s = sorted(v);
+    format!(
+        "{:.prec$} / {:.prec$}",
+        pct(&s, 0.5) / scale,
+        s.last().copied().unwrap_or(f64::NAN) / scale
+    )
+}
+
+/// One wave's start: (exec → all seen subscribed, exec → first connect, exec → last connect).
+type Wave = (Duration, f64, f64);
 
 fn run() -> Res<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -201,8 +353,9 @@ fn run() -> Res<()> {
                 .map(|n| n.to_string_lossy().into_owned())
         })
         .unwrap_or_else(|| "unknown".into());
+    let load_before = load();
     eprintln!(
-        "bench-fleet: building a fleet of {} agents ({profile} build)",
+        "bench-fleet: building a fleet of {} agents ({profile} build; load {load_before})",
         k.agents
     );
     let t_build = Instant::now();
@@ -210,6 +363,7 @@ fn run() -> Res<()> {
         agents: k.agents,
         heartbeat_seconds: k.heartbeat,
         name: "bench-fleet".into(),
+        tls_timeout: k.tls_timeout,
     })?;
     register(fleet.sandbox());
     for a in fleet.agents() {
@@ -218,16 +372,20 @@ fn run() -> Res<()> {
     let build = t_build.elapsed();
     let ids = fleet.ids();
 
-    // 1. exec -> all subscribed, in waves of `k.wave` agents (each wave's agents spawned one
-    // after the other, the next wave once all of this one are subscribed).
+    // 1. exec -> all subscribed (each wave's agents spawned one after the other, the next
+    // wave once all of this one are subscribed; one wave of all by default).
+    let start_marks = marks(&fleet);
     let t0 = Instant::now();
     let mut conns = HashMap::new();
-    let mut waves: Vec<(Duration, f64, f64)> = Vec::new();
+    let mut waves: Vec<Wave> = Vec::new();
     let mut spawned = Duration::ZERO;
     for start in (0..ids.len()).step_by(k.wave) {
         let end = (start + k.wave).min(ids.len());
-        let wave_wall = SystemTime::now();
         let tw = fleet.spawn_range(start..end)?;
+        // The wall time of the first agent exec (spawn_range starts the monits before it).
+        let wave_wall = SystemTime::now()
+            .checked_sub(tw.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         spawned += tw.elapsed();
         let (seen, c) = fleet.wait_subscribed(&ids[start..end], None, LIMIT, POLL)?;
         let wave_conns: Vec<SystemTime> = ids[start..end]
@@ -246,12 +404,15 @@ fn run() -> Res<()> {
             .unwrap_or(f64::NAN);
         waves.push((seen.saturating_duration_since(tw), first, last));
         eprintln!(
-            "bench-fleet: agents {start}..{end} subscribed {:.1} s after their first exec",
-            seen.saturating_duration_since(tw).as_secs_f64()
+            "bench-fleet: agents {start}..{end} subscribed {:.1} s after their first exec (load {})",
+            seen.saturating_duration_since(tw).as_secs_f64(),
+            load()
         );
         conns = c;
     }
     let all_subscribed = t0.elapsed();
+    let load_start = load();
+    let (start_dials, start_tls) = failures_since(&fleet, &start_marks);
     let mut per_node = [0usize; NODES];
     for (n, _) in conns.values() {
         per_node[*n] += 1;
@@ -275,52 +436,75 @@ fn run() -> Res<()> {
     let heard: std::collections::HashSet<&String> = beats.iter().map(|(id, _)| id).collect();
     let rate = beats.len() as f64 / window.as_secs_f64();
     let expected = ids.len() as f64 / k.heartbeat as f64;
+    let load_steady = load();
 
-    // 3. One node stopped: the one with the most agents.
-    let placement: HashMap<String, usize> = fleet.placement()?;
-    let victim = (0..NODES)
-        .filter(|n| *n != NODES - 1) // the director's node stays up
-        .max_by_key(|n| placement.values().filter(|v| **v == *n).count())
-        .unwrap_or(0);
-    let moved: Vec<String> = ids
-        .iter()
-        .filter(|id| placement.get(*id) == Some(&victim))
-        .cloned()
-        .collect();
-    eprintln!(
-        "bench-fleet: stopping node {victim} ({} agents on it)",
-        moved.len()
-    );
-    let load = fleet.director().ping_load(&ids, k.ping_every)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let kill_wall = SystemTime::now();
-    let kill = Instant::now();
-    fleet.stop_node(victim)?;
-    let one = settle(&mut fleet, &moved, kill_wall, kill_wall, kill, load)?;
+    let mut storms: Vec<Storm> = Vec::new();
+    let mut restart_times: Vec<(Duration, Duration)> = Vec::new();
+    for r in 1..=k.rounds {
+        // 3. One node killed: the one with the most agents (the director's stays up).
+        let placement: HashMap<String, usize> = fleet.placement()?;
+        let victim = (0..NODES)
+            .filter(|n| *n != NODES - 1)
+            .max_by_key(|n| placement.values().filter(|v| **v == *n).count())
+            .unwrap_or(0);
+        let moved: Vec<String> = ids
+            .iter()
+            .filter(|id| placement.get(*id) == Some(&victim))
+            .cloned()
+            .collect();
+        eprintln!(
+            "bench-fleet: round {r}: killing node {victim} ({} agents on it; load {})",
+            moved.len(),
+            load()
+        );
+        let m = marks(&fleet);
+        let ping = fleet.director().ping_load(&ids, k.ping_every)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let kill_wall = SystemTime::now();
+        let kill = Instant::now();
+        fleet.kill_node(victim)?;
+        let name = format!("round {r}: node {victim} killed");
+        storms.push(settle(
+            &mut fleet, name, &moved, kill_wall, kill_wall, kill, ping, &m,
+        )?);
 
-    // 4. All three restarted (the stopped one first comes back, and connections age past the
-    // backoff's stable_after).
-    fleet.start_node(victim)?;
-    std::thread::sleep(Duration::from_secs(3));
-    eprintln!("bench-fleet: restarting all {NODES} nodes");
-    let load = fleet.director().ping_load(&ids, k.ping_every)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let down_wall = SystemTime::now();
-    let down = Instant::now();
-    for n in 0..NODES {
-        fleet.stop_node(n)?;
+        // 4. All three restarted (the killed one first comes back, and connections age past
+        // the backoff's stable_after).
+        fleet.start_node(victim)?;
+        std::thread::sleep(Duration::from_secs(3));
+        eprintln!(
+            "bench-fleet: round {r}: restarting all {NODES} nodes (load {})",
+            load()
+        );
+        let m = marks(&fleet);
+        let ping = fleet.director().ping_load(&ids, k.ping_every)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let down_wall = SystemTime::now();
+        let down = Instant::now();
+        for n in 0..NODES {
+            fleet.stop_node(n)?;
+        }
+        let all_down = down.elapsed();
+        let up_wall = SystemTime::now();
+        let up = Instant::now();
+        let mut ready = Duration::ZERO;
+        for n in 0..NODES {
+            ready = fleet.start_node(n)?.saturating_duration_since(up);
+        }
+        restart_times.push((all_down, ready));
+        let name = format!("round {r}: all {NODES} restarted");
+        storms.push(settle(
+            &mut fleet, name, &ids, down_wall, up_wall, up, ping, &m,
+        )?);
+        // Connections age past stable_after before the next round.
+        std::thread::sleep(Duration::from_secs(2));
     }
-    let all_down = down.elapsed();
-    let up_wall = SystemTime::now();
-    let up = Instant::now();
-    let mut ready = Duration::ZERO;
-    for n in 0..NODES {
-        ready = fleet.start_node(n)?.saturating_duration_since(up);
-    }
-    let all = settle(&mut fleet, &ids, down_wall, up_wall, up, load)?;
 
-    // 5. The audit.
-    let audits = fleet.audit()?;
+    // 5. The audit (a failure is reported with the figures, not instead of them).
+    let (audits, audit_error) = match fleet.audit() {
+        Ok(a) => (a, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     let unruled: Vec<(String, Vec<std::net::SocketAddr>)> = audits
         .iter()
         .filter(|a| !a.unruled().is_empty())
@@ -337,15 +521,15 @@ fn run() -> Res<()> {
         .iter()
         .map(|n| n.advertised.to_string())
         .collect();
+    let varz_tls: Vec<String> = fleet
+        .varz()?
+        .iter()
+        .map(|(i, v)| format!("node{i} {}/{}", v["tls_timeout"], v["auth_timeout"]))
+        .collect();
 
-    let mut rss_kb = Vec::new();
-    for a in fleet.agents() {
-        if let Some(pid) = a.pid()
-            && let Ok(m) = integration::bench::procfs::mem(pid)
-        {
-            rss_kb.push(m.rss_kb as f64);
-        }
-    }
+    // 6. Memory and descriptors.
+    let fp = footprint(&fleet);
+    let load_end = load();
     fleet.stop_agents(Duration::from_secs(10));
     drop(fleet);
     integration::bench::cleanup::unregister_all();
@@ -353,6 +537,7 @@ fn run() -> Res<()> {
     println!("# bench-fleet\n");
     println!(
         "{} agents ({profile} build), {NODES} nats-server nodes ({}), {}, {} cores; heartbeat every {} s; \
+         nats-server TLS timeout {} s (tls/auth timeout per node from `/varz`: {}); \
          the fleet was built (namespaces, veths, audit tables, nodes, director) in {:.1} s.\n",
         ids.len(),
         first_line_of("nats-server", &["--version"]),
@@ -361,42 +546,66 @@ fn run() -> Res<()> {
             .map(|n| n.get())
             .unwrap_or(0),
         k.heartbeat,
+        k.tls_timeout.as_secs_f64(),
+        varz_tls.join(", "),
         build.as_secs_f64()
+    );
+    println!(
+        "Load average (1, 5, 15 min): {load_before} before the build, {load_start} once all were \
+         subscribed, {load_steady} after the heartbeat window, {load_end} at the end.\n"
     );
     println!("## Start\n");
     println!("| what | value |\n|---|---|");
+    if waves.len() == 1 {
+        println!(
+            "| agents started | all {} together (spawned one after the other in {:.0} ms) |",
+            ids.len(),
+            ms(spawned)
+        );
+        let (seen, first, last) = waves[0];
+        println!("| first exec → first connect accepted | {first:.0} ms |");
+        println!("| first exec → last connect accepted | {last:.0} ms |");
+        println!(
+            "| first exec → all seen subscribed (`/connz` every {} ms) | {:.0} ms |",
+            POLL.as_millis(),
+            ms(seen)
+        );
+    } else {
+        println!(
+            "| waves of | {} agents (the next wave starts once the last is subscribed) |",
+            k.wave
+        );
+        println!(
+            "| spawning (placement wrappers, one after the other), all waves | {:.0} ms |",
+            ms(spawned)
+        );
+        let w = |f: fn(&Wave) -> f64| {
+            let v = sorted(&waves.iter().map(f).collect::<Vec<_>>());
+            format!(
+                "{:.0} / {:.0} ms",
+                pct(&v, 0.5),
+                v.last().copied().unwrap_or(f64::NAN)
+            )
+        };
+        println!(
+            "| per wave, its first exec → its first connect accepted, median / max | {} |",
+            w(|x| x.1)
+        );
+        println!(
+            "| per wave, its first exec → its last connect accepted, median / max | {} |",
+            w(|x| x.2)
+        );
+        println!(
+            "| per wave, its first exec → all of it seen subscribed, median / max | {} |",
+            w(|x| ms(x.0))
+        );
+        println!(
+            "| first exec → every agent subscribed, all waves | {:.0} ms |",
+            ms(all_subscribed)
+        );
+    }
     println!(
-        "| waves of | {} agents (the next wave starts once the last is subscribed) |",
-        k.wave
-    );
-    println!(
-        "| spawning (placement wrappers, one after the other), all waves | {:.0} ms |",
-        ms(spawned)
-    );
-    let w = |f: fn(&(Duration, f64, f64)) -> f64| {
-        let v = sorted(&waves.iter().map(f).collect::<Vec<_>>());
-        format!(
-            "{:.0} / {:.0} ms",
-            pct(&v, 0.5),
-            v.last().copied().unwrap_or(f64::NAN)
-        )
-    };
-    println!(
-        "| per wave, its first exec → its first connect accepted, median / max | {} |",
-        w(|x| x.1)
-    );
-    println!(
-        "| per wave, its first exec → its last connect accepted, median / max | {} |",
-        w(|x| x.2)
-    );
-    println!(
-        "| per wave, its first exec → all of it seen subscribed (`/connz` every {} ms), median / max | {} |",
-        POLL.as_millis(),
-        w(|x| ms(x.0))
-    );
-    println!(
-        "| first exec → every agent subscribed, all waves | {:.0} ms |",
-        ms(all_subscribed)
+        "| failed dials (agents) / TLS handshake errors (nodes) during the start | {start_dials} / {start_tls} |"
     );
     println!("| agents per node | {per_node:?} |");
     println!(
@@ -411,49 +620,52 @@ fn run() -> Res<()> {
         heard.len(),
         ids.len()
     );
-    if !rss_kb.is_empty() {
-        let s = sorted(&rss_kb);
-        println!(
-            "| agent VmRSS at the end, p50 / max | {:.1} / {:.1} MB |",
-            pct(&s, 0.5) / 1024.0,
-            s.last().copied().unwrap_or(0.0) / 1024.0
-        );
-    }
+
     println!("\n## Storms\n");
     println!(
-        "Connects are the nodes' accept times (`/connz` `start`) of the new connections, in {} ms buckets from the \
-         moment shown; mean over every bucket up to the last connect. The ping load sends one ping every {} ms, \
-         round-robin over all agents, each once (a ping to an agent between connections is lost: NATS is at most once).\n",
+        "Connects are the nodes' accept times (`/connz` `start`) of the new connections, in {} ms buckets from \
+         the kill (node killed) or from the first restart (all restarted); the mean is over every bucket up to \
+         the last connect. The ping load sends one ping every {} ms, round-robin over all agents, each once (a \
+         ping to an agent between connections is lost: NATS is at most once). Failed dials are the agents' \
+         `{DIAL_FAILED}` lines, TLS errors the nodes' `{TLS_ERROR}` lines, during the storm.\n",
         BUCKET.as_millis(),
         k.ping_every.as_millis()
     );
     println!(
-        "| storm | agents | buckets from | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | ping p50 / p99 during | pings |"
+        "| storm | agents | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | director ping p50 / p99 | pings | failed dials / TLS errors | load after |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    storm_rows(&format!("node {victim} stopped"), "the stop", &one);
-    storm_rows(
-        &format!(
-            "all {NODES} restarted (down in {:.0} ms, up in {:.0} ms)",
-            ms(all_down),
-            ms(ready)
-        ),
-        "the restart",
-        &all,
-    );
-    println!(
-        "\nNode {victim}'s agents went to: {:?} (node → agents).",
-        one.spread
-    );
-    println!("After the restart: {:?}.", all.spread);
-    println!("Connects per bucket, node stopped: {:?}", one.buckets);
-    println!("Connects per bucket, all restarted: {:?}", all.buckets);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in &storms {
+        storm_row(s);
+    }
+    println!();
+    for (r, (down, up)) in restart_times.iter().enumerate() {
+        println!(
+            "Round {}: all {NODES} stopped in {:.0} ms, then started (all ready) in {:.0} ms.",
+            r + 1,
+            ms(*down),
+            ms(*up)
+        );
+    }
+    for s in &storms {
+        let (peak, _, _) = peak_and_mean(&s.buckets);
+        println!(
+            "\n{}: agents went to {:?} (node → agents). Connects per {} ms:\n\n```\n{}```",
+            s.name,
+            s.spread,
+            BUCKET.as_millis(),
+            histogram(&s.buckets, BUCKET, peak.div_ceil(40).max(1))
+        );
+    }
+
     println!("\n## Dials without a rule\n");
     println!(
         "Every agent's namespace records each (address, port) a TCP SYN leaves it for; the nodes advertise {advertised:?} \
          (in no agent's settings). Destinations seen: {dialled:?} (address → agents)."
     );
-    if unruled.is_empty() {
+    if let Some(e) = &audit_error {
+        println!("\nThe audit failed: {e}");
+    } else if unruled.is_empty() {
         println!(
             "\nNo agent dialled an address its table has no rule for ({} agents audited).",
             audits.len()
@@ -464,5 +676,57 @@ fn run() -> Res<()> {
             unruled.len()
         );
     }
+
+    println!("\n## Memory and descriptors (at the end)\n");
+    println!("| what | value |\n|---|---|");
+    if !fp.agent_rss_kb.is_empty() {
+        println!(
+            "| agent VmRSS, p50 / max | {} MB |",
+            p50_max(&fp.agent_rss_kb, 1024.0, 1)
+        );
+        println!(
+            "| agents' VmRSS summed / their private (RssAnon) memory summed | {:.0} / {:.0} MB ({} agents) |",
+            fp.agent_rss_kb.iter().sum::<f64>() / 1024.0,
+            fp.agent_anon_kb / 1024.0,
+            fp.agent_rss_kb.len()
+        );
+        println!(
+            "| agent threads, p50 / max | {} |",
+            p50_max(&fp.agent_threads, 1.0, 0)
+        );
+        println!(
+            "| agent open descriptors, p50 / max | {} |",
+            p50_max(&fp.agent_fds, 1.0, 0)
+        );
+    }
+    println!(
+        "| monits' VmRSS summed | {:.0} MB |",
+        fp.monit_rss_kb / 1024.0
+    );
+    println!(
+        "| nodes' VmRSS (MB) and open descriptors | {} |",
+        fp.nodes
+            .iter()
+            .map(|(mb, fds)| format!("{mb:.1} MB, {fds} fds"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!(
+        "| this benchmark's open descriptors (limit {}) | {} |",
+        nofile_limit(),
+        fp.bench_fds
+    );
     Ok(())
+}
+
+/// The soft limit on open files, as `/proc/self/limits` says.
+fn nofile_limit() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

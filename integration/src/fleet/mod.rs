@@ -51,6 +51,13 @@ pub const NODES: usize = 3;
 pub const AUDIT_TABLE: &str = "fleet_audit";
 /// The most agents one fleet can hold (addresses 10.77.1.1 … 10.77.100.250).
 pub const MAX_AGENTS: usize = 25_000;
+/// nats-server's `tls { timeout }` on the fleet's nodes,
+/// unless [`FleetOptions::tls_timeout`] says otherwise. The director's own nats job uses
+/// nats-server's default of 2 s; on a 2-core machine running a few hundred agents, their
+/// monits, three nodes and the director, a handshake that lands in a burst of others waits
+/// for CPU longer than that, the server drops it, the agent retries, and the retries keep
+/// the CPU busy: a collapse, not a measurement. 10 s lets a burst of 200 handshakes finish.
+pub const DEFAULT_TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Each agent id with the index of the node it is subscribed on and that connection.
 pub type Placements = HashMap<String, (usize, AgentConn)>;
@@ -64,6 +71,21 @@ pub struct FleetOptions {
     pub heartbeat_seconds: u64,
     /// The sandbox's name (for messages).
     pub name: String,
+    /// nats-server's TLS handshake timeout on every node (its authorization timeout follows:
+    /// see [`tls_override`]); [`DEFAULT_TLS_TIMEOUT`] is the usual value. At least 1 ms.
+    pub tls_timeout: Duration,
+}
+
+impl FleetOptions {
+    /// `agents` agents named `name`, heartbeats every 2 s, the default TLS timeout.
+    pub fn new(agents: usize, name: &str) -> Self {
+        FleetOptions {
+            agents,
+            heartbeat_seconds: 2,
+            name: name.to_string(),
+            tls_timeout: DEFAULT_TLS_TIMEOUT,
+        }
+    }
 }
 
 /// One node of the cluster.
@@ -75,12 +97,41 @@ pub struct Node {
     /// Its monitoring endpoint (`/connz`).
     pub monitor: SocketAddr,
     server: NatsServer,
+    dir: PathBuf,
 }
 
 impl Node {
     /// Whether it is running.
     pub fn running(&self) -> bool {
         self.server.running()
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
+    /// Everything it logged, over every start (its log files in start order).
+    pub fn logs(&self) -> String {
+        let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n = name
+                    .strip_prefix("nats-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|(_, p)| fs::read_to_string(p).ok())
+            .collect()
     }
 }
 
@@ -114,6 +165,11 @@ impl FleetAgent {
         self.proc.as_ref().map(Proc::pid)
     }
 
+    /// Its monit's process id while it runs.
+    pub fn monit_pid(&self) -> Option<u32> {
+        self.monit.as_ref().map(Proc::pid)
+    }
+
     /// Its log so far (empty before it was started).
     pub fn log(&self) -> String {
         self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
@@ -127,6 +183,15 @@ pub struct Fleet {
     nodes: Vec<Node>,
     _pki: Pki,
     sb: Sandbox,
+}
+
+/// The bridge's address, fixed (a bridge with an address set keeps it as ports join), so the
+/// agents' neighbour entries for it can be written before any packet flows.
+const BRIDGE_MAC: &str = "02:77:00:00:00:01";
+
+/// The MAC address of agent `i`'s `eth0` (unique up to 65,536 agents).
+fn agent_mac(i: usize) -> String {
+    format!("02:77:01:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff)
 }
 
 fn node_ip(i: usize, net: u8) -> Ipv4Addr {
@@ -185,7 +250,7 @@ impl Fleet {
         let sb = Sandbox::new(&opts.name)?;
         let pki = Pki::new("fleet ca");
         // The director's side of the bridge and the nodes' addresses.
-        let mut batch = String::from("link add br0 type bridge\nlink set br0 up\n");
+        let mut batch = format!("link add br0 address {BRIDGE_MAC} type bridge\nlink set br0 up\n");
         batch.push_str("addr add 10.77.0.1/16 dev br0\n");
         for i in 0..NODES {
             let _ = writeln!(batch, "addr add {}/16 dev br0", node_ip(i, 77));
@@ -198,8 +263,14 @@ impl Fleet {
                 .command([PathBuf::from("ip"), "-b".into(), path.clone()]),
             "setting up the director's bridge",
         )?;
+        if opts.tls_timeout < Duration::from_millis(1) {
+            return err(format!(
+                "a TLS timeout of {:?} is below nats-server's resolution (1 ms)",
+                opts.tls_timeout
+            ));
+        }
         let nodes = (0..NODES)
-            .map(|i| start_node(&sb, &pki, i))
+            .map(|i| start_node(&sb, &pki, i, opts.tls_timeout))
             .collect::<Result<Vec<_>>>()?;
         let client = pki.client("agent");
         let agents = (0..opts.agents)
@@ -294,6 +365,13 @@ impl Fleet {
         self.node_mut(i)?.server.stop()
     }
 
+    /// Kills node `i` (SIGKILL: no goodbye; the kernel closes its sockets, so its clients
+    /// see their connections end at once); returns when it had exited.
+    pub fn kill_node(&mut self, i: usize) -> Result<Instant> {
+        self.node_mut(i)?.server.kill()?;
+        Ok(Instant::now())
+    }
+
     /// Starts node `i` again (same addresses and certificate); returns when it said it is
     /// ready.
     pub fn start_node(&mut self, i: usize) -> Result<Instant> {
@@ -334,6 +412,26 @@ impl Fleet {
             }
         }
         Ok(out)
+    }
+
+    /// `/varz` of every running node: `(node index, body)`.
+    pub fn varz(&self) -> Result<Vec<(usize, Value)>> {
+        let monitors: Vec<(usize, SocketAddr)> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.running())
+            .map(|(i, n)| (i, n.monitor))
+            .collect();
+        self.director()
+            .ns()
+            .try_run(Duration::from_secs(20), move || async move {
+                let mut out = Vec::new();
+                for (i, m) in monitors {
+                    out.push((i, http_get_json(m, "/varz").await?));
+                }
+                Ok::<_, Error>(out)
+            })
     }
 
     /// Which node each subscribed agent is on (by agent id).
@@ -450,7 +548,7 @@ impl Drop for Fleet {
     }
 }
 
-fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
+fn start_node(sb: &Sandbox, pki: &Pki, i: usize, tls_timeout: Duration) -> Result<Node> {
     let client = SocketAddr::from((node_ip(i, 77), 4222));
     let advertised = SocketAddr::from((node_ip(i, 78), 4222));
     let monitor = SocketAddr::from((node_ip(i, 77), 8222));
@@ -458,23 +556,24 @@ fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
         .filter(|j| *j != i)
         .map(|j| format!("\"nats-route://{}:6222\"", node_ip(j, 77)))
         .collect();
+    let label = format!("node{i}");
+    let dir = sb.dir().join(&label);
     // testkit's cluster block sets `no_advertise`; this one advertises (the point here).
-    let extra = format!(
+    let mut extra = format!(
         "client_advertise: \"{advertised}\"\n\
          http: \"{monitor}\"\n\
          cluster {{\n  name: \"bosh\"\n  listen: \"{}:6222\"\n  routes: [{}]\n}}\n",
         node_ip(i, 77),
         routes.join(", ")
     );
+    extra.push_str(&tls_override(&dir, tls_timeout));
     let config = NatsConfig {
         listen: client,
         cn: NATS_CN.to_string(),
         cluster: None,
         extra,
     };
-    let label = format!("node{i}");
     let place = sb.place("nats")?;
-    let dir = sb.dir().join(&label);
     let mut server = NatsServer::prepare(pki, &config, &dir, &label, &place)?;
     server.spawn()?;
     server.wait_ready(Duration::from_millis(5))?;
@@ -483,7 +582,24 @@ fn start_node(sb: &Sandbox, pki: &Pki, i: usize) -> Result<Node> {
         advertised,
         monitor,
         server,
+        dir,
     })
+}
+
+/// The `tls` block again, with `timeout` (seconds). testkit renders it with nats-server's
+/// default of 2 s; nats-server keeps the last value of a key, so this one, appended after,
+/// replaces it whole (hence the certificate files once more: the same as testkit's, in the
+/// node's directory). The authorization timeout is left unset: nats-server then makes it the
+/// TLS timeout plus 1 s (it counts from the accept, so it must cover the handshake); the
+/// fleet test reads both back from `/varz`.
+pub fn tls_override(dir: &Path, timeout: Duration) -> String {
+    format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: {}\n}}\n",
+        dir.join("server.pem").display(),
+        dir.join("server.key").display(),
+        dir.join("ca.pem").display(),
+        timeout.as_secs_f64(),
+    )
 }
 
 fn prepare_agent(
@@ -576,7 +692,12 @@ fn monit_exec(sb: &Sandbox, dir: &Path, netns: &Netns, id: &str) -> Result<Exec>
         port: 2822,
         user_file,
         run_dir: run_dir.clone(),
-        body: String::new(),
+        // monit keeps the last `set daemon`: this replaces testkit's 1 s cycle. Each cycle
+        // walks every process of the host in /proc (monit's process tree), and there are no
+        // checks here to cycle for: 200 monits each walking a thousand processes a second
+        // kept both cores busy in the kernel (load average 600) and starved the agents'
+        // TLS handshakes. The HTTP API (what the agent asks) answers between cycles.
+        body: "set daemon 600\n".to_string(),
     }
     .write(&control)?;
     let cg = sb.cgroup(&format!("{id}-monit"))?;
@@ -601,16 +722,30 @@ fn rand_u64() -> u64 {
 
 /// One veth per agent: created in the director's namespace with its peer (`eth0`) straight in
 /// the agent's, on the bridge; then the agent's side is addressed, routed and audited.
+///
+/// Neighbour entries are static on both sides (each agent knows the bridge's MAC for the
+/// gateway and the nodes, the director's side knows every agent's): the kernel's neighbour
+/// table is one for the whole host, every namespace's entries count against its
+/// `gc_thresh3` (1,024 by default), and 200 agents that each learn three nodes, plus the
+/// director's side learning 200 agents, come close to it (past `gc_thresh2`, 512, the kernel
+/// evicts entries every 5 s and ARP starts again mid-storm). Permanent entries do not count.
 fn link_agents(sb: &Sandbox, agents: &[FleetAgent]) -> Result<()> {
     let mut batch = String::new();
     for (i, a) in agents.iter().enumerate() {
         let _ = writeln!(
             batch,
-            "link add fv{i} type veth peer name eth0 netns {}",
+            "link add fv{i} type veth peer name eth0 address {} netns {}",
+            agent_mac(i),
             a.netns.file().display()
         );
         let _ = writeln!(batch, "link set fv{i} master br0");
         let _ = writeln!(batch, "link set fv{i} up");
+        let _ = writeln!(
+            batch,
+            "neigh replace {} lladdr {} dev br0 nud permanent",
+            a.ip,
+            agent_mac(i)
+        );
     }
     let path = sb.dir().join("veths.ip");
     write(&path, &batch)?;
@@ -621,12 +756,21 @@ fn link_agents(sb: &Sandbox, agents: &[FleetAgent]) -> Result<()> {
     )?;
     let audit = sb.dir().join("audit.nft");
     write(&audit, &audit_script())?;
+    let mut neighbours =
+        format!("neigh replace 10.77.0.1 lladdr {BRIDGE_MAC} dev eth0 nud permanent\n");
+    for n in 0..NODES {
+        let _ = writeln!(
+            neighbours,
+            "neigh replace {} lladdr {BRIDGE_MAC} dev eth0 nud permanent",
+            node_ip(n, 77)
+        );
+    }
     for a in agents {
         let path = a.netns.file().with_file_name("eth0.ip");
         write(
             &path,
             &format!(
-                "link set eth0 up\naddr add {}/16 dev eth0\nroute add default via 10.77.0.1\n",
+                "link set eth0 up\naddr add {}/16 dev eth0\nroute add default via 10.77.0.1\n{neighbours}",
                 a.ip
             ),
         )?;
@@ -666,4 +810,36 @@ async fn http_get_json(to: SocketAddr, path: &str) -> Result<Value> {
         .ok_or_else(|| Error(format!("{what}: no end of headers")))?;
     serde_json::from_slice(&buf[split + 4..])
         .map_err(|e| Error(format!("{what}: body is not JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_agent_has_its_own_address_and_mac() {
+        let macs: HashSet<String> = (0..MAX_AGENTS).map(agent_mac).collect();
+        assert_eq!(macs.len(), MAX_AGENTS);
+        assert!(!macs.contains(BRIDGE_MAC));
+        let ips: HashSet<Ipv4Addr> = (0..MAX_AGENTS).map(agent_ip).collect();
+        assert_eq!(ips.len(), MAX_AGENTS);
+        for n in 0..NODES {
+            assert!(!ips.contains(&node_ip(n, 77)));
+        }
+        assert_eq!(agent_mac(0), "02:77:01:00:00:00");
+        assert_eq!(agent_mac(0x1234), "02:77:01:00:12:34");
+    }
+
+    #[test]
+    fn the_tls_override_names_the_node_files_and_the_timeout() {
+        let t = tls_override(Path::new("/x/node0"), Duration::from_millis(7500));
+        assert!(t.starts_with("tls {\n"), "{t}");
+        assert!(t.contains("cert_file: \"/x/node0/server.pem\""), "{t}");
+        assert!(t.contains("key_file: \"/x/node0/server.key\""), "{t}");
+        assert!(t.contains("ca_file: \"/x/node0/ca.pem\""), "{t}");
+        assert!(t.contains("verify: true"), "{t}");
+        assert!(t.contains("timeout: 7.5\n"), "{t}");
+        assert!(t.ends_with("}\n"), "{t}");
+    }
 }

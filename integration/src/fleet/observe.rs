@@ -229,6 +229,31 @@ pub fn peak_and_mean(b: &[usize]) -> (usize, f64, f64) {
     (peak, mean, ratio)
 }
 
+/// Lines of `text` from byte `from` on that contain `needle`: what a log gained since its
+/// length was noted. The whole text counts when `from` is past its end or not on a char
+/// boundary (the log was rewritten meanwhile).
+pub fn count_since(text: &str, from: usize, needle: &str) -> usize {
+    text.get(from..)
+        .unwrap_or(text)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A bucket series as text, one line per bucket: its start in seconds, its count and a bar
+/// (one `#` per `per_mark` connects, rounded up, so a non-empty bucket always shows). Empty
+/// buckets after the last non-empty one are not in a series ([`buckets`] ends there).
+pub fn histogram(b: &[usize], width: Duration, per_mark: usize) -> String {
+    let per_mark = per_mark.max(1);
+    let mut out = String::new();
+    for (i, n) in b.iter().enumerate() {
+        let start = width.as_secs_f64() * i as f64;
+        let bar = "#".repeat(n.div_ceil(per_mark));
+        out.push_str(&format!("{start:6.1} s {n:4} {bar}\n"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,5 +400,29 @@ mod tests {
         assert!((ratio - 2.5).abs() < 1e-9);
         assert!(buckets(&[at(1, 0)], from, Duration::from_millis(100)).is_empty());
         assert_eq!(peak_and_mean(&[]), (0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn histograms_show_every_bucket_and_round_bars_up() {
+        let h = histogram(&[3, 0, 1], Duration::from_millis(100), 2);
+        assert_eq!(h, "   0.0 s    3 ##\n   0.1 s    0 \n   0.2 s    1 #\n");
+        assert_eq!(histogram(&[], Duration::from_millis(100), 1), "");
+        // A zero scale counts as one connect a mark.
+        assert_eq!(
+            histogram(&[2], Duration::from_secs(1), 0),
+            "   0.0 s    2 ##\n"
+        );
+    }
+
+    #[test]
+    fn counting_lines_since_an_offset() {
+        let log = "a dial failed\nok\nb dial failed\nc dial failed\n";
+        assert_eq!(count_since(log, 0, "dial failed"), 3);
+        let offset = log.find("ok").expect("ok");
+        assert_eq!(count_since(log, offset, "dial failed"), 2);
+        assert_eq!(count_since(log, log.len(), "dial failed"), 0);
+        // An offset past the end (the log was rotated or rewritten) counts the whole text.
+        assert_eq!(count_since(log, log.len() + 5, "dial failed"), 3);
+        assert_eq!(count_since("é dial failed", 1, "dial failed"), 1);
     }
 }
