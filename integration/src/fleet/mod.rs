@@ -388,23 +388,7 @@ impl Fleet {
 
     /// The agents' connections on every running node: `(node index, connection)`.
     pub fn connz(&self) -> Result<Vec<(usize, AgentConn)>> {
-        let monitors: Vec<(usize, SocketAddr)> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.running())
-            .map(|(i, n)| (i, n.monitor))
-            .collect();
-        let bodies = self
-            .director()
-            .ns()
-            .try_run(Duration::from_secs(20), move || async move {
-                let mut out = Vec::new();
-                for (i, m) in monitors {
-                    out.push((i, http_get_json(m, "/connz?subs=1&limit=100000").await?));
-                }
-                Ok::<_, Error>(out)
-            })?;
+        let bodies = self.monitor_get("/connz?subs=1&limit=100000")?;
         let mut out = Vec::new();
         for (i, v) in bodies {
             for c in observe::agent_conns(&v).map_err(Error)? {
@@ -416,6 +400,12 @@ impl Fleet {
 
     /// `/varz` of every running node: `(node index, body)`.
     pub fn varz(&self) -> Result<Vec<(usize, Value)>> {
+        self.monitor_get("/varz")
+    }
+
+    /// One monitoring-endpoint `path` of every running node, asked from the director's
+    /// namespace: `(node index, body)`.
+    fn monitor_get(&self, path: &'static str) -> Result<Vec<(usize, Value)>> {
         let monitors: Vec<(usize, SocketAddr)> = self
             .nodes
             .iter()
@@ -428,7 +418,7 @@ impl Fleet {
             .try_run(Duration::from_secs(20), move || async move {
                 let mut out = Vec::new();
                 for (i, m) in monitors {
-                    out.push((i, http_get_json(m, "/varz").await?));
+                    out.push((i, http_get_json(m, path).await?));
                 }
                 Ok::<_, Error>(out)
             })
