@@ -339,13 +339,18 @@ pub fn compile(w: &impl DirectorSim, version: &str, digest: fn(&[u8]) -> String)
 
 /// The director's apply spec for instance web/0 with `package` and a templates archive.
 pub fn apply_spec(package: &Value, archive: (&str, &str), config_hash: &str) -> Value {
+    apply_spec_with(json!({ "hello": package }), archive, config_hash)
+}
+
+/// [`apply_spec`] with `packages` (an object: name → `{name, version, sha1, blobstore_id}`).
+pub fn apply_spec_with(packages: Value, archive: (&str, &str), config_hash: &str) -> Value {
     json!({
         "deployment": "dep", "name": "web", "index": 0, "id": "a1b2-web-0", "az": "z1",
         "job": {"name": "web", "template": "web", "version": "1",
                 "templates": [{"name": "web", "version": "w1",
                                "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709",
                                "blobstore_id": "job-web-blob"}]},
-        "packages": {"hello": package},
+        "packages": packages,
         "networks": {"default": {"type": "manual", "ip": "10.0.0.9", "netmask": "255.255.255.0",
                                  "default": ["dns", "gateway"]}},
         "configuration_hash": config_hash,

@@ -193,9 +193,8 @@ fn no_connection_slips_through_and_none_is_refused_while_the_table_changes() {
         vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
     dns.point_all(DIRECTOR_NAME, &probed);
     let policies = variant(&json!({"Platform": {"Linux": {"Firewall": {}}}}), false);
-    let firewall: Value =
+    let mut fw: Value =
         serde_json::from_str::<Value>(&policies).unwrap()["Platform"]["Linux"]["Firewall"].clone();
-    let mut fw = firewall;
     fw["ReconcileIntervalSeconds"] = json!(1);
     let exec = agent_exec_with(
         &sb,

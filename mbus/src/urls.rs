@@ -209,6 +209,29 @@ pub fn redact(raw: &str) -> String {
     format!("{}{REDACTED}{}", &raw[..start], &raw[at..])
 }
 
+/// The URL's host: an IP literal or a validated name; the reason otherwise.
+fn host_of(url: &url::Url) -> Result<Host, String> {
+    match url.host() {
+        None => Err("no host".to_string()),
+        Some(url::Host::Ipv4(ip)) => Ok(Host::Ip(IpAddr::V4(ip))),
+        Some(url::Host::Ipv6(ip)) => Ok(Host::Ip(IpAddr::V6(ip))),
+        // Non-special schemes (nats, tls) keep the host opaque, so IPv4 literals arrive here as
+        // "domains".
+        Some(url::Host::Domain(d)) => match d.parse::<IpAddr>() {
+            Ok(ip) => Ok(Host::Ip(ip)),
+            Err(_) => validate_name(d).map(Host::Name),
+        },
+    }
+}
+
+/// A user, password or token of a URL, percent-decoded; the reason if it is not UTF-8.
+fn percent_decoded(s: &str, what: &str) -> Result<String, String> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| format!("{what} is not UTF-8 after percent-decoding"))
+}
+
 /// Parses one mbus URL. Leading/trailing whitespace and trailing `/` are ignored (nats.go
 /// trims them too). Errors name the (redacted) URL and the reason; this never panics.
 pub fn parse_mbus_url(raw: &str) -> Result<MbusUrl, UrlError> {
@@ -240,27 +263,13 @@ pub fn parse_mbus_url(raw: &str) -> Result<MbusUrl, UrlError> {
             "unexpected path, query or fragment after host:port",
         ));
     }
-    let host = match url.host() {
-        None => return Err(malformed("no host")),
-        Some(url::Host::Ipv4(ip)) => Host::Ip(IpAddr::V4(ip)),
-        Some(url::Host::Ipv6(ip)) => Host::Ip(IpAddr::V6(ip)),
-        // Non-special schemes keep the host opaque, so IPv4 literals arrive here as "domains".
-        Some(url::Host::Domain(d)) => match d.parse::<IpAddr>() {
-            Ok(ip) => Host::Ip(ip),
-            Err(_) => Host::Name(validate_name(d).map_err(|r| malformed(&r))?),
-        },
-    };
+    let host = host_of(&url).map_err(|r| malformed(&r))?;
     let port = match url.port() {
         None => DEFAULT_PORT,
         Some(0) => return Err(malformed("port 0")),
         Some(p) => p,
     };
-    let decode = |s: &str, what: &str| {
-        percent_decode_str(s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| malformed(&format!("{what} is not UTF-8 after percent-decoding")))
-    };
+    let decode = |s: &str, what: &str| percent_decoded(s, what).map_err(|r| malformed(&r));
     let credentials = match (url.username(), url.password()) {
         ("", None) => None,
         (user, Some(password)) => Some(Credentials::UserPassword {
@@ -299,23 +308,13 @@ pub fn parse_https_url(raw: &str) -> Result<HttpsUrl, UrlError> {
             "unexpected path, query or fragment after host:port",
         ));
     }
-    let host = match url.host() {
-        None => return Err(malformed("no host")),
-        Some(url::Host::Ipv4(ip)) => Host::Ip(IpAddr::V4(ip)),
-        Some(url::Host::Ipv6(ip)) => Host::Ip(IpAddr::V6(ip)),
-        Some(url::Host::Domain(d)) => Host::Name(validate_name(d).map_err(|r| malformed(&r))?),
-    };
+    let host = host_of(&url).map_err(|r| malformed(&r))?;
     let port = match url.port_or_known_default() {
         Some(0) => return Err(malformed("port 0")),
         Some(p) => p,
         None => return Err(malformed("no port")),
     };
-    let decode = |s: &str, what: &str| {
-        percent_decode_str(s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| malformed(&format!("{what} is not UTF-8 after percent-decoding")))
-    };
+    let decode = |s: &str, what: &str| percent_decoded(s, what).map_err(|r| malformed(&r));
     let user = decode(url.username(), "user")?;
     let password = decode(url.password().unwrap_or(""), "password")?;
     if user.is_empty() || password.is_empty() {

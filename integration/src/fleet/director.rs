@@ -27,6 +27,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A fresh reply subject prefix and the subscription to everything below it, flushed so that
+/// no reply can arrive before the server knows the subscription.
+async fn reply_inbox(client: &async_nats::Client) -> Result<(String, async_nats::Subscriber)> {
+    let prefix = fresh_subject(client, "director");
+    let replies = client
+        .subscribe(format!("{prefix}.*"))
+        .await
+        .map_err(nats_err)?;
+    client.flush().await.map_err(nats_err)?;
+    Ok((prefix, replies))
+}
+
 fn nats_err(e: impl std::fmt::Display) -> Error {
     Error(e.to_string())
 }
@@ -127,12 +139,7 @@ impl FleetDirector {
         let ids = ids.to_vec();
         self.ns
             .try_run(limit + Duration::from_secs(5), move || async move {
-                let prefix = fresh_subject(&client, "director");
-                let mut replies = client
-                    .subscribe(format!("{prefix}.*"))
-                    .await
-                    .map_err(nats_err)?;
-                client.flush().await.map_err(nats_err)?;
+                let (prefix, mut replies) = reply_inbox(&client).await?;
                 let mut sent: HashMap<String, Instant> = HashMap::new();
                 let mut answered: HashMap<String, Duration> = HashMap::new();
                 let deadline = tokio::time::Instant::now() + limit;
@@ -187,12 +194,7 @@ impl FleetDirector {
         let (done_tx, done) = std::sync::mpsc::channel();
         self.ns
             .try_run(Duration::from_secs(10), move || async move {
-                let prefix = fresh_subject(&client, "director");
-                let mut replies = client
-                    .subscribe(format!("{prefix}.*"))
-                    .await
-                    .map_err(nats_err)?;
-                client.flush().await.map_err(nats_err)?;
+                let (prefix, mut replies) = reply_inbox(&client).await?;
                 tokio::spawn(async move {
                     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
                     let mut res = LoadResult::default();

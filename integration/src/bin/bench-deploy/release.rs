@@ -177,18 +177,9 @@ pub(crate) fn apply_spec(blobs: &[Blob], archive: &(String, String), config_hash
             )
         })
         .collect();
-    json!({
-        "deployment": "bench", "name": "web", "index": 0, "id": "bench-web-0", "az": "z1",
-        "job": {"name": "web", "template": "web", "version": "1",
-                "templates": [{"name": "web", "version": "w1",
-                               "sha1": "da39a3ee5e6b4b0d3255bfef95601890afd80709",
-                               "blobstore_id": "job-web-blob"}]},
-        "packages": packages,
-        "networks": {"default": {"type": "manual", "ip": "10.0.0.9", "netmask": "255.255.255.0",
-                                 "default": ["dns", "gateway"]}},
-        "configuration_hash": config_hash,
-        "persistent_disk": 0,
-        "dns_domain_name": "bosh",
-        "rendered_templates_archive": {"blobstore_id": archive.0, "sha1": archive.1}
-    })
+    integration::sim::apply_spec_with(
+        Value::Object(packages),
+        (&archive.0, &archive.1),
+        config_hash,
+    )
 }
