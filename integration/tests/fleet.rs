@@ -2,8 +2,9 @@
 //! on, against a three-node nats-server cluster with mutual TLS whose nodes advertise
 //! addresses no agent's settings name (see `integration::fleet`). Correctness only, no
 //! timing: every agent subscribes and answers ping, heartbeats arrive, the agents are spread
-//! over the nodes, every agent of a killed node subscribes again on another, and no agent
-//! ever dials an address its table has no rule for. Needs root, nft, nats-server.
+//! over the nodes, every agent of a killed node subscribes again on another and goes back to
+//! it once it is up again, and no agent ever dials an address its table has no rule for.
+//! Needs root, nft, nats-server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +22,8 @@ fn a_fleet_on_a_three_node_cluster() {
     let step = |what: &str| eprintln!("fleet: {what} at {:.1} s", t0.elapsed().as_secs_f64());
     let mut fleet = Fleet::build(&FleetOptions {
         heartbeat_seconds: 1,
+        // Short, so that the return to a restarted node fits in the test.
+        return_home: Some("1000-3000".to_string()),
         ..FleetOptions::new(AGENTS, "fleet-test")
     })
     .unwrap_or_else(|e| panic!("building the fleet: {e}"));
@@ -127,6 +130,30 @@ fn a_fleet_on_a_three_node_cluster() {
     assert!(
         round.missing.is_empty(),
         "no pong after the failover from {:?}",
+        round.missing
+    );
+
+    // With every node up, each agent is on its own first node; once the killed node is back,
+    // its agents return to it (make-before-break: each is then subscribed once, there).
+    let homes = fleet.homes();
+    for (id, (n, _)) in &conns {
+        assert_eq!(homes[id], *n, "{id} did not start on its first node");
+    }
+    fleet.start_node(victim).unwrap_or_else(|e| panic!("{e}"));
+    let (_, back) = fleet
+        .wait_home(LIMIT, POLL)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for id in &moved {
+        assert_eq!(back[id].0, victim, "{id} is not back on its node");
+    }
+    step("returned home");
+    let round = fleet
+        .director()
+        .ping_all(&ids, LIMIT, Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        round.missing.is_empty(),
+        "no pong after the return from {:?}",
         round.missing
     );
 

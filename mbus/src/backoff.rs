@@ -92,6 +92,40 @@ impl Backoff {
     }
 }
 
+/// When a bus connected anywhere but its first endpoint (its "home", the first of
+/// [`crate::dial_order`]) goes back there. After a node of a cluster went away, its agents
+/// spread over the others; without a way back, the node returns empty, and after every node
+/// restarted the one ready first holds most of the fleet, so that losing it next moves most of
+/// the fleet at once. Each agent away from home waits a uniformly random delay in
+/// `[min, max]`, tries its home alone, and if it answers (and is one cluster with the current
+/// server) moves there make-before-break; otherwise it stays and tries again after another
+/// such delay. A fleet thus comes back to its spread within `max`, at a rate of about
+/// `agents ÷ (max − min)` a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReturnHome {
+    /// Shortest wait after connecting away from home (and between tries).
+    pub min: Duration,
+    /// Longest wait; the window is what spreads a fleet's moves.
+    pub max: Duration,
+}
+
+impl Default for ReturnHome {
+    /// 60–300 s: long past a node's restart, and 1,000 agents move at about 4 a second.
+    fn default() -> Self {
+        Self {
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ReturnHome {
+    /// One wait, uniform in `[min, max]` (`min` alone when `max` is not above it).
+    pub fn draw(&self) -> Duration {
+        self.min + uniform_up_to(self.max.saturating_sub(self.min))
+    }
+}
+
 /// A uniformly random duration in `[0, max]` (nanosecond steps).
 fn uniform_up_to(max: Duration) -> Duration {
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
@@ -168,5 +202,28 @@ mod tests {
         b.next_delay();
         b.connection_ended(p.stable_after);
         assert_eq!(b.next_delay(), Duration::ZERO);
+    }
+
+    #[test]
+    fn return_home_waits_fill_their_window() {
+        let w = ReturnHome {
+            min: Duration::from_millis(1000),
+            max: Duration::from_millis(1500),
+        };
+        let mut buckets = [0u32; 10];
+        for _ in 0..2000 {
+            let d = w.draw();
+            assert!(d >= w.min && d <= w.max, "{d:?}");
+            buckets[((d.as_millis() - 1000) / 50).min(9) as usize] += 1;
+        }
+        assert!(buckets.iter().all(|&n| n > 100 && n < 320), "{buckets:?}");
+        // A degenerate window is its minimum, never below it nor a panic.
+        let flat = ReturnHome {
+            min: Duration::from_secs(2),
+            max: Duration::from_secs(1),
+        };
+        assert_eq!(flat.draw(), Duration::from_secs(2));
+        let d = ReturnHome::default();
+        assert!(d.min >= Duration::from_secs(30) && d.max > d.min);
     }
 }

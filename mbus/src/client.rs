@@ -12,6 +12,10 @@
 //! made by a normal attempt (resolution, hook, dials, confirmed subscription) while the old one
 //! keeps serving; only then does the new one take over, and the old one is drained into
 //! [`Requests`] before it is dropped.
+//!
+//! The same make-before-break move takes an agent back to its first endpoint ("home", see
+//! [`crate::ReturnHome`]) when a failover or a full restart of a cluster left it elsewhere, so a
+//! fleet regains its spread over the nodes and no node is left holding most of it.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,7 +27,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::backoff::{Backoff, BackoffPolicy};
+use crate::backoff::{Backoff, BackoffPolicy, ReturnHome};
 use crate::hook::{BeforeConnect, ConnectPlan};
 use crate::order::dial_order;
 use crate::resolve::{Candidate, FreshResolver, ResolverSource};
@@ -52,6 +56,9 @@ pub struct BusOptions {
     pub max_dials_per_attempt: usize,
     /// Requests buffered for the agent before the bus stops reading from NATS. Default 256.
     pub request_capacity: usize,
+    /// Going back to this agent's first endpoint after connecting elsewhere (default
+    /// [`ReturnHome::default`]); `None` stays wherever the last attempt landed, as upstream.
+    pub return_home: Option<ReturnHome>,
 }
 
 impl Default for BusOptions {
@@ -64,6 +71,7 @@ impl Default for BusOptions {
             hook_timeout: Duration::from_secs(30),
             max_dials_per_attempt: 8,
             request_capacity: 256,
+            return_home: Some(ReturnHome::default()),
         }
     }
 }
@@ -462,12 +470,15 @@ enum Served {
     Switched(Box<Switch>),
 }
 
-/// A session made for a newer [`Destination`], ready to take over.
+/// A session made for a newer [`Destination`], or to this agent's first endpoint, ready to
+/// take over.
 struct Switch {
     session: session::Session,
     candidate: Candidate,
     target: Arc<Destination>,
     cursor: usize,
+    /// Made by [`Supervisor::return_home`] (same configuration), not by a reconfiguration.
+    home: bool,
 }
 
 impl Supervisor {
@@ -515,6 +526,7 @@ impl Supervisor {
                     .serve(
                         &mut session,
                         &target,
+                        candidate.addr,
                         &mut config,
                         &mut resolver,
                         &mut receiver_gone,
@@ -532,10 +544,16 @@ impl Supervisor {
                             server: new_server.clone(),
                             endpoint: switch.candidate.addr,
                         });
-                        self.shared.stats.switches.fetch_add(1, Ordering::Relaxed);
+                        let counter = if switch.home {
+                            &self.shared.stats.returns_home
+                        } else {
+                            &self.shared.stats.switches
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(old = %server, old_endpoint = %candidate.addr,
                             new = %new_server, new_endpoint = %switch.candidate.addr,
-                            "mbus switched to the new configuration; draining the old session");
+                            home = switch.home,
+                            "mbus switched; draining the old session");
                         let forwarded = old
                             .retire(
                                 self.options.connection_timeout,
@@ -591,13 +609,15 @@ impl Supervisor {
         self.dial_any(target, &resolution.candidates, cursor).await
     }
 
-    /// Serves `session` until its connection ends, or until a configuration different from
-    /// `current` has produced a subscribed session (returned, not yet serving). While a
-    /// message is being forwarded the switch attempt is not polled, so it only waits.
+    /// Serves `session` (connected to `at`) until its connection ends, or until a
+    /// configuration different from `current` — or this agent's first endpoint — has produced
+    /// a subscribed session (returned, not yet serving). While a message is being forwarded
+    /// the switch attempts are not polled, so they only wait.
     async fn serve(
         &self,
         session: &mut session::Session,
-        current: &Destination,
+        current: &Arc<Destination>,
+        at: std::net::SocketAddr,
         config: &mut watch::Receiver<Arc<Destination>>,
         resolver: &mut FreshResolver,
         receiver_gone: &mut bool,
@@ -605,6 +625,8 @@ impl Supervisor {
         let old = session.client.clone();
         let switch = self.switch_when_reconfigured(current, &old, config, resolver);
         tokio::pin!(switch);
+        let home = self.return_home(current, at, &old);
+        tokio::pin!(home);
         loop {
             tokio::select! {
                 biased;
@@ -614,7 +636,92 @@ impl Supervisor {
                     Step::Idle => {}
                 },
                 switched = &mut switch => return Served::Switched(Box::new(switched)),
+                switched = &mut home => return Served::Switched(Box::new(switched)),
             }
+        }
+    }
+
+    /// While the session at `at` is not on this agent's first endpoint (the first of
+    /// [`dial_order`] over a fresh resolution of `current`), waits a random delay of the
+    /// [`BusOptions::return_home`] window, then makes one attempt to that endpoint alone (a
+    /// fresh resolution, the before-connect hook, one dial): a subscribed session there that a
+    /// request published on the old server reaches ([`session::reachable_from`]) is returned.
+    /// A failed dial is counted and tried again after another delay. Never returns when the
+    /// option is off, when the session is already home, or when the home server is not one
+    /// cluster with the current one (moving could cut the agent off from its director).
+    async fn return_home(
+        &self,
+        current: &Arc<Destination>,
+        at: std::net::SocketAddr,
+        old: &async_nats::Client,
+    ) -> Switch {
+        let Some(window) = self.options.return_home else {
+            return std::future::pending().await;
+        };
+        // Its own resolver: the reconfiguration switch holds the supervisor's meanwhile.
+        let mut resolver = FreshResolver::new(self.options.resolver.clone());
+        let stats = &self.shared.stats;
+        loop {
+            tokio::time::sleep(window.draw()).await;
+            let resolution = resolver.resolve(&current.servers).await;
+            let addrs: Vec<std::net::SocketAddr> =
+                resolution.candidates.iter().map(|c| c.addr).collect();
+            let order = dial_order(
+                &self.shared.agent_id,
+                &addrs,
+                self.options.max_dials_per_attempt,
+            );
+            let Some(home) = order.first().map(|&i| resolution.candidates[i]) else {
+                continue;
+            };
+            if home.addr == at {
+                return std::future::pending().await;
+            }
+            let attempt = stats.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            stats
+                .resolve_failures
+                .fetch_add(resolution.failed.len() as u64, Ordering::Relaxed);
+            let plan = ConnectPlan {
+                attempt,
+                endpoints: resolution.endpoints(),
+                failed: resolution.failed.clone(),
+            };
+            self.call_hook(&plan).await;
+            let server = &current.servers[home.server];
+            let opts = SessionOptions {
+                tls: &current.tls,
+                connection_timeout: self.options.connection_timeout,
+                ping_interval: self.options.ping_interval,
+                subject: &self.subject,
+            };
+            stats.dials.fetch_add(1, Ordering::Relaxed);
+            let session = match session::open(home.addr, server, &opts).await {
+                Ok(session) => session,
+                Err(e) => {
+                    stats.return_home_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(error = %format!("{server} via {}: {e}", home.addr),
+                        current = %at, "mbus first endpoint not reachable yet; staying");
+                    continue;
+                }
+            };
+            stats.connects.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) =
+                session::reachable_from(old, &session.client, self.options.connection_timeout).await
+            {
+                stats.return_home_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, home = %home.addr, current = %at,
+                    "the first mbus endpoint is not one cluster with the current one; \
+                    staying where requests are known to arrive");
+                drop(session);
+                return std::future::pending().await;
+            }
+            return Switch {
+                session,
+                candidate: home,
+                target: current.clone(),
+                cursor: 0,
+                home: true,
+            };
         }
     }
 
@@ -666,6 +773,7 @@ impl Supervisor {
                     candidate,
                     target,
                     cursor,
+                    home: false,
                 };
             }
             let stats = &self.shared.stats;

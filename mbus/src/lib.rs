@@ -31,7 +31,7 @@ mod status;
 pub mod tls;
 mod urls;
 
-pub use backoff::BackoffPolicy;
+pub use backoff::{BackoffPolicy, ReturnHome};
 pub use client::{
     Bus, BusOptions, ConnectError, MAX_AGENT_ID_LEN, MAX_CONTROL_LINE, MAX_SUBJECT_LEN,
     PublishError, Requests, Target, Topic, check_subject_len, subject_for,

@@ -39,6 +39,8 @@ pub struct BusStats {
     pub(crate) resolve_failures: AtomicU64,
     pub(crate) switches: AtomicU64,
     pub(crate) switch_failures: AtomicU64,
+    pub(crate) returns_home: AtomicU64,
+    pub(crate) return_home_failures: AtomicU64,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) last_hook_error: Mutex<Option<String>>,
 }
@@ -62,6 +64,10 @@ pub struct BusStatsSnapshot {
     pub switches: u64,
     /// Attempts to reach reconfigured servers that failed while the old session kept serving.
     pub switch_failures: u64,
+    /// Moves back to this agent's first endpoint ([`crate::ReturnHome`]).
+    pub returns_home: u64,
+    /// Tries to reach the first endpoint that failed while the current session kept serving.
+    pub return_home_failures: u64,
     /// The most recent connection error (names the URL, redacted, and the endpoint).
     pub last_error: Option<String>,
     /// The most recent hook error.
@@ -98,6 +104,14 @@ impl BusStats {
     pub fn switch_failures(&self) -> u64 {
         self.switch_failures.load(Ordering::Relaxed)
     }
+    /// Moves back to the first endpoint ([`crate::ReturnHome`]).
+    pub fn returns_home(&self) -> u64 {
+        self.returns_home.load(Ordering::Relaxed)
+    }
+    /// Failed tries to reach the first endpoint while away from it.
+    pub fn return_home_failures(&self) -> u64 {
+        self.return_home_failures.load(Ordering::Relaxed)
+    }
     /// The most recent connection error, if any.
     pub fn last_error(&self) -> Option<String> {
         read(&self.last_error)
@@ -117,6 +131,8 @@ impl BusStats {
             resolve_failures: self.resolve_failures.load(Ordering::Relaxed),
             switches: self.switches(),
             switch_failures: self.switch_failures(),
+            returns_home: self.returns_home(),
+            return_home_failures: self.return_home_failures(),
             last_error: self.last_error(),
             last_hook_error: self.last_hook_error(),
         }

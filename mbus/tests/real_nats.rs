@@ -490,6 +490,83 @@ async fn wait_routed(from: &async_nats::Client, to: &async_nats::Client) {
     .await;
 }
 
+/// Pings the agent through `director` every 3 ms, each ping with its own reply subject; after
+/// 30 answers calls `trigger`, then keeps pinging until `switching` has completed and 100 more
+/// answers came. Then checks that every ping was answered exactly once: late duplicates would
+/// cross `late` (the other servers' directors) within a round trip. Returns the pings sent.
+async fn every_ping_answered_once(
+    director: &async_nats::Client,
+    late: &[&async_nats::Client],
+    trigger: impl FnOnce(),
+    switching: impl Future<Output = Duration>,
+) -> usize {
+    let mut replies = director.subscribe("director.pings.>").await.unwrap();
+    server_round_trip(director).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let (d, stop) = (director.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let body = json!({"method": "ping", "arguments": [],
+                    "reply_to": format!("director.pings.{sent}"), "protocol": 3});
+                d.publish(format!("agent.{AGENT_ID}"), body.to_string().into())
+                    .await
+                    .unwrap();
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            d.flush().await.unwrap();
+            sent
+        })
+    };
+    let mut answers: std::collections::HashMap<String, usize> = Default::default();
+    let mut next_answer = async |answers: &mut std::collections::HashMap<String, usize>| {
+        let msg = within(Duration::from_secs(10), "a ping answer", replies.next())
+            .await
+            .unwrap();
+        assert_eq!(&msg.payload[..], br#"{"value":"pong"}"#);
+        *answers.entry(msg.subject.to_string()).or_default() += 1;
+    };
+    while answers.len() < 30 {
+        next_answer(&mut answers).await;
+    }
+    trigger();
+    tokio::pin!(switching);
+    let mut switched = false;
+    let mut after_switch = 0;
+    while after_switch < 100 {
+        tokio::select! {
+            _ = &mut switching, if !switched => switched = true,
+            () = next_answer(&mut answers) => if switched { after_switch += 1 },
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = within(Duration::from_secs(10), "the pinger", pinger)
+        .await
+        .unwrap();
+    while answers.values().sum::<usize>() < sent {
+        next_answer(&mut answers).await;
+    }
+    server_round_trip(director).await;
+    for other in late {
+        server_round_trip(other).await;
+    }
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), replies.next()).await
+    {
+        *answers.entry(msg.subject.to_string()).or_default() += 1;
+    }
+    for i in 0..sent {
+        assert_eq!(
+            answers.get(&format!("director.pings.{i}")).copied(),
+            Some(1),
+            "ping {i} of {sent} must be answered exactly once"
+        );
+    }
+    assert_eq!(answers.len(), sent);
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     let pki = pki();
@@ -564,72 +641,13 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
 
     // A director on A pings continuously, each ping with its own reply subject, while the bus
     // switches to B.
-    let mut replies = director_a.subscribe("director.pings.>").await.unwrap();
-    server_round_trip(&director_a).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let pinger = {
-        let (d, stop) = (director_a.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut sent = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                let body = json!({"method": "ping", "arguments": [],
-                    "reply_to": format!("director.pings.{sent}"), "protocol": 3});
-                d.publish(format!("agent.{AGENT_ID}"), body.to_string().into())
-                    .await
-                    .unwrap();
-                sent += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            d.flush().await.unwrap();
-            sent
-        })
-    };
-    let mut answers: std::collections::HashMap<String, usize> = Default::default();
-    let mut next_answer = async |answers: &mut std::collections::HashMap<String, usize>| {
-        let msg = within(Duration::from_secs(10), "a ping answer", replies.next())
-            .await
-            .unwrap();
-        assert_eq!(&msg.payload[..], br#"{"value":"pong"}"#);
-        *answers.entry(msg.subject.to_string()).or_default() += 1;
-    };
-    while answers.len() < 30 {
-        next_answer(&mut answers).await;
-    }
-    assert!(bus.reconfigure(&config_b).unwrap());
-    let switching = async {
-        wait_connected_to(&bus, server_b.addr(), Duration::from_secs(15)).await;
-    };
-    tokio::pin!(switching);
-    let mut switched = false;
-    let mut after_switch = 0;
-    while after_switch < 100 {
-        tokio::select! {
-            () = &mut switching, if !switched => switched = true,
-            () = next_answer(&mut answers) => if switched { after_switch += 1 },
-        }
-    }
-    stop.store(true, Ordering::SeqCst);
-    let sent = within(Duration::from_secs(10), "the pinger", pinger)
-        .await
-        .unwrap();
-    while answers.values().sum::<usize>() < sent {
-        next_answer(&mut answers).await;
-    }
-    // Late duplicates would show up within a round trip through both servers.
-    server_round_trip(&director_a).await;
-    server_round_trip(&director_b).await;
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(300), replies.next()).await
-    {
-        *answers.entry(msg.subject.to_string()).or_default() += 1;
-    }
-    for i in 0..sent {
-        assert_eq!(
-            answers.get(&format!("director.pings.{i}")).copied(),
-            Some(1),
-            "ping {i} of {sent} must be answered exactly once"
-        );
-    }
-    assert_eq!(answers.len(), sent);
+    every_ping_answered_once(
+        &director_a,
+        &[&director_b],
+        || assert!(bus.reconfigure(&config_b).unwrap()),
+        wait_connected_to(&bus, server_b.addr(), Duration::from_secs(15)),
+    )
+    .await;
     let snapshot = stats.snapshot();
     assert_eq!(
         (snapshot.connects, snapshot.switches),
@@ -644,5 +662,87 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
         matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == server_b.addr())
     );
     assert!(!bus.reconfigure(&config_b).unwrap());
+    bus.shutdown().await;
+}
+
+/// Two clustered nodes and an agent that lists both. Its first endpoint in its own dial order
+/// ("home") is down at start, so it connects to the other; while home stays down every try
+/// fails and the session keeps serving. Once home is up the bus moves there
+/// make-before-break: every ping sent during the move is answered exactly once, no connection
+/// is lost, and it then stays home (no further tries).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_to_its_first_endpoint_make_before_break() {
+    let pki = pki();
+    let (ip_a, ip_b) = (lo(1), lo(2));
+    let port = free_port(&[ip_a, ip_b]);
+    let route_port = loop {
+        let p = free_port(&[ip_a, ip_b]);
+        if p != port {
+            break p;
+        }
+    };
+    let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
+    let first = mbus::dial_order(AGENT_ID, &[a, b], 8)[0];
+    let (home, away) = if first == 0 { (a, b) } else { (b, a) };
+    let route = |addr: SocketAddr| SocketAddr::new(addr.ip(), route_port);
+    let away_server = nats_clustered(&pki, NATS_NAME, away, route(away), &[route(home)]);
+    let config = config(
+        &pki,
+        &[
+            url_for(&ip_a.to_string(), port),
+            url_for(&ip_b.to_string(), port),
+        ],
+    );
+    let window = mbus::ReturnHome {
+        min: Duration::from_millis(1500),
+        max: Duration::from_millis(2000),
+    };
+    let options = BusOptions {
+        return_home: Some(window),
+        ..options(None)
+    };
+    let (bus, requests) = Bus::connect(&config, Arc::new(mbus::NoHook), options).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, away, Duration::from_secs(10)).await;
+    let stats = bus.stats();
+    wait_until(Duration::from_secs(10), "a failed try of home", || {
+        stats.return_home_failures() >= 1
+    })
+    .await;
+    let director_away = director(&pki, away).await;
+    ping_agent(&director_away).await;
+    assert!(matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == away));
+    assert_eq!((stats.connects(), stats.returns_home()), (1, 0));
+
+    let home_server = nats_clustered(&pki, NATS_NAME, home, route(home), &[route(away)]);
+    let director_home = director(&pki, home).await;
+    wait_routed(&director_away, &director_home).await;
+    wait_routed(&director_home, &director_away).await;
+    every_ping_answered_once(
+        &director_away,
+        &[&director_home],
+        || {},
+        wait_connected_to(&bus, home, Duration::from_secs(15)),
+    )
+    .await;
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (snapshot.connects, snapshot.returns_home, snapshot.switches),
+        (2, 1, 0),
+        "{snapshot:?}"
+    );
+    // Home now: no further tries however long it runs (two windows here).
+    let failures = stats.return_home_failures();
+    let attempts = stats.attempts();
+    tokio::time::sleep(window.max * 2).await;
+    assert_eq!(
+        (stats.return_home_failures(), stats.attempts()),
+        (failures, attempts)
+    );
+    // The other node can go away: nothing happens to the agent.
+    drop(away_server);
+    ping_agent(&director_home).await;
+    assert_eq!(stats.connects(), 2);
+    drop(home_server);
     bus.shutdown().await;
 }

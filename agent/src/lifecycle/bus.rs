@@ -113,10 +113,74 @@ pub fn backoff_policy(cap_ms: Option<&str>) -> mbus::BackoffPolicy {
     }
 }
 
+/// The return-home window ([`mbus::ReturnHome`]): the default (60–300 s) unless `value`, the
+/// value of `BOSH_AGENT_MBUS_RETURN_HOME_MS`, is `off` (stay wherever the last attempt
+/// landed, as upstream) or `MIN-MAX` in whole milliseconds, 100 ≤ MIN ≤ MAX ≤ 3,600,000
+/// (benchmarks and tests use seconds). Anything else is warned about and ignored.
+pub fn return_home(value: Option<&str>) -> Option<mbus::ReturnHome> {
+    let default = Some(mbus::ReturnHome::default());
+    let Some(raw) = value.map(str::trim) else {
+        return default;
+    };
+    if raw.eq_ignore_ascii_case("off") {
+        return None;
+    }
+    let parsed = raw.split_once('-').and_then(|(lo, hi)| {
+        let (lo, hi) = (
+            lo.trim().parse::<u64>().ok()?,
+            hi.trim().parse::<u64>().ok()?,
+        );
+        (100 <= lo && lo <= hi && hi <= 3_600_000).then(|| mbus::ReturnHome {
+            min: std::time::Duration::from_millis(lo),
+            max: std::time::Duration::from_millis(hi),
+        })
+    });
+    if parsed.is_none() {
+        tracing::warn!(
+            value = raw,
+            "BOSH_AGENT_MBUS_RETURN_HOME_MS is neither `off` nor \
+            MIN-MAX milliseconds (100 to 3600000); using the default"
+        );
+    }
+    parsed.or(default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_return_home_window_is_taken_in_range_only() {
+        let d = Some(mbus::ReturnHome::default());
+        assert_eq!(return_home(None), d);
+        assert_eq!(return_home(Some("off")), None);
+        assert_eq!(return_home(Some(" OFF ")), None);
+        assert_eq!(
+            return_home(Some("2000-8000")),
+            Some(mbus::ReturnHome {
+                min: Duration::from_secs(2),
+                max: Duration::from_secs(8),
+            })
+        );
+        assert_eq!(
+            return_home(Some("100-100")).map(|w| w.max),
+            Some(Duration::from_millis(100))
+        );
+        for bad in [
+            "",
+            "5",
+            "99-200",
+            "300-200",
+            "1-3600001",
+            "a-b",
+            "-",
+            "1000-",
+            "1.5-2",
+        ] {
+            assert_eq!(return_home(Some(bad)), d, "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_backoff_cap_is_taken_in_range_only() {

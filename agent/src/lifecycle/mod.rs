@@ -271,6 +271,11 @@ impl App {
                         .ok()
                         .as_deref(),
                 ),
+                return_home: bus::return_home(
+                    std::env::var("BOSH_AGENT_MBUS_RETURN_HOME_MS")
+                        .ok()
+                        .as_deref(),
+                ),
                 ..BusOptions::default()
             };
             match Bus::connect(&plan.cfg, hook, options) {

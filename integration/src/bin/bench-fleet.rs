@@ -11,6 +11,9 @@
 //!    director ping latency p50/p99 during the storm, failed dials and the nodes' TLS
 //!    handshake errors meanwhile;
 //! 4. all three nodes restarted (SIGTERM each, then each started again): the same;
+//!    after the killed node is back, and after the restart, the return of every agent to its
+//!    first node (`mbus::ReturnHome`): how long until all are home, the moves per 100 ms, and
+//!    the pings lost meanwhile (a move is make-before-break: none should be);
 //! 5. the audit: every (address, port) an agent's SYN left its namespace for, against the
 //!    endpoints its table guards;
 //! 6. memory: every agent's, monit's and node's RSS, and the file descriptors they hold.
@@ -27,6 +30,9 @@
 //! - `FLEET_ROUNDS` (1: how many times steps 3 and 4 run on the same fleet);
 //! - `FLEET_HEARTBEAT_SECONDS` (2), `FLEET_PING_EVERY_MS` (5: the storm's ping load,
 //!   round-robin over the agents);
+//! - `FLEET_RETURN_HOME_MS` (`5000-15000`: the agents' return-home window, shorter than the
+//!   agent's default of 60–300 s so that a round takes seconds; `off` keeps them where the
+//!   storm put them, and then the next kill moves whatever the last restart piled on a node);
 //! - `FLEET_SHOW_SLOWEST=1` (the log of the last agent back after each storm, on stderr).
 //!
 //! Needs root, nft, nats-server, monit and the binaries next to this one (`cargo build -p
@@ -79,6 +85,8 @@ struct Knobs {
     rounds: usize,
     heartbeat: u64,
     ping_every: Duration,
+    /// `None` when off.
+    return_home: Option<String>,
 }
 
 fn knobs() -> Res<Knobs> {
@@ -95,6 +103,11 @@ fn knobs() -> Res<Knobs> {
         rounds: env_num("FLEET_ROUNDS", 1usize)?.max(1),
         heartbeat: env_num("FLEET_HEARTBEAT_SECONDS", 2u64)?.max(1),
         ping_every: Duration::from_millis(env_num("FLEET_PING_EVERY_MS", 5u64)?.max(1)),
+        return_home: match std::env::var("FLEET_RETURN_HOME_MS") {
+            Ok(v) if v.trim().eq_ignore_ascii_case("off") => None,
+            Ok(v) => Some(v.trim().to_string()),
+            Err(_) => Some("5000-15000".to_string()),
+        },
     })
 }
 
@@ -254,6 +267,108 @@ fn settle(
     Ok(s)
 }
 
+/// What one return to the first nodes measured.
+struct Homecoming {
+    name: String,
+    /// Agents whose home connection was accepted after the return began.
+    moved: usize,
+    /// Agents not home within the limit.
+    away: usize,
+    all_home: Duration,
+    buckets: Vec<usize>,
+    load: LoadResult,
+    per_node: [usize; NODES],
+    failed_dials: usize,
+    tls_errors: usize,
+    loadavg: String,
+}
+
+/// Waits until every agent is subscribed once, on its first node; counts the moves (home
+/// connections accepted after `since`) in buckets from `since`.
+fn homecoming(
+    fleet: &mut Fleet,
+    name: String,
+    since: SystemTime,
+    t_from: Instant,
+    ping: PingLoad,
+    m: &Marks,
+    limit: Duration,
+) -> Res<Homecoming> {
+    let (seen, placed, away) = match fleet.wait_home(limit, POLL) {
+        Ok((seen, placed)) => (seen, placed, 0),
+        Err(e) => {
+            let line = e.to_string();
+            eprintln!("bench-fleet: {}", line.lines().next().unwrap_or(""));
+            let homes = fleet.homes();
+            let placed: integration::fleet::Placements = fleet
+                .connz()?
+                .into_iter()
+                .map(|(n, c)| (c.agent_id.clone(), (n, c)))
+                .collect();
+            let away = homes
+                .iter()
+                .filter(|(id, h)| placed.get(*id).map(|(n, _)| n) != Some(*h))
+                .count();
+            (Instant::now(), placed, away)
+        }
+    };
+    let loadavg = load();
+    let starts: Vec<SystemTime> = placed
+        .values()
+        .filter(|(_, c)| c.start >= since)
+        .map(|(_, c)| c.start)
+        .collect();
+    let mut per_node = [0usize; NODES];
+    for (n, _) in placed.values() {
+        per_node[*n] += 1;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let load = ping.finish(Duration::from_millis(500))?;
+    let (failed_dials, tls_errors) = failures_since(fleet, m);
+    let h = Homecoming {
+        name,
+        moved: starts.len(),
+        away,
+        all_home: seen.saturating_duration_since(t_from),
+        buckets: buckets(&starts, since, BUCKET),
+        load,
+        per_node,
+        failed_dials,
+        tls_errors,
+        loadavg,
+    };
+    eprintln!(
+        "bench-fleet: {}: {} agents moved home in {:.1} s, {:?} per node (load {})",
+        h.name,
+        h.moved,
+        h.all_home.as_secs_f64(),
+        h.per_node,
+        h.loadavg
+    );
+    Ok(h)
+}
+
+fn homecoming_row(h: &Homecoming) {
+    let (peak, mean, ratio) = peak_and_mean(&h.buckets);
+    let all_home = if h.away == 0 {
+        format!("{:.1} s", h.all_home.as_secs_f64())
+    } else {
+        format!("{} still away", h.away)
+    };
+    println!(
+        "| {} | {} | {all_home} | {peak} / {mean:.2} | {ratio:.2} | {:?} | {} | {} lost of {} | {} / {} | {} |",
+        h.name,
+        h.moved,
+        h.per_node,
+        p50_p99(&h.load.latencies),
+        h.load.lost,
+        h.load.sent,
+        h.failed_dials,
+        h.tls_errors,
+        h.loadavg
+    );
+}
+
 fn storm_row(s: &Storm) {
     let (peak, mean, ratio) = peak_and_mean(&s.buckets);
     let all_seen = if s.missing == 0 {
@@ -364,6 +479,7 @@ fn run() -> Res<()> {
         heartbeat_seconds: k.heartbeat,
         name: "bench-fleet".into(),
         tls_timeout: k.tls_timeout,
+        return_home: Some(k.return_home.clone().unwrap_or_else(|| "off".into())),
     })?;
     register(fleet.sandbox());
     for a in fleet.agents() {
@@ -439,6 +555,14 @@ fn run() -> Res<()> {
     let load_steady = load();
 
     let mut storms: Vec<Storm> = Vec::new();
+    let mut returns: Vec<Homecoming> = Vec::new();
+    // Long enough for a whole window after the last node is ready, and the handshakes.
+    let home_limit = STORM_LIMIT
+        + k.return_home
+            .as_deref()
+            .and_then(|w| w.split_once('-'))
+            .and_then(|(_, hi)| hi.trim().parse::<u64>().ok())
+            .map_or(Duration::ZERO, Duration::from_millis);
     let mut restart_times: Vec<(Duration, Duration)> = Vec::new();
     for r in 1..=k.rounds {
         // 3. One node killed: the one with the most agents (the director's stays up).
@@ -468,9 +592,21 @@ fn run() -> Res<()> {
             &mut fleet, name, &moved, kill_wall, kill_wall, kill, ping, &m,
         )?);
 
-        // 4. All three restarted (the killed one first comes back, and connections age past
-        // the backoff's stable_after).
+        // The killed node comes back; its agents return to it.
+        let m = marks(&fleet);
+        let ping = fleet.director().ping_load(&ids, k.ping_every)?;
+        let back_wall = SystemTime::now();
+        let back = Instant::now();
         fleet.start_node(victim)?;
+        if k.return_home.is_some() {
+            let name = format!("round {r}: node {victim} back");
+            returns.push(homecoming(
+                &mut fleet, name, back_wall, back, ping, &m, home_limit,
+            )?);
+        } else {
+            ping.finish(Duration::from_millis(500))?;
+        }
+        // 4. All three restarted (connections age past the backoff's stable_after first).
         std::thread::sleep(Duration::from_secs(3));
         eprintln!(
             "bench-fleet: round {r}: restarting all {NODES} nodes (load {})",
@@ -496,6 +632,21 @@ fn run() -> Res<()> {
         storms.push(settle(
             &mut fleet, name, &ids, down_wall, up_wall, up, ping, &m,
         )?);
+        if k.return_home.is_some() {
+            let m = marks(&fleet);
+            let ping = fleet.director().ping_load(&ids, k.ping_every)?;
+            let name = format!("round {r}: after the restart");
+            // Moves are counted from here: the storm's own reconnects are not moves.
+            returns.push(homecoming(
+                &mut fleet,
+                name,
+                SystemTime::now(),
+                up,
+                ping,
+                &m,
+                home_limit,
+            )?);
+        }
         // Connections age past stable_after before the next round.
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -639,6 +790,28 @@ fn run() -> Res<()> {
         storm_row(s);
     }
     println!();
+    match &k.return_home {
+        Some(window) => {
+            println!(
+                "\n## Back to the first nodes\n\nEach agent away from its first node (`mbus::dial_order`) tries it after a \
+                 random wait in {window} ms and moves there make-before-break. Moves are the home connections accepted \
+                 after the node came back (or after the restart's storm settled), in {} ms buckets from then; \
+                 \"all home after\" counts from the node's start (or the first restart) until every agent was seen \
+                 subscribed once, on its first node. Pings are sent throughout, as in \
+                 the storms.\n",
+                BUCKET.as_millis()
+            );
+            println!(
+                "| after | moves | all home after | peak / mean per 100 ms | peak ÷ mean | agents per node then | director ping p50 / p99 | pings | failed dials / TLS errors | load after |"
+            );
+            println!("|---|---|---|---|---|---|---|---|---|---|");
+            for h in &returns {
+                homecoming_row(h);
+            }
+            println!();
+        }
+        None => println!("Return home off (`FLEET_RETURN_HOME_MS=off`).\n"),
+    }
     for (r, (down, up)) in restart_times.iter().enumerate() {
         println!(
             "Round {}: all {NODES} stopped in {:.0} ms, then started (all ready) in {:.0} ms.",

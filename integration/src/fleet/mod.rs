@@ -74,6 +74,9 @@ pub struct FleetOptions {
     /// nats-server's TLS handshake timeout on every node (its authorization timeout follows:
     /// see [`tls_override`]); [`DEFAULT_TLS_TIMEOUT`] is the usual value. At least 1 ms.
     pub tls_timeout: Duration,
+    /// The agents' `BOSH_AGENT_MBUS_RETURN_HOME_MS` (`MIN-MAX` or `off`); `None` leaves the
+    /// agent's default (60–300 s), longer than a test runs.
+    pub return_home: Option<String>,
 }
 
 impl FleetOptions {
@@ -84,6 +87,7 @@ impl FleetOptions {
             heartbeat_seconds: 2,
             name: name.to_string(),
             tls_timeout: DEFAULT_TLS_TIMEOUT,
+            return_home: None,
         }
     }
 }
@@ -433,6 +437,66 @@ impl Fleet {
             .collect())
     }
 
+    /// Each agent's first node: the first of its own dial order over the nodes' client
+    /// addresses as its settings list them ([`mbus::dial_order`]), where it connects when all
+    /// nodes are up and whither it returns.
+    pub fn homes(&self) -> HashMap<String, usize> {
+        let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.client).collect();
+        self.agents
+            .iter()
+            .map(|a| {
+                let order = mbus::dial_order(
+                    &a.id,
+                    &addrs,
+                    mbus::BusOptions::default().max_dials_per_attempt,
+                );
+                (a.id.clone(), order.first().copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// Polls `/connz` every `poll` until every agent is subscribed exactly once, on its home
+    /// node ([`Fleet::homes`]); returns when that was seen, with each agent's connection. An
+    /// error after `limit` names the agents still elsewhere (or on two nodes).
+    pub fn wait_home(&mut self, limit: Duration, poll: Duration) -> Result<(Instant, Placements)> {
+        let homes = self.homes();
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut seen: HashMap<String, Vec<(usize, AgentConn)>> = HashMap::new();
+            for (i, c) in self.connz()? {
+                seen.entry(c.agent_id.clone()).or_default().push((i, c));
+            }
+            let away: Vec<String> = homes
+                .iter()
+                .filter(|(id, home)| {
+                    !matches!(seen.get(*id).map(Vec::as_slice), Some([(n, _)]) if n == *home)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            if away.is_empty() {
+                let placed = seen
+                    .into_iter()
+                    .filter_map(|(id, mut v)| v.pop().map(|c| (id, c)))
+                    .collect();
+                return Ok((Instant::now(), placed));
+            }
+            let exited = self.exited();
+            if !exited.is_empty() {
+                return err(format!("agents exited:\n{}", exited.join("\n")));
+            }
+            if Instant::now() >= deadline {
+                let mut away = away;
+                away.sort();
+                return err(format!(
+                    "{} of {} agents not back on their first node within {limit:?}: {away:?}",
+                    away.len(),
+                    homes.len()
+                ));
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
     /// Polls `/connz` every `poll` until every agent of `ids` is subscribed on a running node
     /// with a connection accepted at or after `since` (any connection when `None`); returns
     /// when that was seen and the connections. An error after `limit` names the agents still
@@ -651,6 +715,10 @@ fn prepare_agent(
     .env("BOSH_AGENT_RESOLV_CONF", &resolv)
     .env("BOSH_AGENT_CA_CERTS_DIR", dir.join("ca-certificates"))
     .env("BOSH_AGENT_UPDATE_CA_CERTIFICATES", "/bin/true");
+    let exec = match &opts.return_home {
+        Some(window) => exec.env("BOSH_AGENT_MBUS_RETURN_HOME_MS", window),
+        None => exec,
+    };
     Ok(FleetAgent {
         id,
         ip: agent_ip(i),
