@@ -37,6 +37,10 @@ use crate::status::{self, BusStats, ConnectionState};
 use crate::tls::{CertKeyPair, TlsError, client_config};
 use crate::urls::{ServerUrl, UrlError};
 
+/// How long a replaced session keeps its subscription beside the new one before it is drained:
+/// time for the new subscription's interest to cross every route of the cluster.
+const OVERLAP: Duration = Duration::from_millis(500);
+
 /// Tunables; [`Default`] is what the agent uses.
 #[derive(Debug, Clone)]
 pub struct BusOptions {
@@ -347,7 +351,8 @@ impl Bus {
     /// - while connected, the current session keeps serving until a session to the new
     ///   servers is connected and its subscription confirmed (a normal attempt: fresh
     ///   resolution, the before-connect hook, dials); then the new session becomes the one
-    ///   publishes use, and the old one is drained: every request it had received, or that
+    ///   publishes use, and the old one is drained after a 500 ms overlap (for the new
+    ///   subscription to reach every node of the cluster): every request it had received, or that
     ///   the server routed to it before processing its UNSUB, still reaches [`Requests`].
     ///   Both sessions subscribe in one queue group, so on one NATS cluster a request is
     ///   delivered to one of them only;
@@ -554,14 +559,20 @@ impl Supervisor {
                             new = %new_server, new_endpoint = %switch.candidate.addr,
                             home = switch.home,
                             "mbus switched; draining the old session");
-                        let forwarded = old
-                            .retire(
-                                self.options.connection_timeout,
-                                &self.requests,
-                                &mut receiver_gone,
-                            )
-                            .await;
-                        tracing::info!(forwarded, "old mbus session drained and closed");
+                        // The old session is retired beside the new one, after an overlap:
+                        // `reachable_from` proved that the old server routes to the new
+                        // subscription, not that every node of the cluster (the director's
+                        // among them) has heard of it yet. Both subscriptions are one queue
+                        // group, so the overlap delivers nothing twice; what reaches the old
+                        // one meanwhile is drained into the requests as before.
+                        let (requests, limit) =
+                            (self.requests.clone(), self.options.connection_timeout);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(OVERLAP).await;
+                            let mut gone = false;
+                            let forwarded = old.retire(limit, &requests, &mut gone).await;
+                            tracing::info!(forwarded, "old mbus session drained and closed");
+                        });
                         target = switch.target;
                         candidate = switch.candidate;
                         cursor = switch.cursor;
