@@ -249,7 +249,7 @@ struct World {
     _monit: Monit,
     cli: Cli,
     base: PathBuf,
-    _sb: Sandbox,
+    sb: Sandbox,
 }
 
 impl World {
@@ -295,7 +295,7 @@ fn world(name: &str) -> World {
         _monit: monit,
         cli,
         base,
-        _sb: sb,
+        sb,
     };
     // The listener comes up after the firewall: wait for the first pong as the CLI does.
     let started = Instant::now();
@@ -514,6 +514,40 @@ fn create_env_talks_to_the_agent_as_the_cli_does() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout), "hello 1.0\n");
+
+    // A reloaded allow-list without tcp/6868 is reported as at start (the CLI here still
+    // reaches the API: it comes over loopback, which the list always admits).
+    const CUT: &str = "admits no tcp/6868: bosh create-env cannot reach the agent API";
+    assert!(!w.agent.log().contains(CUT), "{}", w.agent.log());
+    let conf = fs::read_dir(w.sb.dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+        })
+        .expect("the sandbox's agent.json");
+    let mut doc: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
+    // tcp/22 stays open: the lock-out check keeps sshd's port whatever sshd_config says.
+    doc["Platform"]["Linux"]["Firewall"]["IngressAllow"] =
+        json!([{"Protocol": "tcp", "Ports": "22"}]);
+    fs::write(&conf, doc.to_string()).unwrap();
+    let out =
+        w.sb.agent_cmd(["firewall", "reload", "--timeout-seconds", "30"])
+            .output(integration::COMMAND_TIMEOUT)
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        integration::describe(&out),
+        w.agent.log()
+    );
+    assert!(w.agent.log().contains(CUT), "{}", w.agent.log());
+    assert_eq!(
+        w.with(|c| c.agent("ping", json!([])).json()),
+        json!({"value": "pong"})
+    );
 
     // No NATS anywhere: nothing was dialled, and the firewall is healthy.
     assert!(

@@ -46,6 +46,8 @@ enum Command {
     /// be read.
     Reload {
         opts: Result<Box<LinuxOptions>, String>,
+        /// Checked against the reloaded allow-list ([`crate::director::https::report_ingress_cut`]).
+        api_port: Option<u16>,
         reply: oneshot::Sender<Result<Reloaded, ReloadError>>,
     },
 }
@@ -102,12 +104,18 @@ impl FirewallHandle {
 
     /// Reloads the policies from `opts` (see [`Firewall::reload`]), or records that the
     /// reloaded agent.json could not be used (`Err`, the reason). Returns once the outcome is
-    /// recorded in the state file.
-    pub async fn reload(&self, opts: Result<LinuxOptions, String>) -> Result<Reloaded, TaskError> {
+    /// recorded in the state file. With `api_port` (the create-env agent API's), a committed
+    /// allow-list that admits no tcp/`api_port` is reported as at start.
+    pub async fn reload(
+        &self,
+        opts: Result<LinuxOptions, String>,
+        api_port: Option<u16>,
+    ) -> Result<Reloaded, TaskError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Reload {
                 opts: opts.map(Box::new),
+                api_port,
                 reply,
             })
             .await
@@ -212,10 +220,21 @@ impl<T: KernelTable> FirewallTask<T> {
                             let _ = reply.send(res);
                         }
                     }
-                    Some(Command::Reload { opts, reply }) => {
+                    Some(Command::Reload { opts, api_port, reply }) => {
                         let res = self
                             .blocking(move |fw| match opts {
-                                Ok(opts) => fw.reload(&opts),
+                                Ok(opts) => {
+                                    let res = fw.reload(&opts);
+                                    if res.is_ok()
+                                        && let Some(port) = api_port
+                                    {
+                                        crate::director::https::report_ingress_cut(
+                                            &fw.desired().workload,
+                                            port,
+                                        );
+                                    }
+                                    res
+                                }
                                 Err(why) => Err(fw.reload_failed(why)),
                             })
                             .await;

@@ -141,15 +141,8 @@ impl App {
                 Err(())
             }
         };
-        if let Ok(Some(p)) = &https
-            && director::https::ingress_cuts_api(&fw.desired().workload, p.url.port)
-        {
-            error!(
-                port = p.url.port,
-                "the ingress allow-list (Platform.Linux.Firewall.IngressAllow) admits no tcp/{} : bosh create-env cannot reach the agent API; add {{\"Protocol\": \"tcp\", \"Ports\": \"{}\"}}",
-                p.url.port,
-                p.url.port
-            );
+        if let Ok(Some(p)) = &https {
+            director::https::report_ingress_cut(&fw.desired().workload, p.url.port);
         }
         let bus = if !matches!(https, Ok(None)) {
             None
@@ -241,6 +234,7 @@ impl App {
             vm,
         } = self;
         let linux = &config.platform.linux;
+        let api_port = https.as_ref().map(|p| p.url.port);
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let running = Registry::default();
@@ -419,6 +413,7 @@ impl App {
                 config_path,
                 document,
                 firewall: firewall_handle,
+                api_port,
             },
         }
     }
@@ -443,6 +438,9 @@ struct Reload {
     config_path: PathBuf,
     document: serde_json::Value,
     firewall: FirewallHandle,
+    /// The create-env agent API's port when the agent serves it: a reloaded allow-list that
+    /// cuts it is reported as at start.
+    api_port: Option<u16>,
 }
 
 impl Reload {
@@ -466,7 +464,9 @@ impl Reload {
             Err(e) => Err(e.to_string()),
         };
         // The outcome is logged by the firewall task; only a task that is gone is left.
-        if let Err(crate::firewall::TaskError::Stopped) = self.firewall.reload(opts).await {
+        if let Err(crate::firewall::TaskError::Stopped) =
+            self.firewall.reload(opts, self.api_port).await
+        {
             warn!("the firewall task has stopped; the reload is not applied");
         }
     }

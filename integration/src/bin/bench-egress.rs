@@ -481,6 +481,16 @@ fn inner() -> Res<()> {
         // allow-list needs it for its return traffic. Most VMs track connections already (the
         // stemcell's own firewall, container runtimes, `ct state invalid drop` defaults), so the
         // filter's own cost is measured against that too, not only against an untracked host.
+        let ingress_on = render_ruleset(&ingress());
+        // The chain's shape before the state test moved ahead of loopback's accept.
+        let lo = "add rule inet bosh_agent ingress_filter iif lo accept\n";
+        let ingress_before = ingress_on.replace(lo, "").replace(
+            "add rule inet bosh_agent ingress_filter ct state invalid iif != lo ",
+            &format!("{lo}add rule inet bosh_agent ingress_filter ct state invalid "),
+        );
+        if ingress_before == ingress_on {
+            return Err("the ingress chain no longer has the shape this benchmark rewrites".into());
+        }
         let conds = [
             Condition {
                 name: "ingress off",
@@ -492,7 +502,11 @@ fn inner() -> Res<()> {
             },
             Condition {
                 name: "ingress on",
-                script: Some(render_ruleset(&ingress())),
+                script: Some(ingress_on.clone()),
+            },
+            Condition {
+                name: "ingress on, loopback accept first (before)",
+                script: Some(ingress_before),
             },
         ];
         let rates = run_rounds(&conds, rounds, || {
@@ -527,6 +541,8 @@ fn inner() -> Res<()> {
             &[
                 ("on / off, conntrack on (target >= 0.97)", 2, 1),
                 ("on / off (target >= 0.97)", 2, 0),
+                ("before / off, conntrack on", 3, 1),
+                ("on / before", 2, 3),
                 ("conntrack on / off (tracking alone)", 1, 0),
             ],
         );

@@ -417,19 +417,23 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
     elements(s, t, INGRESS_SRC_V6, triples(&ing.sets.by_source[1]));
     let c = INGRESS_CHAIN;
     let _ = writeln!(s, "add chain {t} {c} {{ {INPUT} }}");
-    rule(s, t, c, "iif lo accept");
+    // Loopback is accepted whatever its state; everything else conntrack calls invalid is
+    // dropped first. The state is tested before the interface, so a valid packet (nearly all
+    // of them) pays one test here, and loopback's accept can follow the open ports: every
+    // packet gets the verdict it would get with `iif lo accept` first.
     if ing.ct_invalid == CtInvalid::Drop {
         rule(
             s,
             t,
             c,
-            &format!("ct state invalid counter name \"{INGRESS_COUNTER}\" drop"),
+            &format!("ct state invalid iif != lo counter name \"{INGRESS_COUNTER}\" drop"),
         );
     }
     // Open ports before replies: a new connection or a one-way UDP stream to them, and a
     // server's established traffic, stop here after one bit test.
     rule(s, t, c, &format!("udp dport @{INGRESS_UDP_PORTS} accept"));
     rule(s, t, c, &format!("tcp dport @{INGRESS_TCP_PORTS} accept"));
+    rule(s, t, c, "iif lo accept");
     rule(s, t, c, "ct state established,related accept");
     if ing.allow_icmp {
         rule(

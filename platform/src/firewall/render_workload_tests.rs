@@ -629,7 +629,8 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
             "udp . 1024-65535".to_string()
         ]
     );
-    // The bitmap tests come right after the invalid-state drop, before replies and ICMP.
+    // The bitmap tests come right after the invalid-state drop (which spares loopback), before
+    // loopback's accept, replies and ICMP.
     let rules: Vec<&str> = script
         .lines()
         .filter_map(|l| l.strip_prefix("add rule inet bosh_agent ingress_filter "))
@@ -637,10 +638,10 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
     assert_eq!(
         rules[..5],
         [
-            "iif lo accept",
-            "ct state invalid counter name \"ingress_dropped\" drop",
+            "ct state invalid iif != lo counter name \"ingress_dropped\" drop",
             "udp dport @ingress_udp_ports accept",
             "tcp dport @ingress_tcp_ports accept",
+            "iif lo accept",
             "ct state established,related accept",
         ]
     );
