@@ -307,20 +307,15 @@ fn render_egress(
         (EGRESS_FORWARD_CHAIN, FORWARD, EGRESS_FORWARD_GUARD_CHAIN),
     ] {
         let _ = writeln!(s, "add chain {t} {chain} {{ {hook} }}");
-        for (i, (hi, daddr, set, hi_set)) in [
-            (128, "ip", EGRESS_DENY_V4, EGRESS_DENY_V4_HI),
-            (192, "ip6", EGRESS_DENY_V6, EGRESS_DENY_V6_HI),
+        for (i, (nfproto, hi, daddr, set, hi_set)) in [
+            ("ipv4", 128, "ip", EGRESS_DENY_V4, EGRESS_DENY_V4_HI),
+            ("ipv6", 192, "ip6", EGRESS_DENY_V6, EGRESS_DENY_V6_HI),
         ]
         .into_iter()
         .enumerate()
         {
-            // The bit test comes first, before the family test nft puts in front of
-            // `ip daddr` / `ip6 daddr`: an unrelated packet of either family costs each rule
-            // one load and one bit test. The raw 16 bits of the other family are some other
-            // field (or past the packet's end, which fails the rule); a chance hit there still
-            // meets the family test before the interval lookup, so the verdict is the same.
             let prefilter = if eg.sets.prefilter[i].is_some() {
-                format!("@nh,{hi},16 @{hi_set} ")
+                format!("meta nfproto {nfproto} @nh,{hi},16 @{hi_set} ")
             } else {
                 String::new()
             };

@@ -322,8 +322,12 @@ fn the_base_chains_look_the_interval_sets_up_behind_the_prefilter() {
         assert_eq!(
             rules,
             vec![
-                format!("@nh,128,16 @egress_deny_v4_hi ip daddr @egress_deny_v4 jump {guard}"),
-                format!("@nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump {guard}"),
+                format!(
+                    "meta nfproto ipv4 @nh,128,16 @egress_deny_v4_hi ip daddr @egress_deny_v4 jump {guard}"
+                ),
+                format!(
+                    "meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump {guard}"
+                ),
             ]
         );
     }
@@ -369,7 +373,7 @@ fn the_base_chains_look_the_interval_sets_up_behind_the_prefilter() {
         ),
         "{script}"
     );
-    assert!(script.contains("add rule inet bosh_agent egress_output @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump egress_guard
+    assert!(script.contains("add rule inet bosh_agent egress_output meta nfproto ipv6 @nh,192,16 @egress_deny_v6_hi ip6 daddr @egress_deny_v6 jump egress_guard
 "));
     assert!(!script.contains("add element inet bosh_agent egress_deny_v4_hi"));
     assert!(script.contains(
