@@ -33,6 +33,8 @@ have mkfs.xfs || need+=(xfsprogs)
 have setfattr || need+=(attr)
 # Bridge netfilter: the agent loads br_netfilter when a bridge exists and egress rules apply.
 have modprobe || need+=(kmod)
+# bench-egress profiles the rules' share of each packet's CPU (perf record -e cpu-clock).
+have perf || need+=(linux-perf)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

@@ -16,9 +16,17 @@
 //!    packets/s) with the ingress allow-list off, off with connection tracking on, and on.
 //! 3. Commit time (`nft -f`) of the table with `BENCH_RANGES` ranges, of the full rebuild
 //!    after a one-range change, and of that one range added on its own.
+//! 4. Where the CPU goes (the throughput rounds cannot resolve 2 % here): a UDP flood pinned
+//!    to the last CPU, profiled there with `perf record -e cpu-clock` for
+//!    `BENCH_PROFILE_SECONDS` per condition; the share of the samples in nf_tables' code
+//!    (the hook walk and every chain and expression) and in conntrack's, their nanoseconds per
+//!    packet, and the throughput ratio they imply, `(1 - share_x) / (1 - share_floor)`: what
+//!    the rules cost when everything else a packet costs is the same.
 //!
 //! Knobs: `BENCH_ROUNDS` (40), `BENCH_SECONDS` per measurement (0.25), `BENCH_RANGES`
-//! (10000), `BENCH_COMMIT_TRIALS` (7). Not a test: it asserts nothing and prints figures.
+//! (10000), `BENCH_COMMIT_TRIALS` (7), `BENCH_PROFILE_SECONDS` (3; 0 leaves the profile out,
+//! and without `perf` it is reported as not run). Not a test: it asserts nothing and prints
+//! figures.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -46,6 +54,7 @@ fn main() -> ExitCode {
     let res = match args.get(1).map(String::as_str) {
         Some("--inner") => inner(),
         Some("--client") => client(&args[2..]),
+        Some("--udp-flood") => udp_flood(&args[2..]),
         _ => outer(),
     };
     match res {
@@ -345,6 +354,7 @@ fn inner() -> Res<()> {
     let secs: f64 = env_or("BENCH_SECONDS", 0.25);
     let n: u32 = env_or("BENCH_RANGES", 10_000);
     let commit_trials: usize = env_or("BENCH_COMMIT_TRIALS", 7).max(1);
+    let profile_secs: f64 = env_or("BENCH_PROFILE_SECONDS", 3.0);
     run("ip", &["link", "set", "lo", "up"])?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -409,6 +419,18 @@ fn inner() -> Res<()> {
     let rates = run_rounds(&conds, rounds, || {
         Ok([udp_rate(udp_to, secs)?, tcp_rate(tcp_to, secs)?])
     })?;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profiles_out = profile_conditions(
+        &conds,
+        &[1, 2, 3, 4, 6, 7],
+        profile_secs,
+        |secs| {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(profile_cpu().to_string()).arg(&me);
+            c.args(["--udp-flood", &udp_to.to_string(), &secs.to_string()]);
+            c
+        },
+    )?;
     report(
         "unrelated traffic (loopback, output hook)",
         ["UDP pkt/s", "TCP conn/s"],
@@ -450,7 +472,7 @@ fn inner() -> Res<()> {
         }
     }
     let ns = format!("/proc/{pid}/ns/net");
-    let result = (|| -> Res<()> {
+    let result = (|| -> Res<Vec<Profile>> {
         run(
             "ip",
             &[
@@ -546,11 +568,19 @@ fn inner() -> Res<()> {
                 ("conntrack on / off (tracking alone)", 1, 0),
             ],
         );
-        Ok(())
+        let udp_to = format!("{SERVER}:{UDP_PORT}");
+        let profiles_in = profile_conditions(&conds, &[1, 2, 3], profile_secs, |secs| {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={ns}")).args(["--", "taskset", "-c"]);
+            c.arg(profile_cpu().to_string()).arg(&me);
+            c.args(["--udp-flood", &udp_to, &secs.to_string()]);
+            c
+        })?;
+        Ok(profiles_in)
     })();
     let _ = peer.kill();
     let _ = peer.wait();
-    result?;
+    let profiles_in = result?;
 
     // 3. Commit times.
     let mut full = Vec::new();
@@ -592,6 +622,213 @@ fn inner() -> Res<()> {
         "+1 range, element only              {}",
         spread_with(single, 1)
     );
+
+    // 4. The profiles (measured with the rounds above, printed last).
+    report_profiles(
+        "unrelated loopback UDP, output hook",
+        &profiles_out,
+        &[
+            ("egress N / egress 1 (target >= 0.98)", 4, 3),
+            ("egress N / tracked floor (target >= 0.98)", 4, 2),
+            ("egress 1 / tracked floor (target >= 0.98)", 3, 2),
+            ("stateless 1 / floor (target >= 0.98)", 6, 1),
+            ("stateless N / floor (target >= 0.98)", 7, 1),
+            ("stateless N / stateless 1", 7, 6),
+            ("tracked floor / floor", 2, 1),
+        ],
+    );
+    report_profiles(
+        "allowed inbound UDP over the veth",
+        &profiles_in,
+        &[
+            ("on / off, conntrack on (target >= 0.97)", 2, 1),
+            ("before / off, conntrack on", 3, 1),
+            ("on / before", 2, 3),
+        ],
+    );
+    Ok(())
+}
+
+/// One condition's profile on the flood's CPU.
+struct Profile {
+    /// Index of the condition in its list.
+    index: usize,
+    name: &'static str,
+    packets: f64,
+    samples: f64,
+    nft: f64,
+    conntrack: f64,
+    hz: f64,
+}
+
+/// The CPU the flood and the profile are pinned to: the last one.
+fn profile_cpu() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .saturating_sub(1)
+}
+
+/// nf_tables' code: the hook walk, the chains, every expression and set lookup.
+fn is_nftables(sym: &str) -> bool {
+    sym == "nf_hook_slow"
+        || ["nft_", "__nft_", "nf_tables_", "nft_pipapo"]
+            .iter()
+            .any(|p| sym.starts_with(p))
+}
+
+/// Connection tracking's code.
+fn is_conntrack(sym: &str) -> bool {
+    [
+        "nf_conntrack",
+        "__nf_conntrack",
+        "nf_ct_",
+        "__nf_ct_",
+        "ipv4_conntrack",
+        "ipv6_conntrack",
+        "hash_conntrack",
+        "nf_nat",
+    ]
+    .iter()
+    .any(|p| sym.starts_with(p))
+}
+
+/// Profiles each condition of `which` (indices into `conds`): sets its ruleset up, runs the
+/// flood `flood(secs)` builds under `perf record -e cpu-clock -C <cpu>`, and splits the
+/// samples. Empty when `secs` is 0 or perf is missing (said once).
+fn profile_conditions(
+    conds: &[Condition],
+    which: &[usize],
+    secs: f64,
+    flood: impl Fn(f64) -> Command,
+) -> Res<Vec<Profile>> {
+    const HZ: u32 = 4999;
+    if secs <= 0.0 {
+        return Ok(Vec::new());
+    }
+    if Command::new("perf").arg("--version").output().is_err() {
+        println!("
+profile not run: no `perf` (Debian: apt-get install linux-perf)");
+        return Ok(Vec::new());
+    }
+    let data = std::env::temp_dir().join(format!("bench-egress-{}.perf", std::process::id()));
+    let mut out = Vec::new();
+    for &i in which {
+        let Some(c) = conds.get(i) else {
+            return Err(format!("no condition {i} to profile"));
+        };
+        reset()?;
+        if let Some(s) = &c.script {
+            nft(s)?;
+        }
+        let f = flood(secs);
+        let mut rec = Command::new("perf");
+        rec.args(["record", "-q", "-e", "cpu-clock", "-F", &HZ.to_string(), "-C"])
+            .arg(profile_cpu().to_string())
+            .arg("-o")
+            .arg(&data)
+            .arg("--")
+            .arg(f.get_program())
+            .args(f.get_args());
+        let run = rec.output().map_err(|e| format!("perf record: {e}"))?;
+        if !run.status.success() {
+            return Err(format!(
+                "perf record: {}",
+                String::from_utf8_lossy(&run.stderr).trim()
+            ));
+        }
+        let packets: f64 = String::from_utf8_lossy(&run.stdout)
+            .split_whitespace()
+            .last()
+            .and_then(|w| w.parse().ok())
+            .ok_or_else(|| format!("the flood printed {:?}", String::from_utf8_lossy(&run.stdout)))?;
+        let rep = Command::new("perf")
+            .args(["report", "--stdio", "-n", "--no-children", "--sort", "sym", "-i"])
+            .arg(&data)
+            .output()
+            .map_err(|e| format!("perf report: {e}"))?;
+        let _ = std::fs::remove_file(&data);
+        let (mut samples, mut nft_s, mut ct_s) = (0.0, 0.0, 0.0);
+        for line in String::from_utf8_lossy(&rep.stdout).lines() {
+            let mut w = line.split_whitespace();
+            let (Some(pct), Some(n), Some(_kind), Some(sym)) = (w.next(), w.next(), w.next(), w.next())
+            else {
+                continue;
+            };
+            let (Some(_), Ok(n)) = (pct.strip_suffix('%'), n.parse::<f64>()) else {
+                continue;
+            };
+            samples += n;
+            if is_nftables(sym) {
+                nft_s += n;
+            } else if is_conntrack(sym) {
+                ct_s += n;
+            }
+        }
+        if samples == 0.0 {
+            return Err(format!("perf report gave no samples for {}", c.name));
+        }
+        out.push(Profile {
+            index: i,
+            name: c.name,
+            packets,
+            samples,
+            nft: nft_s,
+            conntrack: ct_s,
+            hz: f64::from(HZ),
+        });
+    }
+    reset()?;
+    Ok(out)
+}
+
+/// Prints each profile and the ratios `(1 - nf_tables share of num) / (1 - that of den)`,
+/// `num` and `den` being indices into the conditions the profiles were made from.
+fn report_profiles(title: &str, profiles: &[Profile], ratios: &[(&str, usize, usize)]) {
+    if profiles.is_empty() {
+        return;
+    }
+    println!(
+        "
+profile: {title} (perf cpu-clock on CPU {}, the flood pinned there)",
+        profile_cpu()
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>12} {:>12} {:>12}",
+        "condition", "pkt/s", "samples", "nf_tables %", "ns/pkt nft", "conntrack %"
+    );
+    for p in profiles {
+        let secs = p.samples / p.hz;
+        println!(
+            "{:<44} {:>9.0} {:>9.0} {:>12.2} {:>12.1} {:>12.2}",
+            p.name,
+            p.packets / secs,
+            p.samples,
+            100.0 * p.nft / p.samples,
+            1e9 * p.nft / p.hz / p.packets,
+            100.0 * p.conntrack / p.samples,
+        );
+    }
+    println!("implied throughput ratio, (1 - nf_tables share) / (1 - that of the reference):");
+    for (name, num, den) in ratios {
+        let find = |i: usize| profiles.iter().find(|p| p.index == i);
+        if let (Some(a), Some(b)) = (find(*num), find(*den)) {
+            let share = |p: &Profile| p.nft / p.samples;
+            println!("{name:<44} {:>9.3}", (1.0 - share(a)) / (1.0 - share(b)));
+        }
+    }
+}
+
+/// `--udp-flood <addr> <secs>`: sends 64-byte datagrams to `addr` for `secs` seconds and
+/// prints how many it sent.
+fn udp_flood(args: &[String]) -> Res<()> {
+    let to: SocketAddr = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .ok_or("usage: --udp-flood <addr> <secs>")?;
+    let secs: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let rate = udp_rate(to, secs)?;
+    println!("{:.0}", rate * secs);
     Ok(())
 }
 
