@@ -420,17 +420,12 @@ fn inner() -> Res<()> {
         Ok([udp_rate(udp_to, secs)?, tcp_rate(tcp_to, secs)?])
     })?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profiles_out = profile_conditions(
-        &conds,
-        &[1, 2, 3, 4, 6, 7],
-        profile_secs,
-        |secs| {
-            let mut c = Command::new("taskset");
-            c.arg("-c").arg(profile_cpu().to_string()).arg(&me);
-            c.args(["--udp-flood", &udp_to.to_string(), &secs.to_string()]);
-            c
-        },
-    )?;
+    let profiles_out = profile_conditions(&conds, &[1, 2, 3, 4, 6, 7], profile_secs, |secs| {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(profile_cpu().to_string()).arg(&me);
+        c.args(["--udp-flood", &udp_to.to_string(), &secs.to_string()]);
+        c
+    })?;
     report(
         "unrelated traffic (loopback, output hook)",
         ["UDP pkt/s", "TCP conn/s"],
@@ -707,8 +702,7 @@ fn profile_conditions(
         return Ok(Vec::new());
     }
     if Command::new("perf").arg("--version").output().is_err() {
-        println!("
-profile not run: no `perf` (Debian: apt-get install linux-perf)");
+        println!("\nprofile not run: no `perf` (Debian: apt-get install linux-perf)");
         return Ok(Vec::new());
     }
     let data = std::env::temp_dir().join(format!("bench-egress-{}.perf", std::process::id()));
@@ -723,13 +717,21 @@ profile not run: no `perf` (Debian: apt-get install linux-perf)");
         }
         let f = flood(secs);
         let mut rec = Command::new("perf");
-        rec.args(["record", "-q", "-e", "cpu-clock", "-F", &HZ.to_string(), "-C"])
-            .arg(profile_cpu().to_string())
-            .arg("-o")
-            .arg(&data)
-            .arg("--")
-            .arg(f.get_program())
-            .args(f.get_args());
+        rec.args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &HZ.to_string(),
+            "-C",
+        ])
+        .arg(profile_cpu().to_string())
+        .arg("-o")
+        .arg(&data)
+        .arg("--")
+        .arg(f.get_program())
+        .args(f.get_args());
         let run = rec.output().map_err(|e| format!("perf record: {e}"))?;
         if !run.status.success() {
             return Err(format!(
@@ -741,9 +743,22 @@ profile not run: no `perf` (Debian: apt-get install linux-perf)");
             .split_whitespace()
             .last()
             .and_then(|w| w.parse().ok())
-            .ok_or_else(|| format!("the flood printed {:?}", String::from_utf8_lossy(&run.stdout)))?;
+            .ok_or_else(|| {
+                format!(
+                    "the flood printed {:?}",
+                    String::from_utf8_lossy(&run.stdout)
+                )
+            })?;
         let rep = Command::new("perf")
-            .args(["report", "--stdio", "-n", "--no-children", "--sort", "sym", "-i"])
+            .args([
+                "report",
+                "--stdio",
+                "-n",
+                "--no-children",
+                "--sort",
+                "sym",
+                "-i",
+            ])
             .arg(&data)
             .output()
             .map_err(|e| format!("perf report: {e}"))?;
@@ -751,7 +766,8 @@ profile not run: no `perf` (Debian: apt-get install linux-perf)");
         let (mut samples, mut nft_s, mut ct_s) = (0.0, 0.0, 0.0);
         for line in String::from_utf8_lossy(&rep.stdout).lines() {
             let mut w = line.split_whitespace();
-            let (Some(pct), Some(n), Some(_kind), Some(sym)) = (w.next(), w.next(), w.next(), w.next())
+            let (Some(pct), Some(n), Some(_kind), Some(sym)) =
+                (w.next(), w.next(), w.next(), w.next())
             else {
                 continue;
             };
@@ -789,8 +805,7 @@ fn report_profiles(title: &str, profiles: &[Profile], ratios: &[(&str, usize, us
         return;
     }
     println!(
-        "
-profile: {title} (perf cpu-clock on CPU {}, the flood pinned there)",
+        "\nprofile: {title} (perf cpu-clock on CPU {}, the flood pinned there)",
         profile_cpu()
     );
     println!(
