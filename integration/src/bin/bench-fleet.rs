@@ -33,6 +33,7 @@
 //! - `FLEET_RETURN_HOME_MS` (`5000-15000`: the agents' return-home window, shorter than the
 //!   agent's default of 60–300 s so that a round takes seconds; `off` keeps them where the
 //!   storm put them, and then the next kill moves whatever the last restart piled on a node);
+//! - `FLEET_KEEP_LOGS=<dir>` (every agent's and node's log written there at the end);
 //! - `FLEET_SHOW_SLOWEST=1` (the log of the last agent back after each storm, on stderr).
 //!
 //! Needs root, nft, nats-server, monit and the binaries next to this one (`cargo build -p
@@ -681,6 +682,18 @@ fn run() -> Res<()> {
     // 6. Memory and descriptors.
     let fp = footprint(&fleet);
     let load_end = load();
+    if let Some(dir) = std::env::var_os("FLEET_KEEP_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for a in fleet.agents() {
+            let path = dir.join(format!("{}.log", a.id));
+            std::fs::write(&path, a.log()).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        for (i, n) in fleet.nodes().iter().enumerate() {
+            let path = dir.join(format!("node{i}.log"));
+            std::fs::write(&path, n.logs()).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
     fleet.stop_agents(Duration::from_secs(10));
     drop(fleet);
     integration::bench::cleanup::unregister_all();
