@@ -16,6 +16,20 @@ const AGENTS: usize = 20;
 const LIMIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
 
+/// The director pings every agent of `ids` (resending each second) and each answers.
+fn every_agent_answers(fleet: &Fleet, ids: &[String], when: &str) {
+    let round = fleet
+        .director()
+        .ping_all(ids, LIMIT, Duration::from_secs(1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        round.missing.is_empty(),
+        "no pong {when} from {:?}",
+        round.missing
+    );
+    assert_eq!(round.answered.len(), ids.len(), "{when}");
+}
+
 #[test]
 fn a_fleet_on_a_three_node_cluster() {
     let t0 = Instant::now();
@@ -53,12 +67,8 @@ fn a_fleet_on_a_three_node_cluster() {
         .wait_subscribed(&ids, None, LIMIT, POLL)
         .unwrap_or_else(|e| panic!("{e}"));
     step("subscribed");
-    let round = fleet
-        .director()
-        .ping_all(&ids, LIMIT, Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(round.missing.is_empty(), "no pong from {:?}", round.missing);
-    assert_eq!(round.answered.len(), AGENTS);
+    every_agent_answers(&fleet, &ids, "at start");
+    assert_eq!(ids.len(), AGENTS);
     for (id, (_, c)) in &conns {
         let a = fleet
             .agents()
@@ -123,15 +133,7 @@ fn a_fleet_on_a_three_node_cluster() {
         assert_ne!(n, victim, "{id} is back on the stopped node");
     }
     step("failed over");
-    let round = fleet
-        .director()
-        .ping_all(&ids, LIMIT, Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        round.missing.is_empty(),
-        "no pong after the failover from {:?}",
-        round.missing
-    );
+    every_agent_answers(&fleet, &ids, "after the failover");
 
     // With every node up, each agent is on its own first node; once the killed node is back,
     // its agents return to it (make-before-break: each is then subscribed once, there).
@@ -147,15 +149,7 @@ fn a_fleet_on_a_three_node_cluster() {
         assert_eq!(back[id].0, victim, "{id} is not back on its node");
     }
     step("returned home");
-    let round = fleet
-        .director()
-        .ping_all(&ids, LIMIT, Duration::from_secs(1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        round.missing.is_empty(),
-        "no pong after the return from {:?}",
-        round.missing
-    );
+    every_agent_answers(&fleet, &ids, "after the return");
 
     // Nobody dialled an address without a rule; everybody dialled (so the audit saw traffic),
     // and every table guards exactly the three configured nodes.

@@ -608,7 +608,15 @@ impl Supervisor {
                 .send_replace(ConnectionState::Connecting { attempt });
         }
         let resolution = resolver.resolve(&target.servers).await;
-        stats
+        self.before_dialling(attempt, &resolution).await;
+        self.dial_any(target, &resolution.candidates, cursor).await
+    }
+
+    /// What every attempt does between its resolution and its dials: counts the hosts that
+    /// failed to resolve and awaits the hook with exactly the endpoints that may be dialled.
+    async fn before_dialling(&self, attempt: u64, resolution: &crate::resolve::Resolution) {
+        self.shared
+            .stats
             .resolve_failures
             .fetch_add(resolution.failed.len() as u64, Ordering::Relaxed);
         let plan = ConnectPlan {
@@ -617,7 +625,16 @@ impl Supervisor {
             failed: resolution.failed.clone(),
         };
         self.call_hook(&plan).await;
-        self.dial_any(target, &resolution.candidates, cursor).await
+    }
+
+    /// How this bus opens a session with `tls`.
+    fn session_options<'a>(&'a self, tls: &'a ClientConfig) -> SessionOptions<'a> {
+        SessionOptions {
+            tls,
+            connection_timeout: self.options.connection_timeout,
+            ping_interval: self.options.ping_interval,
+            subject: &self.subject,
+        }
     }
 
     /// Serves `session` (connected to `at`) until its connection ends, or until a
@@ -689,22 +706,9 @@ impl Supervisor {
                 return std::future::pending().await;
             }
             let attempt = stats.attempts.fetch_add(1, Ordering::Relaxed) + 1;
-            stats
-                .resolve_failures
-                .fetch_add(resolution.failed.len() as u64, Ordering::Relaxed);
-            let plan = ConnectPlan {
-                attempt,
-                endpoints: resolution.endpoints(),
-                failed: resolution.failed.clone(),
-            };
-            self.call_hook(&plan).await;
+            self.before_dialling(attempt, &resolution).await;
             let server = &current.servers[home.server];
-            let opts = SessionOptions {
-                tls: &current.tls,
-                connection_timeout: self.options.connection_timeout,
-                ping_interval: self.options.ping_interval,
-                subject: &self.subject,
-            };
+            let opts = self.session_options(&current.tls);
             stats.dials.fetch_add(1, Ordering::Relaxed);
             let session = match session::open(home.addr, server, &opts).await {
                 Ok(session) => session,
@@ -828,12 +832,7 @@ impl Supervisor {
             status::write(&stats.last_error, msg);
             return None;
         }
-        let opts = SessionOptions {
-            tls: &target.tls,
-            connection_timeout: self.options.connection_timeout,
-            ping_interval: self.options.ping_interval,
-            subject: &self.subject,
-        };
+        let opts = self.session_options(&target.tls);
         let tries = candidates
             .len()
             .min(self.options.max_dials_per_attempt.max(1));

@@ -475,6 +475,17 @@ async fn ipv6_answer_is_dialled_with_the_cn_rule() {
 
 /// Waits until a message published through `from` reaches a subscription on `to` (the route
 /// between their servers is up and carries `to`'s interest).
+/// Two distinct ports free on both addresses: the nodes' client port and their route port.
+fn client_and_route_ports(a: IpAddr, b: IpAddr) -> (u16, u16) {
+    let port = free_port(&[a, b]);
+    loop {
+        let p = free_port(&[a, b]);
+        if p != port {
+            return (port, p);
+        }
+    }
+}
+
 async fn wait_routed(from: &async_nats::Client, to: &async_nats::Client) {
     let inbox = to.new_inbox();
     let mut sub = to.subscribe(inbox.clone()).await.unwrap();
@@ -571,13 +582,7 @@ async fn every_ping_answered_once(
 async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
     let pki = pki();
     let (ip_a, ip_b) = (lo(1), lo(2));
-    let port = free_port(&[ip_a, ip_b]);
-    let route_port = loop {
-        let p = free_port(&[ip_a, ip_b]);
-        if p != port {
-            break p;
-        }
-    };
+    let (port, route_port) = client_and_route_ports(ip_a, ip_b);
     let (route_a, route_b) = (
         SocketAddr::new(ip_a, route_port),
         SocketAddr::new(ip_b, route_port),
@@ -674,13 +679,7 @@ async fn reconfigure_switches_live_and_answers_every_request_exactly_once() {
 async fn returns_to_its_first_endpoint_make_before_break() {
     let pki = pki();
     let (ip_a, ip_b) = (lo(1), lo(2));
-    let port = free_port(&[ip_a, ip_b]);
-    let route_port = loop {
-        let p = free_port(&[ip_a, ip_b]);
-        if p != port {
-            break p;
-        }
-    };
+    let (port, route_port) = client_and_route_ports(ip_a, ip_b);
     let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
     let first = mbus::dial_order(AGENT_ID, &[a, b], 8)[0];
     let (home, away) = if first == 0 { (a, b) } else { (b, a) };
