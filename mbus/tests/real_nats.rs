@@ -745,3 +745,62 @@ async fn returns_to_its_first_endpoint_make_before_break() {
     drop(home_server);
     bus.shutdown().await;
 }
+
+/// The same start, but the two servers are not one cluster: a request published on the
+/// current server would never reach a subscription on home. The bus tries home once it
+/// answers, sees no probe cross, closes that session and stays where it is, for good: no
+/// further tries, the director on the current server still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stays_put_when_its_first_endpoint_is_not_one_cluster_with_the_current() {
+    let pki = pki();
+    let (ip_a, ip_b) = (lo(1), lo(2));
+    let port = free_port(&[ip_a, ip_b]);
+    let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
+    let first = mbus::dial_order(AGENT_ID, &[a, b], 8)[0];
+    let (home, away) = if first == 0 { (a, b) } else { (b, a) };
+    let _away_server = nats(&pki, NATS_NAME, away);
+    let config = config(
+        &pki,
+        &[
+            url_for(&ip_a.to_string(), port),
+            url_for(&ip_b.to_string(), port),
+        ],
+    );
+    let window = mbus::ReturnHome {
+        min: Duration::from_millis(500),
+        max: Duration::from_millis(700),
+    };
+    let options = BusOptions {
+        return_home: Some(window),
+        // The probe's bound: short, so that the give-up is quick.
+        connection_timeout: Duration::from_secs(1),
+        ..options(None)
+    };
+    let (bus, requests) = Bus::connect(&config, Arc::new(mbus::NoHook), options).unwrap();
+    let _responder = spawn_responder(bus.clone(), requests);
+    wait_connected_to(&bus, away, Duration::from_secs(10)).await;
+    let _home_server = nats(&pki, NATS_NAME, home);
+    let stats = bus.stats();
+    // Home answers, the session there is made (a second connect), and no probe crosses.
+    wait_until(Duration::from_secs(15), "the try of home", || {
+        stats.connects() >= 2 && stats.return_home_failures() >= 1
+    })
+    .await;
+    let attempts = stats.attempts();
+    tokio::time::sleep(window.max * 3).await;
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (
+            snapshot.connects,
+            snapshot.returns_home,
+            snapshot.return_home_failures,
+            snapshot.attempts
+        ),
+        (2, 0, 1, attempts),
+        "{snapshot:?}"
+    );
+    assert!(matches!(bus.state(), ConnectionState::Connected { endpoint, .. } if endpoint == away));
+    let director_away = director(&pki, away).await;
+    ping_agent(&director_away).await;
+    bus.shutdown().await;
+}
