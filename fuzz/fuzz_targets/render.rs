@@ -1103,6 +1103,20 @@ fn check_elements(case: &Case, shape: &TableShape, script: &str) {
                 );
             }
         }
+        // A few single ports are compares in the chain instead (`tcp dport 22 accept`).
+        for (_, r) in shape.chains.get(INGRESS_CHAIN).into_iter().flat_map(|c| &c.rules) {
+            let w: Vec<&str> = r.split_whitespace().collect();
+            if let [proto @ ("tcp" | "udp"), "dport", n, "accept"] = w[..]
+                && !n.starts_with('@')
+            {
+                let port: u16 = n.parse().unwrap_or_else(|_| panic!("{INGRESS_CHAIN}: {r}"));
+                assert!(
+                    any.iter()
+                        .any(|(q, (a, b))| q == proto && *a <= port && port <= *b),
+                    "{INGRESS_CHAIN}: {r} not asked for\n{script}"
+                );
+            }
+        }
         for (fam, set) in [(false, INGRESS_SRC_V4), (true, INGRESS_SRC_V6)] {
             let by: Vec<(Range, String, (u16, u16))> = list
                 .iter()

@@ -358,6 +358,12 @@ const BITMAP_MAX_RANGE: u32 = 256;
 /// elements on 2 cores, 5 s for 16,384), and every rebuild refills it.
 const BITMAP_MAX_PORTS: u32 = 1024;
 
+/// At most this many single ports of one protocol are tested one compare each instead of in
+/// their bitmap set. A set lookup is a chain of kernel calls (about 2 % of a 4 µs packet on
+/// the reference VM, see BENCHMARKS.md) where a port compare is inline in the rule walk, so a
+/// few compares cost a packet less than one lookup.
+const INLINE_MAX_PORTS: usize = 4;
+
 /// The open ports of one protocol split into (ports for the bitmap, ranges left as
 /// intervals): ranges of at most [`BITMAP_MAX_RANGE`] ports, narrowest first, while the
 /// total stays within [`BITMAP_MAX_PORTS`]. Both lists come out in ascending order.
@@ -397,6 +403,8 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
         empty_set(s, r, set);
     }
     let mut wide = Vec::new();
+    // Per protocol, the rules that accept its open ports: compares, or its bitmap's lookup.
+    let mut open_rules: Vec<(Proto, Vec<String>)> = Vec::new();
     for (p, set) in [
         (Proto::Tcp, INGRESS_TCP_PORTS),
         (Proto::Udp, INGRESS_UDP_PORTS),
@@ -408,8 +416,18 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
             .filter(|(q, _)| *q == p)
             .map(|(_, r)| r)
             .collect();
-        let (ports, rest) = bitmap_split(&ranges);
-        elements(s, t, set, ports.iter().map(ToString::to_string).collect());
+        let (mut ports, rest) = bitmap_split(&ranges);
+        ports.dedup();
+        let rules = if ports.len() <= INLINE_MAX_PORTS {
+            ports
+                .iter()
+                .map(|n| format!("{p} dport {n} accept"))
+                .collect()
+        } else {
+            elements(s, t, set, ports.iter().map(ToString::to_string).collect());
+            vec![format!("{p} dport @{set} accept")]
+        };
+        open_rules.push((p, rules));
         wide.extend(rest.iter().map(|r| format!("{p} . {r}")));
     }
     elements(s, t, INGRESS_PORTS, wide);
@@ -430,9 +448,14 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
         );
     }
     // Open ports before replies: a new connection or a one-way UDP stream to them, and a
-    // server's established traffic, stop here after one bit test.
-    rule(s, t, c, &format!("udp dport @{INGRESS_UDP_PORTS} accept"));
-    rule(s, t, c, &format!("tcp dport @{INGRESS_TCP_PORTS} accept"));
+    // server's established traffic, stop here after a compare or one bit test. UDP first.
+    for proto in [Proto::Udp, Proto::Tcp] {
+        for (_, rules) in open_rules.iter().filter(|(p, _)| *p == proto) {
+            for text in rules {
+                rule(s, t, c, text);
+            }
+        }
+    }
     rule(s, t, c, "iif lo accept");
     rule(s, t, c, "ct state established,related accept");
     if ing.allow_icmp {

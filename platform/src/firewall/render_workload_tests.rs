@@ -580,13 +580,16 @@ fn the_kernel_capability_probe_passes_here_and_changes_nothing() {
     assert!(e.to_string().contains("nft check failed"), "{e}");
 }
 
-#[test]
-fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
-    let entry = |proto, ports: &str| IngressEntry {
+fn entry(proto: Proto, ports: &str) -> IngressEntry {
+    IngressEntry {
         proto,
         ports: PortRange::parse(ports).unwrap(),
         sources: vec![],
-    };
+    }
+}
+
+#[test]
+fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
     let st = DesiredState {
         identity: cg("unified/system.slice/bosh-agent.service", 2),
         monit: MonitPolicy::Disabled,
@@ -621,7 +624,8 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
         .map(|p: u16| p.to_string())
         .collect();
     assert_eq!(tcp, want);
-    assert_eq!(elements(INGRESS_UDP_PORTS), vec!["53".to_string()]);
+    // One UDP port is a compare in the chain; its bitmap stays empty.
+    assert_eq!(elements(INGRESS_UDP_PORTS), Vec::<String>::new());
     assert_eq!(
         elements(INGRESS_PORTS),
         vec![
@@ -629,8 +633,8 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
             "udp . 1024-65535".to_string()
         ]
     );
-    // The bitmap tests come right after the invalid-state drop (which spares loopback), before
-    // loopback's accept, replies and ICMP.
+    // The port tests (UDP's compare, TCP's bitmap) come right after the invalid-state drop
+    // (which spares loopback), before loopback's accept, replies and ICMP.
     let rules: Vec<&str> = script
         .lines()
         .filter_map(|l| l.strip_prefix("add rule inet bosh_agent ingress_filter "))
@@ -639,12 +643,68 @@ fn open_ports_go_to_bitmaps_up_to_256_wide_and_wider_ranges_stay_intervals() {
         rules[..5],
         [
             "ct state invalid iif != lo counter name \"ingress_dropped\" drop",
-            "udp dport @ingress_udp_ports accept",
+            "udp dport 53 accept",
             "tcp dport @ingress_tcp_ports accept",
             "iif lo accept",
             "ct state established,related accept",
         ]
     );
+}
+
+#[test]
+fn up_to_four_single_ports_are_compares_and_five_go_to_the_bitmap() {
+    let st = |tcp: &[&str]| {
+        let mut entries: Vec<IngressEntry> = tcp.iter().map(|p| entry(Proto::Tcp, p)).collect();
+        entries.push(entry(Proto::Tcp, "9000-9999"));
+        DesiredState {
+            identity: cg("unified/system.slice/bosh-agent.service", 2),
+            monit: MonitPolicy::Disabled,
+            nats: NatsPolicy::Disabled,
+            workload: WorkloadPolicy {
+                ingress: IngressPolicy::Enabled(Ingress {
+                    sets: IngressSets::compile(&entries),
+                    allow_icmp: false,
+                    ct_invalid: CtInvalid::AllowList,
+                }),
+                ..Default::default()
+            },
+        }
+    };
+    let rules = |script: &str| -> Vec<String> {
+        script
+            .lines()
+            .filter_map(|l| l.strip_prefix("add rule inet bosh_agent ingress_filter "))
+            .map(str::to_string)
+            .collect()
+    };
+    // Four single ports (a 2-port range counts as two) and a range wider than 256.
+    let four = render_ruleset(&st(&["443", "22", "8080-8081"]));
+    assert_eq!(
+        rules(&four)[..5],
+        [
+            "tcp dport 22 accept",
+            "tcp dport 443 accept",
+            "tcp dport 8080 accept",
+            "tcp dport 8081 accept",
+            "iif lo accept",
+        ]
+    );
+    assert!(!four.contains(&format!("add element inet bosh_agent {INGRESS_TCP_PORTS}")));
+    assert!(
+        !four.contains("dport @ingress_udp_ports"),
+        "no UDP port, no UDP rule"
+    );
+    assert!(four.contains("add element inet bosh_agent ingress_ports { tcp . 9000-9999 }"));
+    assert!(crate::firewall::shape::TableShape::of(&st(&["443", "22", "8080-8081"])).is_ok());
+    // A fifth: the bitmap, one lookup.
+    let five = render_ruleset(&st(&["443", "22", "8080-8081", "25"]));
+    assert_eq!(
+        rules(&five)[..2],
+        ["tcp dport @ingress_tcp_ports accept", "iif lo accept"]
+    );
+    assert!(five.contains(&format!(
+        "add element inet bosh_agent {INGRESS_TCP_PORTS} {{ 22, 25, 443, 8080, 8081 }}"
+    )));
 }
 
 #[test]
