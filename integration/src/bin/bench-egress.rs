@@ -696,8 +696,10 @@ struct Profile {
     samples: f64,
     nft: f64,
     conntrack: f64,
-    hz: f64,
 }
+
+/// The profile's sampling rate (`perf record -F`).
+const PROFILE_HZ: u32 = 4999;
 
 /// The CPU the flood and the profile are pinned to: the last one.
 fn profile_cpu() -> usize {
@@ -740,7 +742,6 @@ fn profile_conditions(
     secs: f64,
     flood: impl Fn(f64) -> Command,
 ) -> Res<Vec<Profile>> {
-    const HZ: u32 = 4999;
     if secs <= 0.0 {
         return Ok(Vec::new());
     }
@@ -766,7 +767,7 @@ fn profile_conditions(
             "-e",
             "cpu-clock",
             "-F",
-            &HZ.to_string(),
+            &PROFILE_HZ.to_string(),
             "-C",
         ])
         .arg(profile_cpu().to_string())
@@ -834,7 +835,6 @@ fn profile_conditions(
             samples,
             nft: nft_s,
             conntrack: ct_s,
-            hz: f64::from(HZ),
         });
     }
     reset()?;
@@ -855,15 +855,16 @@ fn report_profiles(title: &str, profiles: &[Profile], ratios: &[(&str, usize, us
         "{:<44} {:>9} {:>9} {:>12} {:>12} {:>12}",
         "condition", "pkt/s", "samples", "nf_tables %", "ns/pkt nft", "conntrack %"
     );
+    let hz = f64::from(PROFILE_HZ);
     for p in profiles {
-        let secs = p.samples / p.hz;
+        let secs = p.samples / hz;
         println!(
             "{:<44} {:>9.0} {:>9.0} {:>12.2} {:>12.1} {:>12.2}",
             p.name,
             p.packets / secs,
             p.samples,
             100.0 * p.nft / p.samples,
-            1e9 * p.nft / p.hz / p.packets,
+            1e9 * p.nft / hz / p.packets,
             100.0 * p.conntrack / p.samples,
         );
     }

@@ -403,8 +403,9 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
         empty_set(s, r, set);
     }
     let mut wide = Vec::new();
-    // Per protocol, the rules that accept its open ports: compares, or its bitmap's lookup.
-    let mut open_rules: Vec<(Proto, Vec<String>)> = Vec::new();
+    // Per protocol (TCP, then UDP), the rules that accept its open ports: compares, or its
+    // bitmap's lookup.
+    let mut open_rules: Vec<Vec<String>> = Vec::new();
     for (p, set) in [
         (Proto::Tcp, INGRESS_TCP_PORTS),
         (Proto::Udp, INGRESS_UDP_PORTS),
@@ -416,8 +417,8 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
             .filter(|(q, _)| *q == p)
             .map(|(_, r)| r)
             .collect();
-        let (mut ports, rest) = bitmap_split(&ranges);
-        ports.dedup();
+        // Disjoint: the compiled sets merge overlapping ranges.
+        let (ports, rest) = bitmap_split(&ranges);
         let rules = if ports.len() <= INLINE_MAX_PORTS {
             ports
                 .iter()
@@ -427,7 +428,7 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
             elements(s, t, set, ports.iter().map(ToString::to_string).collect());
             vec![format!("{p} dport @{set} accept")]
         };
-        open_rules.push((p, rules));
+        open_rules.push(rules);
         wide.extend(rest.iter().map(|r| format!("{p} . {r}")));
     }
     elements(s, t, INGRESS_PORTS, wide);
@@ -449,12 +450,8 @@ fn render_ingress(s: &mut String, r: &Rebuild<'_>, policy: &IngressPolicy, lefto
     }
     // Open ports before replies: a new connection or a one-way UDP stream to them, and a
     // server's established traffic, stop here after a compare or one bit test. UDP first.
-    for proto in [Proto::Udp, Proto::Tcp] {
-        for (_, rules) in open_rules.iter().filter(|(p, _)| *p == proto) {
-            for text in rules {
-                rule(s, t, c, text);
-            }
-        }
+    for text in open_rules.iter().rev().flatten() {
+        rule(s, t, c, text);
     }
     rule(s, t, c, "iif lo accept");
     rule(s, t, c, "ct state established,related accept");

@@ -102,17 +102,15 @@ pub fn ingress_cuts_api(workload: &WorkloadPolicy, port: u16) -> bool {
     }
 }
 
-/// Logs, as an error, what [`ingress_cuts_api`] finds, with the entry that would fix it;
-/// returns whether it found it. Called at start and after every firewall reload.
-pub fn report_ingress_cut(workload: &WorkloadPolicy, port: u16) -> bool {
-    let cut = ingress_cuts_api(workload, port);
-    if cut {
+/// Logs, as an error, what [`ingress_cuts_api`] finds, with the entry that would fix it.
+/// Called at start and after every firewall reload.
+pub fn report_ingress_cut(workload: &WorkloadPolicy, port: u16) {
+    if ingress_cuts_api(workload, port) {
         tracing::error!(
             port,
             "the ingress allow-list (Platform.Linux.Firewall.IngressAllow) admits no tcp/{port}: bosh create-env cannot reach the agent API; add {{\"Protocol\": \"tcp\", \"Ports\": \"{port}\"}}"
         );
     }
-    cut
 }
 
 /// The API's bounds (see the module documentation).
