@@ -35,6 +35,8 @@ have setfattr || need+=(attr)
 have modprobe || need+=(kmod)
 # bench-egress profiles the rules' share of each packet's CPU (perf record -e cpu-clock).
 have perf || need+=(linux-perf)
+# bench-fleet times the nodes' SYN-ACKs (the kernel's connects) beside nats-server's accepts.
+have tcpdump || need+=(tcpdump)
 
 if [ "$(id -u)" != 0 ]; then
   echo "deps: must run as root (the agent and its tests manage nftables, namespaces and cgroups)" >&2

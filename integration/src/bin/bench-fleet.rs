@@ -8,7 +8,8 @@
 //! 2. one ping to every agent (round trip), and the heartbeat throughput at the director;
 //! 3. one node killed (SIGKILL): time until every agent that was on it is subscribed again
 //!    elsewhere, the connects per 100 ms bucket (peak against the mean, and the histogram),
-//!    director ping latency p50/p99 during the storm, failed dials and the nodes' TLS
+//!    both as nats-server accepted them (`/connz`) and as the kernel completed them (the
+//!    nodes' SYN-ACKs, captured with tcpdump on the director's bridge), director ping latency p50/p99 during the storm, failed dials and the nodes' TLS
 //!    handshake errors meanwhile;
 //! 4. all three nodes restarted (SIGTERM each, then each started again): the same;
 //!    after the killed node is back, and after the restart, the return of every agent to its
@@ -36,7 +37,8 @@
 //! - `FLEET_KEEP_LOGS=<dir>` (every agent's and node's log written there at the end);
 //! - `FLEET_SHOW_SLOWEST=1` (the log of the last agent back after each storm, on stderr).
 //!
-//! Needs root, nft, nats-server, monit and the binaries next to this one (`cargo build -p
+//! Needs root, nft, nats-server, monit, tcpdump (without it the SYN-ACK columns say "not
+//! captured") and the binaries next to this one (`cargo build -p
 //! cli -p integration`, debug or release). On a panic or SIGINT/SIGTERM the processes in the
 //! fleet's cgroups and namespaces are killed by pid and everything is removed.
 #![forbid(unsafe_code)]
@@ -48,10 +50,14 @@ use std::time::{Duration, Instant, SystemTime};
 use integration::bench::cleanup::{emergency_cleanup, install_hooks, register};
 use integration::bench::stats::{ms, pct, sorted};
 use integration::bench::{Res, env_num, first_line_of};
-use integration::fleet::observe::{buckets, count_since, histogram, peak_and_mean};
+use integration::fleet::observe::{
+    buckets, count_since, histogram, peak_and_mean, syn_ack_times,
+};
 use integration::fleet::{DEFAULT_TLS_TIMEOUT, Fleet, FleetOptions, LoadResult, NODES, PingLoad};
 
 const BUCKET: Duration = Duration::from_millis(100);
+/// The director's address on the bridge: its own connections are not the fleet's.
+const DIRECTOR_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 1));
 const POLL: Duration = Duration::from_millis(100);
 const LIMIT: Duration = Duration::from_secs(300);
 const STORM_LIMIT: Duration = Duration::from_secs(120);
@@ -178,11 +184,90 @@ struct Storm {
     all_seen: Duration,
     last_connect: f64,
     buckets: Vec<usize>,
+    /// The nodes' SYN-ACKs in the same buckets (None: no capture).
+    syn_acks: Option<Vec<usize>>,
     load: LoadResult,
     spread: BTreeMap<usize, usize>,
     failed_dials: usize,
     tls_errors: usize,
     loadavg: String,
+}
+
+/// tcpdump on the director's bridge, recording the nodes' SYN-ACKs to the agents: when the
+/// kernel completed each connect. `/connz` `start` is when nats-server's accept loop took the
+/// connection, which a CPU busy with handshakes delays and batches; the two side by side tell
+/// the agents' herd from the server's scheduling.
+struct SynCapture {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    /// Held open so that tcpdump's closing summary never meets a closed pipe.
+    _stderr: std::process::ChildStderr,
+}
+
+impl SynCapture {
+    /// Starts the capture and waits until tcpdump listens; None (with the reason on stderr)
+    /// when it cannot, and the storm is then reported without it.
+    fn start(fleet: &Fleet, out: std::path::PathBuf) -> Option<Self> {
+        use std::io::BufRead;
+        let file = match std::fs::File::create(&out) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("bench-fleet: no SYN-ACK capture: {}: {e}", out.display());
+                return None;
+            }
+        };
+        let spawned = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", fleet.sandbox().netns().file().display()))
+            .args(["tcpdump", "-i", "br0", "-n", "-tt", "-l", "-B", "8192"])
+            .arg("tcp src port 4222 and tcp[tcpflags] & (tcp-syn|tcp-ack) == (tcp-syn|tcp-ack)")
+            .stdout(file)
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("bench-fleet: no SYN-ACK capture: tcpdump: {e}");
+                return None;
+            }
+        };
+        // In the sandbox's namespace: the emergency cleanup kills it with the fleet.
+        let stderr = child.stderr.take()?;
+        let mut reader = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(n) if n > 0 && line.contains("listening on") => break,
+                Ok(n) if n > 0 => continue,
+                _ => {
+                    eprintln!("bench-fleet: no SYN-ACK capture: tcpdump ended: {}", line.trim());
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+        Some(Self {
+            child,
+            out,
+            _stderr: reader.into_inner(),
+        })
+    }
+
+    /// Stops tcpdump (SIGINT, by its pid) and returns the SYN-ACK times it saw.
+    fn finish(mut self) -> Vec<SystemTime> {
+        // Packets of the last moments are still in tcpdump's buffer.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGINT,
+            );
+        }
+        let _ = self.child.wait();
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.out);
+        syn_ack_times(&text, DIRECTOR_IP)
+    }
 }
 
 /// Waits for `ids` to be subscribed on connections accepted after `since`; the buckets count
@@ -197,6 +282,7 @@ fn settle(
     t_from: Instant,
     ping: PingLoad,
     m: &Marks,
+    capture: Option<SynCapture>,
 ) -> Res<Storm> {
     // A storm that does not settle is reported with what came back, not as a failure.
     let (seen, conns, missing) = match fleet.wait_subscribed(ids, Some(since), STORM_LIMIT, POLL) {
@@ -216,6 +302,7 @@ fn settle(
             (Instant::now(), conns, missing)
         }
     };
+    let syn_acks = capture.map(|c| buckets(&c.finish(), bucket_from, BUCKET));
     let loadavg = load();
     let starts: Vec<SystemTime> = ids
         .iter()
@@ -251,6 +338,7 @@ fn settle(
         all_seen: seen.saturating_duration_since(t_from),
         last_connect: since_ms(last, bucket_from),
         buckets: buckets(&starts, bucket_from, BUCKET),
+        syn_acks,
         load,
         spread,
         failed_dials,
@@ -370,6 +458,14 @@ fn homecoming_row(h: &Homecoming) {
     );
 }
 
+/// Where a storm's capture is written (removed once read).
+fn capture_file(round: usize, what: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "bench-fleet-{}-{round}-{what}.syn",
+        std::process::id()
+    ))
+}
+
 fn storm_row(s: &Storm) {
     let (peak, mean, ratio) = peak_and_mean(&s.buckets);
     let all_seen = if s.missing == 0 {
@@ -377,8 +473,15 @@ fn storm_row(s: &Storm) {
     } else {
         format!("{} not back within {} s", s.missing, STORM_LIMIT.as_secs())
     };
+    let kernel = match &s.syn_acks {
+        Some(b) => {
+            let (p, m, r) = peak_and_mean(b);
+            format!("{p} / {m:.1} | {r:.2}")
+        }
+        None => "not captured | —".to_string(),
+    };
     println!(
-        "| {} | {} | {:.0} ms | {all_seen} | {peak} | {mean:.1} | {ratio:.2} | {} | {} lost of {} | {} / {} | {} |",
+        "| {} | {} | {:.0} ms | {all_seen} | {peak} | {mean:.1} | {ratio:.2} | {kernel} | {} | {} lost of {} | {} / {} | {} |",
         s.name,
         s.agents,
         s.last_connect,
@@ -585,12 +688,13 @@ fn run() -> Res<()> {
         let m = marks(&fleet);
         let ping = fleet.director().ping_load(&ids, k.ping_every)?;
         std::thread::sleep(Duration::from_secs(1));
+        let capture = SynCapture::start(&fleet, capture_file(r, "kill"));
         let kill_wall = SystemTime::now();
         let kill = Instant::now();
         fleet.kill_node(victim)?;
         let name = format!("round {r}: node {victim} killed");
         storms.push(settle(
-            &mut fleet, name, &moved, kill_wall, kill_wall, kill, ping, &m,
+            &mut fleet, name, &moved, kill_wall, kill_wall, kill, ping, &m, capture,
         )?);
 
         // The killed node comes back; its agents return to it.
@@ -616,6 +720,7 @@ fn run() -> Res<()> {
         let m = marks(&fleet);
         let ping = fleet.director().ping_load(&ids, k.ping_every)?;
         std::thread::sleep(Duration::from_secs(1));
+        let capture = SynCapture::start(&fleet, capture_file(r, "restart"));
         let down_wall = SystemTime::now();
         let down = Instant::now();
         for n in 0..NODES {
@@ -631,7 +736,7 @@ fn run() -> Res<()> {
         restart_times.push((all_down, ready));
         let name = format!("round {r}: all {NODES} restarted");
         storms.push(settle(
-            &mut fleet, name, &ids, down_wall, up_wall, up, ping, &m,
+            &mut fleet, name, &ids, down_wall, up_wall, up, ping, &m, capture,
         )?);
         if k.return_home.is_some() {
             let m = marks(&fleet);
@@ -789,16 +894,19 @@ fn run() -> Res<()> {
     println!(
         "Connects are the nodes' accept times (`/connz` `start`) of the new connections, in {} ms buckets from \
          the kill (node killed) or from the first restart (all restarted); the mean is over every bucket up to \
-         the last connect. The ping load sends one ping every {} ms, round-robin over all agents, each once (a \
+         the last connect. SYN-ACKs are the same storm seen by the kernel: the nodes' SYN-ACKs to the agents \
+         (tcpdump on the director's bridge), each the moment a connect completed, before nats-server's accept \
+         loop took it (which a CPU busy with TLS handshakes delays and batches); a retry after a failed handshake \
+         is a second SYN-ACK. The ping load sends one ping every {} ms, round-robin over all agents, each once (a \
          ping to an agent between connections is lost: NATS is at most once). Failed dials are the agents' \
          `{DIAL_FAILED}` lines, TLS errors the nodes' `{TLS_ERROR}` lines, during the storm.\n",
         BUCKET.as_millis(),
         k.ping_every.as_millis()
     );
     println!(
-        "| storm | agents | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | director ping p50 / p99 | pings | failed dials / TLS errors | load after |"
+        "| storm | agents | last connect accepted | all seen subscribed | peak / 100 ms | mean / 100 ms | peak ÷ mean | SYN-ACKs peak / mean | SYN-ACKs peak ÷ mean | director ping p50 / p99 | pings | failed dials / TLS errors | load after |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in &storms {
         storm_row(s);
     }
@@ -842,6 +950,11 @@ fn run() -> Res<()> {
             BUCKET.as_millis(),
             histogram(&s.buckets, BUCKET, peak.div_ceil(40).max(1))
         );
+        if let Some(b) = &s.syn_acks {
+            let series: Vec<String> = b.iter().map(usize::to_string).collect();
+            println!("
+SYN-ACKs per {} ms: `{}`", BUCKET.as_millis(), series.join(" "));
+        }
     }
 
     println!("\n## Dials without a rule\n");

@@ -254,6 +254,42 @@ pub fn histogram(b: &[usize], width: Duration, per_mark: usize) -> String {
     out
 }
 
+/// The times of the SYN-ACKs in `text`, tcpdump's `-tt -n` lines (`<epoch seconds> IP
+/// <src>.<port> > <dst>.<port>: Flags [S.], …`), except those sent to `skip` (the director's
+/// own connections). A SYN-ACK is the moment the kernel answers a connect, before the server
+/// process accepts it. Lines of any other shape are left out.
+pub fn syn_ack_times(text: &str, skip: IpAddr) -> Vec<SystemTime> {
+    text.lines()
+        .filter_map(|line| {
+            let mut w = line.split_whitespace();
+            let when = epoch_time(w.next()?)?;
+            let (_ip, _src, arrow, dst, flags_word, flags) =
+                (w.next()?, w.next()?, w.next()?, w.next()?, w.next()?, w.next()?);
+            if arrow != ">" || flags_word != "Flags" || flags != "[S.]," {
+                return None;
+            }
+            let (addr, _port) = dst.strip_suffix(':')?.rsplit_once('.')?;
+            if addr.parse::<IpAddr>().ok()? == skip {
+                return None;
+            }
+            Some(when)
+        })
+        .collect()
+}
+
+/// `<seconds>[.<fraction>]` since the epoch, exactly (no float rounding), up to nanoseconds.
+fn epoch_time(text: &str) -> Option<SystemTime> {
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: u32 = format!("{frac:0<9}").parse().ok()?;
+    UNIX_EPOCH.checked_add(Duration::new(secs.parse().ok()?, nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,5 +460,27 @@ mod tests {
         // An offset past the end (the log was rotated or rewritten) counts the whole text.
         assert_eq!(count_since(log, log.len() + 5, "dial failed"), 3);
         assert_eq!(count_since("é dial failed", 1, "dial failed"), 1);
+    }
+
+    #[test]
+    fn syn_acks_are_read_from_tcpdump_lines() {
+        let text = "\
+1764633600.250000 IP 10.77.0.11.4222 > 10.77.1.5.40112: Flags [S.], seq 1, ack 2, win 65160, length 0
+1764633600.375500 IP 10.77.0.12.4222 > 10.77.0.1.50000: Flags [S.], seq 1, ack 2, length 0
+1764633600.400000 IP 10.77.0.13.4222 > 10.77.2.9.40200: Flags [S], seq 1, length 0
+1764633600.500000 IP 10.77.0.13.4222 > 10.77.2.9.40200: Flags [R.], seq 0, length 0
+tcpdump: listening on br0, link-type EN10MB (Ethernet), snapshot length 262144 bytes
+garbage [S.],
+1764633601.000001 IP 10.77.0.13.4222 > 10.77.2.9.40201: Flags [S.], seq 1, ack 2, length 0
+";
+        let skip: IpAddr = "10.77.0.1".parse().unwrap();
+        let got: Vec<Duration> = syn_ack_times(text, skip)
+            .into_iter()
+            .map(|t| t.duration_since(UNIX_EPOCH).unwrap())
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].as_millis(), 1_764_633_600_250);
+        assert_eq!(got[1].as_micros(), 1_764_633_601_000_001);
+        assert!(syn_ack_times("", skip).is_empty());
     }
 }
