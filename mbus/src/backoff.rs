@@ -10,6 +10,7 @@
 //! gives each agent its own phase, and near-fixed periods keep those phases apart, so that the
 //! node that listens first meets the fleet's retries spread over a whole period. Short early
 //! intervals would instead squeeze them all into the first 125–250 ms after it is back.
+
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
@@ -20,9 +21,9 @@ pub struct BackoffPolicy {
     pub base: Duration,
     /// No delay exceeds this.
     pub cap: Duration,
-    /// A connection that lasted at least this long resets the backoff, so the next attempt is
-    /// immediate. A shorter one (a server accepting then dropping us) does not, which stops
-    /// a flapping server from causing a tight reconnect loop.
+    /// A connection that lasted at least this long resets the backoff: the next attempt is
+    /// spread and the later ones periodic. A shorter one (a server accepting then dropping us)
+    /// does not, which stops a flapping server from causing a tight reconnect loop.
     pub stable_after: Duration,
     /// The first attempt after a stable connection ended waits a uniformly random delay up to
     /// this: a fleet whose server went away reconnects spread over this window instead of in
@@ -262,7 +263,10 @@ mod tests {
                 buckets[i] += 1;
             }
             // The last bucket is the jitter's ramp (about half the others), not a gap.
-            assert!(buckets.iter().all(|&n| n > 50 && n < 400), "{back:?}: {buckets:?}");
+            assert!(
+                buckets.iter().all(|&n| n > 50 && n < 400),
+                "{back:?}: {buckets:?}"
+            );
         }
     }
 

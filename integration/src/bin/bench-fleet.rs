@@ -50,9 +50,7 @@ use std::time::{Duration, Instant, SystemTime};
 use integration::bench::cleanup::{emergency_cleanup, install_hooks, register};
 use integration::bench::stats::{ms, pct, sorted};
 use integration::bench::{Res, env_num, first_line_of};
-use integration::fleet::observe::{
-    buckets, count_since, histogram, peak_and_mean, syn_ack_times,
-};
+use integration::fleet::observe::{buckets, count_since, histogram, peak_and_mean, syn_ack_times};
 use integration::fleet::{DEFAULT_TLS_TIMEOUT, Fleet, FleetOptions, LoadResult, NODES, PingLoad};
 
 const BUCKET: Duration = Duration::from_millis(100);
@@ -217,7 +215,10 @@ impl SynCapture {
             }
         };
         let spawned = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", fleet.sandbox().netns().file().display()))
+            .arg(format!(
+                "--net={}",
+                fleet.sandbox().netns().file().display()
+            ))
             .args(["tcpdump", "-i", "br0", "-n", "-tt", "-l", "-B", "8192"])
             .arg("tcp src port 4222 and tcp[tcpflags] & (tcp-syn|tcp-ack) == (tcp-syn|tcp-ack)")
             .stdout(file)
@@ -240,7 +241,10 @@ impl SynCapture {
                 Ok(n) if n > 0 && line.contains("listening on") => break,
                 Ok(n) if n > 0 => continue,
                 _ => {
-                    eprintln!("bench-fleet: no SYN-ACK capture: tcpdump ended: {}", line.trim());
+                    eprintln!(
+                        "bench-fleet: no SYN-ACK capture: tcpdump ended: {}",
+                        line.trim()
+                    );
                     let _ = child.wait();
                     return None;
                 }
@@ -952,8 +956,12 @@ fn run() -> Res<()> {
         );
         if let Some(b) = &s.syn_acks {
             let series: Vec<String> = b.iter().map(usize::to_string).collect();
-            println!("
-SYN-ACKs per {} ms: `{}`", BUCKET.as_millis(), series.join(" "));
+            println!(
+                "
+SYN-ACKs per {} ms: `{}`",
+                BUCKET.as_millis(),
+                series.join(" ")
+            );
         }
     }
 
