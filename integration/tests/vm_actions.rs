@@ -206,6 +206,31 @@ fn a_director_gives_an_instance_a_persistent_disk_migrates_it_and_uses_ssh_logs_
         "disk-1"
     );
 
+    // A named disk (the director's `disk_associations`): the disk is known from the hints
+    // file only, and its link is the device the hint resolves to.
+    let assoc =
+        json!({"trusted_certs": "", "disk_associations": [{"name": "data", "cid": "disk-1"}]});
+    assert_eq!(
+        w.ok("update_settings", json!([assoc])),
+        json!("ok"),
+        "{}",
+        w.log()
+    );
+    assert_eq!(
+        fs::read_link(w.base().join("instance/disks/data")).unwrap(),
+        PathBuf::from(&d1)
+    );
+    let r = w.task(
+        "update_settings",
+        json!([{"trusted_certs": "", "disk_associations": [{"name": "more", "cid": "disk-9"}]}]),
+    );
+    let e = r["exception"]["message"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("Persistent disk with volume id 'disk-9' could not be found"),
+        "{r}"
+    );
+    assert!(!w.base().join("instance/disks/more").exists());
+
     // A cid the director never attached: upstream's error shape, nothing changed.
     let r = w.task("mount_disk", json!(["disk-unknown"]));
     let e = r["exception"]["message"]

@@ -195,6 +195,15 @@ impl Disks {
         Ok(all)
     }
 
+    /// The device disk `cid` (from the settings or the hints file) resolves to, waiting for it
+    /// as `mount_disk` does (bounded): what a named disk association links to, as upstream's
+    /// real device path. An unknown cid is [`DiskError::UnknownDisk`].
+    pub fn device_path(&self, cid: &str, settings: &SettingsDisks) -> Result<PathBuf, DiskError> {
+        let _g = self.guard();
+        let s = self.lookup(cid, settings)?;
+        resolve::resolve_required(&self.cfg.resolver, &self.tools, &s)
+    }
+
     fn lookup(&self, cid: &str, settings: &SettingsDisks) -> Result<DiskSettings, DiskError> {
         self.all_disks(settings)?
             .remove(cid)

@@ -35,7 +35,7 @@ pub async fn run(ctx: Arc<Context>, action: Action, cancel: CancellationToken) -
         Action::Stop { protocol } => jobs::stop(&ctx, protocol).await,
         Action::Drain(args) => jobs::drain(&ctx, args, cancel).await,
         Action::RunScript { name, env } => jobs::run_script(&ctx, &name, &env).await,
-        Action::UpdateSettings { new } => update_settings::run(&ctx, new).await,
+        Action::UpdateSettings { new } => update_settings::run(ctx, new).await,
         Action::AddPersistentDisk { cid, hint } => vm::add_persistent_disk(ctx, cid, hint).await,
         Action::RemovePersistentDisk { cid } => vm::remove_persistent_disk(ctx, cid).await,
         Action::ListDisk { .. } => vm::list_disk(ctx).await,

@@ -9,7 +9,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use platform::disk::{DiskError, Disks, SettingsDisks};
 
 use serde_json::{Map, Value, json};
 
@@ -17,14 +20,13 @@ use crate::director::Context;
 use crate::director::checks::UpdateError;
 use crate::director::mbus_fallback;
 use crate::director::tasks::TaskResult;
-use crate::settings::Settings;
 
 /// `update_settings`: everything is validated before anything is written (a refused update
 /// changes nothing); then disks are associated, trusted certificates installed, the merged
 /// document persisted, and a changed mbus switched live, make-before-break (upstream restarts
 /// the agent instead). The mbus that last connected stays recorded beside it, so an mbus that
 /// never connects cannot lock the agent out after a restart.
-pub async fn run(ctx: &Context, new: Value) -> TaskResult {
+pub async fn run(ctx: Arc<Context>, new: Value) -> TaskResult {
     let existing = load(&ctx.base_dir).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "the persisted update_settings are unusable; merging into none");
         json!({})
@@ -44,11 +46,19 @@ pub async fn run(ctx: &Context, new: Value) -> TaskResult {
     } else {
         None
     };
-    associate_disks(
-        &ctx.settings,
-        &ctx.base_dir,
-        new.get("disk_associations").unwrap_or(&Value::Null),
-    )
+    let assoc = new.get("disk_associations").cloned().unwrap_or(Value::Null);
+    let worker = ctx.clone();
+    // Resolving a device may wait for it (bounded), as mount_disk does.
+    tokio::task::spawn_blocking(move || {
+        associate_disks(
+            &worker.vm.disks,
+            &super::vm::disks_of(&worker.settings),
+            &worker.base_dir,
+            &assoc,
+        )
+    })
+    .await
+    .map_err(|e| format!("the action's worker failed: {e}"))?
     .map_err(|e| e.to_string())?;
     let certs = new
         .get("trusted_certs")
@@ -262,33 +272,21 @@ pub async fn update_certificates(target: &CertTarget, bundle: &str) -> Result<()
     Err(err(last))
 }
 
-/// The device path the settings or the hints file give for a persistent disk `cid`.
-fn disk_path(settings: &Settings, base: &Path, cid: &str) -> Option<String> {
-    let from = |v: &Value| -> Option<String> {
-        match v {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Object(m) => m
-                .get("path")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string),
-            _ => None,
-        }
-    };
-    if let Some(p) = settings.disks.persistent.get(cid).and_then(from) {
-        return Some(p);
-    }
-    let hints = fs::read(base.join("bosh").join("persistent_disk_hints.json")).ok()?;
-    let hints: Value = serde_json::from_slice(&hints).ok()?;
-    hints.get(cid).and_then(from)
-}
-
-/// Links `<base>/instance/disks/<name>` to each associated disk's device.
-pub fn associate_disks(settings: &Settings, base: &Path, assoc: &Value) -> Result<(), UpdateError> {
+/// Links `<base>/instance/disks/<name>` to each associated disk's device, which `disks`
+/// resolves from the settings or the hints file that `add_persistent_disk` wrote. Every name is
+/// checked and every disk resolved before the first link is made, so a bad entry anywhere
+/// changes nothing; each link is replaced atomically.
+pub fn associate_disks(
+    disks: &Disks,
+    settings: &SettingsDisks,
+    base: &Path,
+    assoc: &Value,
+) -> Result<(), UpdateError> {
     let Some(list) = assoc.as_array() else {
         return Ok(());
     };
     let dir = base.join("instance").join("disks");
+    let mut links = Vec::new();
     for a in list {
         let (Some(name), Some(cid)) = (
             a.get("name").and_then(Value::as_str),
@@ -301,13 +299,25 @@ pub fn associate_disks(settings: &Settings, base: &Path, assoc: &Value) -> Resul
                 "disk association name {name:?} is not a file name"
             )));
         }
-        let dev = disk_path(settings, base, cid).ok_or_else(|| {
-            UpdateError::Disk(format!(
-                "Persistent disk with volume id '{cid}' could not be found"
-            ))
+        links.push((name, cid));
+    }
+    let mut targets = Vec::new();
+    for (name, cid) in links {
+        // Upstream's two messages: the disk is not known, or its device is not there.
+        let dev = disks.device_path(cid, settings).map_err(|e| {
+            UpdateError::Disk(match e {
+                DiskError::UnknownDisk(_) => format!("Fetching disk settings: {e}"),
+                e => format!("Associating disk with name {name}: {e}"),
+            })
         })?;
-        fs::create_dir_all(&dir)
-            .map_err(|e| UpdateError::Disk(format!("creating {}: {e}", dir.display())))?;
+        targets.push((name, dev));
+    }
+    if targets.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(&dir)
+        .map_err(|e| UpdateError::Disk(format!("creating {}: {e}", dir.display())))?;
+    for (name, dev) in targets {
         let link = dir.join(name);
         let tmp = dir.join(format!(".{name}.new"));
         let _ = fs::remove_file(&tmp);
@@ -443,22 +453,33 @@ mod tests {
     }
 
     #[test]
-    fn associations_link_to_the_disk_path() {
+    fn associations_are_checked_before_anything_is_linked() {
         let d = std::env::temp_dir().join(format!("agent-assoc-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
-        let settings =
-            Settings::parse(&json!({"disks": {"persistent": {"disk-1": {"path": "/dev/sdc"}}}}))
-                .unwrap();
-        associate_disks(&settings, &d, &json!([{"name": "data", "cid": "disk-1"}])).unwrap();
-        assert_eq!(
-            fs::read_link(d.join("instance/disks/data")).unwrap(),
-            PathBuf::from("/dev/sdc")
-        );
-        let e = associate_disks(&settings, &d, &json!([{"name": "x", "cid": "nope"}])).unwrap_err();
-        assert!(e.to_string().contains("nope"), "{e}");
+        let disks = Disks::new(platform::disk::DiskConfig::new(&d));
+        let none = SettingsDisks::default();
+        let e = associate_disks(&disks, &none, &d, &json!([{"name": "x", "cid": "nope"}]))
+            .unwrap_err()
+            .to_string();
         assert!(
-            associate_disks(&settings, &d, &json!([{"name": "../x", "cid": "disk-1"}])).is_err()
+            e.contains("Persistent disk with volume id 'nope' could not be found"),
+            "{e}"
         );
-        fs::remove_dir_all(&d).unwrap();
+        // A bad name anywhere in the list refuses the whole list, before any disk is looked up.
+        let e = associate_disks(
+            &disks,
+            &none,
+            &d,
+            &json!([{"name": "data", "cid": "nope"}, {"name": "../x", "cid": "nope"}]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not a file name"), "{e}");
+        assert!(!d.join("instance/disks").exists(), "nothing was linked");
+        // No associations: nothing to do, nothing made.
+        associate_disks(&disks, &none, &d, &json!([])).unwrap();
+        associate_disks(&disks, &none, &d, &Value::Null).unwrap();
+        assert!(!d.join("instance").exists());
+        let _ = fs::remove_dir_all(&d);
     }
 }
