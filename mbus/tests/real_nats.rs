@@ -149,6 +149,17 @@ async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool)
     .await;
 }
 
+/// The agent's first endpoint (its home: the first of its dial order) and the other one, of
+/// two servers on `port`.
+fn home_and_away(ip_a: IpAddr, ip_b: IpAddr, port: u16) -> (SocketAddr, SocketAddr) {
+    let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
+    if mbus::dial_order(AGENT_ID, &[a, b], 8)[0] == 0 {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
 fn url_for(host: &str, port: u16) -> String {
     format!("nats://{USER}:{PASSWORD}@{host}:{port}")
 }
@@ -680,18 +691,10 @@ async fn returns_to_its_first_endpoint_make_before_break() {
     let pki = pki();
     let (ip_a, ip_b) = (lo(1), lo(2));
     let (port, route_port) = client_and_route_ports(ip_a, ip_b);
-    let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
-    let first = mbus::dial_order(AGENT_ID, &[a, b], 8)[0];
-    let (home, away) = if first == 0 { (a, b) } else { (b, a) };
+    let (home, away) = home_and_away(ip_a, ip_b, port);
     let route = |addr: SocketAddr| SocketAddr::new(addr.ip(), route_port);
     let away_server = nats_clustered(&pki, NATS_NAME, away, route(away), &[route(home)]);
-    let config = config(
-        &pki,
-        &[
-            url_for(&ip_a.to_string(), port),
-            url_for(&ip_b.to_string(), port),
-        ],
-    );
+    let config = config(&pki, &[ip_a, ip_b].map(|ip| url_for(&ip.to_string(), port)));
     let window = mbus::ReturnHome {
         min: Duration::from_millis(1500),
         max: Duration::from_millis(2000),
@@ -755,17 +758,9 @@ async fn stays_put_when_its_first_endpoint_is_not_one_cluster_with_the_current()
     let pki = pki();
     let (ip_a, ip_b) = (lo(1), lo(2));
     let port = free_port(&[ip_a, ip_b]);
-    let (a, b) = (SocketAddr::new(ip_a, port), SocketAddr::new(ip_b, port));
-    let first = mbus::dial_order(AGENT_ID, &[a, b], 8)[0];
-    let (home, away) = if first == 0 { (a, b) } else { (b, a) };
+    let (home, away) = home_and_away(ip_a, ip_b, port);
     let _away_server = nats(&pki, NATS_NAME, away);
-    let config = config(
-        &pki,
-        &[
-            url_for(&ip_a.to_string(), port),
-            url_for(&ip_b.to_string(), port),
-        ],
-    );
+    let config = config(&pki, &[ip_a, ip_b].map(|ip| url_for(&ip.to_string(), port)));
     let window = mbus::ReturnHome {
         min: Duration::from_millis(500),
         max: Duration::from_millis(700),

@@ -232,7 +232,11 @@ impl SynCapture {
             }
         };
         // In the sandbox's namespace: the emergency cleanup kills it with the fleet.
-        let stderr = child.stderr.take()?;
+        let Some(stderr) = child.stderr.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        };
         let mut reader = std::io::BufReader::new(stderr);
         let mut line = String::new();
         loop {
